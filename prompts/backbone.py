@@ -1,0 +1,152 @@
+"""Loading the one frozen backbone, and its fingerprint.
+
+A backbone is a Hugging Face seq2seq (T5, BART, ...) or decoder-only (GPT-2, Llama, ...) model,
+chosen from its config. It is always frozen (``requires_grad=False``) and in eval mode: rankone
+trains and serves prompts, never the model. Remote code is never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from prompts.errors import RankoneError
+
+BackboneKind = Literal["seq2seq", "causal"]
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+# Config fields that say what the network computes; everything else (paths, versions, dtype,
+# generation defaults) may differ between two copies of the same backbone.
+_FINGERPRINT_FIELDS = (
+    "model_type", "vocab_size", "d_model", "hidden_size", "n_embd", "num_layers",
+    "num_decoder_layers", "num_hidden_layers", "n_layer", "num_heads", "num_attention_heads",
+    "n_head", "num_key_value_heads", "d_ff", "intermediate_size", "d_kv", "is_encoder_decoder",
+)
+
+
+@dataclass
+class Backbone:
+    """The frozen model, its tokenizer and what the prompt code needs to know about it."""
+
+    model: nn.Module
+    tokenizer: Any
+    kind: BackboneKind
+    dim: int
+    fingerprint: str
+    name: str
+
+    @property
+    def is_seq2seq(self) -> bool:
+        return self.kind == "seq2seq"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """Token embeddings [B, T, d] for ``input_ids`` [B, T]."""
+        return self.model.get_input_embeddings()(input_ids)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype.lower()]
+    except KeyError:
+        raise RankoneError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}") from None
+
+
+def backbone_kind(config: Any) -> BackboneKind:
+    return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
+
+
+def backbone_fingerprint(model: nn.Module) -> str:
+    """A short hash of the model's architecture config and its input-embedding weights.
+
+    The weights are hashed after rounding to bfloat16, so the same checkpoint loaded in float32
+    or bfloat16 gets the same fingerprint (float16 loads of float32 weights almost always do).
+    """
+    config = model.config.to_dict()  # type: ignore[operator]
+    arch = {k: config[k] for k in _FINGERPRINT_FIELDS if k in config}
+    weight = model.get_input_embeddings().weight.detach()  # type: ignore[operator]
+    digest = hashlib.sha256()
+    digest.update(json.dumps(arch, sort_keys=True).encode())
+    digest.update(json.dumps(list(weight.shape)).encode())
+    rounded = weight.to(device="cpu", dtype=torch.bfloat16).contiguous()
+    digest.update(rounded.view(torch.int16).numpy().tobytes())
+    return f"{arch.get('model_type', 'model')}-{digest.hexdigest()[:16]}"
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_backbone(name_or_path: str | Path, *, device: str | torch.device = "cpu",
+                  dtype: str | torch.dtype = "float32", local_files_only: bool | None = None,
+                  attn_implementation: str | None = None) -> Backbone:
+    """Load a frozen backbone from a local directory or a hub id.
+
+    ``local_files_only`` defaults to True for an existing local path. The model class
+    (seq2seq or causal LM) is chosen from the config.
+    """
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoTokenizer,
+    )
+
+    source = str(name_or_path)
+    is_local = Path(source).exists()
+    if local_files_only is None:
+        local_files_only = is_local
+    if not is_local and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+        raise RankoneError(f"model path {source!r} does not exist")
+    torch_dtype = resolve_dtype(dtype)
+    kwargs: dict[str, Any] = {"local_files_only": local_files_only, "trust_remote_code": False}
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+        kind = backbone_kind(config)
+        auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+        model_kwargs = dict(kwargs, dtype=torch_dtype)
+        if attn_implementation:
+            model_kwargs["attn_implementation"] = attn_implementation
+        model = auto.from_pretrained(source, **model_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        raise RankoneError(f"cannot load backbone {source!r}: {e}") from e
+    if tokenizer.pad_token_id is None:
+        # Decoder-only checkpoints often ship without a pad token; padding is always masked.
+        tokenizer.pad_token = tokenizer.eos_token
+    model = freeze(model.to(device))
+    dim = int(model.get_input_embeddings().weight.shape[1])
+    return Backbone(
+        model=model,
+        tokenizer=tokenizer,
+        kind=kind,
+        dim=dim,
+        fingerprint=backbone_fingerprint(model),
+        name=source,
+    )

@@ -1,0 +1,57 @@
+"""Prepending soft prompts to token embeddings, with masks and positions right under padding.
+
+Seq2seq (encoder side): ``[P; x; pad]`` — the prompt in front of a right-padded input.
+Decoder-only: ``[pad; P; x]`` — left padding in front of the prompt, so the tokens to be
+continued sit at the right edge of every row and positions count from the first real row.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class PromptedInputs(NamedTuple):
+    inputs_embeds: Tensor  # [B, L + T, d]
+    attention_mask: Tensor  # [B, L + T], 1 = attend
+    position_ids: Tensor | None  # [B, L + T] for decoder-only, None for seq2seq
+
+
+def prepend_prompts(inputs_embeds: Tensor, attention_mask: Tensor, prompts: Tensor, *,
+                    causal: bool) -> PromptedInputs:
+    """Put ``prompts`` [B, L, d] in front of ``inputs_embeds`` [B, T, d].
+
+    ``attention_mask`` [B, T] marks real tokens. For seq2seq the input may be padded on either
+    side; the prompt rows are always attended. For decoder-only the result is left-padded
+    (pads first, then prompt, then tokens) whatever the input's padding side, with position
+    ids counting real rows only (pads get position 0, they are masked anyway).
+    """
+    if prompts.dim() != 3 or inputs_embeds.dim() != 3:
+        raise ValueError(
+            f"expected prompts [B, L, d] and inputs_embeds [B, T, d], got "
+            f"{tuple(prompts.shape)} and {tuple(inputs_embeds.shape)}"
+        )
+    if prompts.shape[0] != inputs_embeds.shape[0] or prompts.shape[2] != inputs_embeds.shape[2]:
+        raise ValueError(
+            f"prompts {tuple(prompts.shape)} do not fit inputs_embeds {tuple(inputs_embeds.shape)}"
+        )
+    batch, length, _ = prompts.shape
+    prompt_mask = torch.ones(batch, length, dtype=attention_mask.dtype, device=attention_mask.device)
+    embeds = torch.cat([prompts.to(inputs_embeds.dtype), inputs_embeds], dim=1)  # [B, L+T, d]
+    mask = torch.cat([prompt_mask, attention_mask], dim=1)  # [B, L+T]
+    if not causal:
+        return PromptedInputs(embeds, mask, None)
+    # A stable sort on the mask moves every pad (0) ahead of the real rows (1) while keeping
+    # the prompt-then-tokens order of the real rows.
+    order = torch.argsort(mask, dim=1, stable=True)  # [B, L+T]
+    embeds = torch.gather(embeds, 1, order[..., None].expand_as(embeds))
+    mask = torch.gather(mask, 1, order)
+    return PromptedInputs(embeds, mask, position_ids_from_mask(mask))
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions [B, T] counting attended rows from 0; masked rows get 0."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp_min(0) * attention_mask.long()

@@ -1,0 +1,1 @@
+"""rankone server: one frozen backbone, task prompts composed on the fly, mixed-task batches."""

@@ -1,0 +1,1 @@
+"""The factor store: device cache → Redis (or the embedded directory store)."""

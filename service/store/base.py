@@ -1,0 +1,106 @@
+"""The interface of a factor-store backend (Redis or the embedded directory store).
+
+Backends store artifact blobs (``prompts.artifacts`` bytes) with a version per record; they
+know nothing of torch devices. Writes are all-or-nothing: a reader never sees ``u`` of one
+version with ``v`` of another, and a failed write leaves the previous version intact.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+class StoreError(RuntimeError):
+    """The backend could not be reached or failed (→ 503, counted in metrics)."""
+
+
+class NotFoundError(KeyError):
+    """No such task / shared prompt (→ 404)."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it plain
+        return str(self.args[0]) if self.args else "not found"
+
+
+class ConflictError(RuntimeError):
+    """Create of a name that exists, or delete of a shared prompt still in use (→ 409)."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One stored blob: a shared prompt (kind='shared') or a task (kind='task')."""
+
+    kind: Literal["shared", "task"]
+    name: str  # task name or shared-prompt id
+    blob: bytes  # the safetensors artifact
+    version: int  # 1 on create, +1 on every replace
+    shared: str  # for a task: its shared prompt id; for a shared prompt: its own id
+    meta: dict[str, Any] = field(default_factory=dict)  # description, default params, ...
+    created: str = ""
+    updated: str = ""
+
+
+@dataclass(frozen=True)
+class StoreEvent:
+    """Published on every write so other replicas drop stale cache entries.
+
+    action 'reset' means: messages may have been missed (reconnect) — drop everything.
+    """
+
+    action: Literal["put", "delete", "reset"]
+    kind: Literal["shared", "task", "all"]
+    name: str
+    version: int
+
+
+EventHandler = Callable[[StoreEvent], Awaitable[None] | None]
+
+
+@dataclass(frozen=True)
+class Page:
+    records: list[Record]
+    total: int
+    next_offset: int | None
+
+
+class FactorBackend(abc.ABC):
+    kind: str  # "redis" | "embedded"
+
+    @abc.abstractmethod
+    async def start(self, on_event: EventHandler) -> None:
+        """Connect; deliver write events (from this and other replicas) to ``on_event``."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def ping(self) -> bool: ...
+
+    @abc.abstractmethod
+    async def put_shared(self, name: str, blob: bytes, meta: dict[str, Any], *,
+                         replace: bool = False) -> Record:
+        """Create (ConflictError if it exists and not ``replace``) or replace a shared prompt."""
+
+    @abc.abstractmethod
+    async def get_shared(self, name: str) -> Record: ...
+
+    @abc.abstractmethod
+    async def list_shared(self) -> list[Record]: ...
+
+    @abc.abstractmethod
+    async def put_task(self, name: str, blob: bytes, shared: str, meta: dict[str, Any], *,
+                       create: bool) -> Record:
+        """create=True: ConflictError if it exists. create=False: replace (NotFoundError if
+        absent) with version + 1. Atomic with the index update and the event publish."""
+
+    @abc.abstractmethod
+    async def get_task(self, name: str) -> Record: ...
+
+    @abc.abstractmethod
+    async def delete_task(self, name: str) -> None: ...
+
+    @abc.abstractmethod
+    async def list_tasks(self, *, offset: int = 0, limit: int = 100) -> Page:
+        """Tasks in name order."""
