@@ -28,3 +28,24 @@ def tiny_gpt2_dir(tiny_model_dirs: dict[str, Path]) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tiny_model_dirs: dict[str, Path]) -> Path:
     return tiny_model_dirs["llama"]
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real redis-server for the session, on a free port; tests may stop/restart it."""
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    """A clean database for each test on the session's redis-server."""
+    if redis_server.proc is None:
+        redis_server.start()
+    redis_server.flushall()
+    return redis_server.url
