@@ -1,9 +1,9 @@
 """The ``rankone`` command: one entry point, subcommands provided by the packages.
 
-    rankone train <stage> ...   the MPT trainer (teach, distill, adapt, evaluate, pretrain-demo)
-    rankone serve ...           the HTTP server
-    rankone demo ...            the offline quickstart (build demo artifacts, serve them)
-    rankone import-peft ...     convert a PEFT prompt adapter into rankone artifacts
+rankone train <stage> ...   the MPT trainer (teach, distill, adapt, evaluate, pretrain-demo)
+rankone serve ...           the HTTP server
+rankone demo ...            the offline quickstart (build demo artifacts, serve them)
+rankone import-peft ...     convert a PEFT prompt adapter into rankone artifacts
 """
 
 from __future__ import annotations
@@ -12,10 +12,18 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "train": ("trainer.cli", "main", "the MPT trainer: teach, distill, adapt, evaluate, pretrain-demo"),
+    "train": (
+        "trainer.cli",
+        "main",
+        "the MPT trainer: teach, distill, adapt, evaluate, pretrain-demo",
+    ),
     "serve": ("service.cli", "main", "run the HTTP server"),
     "demo": ("trainer.demo_cli", "main", "offline quickstart: build demo artifacts and serve them"),
-    "import-peft": ("prompts.cli", "import_peft_main", "convert a PEFT prompt adapter to artifacts"),
+    "import-peft": (
+        "prompts.cli",
+        "import_peft_main",
+        "convert a PEFT prompt adapter to artifacts",
+    ),
 }
 
 

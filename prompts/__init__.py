@@ -25,7 +25,13 @@ from prompts.artifacts import (
     to_base64,
     write_atomic,
 )
-from prompts.backbone import Backbone, backbone_fingerprint, load_backbone, resolve_dtype
+from prompts.backbone import (
+    Backbone,
+    backbone_fingerprint,
+    input_embeddings,
+    load_backbone,
+    resolve_dtype,
+)
 from prompts.compose import compose_prompt, compose_prompts, identity_factors
 from prompts.errors import ArtifactError, BackboneMismatchError, RankoneError
 from prompts.inputs import PromptedInputs, position_ids_from_mask, prepend_prompts
@@ -56,6 +62,7 @@ __all__ = [
     "identity_factors",
     "import_peft_mpt",
     "import_peft_prompt_tuning",
+    "input_embeddings",
     "load_artifact_dir",
     "load_backbone",
     "load_shared",

@@ -136,7 +136,9 @@ def validate_task(tf: TaskFactors, *, max_rank: int = MAX_RANK) -> TaskFactors:
 def check_task_fits(tf: TaskFactors, sp: SharedPrompt) -> None:
     """A task's factors must match its shared prompt's [L, d] and backbone."""
     if tf.shared != sp.id:
-        raise ArtifactError(f"task {tf.name!r} refers to shared prompt {tf.shared!r}, not {sp.id!r}")
+        raise ArtifactError(
+            f"task {tf.name!r} refers to shared prompt {tf.shared!r}, not {sp.id!r}"
+        )
     if tf.length != sp.length or tf.dim != sp.dim:
         raise ArtifactError(
             f"task {tf.name!r}: factors u {tuple(tf.u.shape)}, v {tuple(tf.v.shape)} do not fit "
@@ -189,7 +191,9 @@ def encode_task(tf: TaskFactors) -> bytes:
     return st_save(tensors, metadata=metadata)
 
 
-def _read_blob(data: bytes, kind: str, tensors: tuple[str, ...]) -> tuple[dict[str, Tensor], dict[str, str]]:
+def _read_blob(
+    data: bytes, kind: str, tensors: tuple[str, ...]
+) -> tuple[dict[str, Tensor], dict[str, str]]:
     if not isinstance(data, bytes | bytearray | memoryview) or len(data) < 8:
         raise ArtifactError(f"not a safetensors blob: {len(data) if data else 0} bytes")
     data = bytes(data)
@@ -248,8 +252,13 @@ def decode_shared(data: bytes, *, backbone: str | None = None) -> SharedPrompt:
     return sp
 
 
-def decode_task(data: bytes, *, backbone: str | None = None, shared: SharedPrompt | None = None,
-                max_rank: int = MAX_RANK) -> TaskFactors:
+def decode_task(
+    data: bytes,
+    *,
+    backbone: str | None = None,
+    shared: SharedPrompt | None = None,
+    max_rank: int = MAX_RANK,
+) -> TaskFactors:
     """Read and validate a task blob; with ``shared`` given, check the factors fit it."""
     tensors, metadata = _read_blob(data, "task", ("u", "v"))
     tf = TaskFactors(
@@ -328,7 +337,9 @@ def load_shared(path: Path, *, backbone: str | None = None) -> SharedPrompt:
         raise type(e)(f"{path}: {e}") from e
 
 
-def load_task(path: Path, *, backbone: str | None = None, shared: SharedPrompt | None = None) -> TaskFactors:
+def load_task(
+    path: Path, *, backbone: str | None = None, shared: SharedPrompt | None = None
+) -> TaskFactors:
     try:
         return decode_task(_read_file(path), backbone=backbone, shared=shared)
     except ArtifactError as e:
@@ -355,8 +366,10 @@ def load_artifact_dir(root: Path, *, backbone: str | None = None) -> ArtifactDir
     for path in sorted((root / "tasks").glob("*.safetensors")):
         tf = load_task(path, backbone=backbone)
         if tf.shared not in shared:
-            raise ArtifactError(f"{path}: task {tf.name!r} needs shared prompt {tf.shared!r}, "
-                                f"which is not in {root / 'shared'}")
+            raise ArtifactError(
+                f"{path}: task {tf.name!r} needs shared prompt {tf.shared!r}, "
+                f"which is not in {root / 'shared'}"
+            )
         check_task_fits(tf, shared[tf.shared])
         tasks[tf.name] = tf
     return ArtifactDir(shared=shared, tasks=tasks)

@@ -32,9 +32,23 @@ DTYPES = {
 # Config fields that say what the network computes; everything else (paths, versions, dtype,
 # generation defaults) may differ between two copies of the same backbone.
 _FINGERPRINT_FIELDS = (
-    "model_type", "vocab_size", "d_model", "hidden_size", "n_embd", "num_layers",
-    "num_decoder_layers", "num_hidden_layers", "n_layer", "num_heads", "num_attention_heads",
-    "n_head", "num_key_value_heads", "d_ff", "intermediate_size", "d_kv", "is_encoder_decoder",
+    "model_type",
+    "vocab_size",
+    "d_model",
+    "hidden_size",
+    "n_embd",
+    "num_layers",
+    "num_decoder_layers",
+    "num_hidden_layers",
+    "n_layer",
+    "num_heads",
+    "num_attention_heads",
+    "n_head",
+    "num_key_value_heads",
+    "d_ff",
+    "intermediate_size",
+    "d_kv",
+    "is_encoder_decoder",
 )
 
 
@@ -63,7 +77,7 @@ class Backbone:
 
     def embed(self, input_ids: Tensor) -> Tensor:
         """Token embeddings [B, T, d] for ``input_ids`` [B, T]."""
-        return self.model.get_input_embeddings()(input_ids)
+        return input_embeddings(self.model)(input_ids)
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -79,15 +93,38 @@ def backbone_kind(config: Any) -> BackboneKind:
     return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
 
 
+def input_embeddings(model: nn.Module) -> nn.Module:
+    """The model's token-embedding module (its ``weight`` is [vocab, d])."""
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if callable(get) else None
+    if not isinstance(embeddings, nn.Module) or not isinstance(
+        getattr(embeddings, "weight", None), Tensor
+    ):
+        raise RankoneError(
+            f"{type(model).__name__} has no input-embedding module with a weight: "
+            "rankone needs a Hugging Face model whose get_input_embeddings() returns one"
+        )
+    return embeddings
+
+
+def _embedding_weight(model: nn.Module) -> Tensor:
+    weight = input_embeddings(model).weight
+    assert isinstance(weight, Tensor)  # checked by input_embeddings
+    return weight
+
+
 def backbone_fingerprint(model: nn.Module) -> str:
     """A short hash of the model's architecture config and its input-embedding weights.
 
     The weights are hashed after rounding to bfloat16, so the same checkpoint loaded in float32
     or bfloat16 gets the same fingerprint (float16 loads of float32 weights almost always do).
     """
-    config = model.config.to_dict()  # type: ignore[operator]
+    hf_config = getattr(model, "config", None)
+    if hf_config is None:
+        raise RankoneError(f"{type(model).__name__} has no Hugging Face config to fingerprint")
+    config = hf_config.to_dict()
     arch = {k: config[k] for k in _FINGERPRINT_FIELDS if k in config}
-    weight = model.get_input_embeddings().weight.detach()  # type: ignore[operator]
+    weight = _embedding_weight(model).detach()
     digest = hashlib.sha256()
     digest.update(json.dumps(arch, sort_keys=True).encode())
     digest.update(json.dumps(list(weight.shape)).encode())
@@ -103,9 +140,14 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_backbone(name_or_path: str | Path, *, device: str | torch.device = "cpu",
-                  dtype: str | torch.dtype = "float32", local_files_only: bool | None = None,
-                  attn_implementation: str | None = None) -> Backbone:
+def load_backbone(
+    name_or_path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "float32",
+    local_files_only: bool | None = None,
+    attn_implementation: str | None = None,
+) -> Backbone:
     """Load a frozen backbone from a local directory or a hub id.
 
     ``local_files_only`` defaults to True for an existing local path. The model class
@@ -133,7 +175,7 @@ def load_backbone(name_or_path: str | Path, *, device: str | torch.device = "cpu
         model_kwargs = dict(kwargs, dtype=torch_dtype)
         if attn_implementation:
             model_kwargs["attn_implementation"] = attn_implementation
-        model = auto.from_pretrained(source, **model_kwargs)
+        model: nn.Module = auto.from_pretrained(source, **model_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
         raise RankoneError(f"cannot load backbone {source!r}: {e}") from e
@@ -141,7 +183,7 @@ def load_backbone(name_or_path: str | Path, *, device: str | torch.device = "cpu
         # Decoder-only checkpoints often ship without a pad token; padding is always masked.
         tokenizer.pad_token = tokenizer.eos_token
     model = freeze(model.to(device))
-    dim = int(model.get_input_embeddings().weight.shape[1])
+    dim = int(_embedding_weight(model).shape[1])
     return Backbone(
         model=model,
         tokenizer=tokenizer,

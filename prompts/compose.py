@@ -18,8 +18,9 @@ def compose_prompt(prompt: Tensor, u: Tensor, v: Tensor) -> Tensor:
             f"compose_prompt expects prompt [L, d], u [L, r], v [r, d]; got "
             f"{tuple(prompt.shape)}, {tuple(u.shape)}, {tuple(v.shape)}"
         )
-    return compose_prompts(prompt[None], torch.zeros(1, dtype=torch.long, device=prompt.device),
-                           u[None], v[None])[0]
+    return compose_prompts(
+        prompt[None], torch.zeros(1, dtype=torch.long, device=prompt.device), u[None], v[None]
+    )[0]
 
 
 def compose_prompts(shared: Tensor, shared_index: Tensor, u: Tensor, v: Tensor) -> Tensor:
@@ -58,8 +59,14 @@ def compose_prompts(shared: Tensor, shared_index: Tensor, u: Tensor, v: Tensor) 
     return base * torch.bmm(u, v)
 
 
-def identity_factors(length: int, dim: int, rank: int = 1, *, dtype: torch.dtype = torch.float32,
-                     device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+def identity_factors(
+    length: int,
+    dim: int,
+    rank: int = 1,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor]:
     """Factors whose product is all ones, so the task prompt equals the shared prompt.
 
     For rank r each of the r outer products contributes 1/r, keeping ``U @ V = 1``.

@@ -19,8 +19,9 @@ class PromptedInputs(NamedTuple):
     position_ids: Tensor | None  # [B, L + T] for decoder-only, None for seq2seq
 
 
-def prepend_prompts(inputs_embeds: Tensor, attention_mask: Tensor, prompts: Tensor, *,
-                    causal: bool) -> PromptedInputs:
+def prepend_prompts(
+    inputs_embeds: Tensor, attention_mask: Tensor, prompts: Tensor, *, causal: bool
+) -> PromptedInputs:
     """Put ``prompts`` [B, L, d] in front of ``inputs_embeds`` [B, T, d].
 
     ``attention_mask`` [B, T] marks real tokens. For seq2seq the input may be padded on either
@@ -38,7 +39,9 @@ def prepend_prompts(inputs_embeds: Tensor, attention_mask: Tensor, prompts: Tens
             f"prompts {tuple(prompts.shape)} do not fit inputs_embeds {tuple(inputs_embeds.shape)}"
         )
     batch, length, _ = prompts.shape
-    prompt_mask = torch.ones(batch, length, dtype=attention_mask.dtype, device=attention_mask.device)
+    prompt_mask = torch.ones(
+        batch, length, dtype=attention_mask.dtype, device=attention_mask.device
+    )
     embeds = torch.cat([prompts.to(inputs_embeds.dtype), inputs_embeds], dim=1)  # [B, L+T, d]
     mask = torch.cat([prompt_mask, attention_mask], dim=1)  # [B, L+T]
     if not causal:

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file
+from torch import Tensor
 
-from prompts.artifacts import SharedPrompt, TaskFactors, check_name
+from prompts.artifacts import SharedPrompt, TaskFactors, check_name, check_task_fits
 from prompts.compose import identity_factors
 from prompts.errors import ArtifactError
 
 
-def _read_adapter(path: Path) -> tuple[dict, dict]:
+def _read_config(path: Path) -> dict[str, Any]:
     path = Path(path)
     config_path = path / "adapter_config.json"
     weights_path = path / "adapter_model.safetensors"
@@ -30,23 +33,47 @@ def _read_adapter(path: Path) -> tuple[dict, dict]:
             f"{path} is not a PEFT adapter directory: expected adapter_config.json and "
             "adapter_model.safetensors (adapters saved as .bin are not loaded: no pickles)"
         )
-    config = json.loads(config_path.read_text())
-    submodules = config.get("num_transformer_submodules") or 1
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{config_path}: cannot read the adapter config: {e}") from e
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{config_path}: the adapter config must be a JSON object")
+    return config
+
+
+def _read_adapter(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    config = _read_config(path)
+    # PEFT's own default when the field is unset: seq2seq adapters prompt encoder and decoder.
+    submodules = config.get("num_transformer_submodules")
+    if submodules is None:
+        submodules = 2 if config.get("task_type") == "SEQ_2_SEQ_LM" else 1
     if submodules != 1:
         raise ArtifactError(
             f"{path}: num_transformer_submodules={submodules} prompts the decoder too; rankone "
             "prompts the encoder only. Train the adapter with num_transformer_submodules=1."
         )
-    return config, load_file(str(weights_path))
+    try:
+        state = load_file(str(Path(path) / "adapter_model.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise ArtifactError(f"{path}: cannot read the adapter weights: {e}") from e
+    return config, state
 
 
-def import_peft_mpt(path: Path, *, backbone: str, shared_id: str,
-                    task_names: list[str] | None = None) -> tuple[SharedPrompt, list[TaskFactors]]:
+def peft_type(path: Path) -> str:
+    """The ``peft_type`` of the adapter in ``path`` (``MULTITASK_PROMPT_TUNING``, ...)."""
+    return str(_read_config(path).get("peft_type"))
+
+
+def import_peft_mpt(
+    path: Path, *, backbone: str, shared_id: str, task_names: list[str] | None = None
+) -> tuple[SharedPrompt, list[TaskFactors]]:
     """A PEFT ``MultitaskPromptTuning`` adapter → (shared prompt, tasks in task-id order)."""
     config, state = _read_adapter(path)
     if config.get("peft_type") != "MULTITASK_PROMPT_TUNING":
-        raise ArtifactError(f"{path}: peft_type is {config.get('peft_type')!r}, "
-                            "expected 'MULTITASK_PROMPT_TUNING'")
+        raise ArtifactError(
+            f"{path}: peft_type is {config.get('peft_type')!r}, expected 'MULTITASK_PROMPT_TUNING'"
+        )
     missing = {"prompt_embeddings", "prefix_task_cols", "prefix_task_rows"} - set(state)
     if missing:
         raise ArtifactError(f"{path}: adapter weights lack {sorted(missing)}")
@@ -55,30 +82,53 @@ def import_peft_mpt(path: Path, *, backbone: str, shared_id: str,
     names = task_names or [f"{shared_id}-task{i}" for i in range(num_tasks)]
     if len(names) != num_tasks:
         raise ArtifactError(f"{path}: adapter has {num_tasks} tasks, {len(names)} names given")
-    shared = SharedPrompt(id=check_name(shared_id, "shared prompt id"),
-                          prompt=state["prompt_embeddings"].float(), backbone=backbone,
-                          meta={"source": "peft", "peft_type": "MULTITASK_PROMPT_TUNING"})
+    shared = SharedPrompt(
+        id=check_name(shared_id, "shared prompt id"),
+        prompt=state["prompt_embeddings"].float(),
+        backbone=backbone,
+        meta={"source": "peft", "peft_type": "MULTITASK_PROMPT_TUNING"},
+    )
     tasks = [
-        TaskFactors(name=check_name(name, "task name"), shared=shared.id,
-                    u=cols[i].float().contiguous(), v=rows[i].float().contiguous(),
-                    backbone=backbone, meta={"source": "peft", "task_id": i})
+        TaskFactors(
+            name=check_name(name, "task name"),
+            shared=shared.id,
+            u=cols[i].float().contiguous(),
+            v=rows[i].float().contiguous(),
+            backbone=backbone,
+            meta={"source": "peft", "task_id": i},
+        )
         for i, name in enumerate(names)
     ]
+    for task in tasks:
+        check_task_fits(task, shared)
     return shared, tasks
 
 
-def import_peft_prompt_tuning(path: Path, *, backbone: str, shared_id: str,
-                              task_name: str) -> tuple[SharedPrompt, TaskFactors]:
+def import_peft_prompt_tuning(
+    path: Path, *, backbone: str, shared_id: str, task_name: str
+) -> tuple[SharedPrompt, TaskFactors]:
     """A PEFT ``PromptTuning`` adapter → (its prompt as a shared prompt, an identity task)."""
     config, state = _read_adapter(path)
     if config.get("peft_type") != "PROMPT_TUNING":
-        raise ArtifactError(f"{path}: peft_type is {config.get('peft_type')!r}, expected 'PROMPT_TUNING'")
+        raise ArtifactError(
+            f"{path}: peft_type is {config.get('peft_type')!r}, expected 'PROMPT_TUNING'"
+        )
     if "prompt_embeddings" not in state:
         raise ArtifactError(f"{path}: adapter weights lack 'prompt_embeddings'")
     prompt = state["prompt_embeddings"].float()  # [L, d]
-    shared = SharedPrompt(id=check_name(shared_id, "shared prompt id"), prompt=prompt,
-                          backbone=backbone, meta={"source": "peft", "peft_type": "PROMPT_TUNING"})
+    shared = SharedPrompt(
+        id=check_name(shared_id, "shared prompt id"),
+        prompt=prompt,
+        backbone=backbone,
+        meta={"source": "peft", "peft_type": "PROMPT_TUNING"},
+    )
     u, v = identity_factors(prompt.shape[0], prompt.shape[1])
-    task = TaskFactors(name=check_name(task_name, "task name"), shared=shared.id, u=u, v=v,
-                       backbone=backbone, meta={"source": "peft", "identity_factors": True})
+    task = TaskFactors(
+        name=check_name(task_name, "task name"),
+        shared=shared.id,
+        u=u,
+        v=v,
+        backbone=backbone,
+        meta={"source": "peft", "identity_factors": True},
+    )
     return shared, task
