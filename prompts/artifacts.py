@@ -163,6 +163,21 @@ def _meta_json(meta: dict[str, Any]) -> str:
         raise ArtifactError(f"metadata is not JSON-serialisable: {e}") from e
 
 
+def _save_canonical(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
+    """``safetensors.save`` with its JSON header rewritten with sorted keys.
+
+    safetensors writes the metadata map in hash order, so encoding the same artifact twice
+    gives different bytes; the header is rewritten canonically (sorted keys, padded to 8
+    bytes as safetensors does) so equal artifacts are equal blobs. The tensor data is untouched.
+    """
+    blob = st_save(tensors, metadata=metadata)
+    header_len = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + header_len])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + blob[8 + header_len :]
+
+
 def encode_shared(sp: SharedPrompt) -> bytes:
     validate_shared(sp)
     metadata = {
@@ -173,7 +188,7 @@ def encode_shared(sp: SharedPrompt) -> bytes:
         "created": sp.created,
         "meta": _meta_json(sp.meta),
     }
-    return st_save({"prompt": sp.prompt.detach().cpu().contiguous()}, metadata=metadata)
+    return _save_canonical({"prompt": sp.prompt.detach().cpu().contiguous()}, metadata)
 
 
 def encode_task(tf: TaskFactors) -> bytes:
@@ -188,7 +203,7 @@ def encode_task(tf: TaskFactors) -> bytes:
         "meta": _meta_json(tf.meta),
     }
     tensors = {"u": tf.u.detach().cpu().contiguous(), "v": tf.v.detach().cpu().contiguous()}
-    return st_save(tensors, metadata=metadata)
+    return _save_canonical(tensors, metadata)
 
 
 def _read_blob(
