@@ -8,6 +8,8 @@ version with ``v`` of another, and a failed write leaves the previous version in
 from __future__ import annotations
 
 import abc
+import inspect
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -24,6 +26,10 @@ class NotFoundError(KeyError):
         return str(self.args[0]) if self.args else "not found"
 
 
+class UnknownSharedError(NotFoundError):
+    """A task refers to a shared prompt that is not registered (→ a 4xx on the task write)."""
+
+
 class ConflictError(RuntimeError):
     """Create of a name that exists, or delete of a shared prompt still in use (→ 409)."""
 
@@ -34,7 +40,7 @@ class Record:
 
     kind: Literal["shared", "task"]
     name: str  # task name or shared-prompt id
-    blob: bytes  # the safetensors artifact
+    blob: bytes = field(repr=False)  # the safetensors artifact
     version: int  # 1 on create, +1 on every replace
     shared: str  # for a task: its shared prompt id; for a shared prompt: its own id
     meta: dict[str, Any] = field(default_factory=dict)  # description, default params, ...
@@ -56,6 +62,19 @@ class StoreEvent:
 
 
 EventHandler = Callable[[StoreEvent], Awaitable[None] | None]
+
+log = logging.getLogger(__name__)
+
+
+async def deliver(handler: EventHandler, event: StoreEvent) -> None:
+    """Call a sync or async event handler; a failing handler is logged, never propagated,
+    so one bad subscriber cannot stop invalidations reaching the others."""
+    try:
+        result = handler(event)
+        if inspect.isawaitable(result):
+            await result
+    except Exception:
+        log.exception("store event handler %r failed on %s", handler, event)
 
 
 @dataclass(frozen=True)
@@ -79,8 +98,9 @@ class FactorBackend(abc.ABC):
     async def ping(self) -> bool: ...
 
     @abc.abstractmethod
-    async def put_shared(self, name: str, blob: bytes, meta: dict[str, Any], *,
-                         replace: bool = False) -> Record:
+    async def put_shared(
+        self, name: str, blob: bytes, meta: dict[str, Any], *, replace: bool = False
+    ) -> Record:
         """Create (ConflictError if it exists and not ``replace``) or replace a shared prompt."""
 
     @abc.abstractmethod
@@ -90,16 +110,19 @@ class FactorBackend(abc.ABC):
     async def list_shared(self) -> list[Record]: ...
 
     @abc.abstractmethod
-    async def put_task(self, name: str, blob: bytes, shared: str, meta: dict[str, Any], *,
-                       create: bool) -> Record:
+    async def put_task(
+        self, name: str, blob: bytes, shared: str, meta: dict[str, Any], *, create: bool
+    ) -> Record:
         """create=True: ConflictError if it exists. create=False: replace (NotFoundError if
-        absent) with version + 1. Atomic with the index update and the event publish."""
+        absent) with version + 1. UnknownSharedError if ``shared`` is not registered (checked
+        in the same atomic step). Atomic with the index update and the event publish."""
 
     @abc.abstractmethod
     async def get_task(self, name: str) -> Record: ...
 
     @abc.abstractmethod
-    async def delete_task(self, name: str) -> None: ...
+    async def delete_task(self, name: str) -> None:
+        """Remove the record and its index entry, publish a 'delete' (NotFoundError if absent)."""
 
     @abc.abstractmethod
     async def list_tasks(self, *, offset: int = 0, limit: int = 100) -> Page:

@@ -1,0 +1,343 @@
+"""FactorStore: the one object the HTTP layer and the engine use for prompts and factors.
+
+Tiers: a ``DeviceCache`` of decoded tensors on the model's device → a ``FactorBackend``
+(Redis, shared by replicas, or the embedded directory store). Writes are validated here
+(names, shapes, backbone fingerprint, rank, finite values) before anything reaches the
+backend, so a refused write leaves nothing behind.
+
+Cache keys: ``("task", name)`` → the task's ``u``/``v`` with its version, and
+``("shared", id)`` → the shared prompt, so 10,000 tasks over one ``P`` hold ``P`` once. A task
+entry comes from decoding one blob, so ``u`` and ``v`` are always of the same version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from prompts.artifacts import (
+    SharedPrompt,
+    TaskFactors,
+    check_backbone,
+    decode_shared,
+    decode_task,
+    encode_shared,
+    encode_task,
+    load_artifact_dir,
+    validate_task,
+)
+from prompts.errors import ArtifactError
+from service.engine.base import ResolvedTask
+from service.store.base import (
+    ConflictError,
+    EventHandler,
+    FactorBackend,
+    NotFoundError,
+    Page,
+    Record,
+    StoreError,
+    StoreEvent,
+    UnknownSharedError,
+    deliver,
+)
+from service.store.device_cache import DeviceCache
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+CacheKey = tuple[str, str]  # ("task", name) | ("shared", id)
+MAX_PAGE = 1000
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    hits: int
+    misses: int
+    evictions: int
+    bytes: int
+    entries: int
+    budget_bytes: int
+
+
+@dataclass(frozen=True)
+class _SharedEntry:
+    version: int
+    prompt: Tensor  # [L, d] on the model's device/dtype
+
+
+@dataclass(frozen=True)
+class _TaskEntry:
+    version: int
+    shared_id: str
+    u: Tensor  # [L, r] on the model's device/dtype
+    v: Tensor  # [r, d]
+
+
+def _nbytes(*tensors: Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class FactorStore:
+    def __init__(
+        self,
+        backend: FactorBackend,
+        *,
+        backbone_fingerprint: str,
+        dim: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        cache_bytes: int,
+        max_rank: int = 64,
+        max_prompt_length: int = 1024,
+        on_store_error: Callable[[StoreError], None] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.backbone_fingerprint = backbone_fingerprint
+        self.dim = dim
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.max_rank = max_rank
+        self.max_prompt_length = max_prompt_length
+        self.on_store_error = on_store_error
+        self.store_errors = 0
+        self.resets = 0  # 'reset' events seen (start, and every re-subscription)
+        self._cache: DeviceCache[CacheKey, _SharedEntry | _TaskEntry] = DeviceCache(cache_bytes)
+        # Bumped on every invalidation: a miss whose backend read raced an invalidation does not
+        # cache what it read (it may be the version the invalidation was about).
+        self._epoch = 0
+        self._listeners: list[EventHandler] = []
+
+    @property
+    def kind(self) -> str:
+        return self.backend.kind
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._backend(self.backend.start(self._on_event))
+
+    async def close(self) -> None:
+        await self.backend.close()
+        self._cache.clear()
+
+    async def ping(self) -> bool:
+        return await self.backend.ping()
+
+    def add_listener(self, callback: EventHandler) -> None:
+        """Call ``callback(event)`` (sync or async) after the cache has applied each event."""
+        self._listeners.append(callback)
+
+    def remove_listener(self, callback: EventHandler) -> None:
+        self._listeners.remove(callback)
+
+    def cache_stats(self) -> CacheStats:
+        c = self._cache
+        return CacheStats(c.hits, c.misses, c.evictions, c.bytes, len(c), c.budget_bytes)
+
+    # ---- invalidation ------------------------------------------------------------------
+
+    def _invalidate(self, kind: str, name: str) -> None:
+        self._epoch += 1
+        if kind == "all":
+            self._cache.clear()
+        else:
+            self._cache.pop((kind, name))
+
+    async def _on_event(self, event: StoreEvent) -> None:
+        if event.action == "reset":
+            self.resets += 1
+        cached = self._cache.get_quiet((event.kind, event.name)) if event.kind != "all" else None
+        if event.action == "put" and cached is not None and cached.version >= event.version:
+            # our own write, already applied: keep the entry (events arrive in write order)
+            self._epoch += 1
+        else:
+            self._invalidate(event.kind, event.name)
+        for listener in list(self._listeners):
+            await deliver(listener, event)
+
+    async def _backend(self, awaitable: Awaitable[T]) -> T:
+        try:
+            return await awaitable
+        except StoreError as e:
+            self.store_errors += 1
+            if self.on_store_error is not None:
+                self.on_store_error(e)
+            raise
+
+    # ---- shared prompts ----------------------------------------------------------------
+
+    def _check_shared(self, sp: SharedPrompt) -> None:
+        check_backbone(sp.backbone, self.backbone_fingerprint, f"shared prompt {sp.id!r}")
+        if sp.dim != self.dim:
+            raise ArtifactError(
+                f"shared prompt {sp.id!r} has width d={sp.dim}, but this backbone's embedding "
+                f"width is {self.dim}: it was made for another model"
+            )
+        if sp.length > self.max_prompt_length:
+            raise ArtifactError(
+                f"shared prompt {sp.id!r} has L={sp.length} rows, more than this server's limit "
+                f"of {self.max_prompt_length}"
+            )
+
+    async def register_shared(
+        self, sp: SharedPrompt, meta: dict[str, Any], *, replace: bool = False
+    ) -> Record:
+        """Create a shared prompt (ConflictError if it exists), or with ``replace`` create or
+        replace it; a replacement must keep [L, d], since registered tasks depend on it."""
+        blob = encode_shared(sp)  # validates name, finiteness, shape
+        self._check_shared(sp)
+        if replace:
+            try:
+                _, old = await self.get_shared(sp.id)
+            except NotFoundError:
+                old = None
+            if old is not None and old.prompt.shape != sp.prompt.shape:
+                raise ConflictError(
+                    f"shared prompt {sp.id!r} is [L={old.length}, d={old.dim}]; a replacement "
+                    f"must keep that shape (got [L={sp.length}, d={sp.dim}]), since tasks "
+                    "depend on it: register it under a new id instead"
+                )
+        record = await self._backend(self.backend.put_shared(sp.id, blob, meta, replace=replace))
+        self._invalidate("shared", sp.id)
+        return record
+
+    async def get_shared(self, shared_id: str) -> tuple[Record, SharedPrompt]:
+        record = await self._backend(self.backend.get_shared(shared_id))
+        return record, decode_shared(record.blob)
+
+    async def list_shared(self) -> list[Record]:
+        return await self._backend(self.backend.list_shared())
+
+    async def _shared_entry(self, shared_id: str) -> _SharedEntry:
+        key = ("shared", shared_id)
+        entry = self._cache.get(key)
+        if isinstance(entry, _SharedEntry):
+            return entry
+        epoch = self._epoch
+        record = await self._backend(self.backend.get_shared(shared_id))
+        sp = decode_shared(record.blob, backbone=self.backbone_fingerprint)
+        self._check_shared(sp)
+        prompt = sp.prompt.to(device=self.device, dtype=self.dtype)  # [L, d]
+        fresh = _SharedEntry(record.version, prompt)
+        if self._epoch == epoch:
+            self._cache.put(key, fresh, _nbytes(prompt))
+        return fresh
+
+    # ---- tasks -------------------------------------------------------------------------
+
+    async def _check_task(self, tf: TaskFactors) -> None:
+        validate_task(tf, max_rank=self.max_rank)  # name, rank, finite values
+        check_backbone(tf.backbone, self.backbone_fingerprint, f"task {tf.name!r}")
+        try:
+            shared = await self._shared_entry(tf.shared)
+        except NotFoundError as e:
+            raise UnknownSharedError(
+                f"task {tf.name!r} refers to shared prompt {tf.shared!r}, which is not "
+                "registered: register the shared prompt first"
+            ) from e
+        length, dim = shared.prompt.shape
+        if tf.length != length or tf.dim != dim:
+            raise ArtifactError(
+                f"task {tf.name!r}: factors u {tuple(tf.u.shape)}, v {tuple(tf.v.shape)} do not "
+                f"fit shared prompt {tf.shared!r} of shape [L={length}, d={dim}] "
+                f"(expected u [{length}, r] and v [r, {dim}])"
+            )
+
+    async def create_task(self, tf: TaskFactors, meta: dict[str, Any]) -> Record:
+        """Register a new task (ConflictError if the name exists)."""
+        await self._check_task(tf)
+        blob = encode_task(tf)
+        record = await self._backend(
+            self.backend.put_task(tf.name, blob, tf.shared, meta, create=True)
+        )
+        self._invalidate("task", tf.name)
+        return record
+
+    async def replace_task(self, tf: TaskFactors, meta: dict[str, Any]) -> Record:
+        """Replace a task's factors (NotFoundError if absent); its version goes up by one."""
+        await self._check_task(tf)
+        blob = encode_task(tf)
+        record = await self._backend(
+            self.backend.put_task(tf.name, blob, tf.shared, meta, create=False)
+        )
+        self._invalidate("task", tf.name)
+        return record
+
+    async def delete_task(self, name: str) -> None:
+        await self._backend(self.backend.delete_task(name))
+        self._invalidate("task", name)
+
+    async def get_task(self, name: str) -> tuple[Record, TaskFactors]:
+        record = await self._backend(self.backend.get_task(name))
+        return record, decode_task(record.blob, max_rank=self.max_rank)
+
+    async def list_tasks(self, offset: int = 0, limit: int = 100) -> Page:
+        if offset < 0 or not 1 <= limit <= MAX_PAGE:
+            raise ValueError(
+                f"page offset must be >= 0 and limit in [1, {MAX_PAGE}], got offset={offset}, "
+                f"limit={limit}"
+            )
+        return await self._backend(self.backend.list_tasks(offset=offset, limit=limit))
+
+    async def resolve(self, name: str) -> ResolvedTask:
+        """The task's factors and shared prompt on the model's device: cache, else backend."""
+        key = ("task", name)
+        entry = self._cache.get(key)
+        if not isinstance(entry, _TaskEntry):
+            epoch = self._epoch
+            record = await self._backend(self.backend.get_task(name))
+            tf = decode_task(
+                record.blob, backbone=self.backbone_fingerprint, max_rank=self.max_rank
+            )
+            u = tf.u.to(device=self.device, dtype=self.dtype)  # [L, r]
+            v = tf.v.to(device=self.device, dtype=self.dtype)  # [r, d]
+            entry = _TaskEntry(record.version, tf.shared, u, v)
+            if self._epoch == epoch:
+                self._cache.put(key, entry, _nbytes(u, v))
+        shared = await self._shared_entry(entry.shared_id)
+        if entry.u.shape[0] != shared.prompt.shape[0] or entry.v.shape[1] != shared.prompt.shape[1]:
+            raise ArtifactError(
+                f"task {name!r}: factors u {tuple(entry.u.shape)}, v {tuple(entry.v.shape)} do "
+                f"not fit shared prompt {entry.shared_id!r} {tuple(shared.prompt.shape)}"
+            )
+        return ResolvedTask(name, entry.version, entry.shared_id, shared.prompt, entry.u, entry.v)
+
+    # ---- seeding -----------------------------------------------------------------------
+
+    async def seed_from_dir(self, path: str | Path, *, overwrite: bool = False) -> tuple[int, int]:
+        """Register the trainer's artifacts under ``path``; returns (shared, tasks) written.
+
+        Records that already exist are left alone unless ``overwrite``.
+        """
+        found = await asyncio.to_thread(
+            load_artifact_dir, Path(path), backbone=self.backbone_fingerprint
+        )
+        n_shared = n_tasks = 0
+        for sp in found.shared.values():
+            try:
+                await self.register_shared(sp, dict(sp.meta), replace=overwrite)
+                n_shared += 1
+            except ConflictError:
+                if overwrite:
+                    raise
+        for tf in found.tasks.values():
+            try:
+                if overwrite:
+                    try:
+                        await self.replace_task(tf, dict(tf.meta))
+                    except NotFoundError:
+                        await self.create_task(tf, dict(tf.meta))
+                else:
+                    await self.create_task(tf, dict(tf.meta))
+                n_tasks += 1
+            except ConflictError:
+                if overwrite:
+                    raise
+        log.info("seeded %d shared prompts and %d tasks from %s", n_shared, n_tasks, path)
+        return n_shared, n_tasks

@@ -1,0 +1,373 @@
+"""The Redis backend: the registry of record shared by every replica.
+
+Keys (``rankone`` is the prefix)::
+
+    rankone:shared:<id>    hash: blob, version, shared, meta (JSON), created, updated
+    rankone:task:<name>    hash: the same fields
+    rankone:shared-ids     set of shared-prompt ids
+    rankone:tasks          sorted set, every score 0, so members sort by name (paged listing)
+    rankone:events         pub/sub channel: {"action", "kind", "name", "version"} per write
+
+Every write is one Lua script rather than WATCH + MULTI/EXEC. Redis runs a script as one
+atomic step, so the existence check (create-if-absent / replace-if-present / the task's shared
+prompt exists), the blob, the version bump, the index update and the PUBLISH happen together
+or not at all, in one round trip, with no optimistic-retry loop and no dedicated WATCH
+connection. The scripts carry a ``#!lua`` shebang: Redis then refuses a writing script up
+front when it is out of memory, instead of failing it half-way. Key types are checked before
+the first write, so no later command in a script can fail. A reader reads a record with one
+HGETALL, hence never sees a half write.
+
+A listener task keeps a subscription to the channel on its own connection (no silent
+reconnects: it must know when it reconnected) and hands every event, this replica's own
+included, to ``on_event``; after every (re)subscription it first sends a 'reset' event, since
+messages may have been missed while it was away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import RedisError
+
+from prompts.artifacts import utc_now
+from service.store.base import (
+    ConflictError,
+    EventHandler,
+    FactorBackend,
+    NotFoundError,
+    Page,
+    Record,
+    StoreError,
+    StoreEvent,
+    UnknownSharedError,
+    deliver,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# KEYS: [1] the record hash, [2] the name index, [3] the task's shared-prompt hash (for a
+# shared prompt: the record hash again). ARGV: [1] name, [2] blob, [3] shared id, [4] meta
+# JSON, [5] now, [6] mode (create | replace | upsert), [7] channel, [8] kind (task | shared),
+# [9] index type (zset | set).
+# Returns {new version, created}, or {-1} (exists), {-2} (absent), {-3} (no shared prompt).
+PUT_SCRIPT = """#!lua
+local exists = redis.call('EXISTS', KEYS[1]) == 1
+if ARGV[6] == 'create' and exists then return {-1} end
+if ARGV[6] == 'replace' and not exists then return {-2} end
+if ARGV[8] == 'task' and redis.call('EXISTS', KEYS[3]) == 0 then return {-3} end
+local record_type = redis.call('TYPE', KEYS[1])['ok']
+local index_type = redis.call('TYPE', KEYS[2])['ok']
+if (record_type ~= 'none' and record_type ~= 'hash')
+    or (index_type ~= 'none' and index_type ~= ARGV[9]) then
+  return redis.error_reply('WRONGTYPE rankone key ' .. KEYS[1] .. ' or ' .. KEYS[2] ..
+                           ' holds another type; it is not a rankone registry')
+end
+local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
+if version == 1 then redis.call('HSET', KEYS[1], 'created', ARGV[5]) end
+redis.call('HSET', KEYS[1], 'blob', ARGV[2], 'shared', ARGV[3], 'meta', ARGV[4],
+           'updated', ARGV[5])
+if ARGV[9] == 'zset' then
+  redis.call('ZADD', KEYS[2], 0, ARGV[1])
+else
+  redis.call('SADD', KEYS[2], ARGV[1])
+end
+redis.call('PUBLISH', ARGV[7],
+           cjson.encode({action='put', kind=ARGV[8], name=ARGV[1], version=version}))
+return {version, redis.call('HGET', KEYS[1], 'created')}
+"""
+
+# KEYS: [1] the task hash, [2] the task index. ARGV: [1] name, [2] channel.
+# Returns the deleted version, or 0 if there was no such task.
+DELETE_SCRIPT = """#!lua
+local version = redis.call('HGET', KEYS[1], 'version')
+if not version then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('PUBLISH', ARGV[2],
+           cjson.encode({action='delete', kind='task', name=ARGV[1],
+                         version=tonumber(version)}))
+return tonumber(version)
+"""
+
+_Mode = Literal["create", "replace", "upsert"]
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (
+        f":{parts.port}" if parts.port else ""
+    )
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class RedisBackend(FactorBackend):
+    kind = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "rankone",
+        pool_size: int = 32,
+        pool_timeout_s: float = 5.0,
+        socket_timeout_s: float = 5.0,
+        connect_timeout_s: float = 2.0,
+        resubscribe_max_delay_s: float = 1.0,
+    ) -> None:
+        self.url = url
+        self.where = redact(url)
+        self.prefix = prefix
+        self.channel = f"{prefix}:events"
+        self.tasks_index = f"{prefix}:tasks"
+        self.shared_index = f"{prefix}:shared-ids"
+        self.resubscribe_max_delay_s = resubscribe_max_delay_s
+        timeouts: dict[str, Any] = {
+            "socket_timeout": socket_timeout_s,
+            "socket_connect_timeout": connect_timeout_s,
+        }
+        # Commands retry twice on a dropped connection, then fail: a StoreError, never a hang.
+        self._pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=pool_size,
+            timeout=pool_timeout_s,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+            health_check_interval=30,
+            **timeouts,
+        )
+        self._client = Redis(connection_pool=self._pool)
+        # The subscription never reconnects behind our back: a reconnect must emit 'reset'.
+        self._sub_client = Redis.from_url(
+            url, retry=Retry(NoBackoff(), 0), health_check_interval=5, **timeouts
+        )
+        self._put_script = self._client.register_script(PUT_SCRIPT)
+        self._delete_script = self._client.register_script(DELETE_SCRIPT)
+        self._listener: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()
+        self._start_timeout_s = connect_timeout_s + socket_timeout_s
+
+    def key(self, kind: Literal["shared", "task"], name: str) -> str:
+        return f"{self.prefix}:{kind}:{name}"
+
+    async def _call(self, what: str, awaitable: Awaitable[T]) -> T:
+        try:
+            return await awaitable
+        except (RedisError, OSError) as e:
+            raise StoreError(f"Redis at {self.where}: {what} failed: {e}") from e
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    async def start(self, on_event: EventHandler) -> None:
+        await self._call("connecting", self._client.ping())
+        self._listener = asyncio.create_task(self._listen(on_event), name="rankone-store-events")
+        # Writes made right after start() must reach this replica's own subscription too.
+        try:
+            await asyncio.wait_for(self._subscribed.wait(), self._start_timeout_s)
+        except TimeoutError:
+            await self.close()
+            raise StoreError(
+                f"Redis at {self.where}: could not subscribe to {self.channel} within "
+                f"{self._start_timeout_s:.0f}s"
+            ) from None
+
+    async def _listen(self, on_event: EventHandler) -> None:
+        delay = 0.05
+        while True:
+            pubsub: PubSub = self._sub_client.pubsub()
+            try:
+                await pubsub.subscribe(self.channel)
+                await deliver(on_event, StoreEvent("reset", "all", "", 0))
+                self._subscribed.set()
+                delay = 0.05
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is not None and message.get("type") == "message":
+                        event = _parse_event(message["data"])
+                        if event is not None:
+                            await deliver(on_event, event)
+            except (RedisError, OSError) as e:
+                log.warning(
+                    "lost the subscription to %s on Redis at %s (%s); retrying in %.2fs",
+                    self.channel,
+                    self.where,
+                    e,
+                    delay,
+                )
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.resubscribe_max_delay_s)
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+        for client in (self._sub_client, self._client):
+            with contextlib.suppress(RedisError, OSError):
+                await client.aclose()
+        with contextlib.suppress(RedisError, OSError):
+            await self._pool.disconnect()
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._client.ping())
+        except (RedisError, OSError):
+            return False
+
+    # ---- writes ------------------------------------------------------------------------
+
+    def put_args(
+        self,
+        kind: Literal["shared", "task"],
+        name: str,
+        blob: bytes,
+        shared: str,
+        meta: dict[str, Any],
+        mode: _Mode,
+        now: str,
+    ) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of PUT_SCRIPT (public so a bulk loader can pipeline the same write)."""
+        record_key = self.key(kind, name)
+        if kind == "task":
+            keys = [record_key, self.tasks_index, self.key("shared", shared)]
+        else:
+            keys = [record_key, self.shared_index, record_key]
+        index_type = "zset" if kind == "task" else "set"
+        args = [name, blob, shared, json.dumps(meta), now, mode, self.channel, kind, index_type]
+        return keys, args
+
+    async def _put(
+        self,
+        kind: Literal["shared", "task"],
+        name: str,
+        blob: bytes,
+        shared: str,
+        meta: dict[str, Any],
+        mode: _Mode,
+    ) -> Record:
+        now = utc_now()
+        keys, args = self.put_args(kind, name, blob, shared, meta, mode, now)
+        reply = await self._call(f"writing {kind} {name!r}", self._put_script(keys=keys, args=args))
+        result = int(reply[0])
+        what = "shared prompt" if kind == "shared" else "task"
+        if result == -1:
+            raise ConflictError(f"{what} {name!r} already exists; use replace to update it")
+        if result == -2:
+            raise NotFoundError(f"no {what} named {name!r} to replace")
+        if result == -3:
+            raise UnknownSharedError(f"no shared prompt named {shared!r}; register it first")
+        return Record(kind, name, blob, result, shared, meta, reply[1].decode(), now)
+
+    async def put_shared(
+        self, name: str, blob: bytes, meta: dict[str, Any], *, replace: bool = False
+    ) -> Record:
+        return await self._put("shared", name, blob, name, meta, "upsert" if replace else "create")
+
+    async def put_task(
+        self, name: str, blob: bytes, shared: str, meta: dict[str, Any], *, create: bool
+    ) -> Record:
+        return await self._put("task", name, blob, shared, meta, "create" if create else "replace")
+
+    async def delete_task(self, name: str) -> None:
+        deleted = await self._call(
+            f"deleting task {name!r}",
+            self._delete_script(
+                keys=[self.key("task", name), self.tasks_index], args=[name, self.channel]
+            ),
+        )
+        if int(deleted) == 0:
+            raise NotFoundError(f"no task named {name!r}")
+
+    # ---- reads -------------------------------------------------------------------------
+
+    async def _get(self, kind: Literal["shared", "task"], name: str) -> Record:
+        fields = await self._call(
+            f"reading {kind} {name!r}", self._client.hgetall(self.key(kind, name))
+        )
+        if not fields:
+            what = "shared prompt" if kind == "shared" else "task"
+            raise NotFoundError(f"no {what} named {name!r}")
+        return _record(kind, name, fields)
+
+    async def get_shared(self, name: str) -> Record:
+        return await self._get("shared", name)
+
+    async def get_task(self, name: str) -> Record:
+        return await self._get("task", name)
+
+    async def _get_many(self, kind: Literal["shared", "task"], names: list[str]) -> list[Record]:
+        if not names:
+            return []
+        async with self._client.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hgetall(self.key(kind, name))
+            rows = await self._call(f"reading {len(names)} {kind} records", pipe.execute())
+        # a record deleted between the index read and here is skipped
+        return [_record(kind, n, f) for n, f in zip(names, rows, strict=True) if f]
+
+    async def list_shared(self) -> list[Record]:
+        members = await self._call(
+            "listing shared prompts", self._client.smembers(self.shared_index)
+        )
+        return await self._get_many("shared", sorted(m.decode() for m in members))
+
+    async def list_tasks(self, *, offset: int = 0, limit: int = 100) -> Page:
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.zcard(self.tasks_index)
+            pipe.zrange(self.tasks_index, offset, offset + limit - 1)
+            total, members = await self._call("listing tasks", pipe.execute())
+        records = await self._get_many("task", [m.decode() for m in members])
+        end = offset + len(members)
+        return Page(records=records, total=int(total), next_offset=end if end < total else None)
+
+    # ---- for the benchmark and operators ------------------------------------------------
+
+    @property
+    def client(self) -> Redis:
+        return self._client
+
+    @property
+    def put_script(self) -> Any:
+        return self._put_script
+
+
+def _parse_event(data: bytes | str) -> StoreEvent | None:
+    try:
+        raw = json.loads(data)
+        event = StoreEvent(raw["action"], raw["kind"], str(raw["name"]), int(raw["version"]))
+    except (ValueError, KeyError, TypeError) as e:
+        log.warning("ignoring a malformed store event %r: %s", data, e)
+        return None
+    if event.action not in ("put", "delete", "reset"):
+        log.warning("ignoring a store event with unknown action %r", event.action)
+        return None
+    return event
+
+
+def _record(kind: Literal["shared", "task"], name: str, fields: dict[bytes, bytes]) -> Record:
+    return Record(
+        kind=kind,
+        name=name,
+        blob=fields[b"blob"],
+        version=int(fields[b"version"]),
+        shared=fields[b"shared"].decode(),
+        meta=json.loads(fields.get(b"meta") or b"{}"),
+        created=fields.get(b"created", b"").decode(),
+        updated=fields.get(b"updated", b"").decode(),
+    )
