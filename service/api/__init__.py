@@ -1,0 +1,1 @@
+"""HTTP layer: pydantic protocol, thin routers, error mapping, middleware."""

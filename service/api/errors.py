@@ -1,0 +1,125 @@
+"""Every error as ``{"error": {"code", "message"}}`` with the right status.
+
+Mapping: ApiError → its status; RequestValidationError → 422 (field: problem; ...);
+malformed JSON → 400; BackboneMismatchError → 409 (the artifact is valid, it conflicts with
+the served backbone); other ArtifactError → 422; NotFoundError → 404; ConflictError → 409;
+UnknownSharedError → 422; StoreError → 503; QueueFullError → 429 + Retry-After; EngineClosedError → 503;
+anything else → 500, logged with the request id.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from prompts.errors import ArtifactError, BackboneMismatchError
+from service.engine.base import EngineClosedError, QueueFullError
+from service.logging import request_id_var
+from service.store.base import ConflictError, NotFoundError, StoreError, UnknownSharedError
+
+log = logging.getLogger("rankone.errors")
+
+
+class ApiError(Exception):
+    """An error the HTTP layer answers as is."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+    )
+
+
+def describe_validation(exc: RequestValidationError) -> tuple[int, str, str]:
+    problems = []
+    for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            ctx = err.get("ctx") or {}
+            return 400, "invalid_json", f"malformed JSON body: {ctx.get('error', err['msg'])}"
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
+        where = ".".join(loc) or "body"
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        problems.append(f"{where}: {msg}")
+    return 422, "invalid_request", "; ".join(problems) or "invalid request"
+
+
+def _status_for(exc: Exception) -> tuple[int, str, str, dict[str, str] | None]:
+    if isinstance(exc, ApiError):
+        return exc.status, exc.code, exc.message, exc.headers
+    if isinstance(exc, BackboneMismatchError):
+        return 409, "backbone_mismatch", str(exc), None
+    if isinstance(exc, ArtifactError):
+        return 422, "invalid_artifact", str(exc), None
+    if isinstance(exc, UnknownSharedError):
+        return 422, "unknown_shared_prompt", str(exc), None
+    if isinstance(exc, NotFoundError):
+        return 404, "not_found", str(exc), None
+    if isinstance(exc, ConflictError):
+        return 409, "conflict", str(exc), None
+    if isinstance(exc, StoreError):
+        return 503, "store_unavailable", f"factor store unavailable: {exc}", None
+    if isinstance(exc, QueueFullError):
+        retry = str(max(1, math.ceil(exc.retry_after_s)))
+        return 429, "queue_full", str(exc), {"Retry-After": retry}
+    if isinstance(exc, EngineClosedError):
+        return 503, "shutting_down", str(exc) or "the server is shutting down", None
+    return 500, "internal_error", "internal server error", None
+
+
+def to_response(exc: Exception) -> JSONResponse:
+    status, code, message, headers = _status_for(exc)
+    if status == 500:
+        log.exception("unhandled error (request id %s)", request_id_var.get(), exc_info=exc)
+        message = f"internal server error (request id {request_id_var.get()})"
+    elif isinstance(exc, StoreError):
+        log.warning("store error: %s", exc)
+    return error_response(status, code, message, headers)
+
+
+def install(app: FastAPI) -> None:
+    async def on_validation(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return error_response(*describe_validation(exc))
+
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
+        return error_response(
+            exc.status_code,
+            codes.get(exc.status_code, "http_error"),
+            str(exc.detail),
+            getattr(exc, "headers", None),
+        )
+
+    async def on_error(request: Request, exc: Exception) -> JSONResponse:
+        return to_response(exc)
+
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    for exc_type in (
+        ApiError,
+        ArtifactError,
+        NotFoundError,
+        ConflictError,
+        StoreError,
+        QueueFullError,
+        EngineClosedError,
+        Exception,
+    ):
+        app.add_exception_handler(exc_type, on_error)

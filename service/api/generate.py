@@ -1,0 +1,67 @@
+"""Native generation route (client key): ``POST /v1/tasks/{task}/generate``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter
+from sse_starlette import EventSourceResponse
+
+from service.api.errors import to_response
+from service.api.protocol import GenerateRequest, GenerateResponse, Output
+from service.deps import ClientAuth, GenerationDep
+from service.engine.base import StreamDelta
+from service.handlers.generation import GenerationHandler, outputs
+
+router = APIRouter(prefix="/v1", dependencies=[ClientAuth], tags=["generation"])
+
+
+@router.post("/tasks/{task}/generate", response_model=None)
+async def generate(
+    task: str, body: GenerateRequest, handler: GenerationDep
+) -> GenerateResponse | EventSourceResponse:
+    prepared = await handler.prepare(task, body.input_list, body.parameters)
+    if body.stream:
+        first, stream = await handler.open_stream(prepared.requests[0])
+        return EventSourceResponse(_events(handler, first, stream), ping=15)
+    results = await handler.run(prepared)
+    outs, usage = outputs(results)
+    return GenerateResponse(
+        task=prepared.task.name,
+        version=prepared.task.version,
+        texts=[o.text for o in outs],
+        outputs=outs,
+        usage=usage,
+    )
+
+
+async def _events(
+    handler: GenerationHandler, first: StreamDelta, stream: AsyncIterator[StreamDelta]
+) -> AsyncIterator[dict[str, str]]:
+    """``token`` events carry new text; the final ``done`` event carries the whole output."""
+    delta: StreamDelta | None = first
+    try:
+        while delta is not None:
+            if delta.text or delta.token_ids:
+                yield {
+                    "event": "token",
+                    "data": json.dumps({"text": delta.text, "token_ids": delta.token_ids}),
+                }
+            if delta.result is not None:
+                r = delta.result
+                out = Output(
+                    text=r.text,
+                    finish_reason=r.finish_reason,
+                    prompt_tokens=r.prompt_tokens,
+                    completion_tokens=r.completion_tokens,
+                )
+                yield {"event": "done", "data": out.model_dump_json()}
+                return
+            delta = await anext(stream, None)
+    except Exception as exc:  # the status is already sent: report the error as an event
+        yield {"event": "error", "data": bytes(to_response(exc).body).decode()}
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()

@@ -1,0 +1,101 @@
+"""OpenAI-compatible routes (client key): ``/v1/completions`` and ``/v1/models``.
+
+``model`` is the task name; the official ``openai`` client works unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter
+from sse_starlette import EventSourceResponse
+
+from service.api.errors import to_response
+from service.api.openai_protocol import (
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+)
+from service.deps import ClientAuth, GenerationDep, RegistryDep
+from service.engine.base import StreamDelta
+from service.handlers.generation import completion_id, outputs
+
+router = APIRouter(prefix="/v1", dependencies=[ClientAuth], tags=["openai"])
+
+
+def _reason(engine_reason: str | None) -> str | None:
+    return None if engine_reason is None else "length" if engine_reason == "length" else "stop"
+
+
+@router.post("/completions", response_model=None)
+async def completions(
+    body: CompletionRequest, handler: GenerationDep
+) -> CompletionResponse | EventSourceResponse:
+    prepared = await handler.prepare(body.model, body.prompts, body.parameters())
+    created = int(time.time())
+    cid = completion_id()
+    if body.stream:
+        first, stream = await handler.open_stream(prepared.requests[0])
+        return EventSourceResponse(_chunks(cid, created, body.model, first, stream), ping=15)
+    results = await handler.run(prepared)
+    outs, usage = outputs(results)
+    choices = [
+        CompletionChoice(text=o.text, index=i, finish_reason=_reason(o.finish_reason))
+        for i, o in enumerate(outs)
+    ]  # type: ignore[arg-type]
+    return CompletionResponse(
+        id=cid, created=created, model=body.model, choices=choices, usage=usage
+    )
+
+
+async def _chunks(
+    cid: str, created: int, model: str, first: StreamDelta, stream: AsyncIterator[StreamDelta]
+) -> AsyncIterator[dict[str, str]]:
+    def chunk(text: str, reason: str | None) -> dict[str, str]:
+        body = {
+            "id": cid,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}],
+        }
+        return {"data": json.dumps(body)}
+
+    delta: StreamDelta | None = first
+    try:
+        while delta is not None:
+            if delta.result is not None:
+                yield chunk(delta.text, _reason(delta.result.finish_reason))
+                break
+            if delta.text:
+                yield chunk(delta.text, None)
+            delta = await anext(stream, None)
+    except Exception as exc:  # the status is already sent: report the error as a chunk
+        yield {"data": bytes(to_response(exc).body).decode()}
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    yield {"data": "[DONE]"}
+
+
+@router.get("/models")
+async def models(registry: RegistryDep) -> ModelList:
+    cards: list[ModelCard] = []
+    offset: int | None = 0
+    while offset is not None:
+        page = await registry.list_tasks(offset, 1000)
+        cards += [ModelCard(id=t.name, created=_epoch(t.created)) for t in page.tasks]
+        offset = page.next_offset
+    return ModelList(data=cards)
+
+
+def _epoch(stamp: str) -> int:
+    try:
+        return int(time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone)
+    except (ValueError, OverflowError):
+        return 0

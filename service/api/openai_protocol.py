@@ -1,0 +1,83 @@
+"""Pydantic models of the OpenAI-compatible routes (``model`` is the task name)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from service.api.protocol import MAX_BATCH_INPUTS, GenerationParameters, Usage
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(..., description="the task name")
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, description="only 1 is supported")
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0)
+    stream: bool = False
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> CompletionRequest:
+        if self.n != 1:
+            raise ValueError("n: only n=1 is supported")
+        if self.best_of not in (None, 1):
+            raise ValueError("best_of: only 1 is supported")
+        if self.echo:
+            raise ValueError("echo: not supported")
+        if self.logprobs:
+            raise ValueError("logprobs: not supported")
+        if isinstance(self.prompt, list) and not 1 <= len(self.prompt) <= MAX_BATCH_INPUTS:
+            raise ValueError(f"prompt: give 1 to {MAX_BATCH_INPUTS} prompts")
+        if self.stream and isinstance(self.prompt, list) and len(self.prompt) > 1:
+            raise ValueError("stream: streaming takes a single prompt")
+        return self
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def parameters(self) -> GenerationParameters:
+        return GenerationParameters(
+            max_new_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop=self.stop,
+            seed=self.seed,
+        )
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "rankone"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

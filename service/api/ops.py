@@ -1,0 +1,70 @@
+"""Operations routes (open): liveness, readiness, metrics, and the server's info."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+
+from service.api.errors import error_response
+from service.deps import ClientAuth, MetricsDep, StateDep
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(state: StateDep) -> JSONResponse:
+    if not getattr(state, "ready", False) or getattr(state, "draining", False):
+        return error_response(503, "not_ready", "the server is starting or shutting down")
+    try:
+        store_ok = bool(await state.store.ping())
+    except Exception:
+        store_ok = False
+    if not store_ok:
+        return error_response(503, "not_ready", "the factor store is unreachable")
+    return JSONResponse({"status": "ready"})
+
+
+@router.get("/metrics")
+async def metrics(metrics: MetricsDep, state: StateDep) -> Response:
+    engine = getattr(state, "engine", None)
+    if engine is not None:
+        metrics.engine.set_queue_depth(engine.queue_depth)
+        metrics.engine.set_running(engine.running)
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)
+
+
+@router.get("/v1/info", dependencies=[ClientAuth])
+async def info(state: StateDep) -> dict[str, Any]:
+    s = state.settings
+    bb = state.backbone
+    return {
+        "backbone": {
+            "name": bb.name,
+            "fingerprint": bb.fingerprint,
+            "kind": bb.kind,
+            "d": bb.dim,
+            "dtype": str(bb.dtype).removeprefix("torch."),
+            "device": str(bb.device),
+        },
+        "limits": {
+            "max_input_tokens": s.max_input_tokens,
+            "max_new_tokens": s.max_new_tokens_limit,
+            "max_batch_size": s.max_batch_size,
+            "max_batch_tokens": s.max_batch_tokens,
+            "queue_size": s.queue_size,
+            "max_rank": s.max_rank,
+            "max_prompt_length": s.max_prompt_length,
+            "max_body_bytes": s.max_body_bytes,
+            "request_timeout_s": s.request_timeout_s,
+        },
+        "store": getattr(state.store, "kind", "unknown"),
+        "engine": s.engine,
+    }

@@ -1,0 +1,182 @@
+"""Pydantic models of the native API: registry (admin) and generation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from service.engine.base import SamplingParams
+
+MAX_STOP = 8
+MAX_BATCH_INPUTS = 64
+
+
+class GenerationParameters(BaseModel):
+    """Sampling parameters; unset fields fall back to the task's defaults, then the server's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int | None = Field(None, ge=1, description="tokens to generate at most")
+    temperature: float | None = Field(None, ge=0, le=100, description="0 → greedy")
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, description="0 → off")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="per-request sampling seed")
+    stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP} stop strings")
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+
+    @model_validator(mode="after")
+    def _stops(self) -> GenerationParameters:
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if len(stops) > MAX_STOP or any(not s for s in stops):
+            raise ValueError(f"stop: at most {MAX_STOP} non-empty strings")
+        return self
+
+    def merged_over(self, defaults: dict[str, Any]) -> GenerationParameters:
+        """These parameters with unset fields taken from ``defaults`` (a task's)."""
+        own = self.model_dump(exclude_none=True)
+        return GenerationParameters.model_validate({**defaults, **own})
+
+    def to_sampling_params(self, default_max_new_tokens: int) -> SamplingParams:
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens or default_max_new_tokens,
+            temperature=self.temperature if self.temperature is not None else 0.0,
+            top_p=self.top_p if self.top_p is not None else 1.0,
+            top_k=self.top_k or 0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            seed=self.seed,
+            stop=tuple(stops),
+        )
+
+
+# --- registry -----------------------------------------------------------------------------
+
+
+class SharedPromptCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    blob: str = Field(..., min_length=1, description="base64 of the safetensors shared-prompt blob")
+    replace: bool = Field(False, description="replace an existing shared prompt of that id")
+    description: str = Field("", max_length=2000)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class SharedPromptInfo(BaseModel):
+    id: str
+    version: int
+    length: int
+    dim: int
+    backbone: str
+    description: str = ""
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    created: str = ""
+    updated: str = ""
+
+
+class SharedPromptList(BaseModel):
+    shared_prompts: list[SharedPromptInfo]
+
+
+Matrix = list[list[float]]
+
+
+class TaskBody(BaseModel):
+    """A task's factors — ``u`` [L, r] and ``v`` [r, d] as JSON numbers, or ``factors`` as a
+    base64 task blob — plus its description, metadata and default generation parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    shared: str | None = Field(None, description="shared prompt id (taken from the blob if absent)")
+    u: Matrix | None = Field(None, description="[L, r] task column factors")
+    v: Matrix | None = Field(None, description="[r, d] task row factors")
+    factors: str | None = Field(None, min_length=1, description="base64 safetensors task blob")
+    description: str = Field("", max_length=2000)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    parameters: GenerationParameters | None = Field(None, description="default parameters")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TaskBody:
+        has_uv = self.u is not None or self.v is not None
+        if has_uv and self.factors is not None:
+            raise ValueError("give either u and v, or factors, not both")
+        if not has_uv and self.factors is None:
+            raise ValueError("give the task's factors: u and v, or factors (base64 blob)")
+        if has_uv and (self.u is None or self.v is None):
+            raise ValueError("u and v must be given together")
+        if has_uv and self.shared is None:
+            raise ValueError("shared is required with u and v")
+        return self
+
+
+class TaskCreate(TaskBody):
+    name: str = Field(..., description="task name: ^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+class TaskInfo(BaseModel):
+    name: str
+    shared: str
+    version: int
+    rank: int
+    length: int
+    dim: int
+    description: str = ""
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    created: str = ""
+    updated: str = ""
+    u: Matrix | None = None
+    v: Matrix | None = None
+    factors: str | None = None
+
+
+class TaskPage(BaseModel):
+    tasks: list[TaskInfo]
+    total: int
+    offset: int
+    limit: int
+    next_offset: int | None
+
+
+# --- generation ---------------------------------------------------------------------------
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: str | list[str] = Field(..., description="one input, or a list (one request each)")
+    parameters: GenerationParameters = Field(default_factory=GenerationParameters)
+    stream: bool = Field(False, description="server-sent events, one per generated piece")
+
+    @model_validator(mode="after")
+    def _inputs(self) -> GenerateRequest:
+        if isinstance(self.inputs, list) and not 1 <= len(self.inputs) <= MAX_BATCH_INPUTS:
+            raise ValueError(f"inputs: give 1 to {MAX_BATCH_INPUTS} inputs")
+        if self.stream and isinstance(self.inputs, list) and len(self.inputs) > 1:
+            raise ValueError("stream: streaming takes a single input")
+        return self
+
+    @property
+    def input_list(self) -> list[str]:
+        return [self.inputs] if isinstance(self.inputs, str) else list(self.inputs)
+
+
+class Output(BaseModel):
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    task: str
+    version: int
+    texts: list[str]
+    outputs: list[Output]
+    usage: Usage

@@ -1,0 +1,111 @@
+"""The FastAPI app: ``create_app(settings)``, and ``app`` for ``uvicorn service.app:app``.
+
+The lifespan loads the backbone once, opens the factor store (Redis, or the embedded
+directory store when no Redis URL is set), seeds it, starts the engine, and on shutdown
+refuses new work (503), drains in-flight requests and closes the store.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+
+from prompts.backbone import load_backbone, resolve_dtype
+from service.api import admin, errors, generate, openai, ops
+from service.api.middleware import ServiceMiddleware
+from service.engine.factory import build_engine
+from service.handlers.generation import GenerationHandler
+from service.handlers.registry import RegistryHandler
+from service.logging import setup_logging
+from service.metrics import Metrics
+from service.settings import Settings, load_settings
+
+log = logging.getLogger("rankone.app")
+
+
+def build_store(settings: Settings, fingerprint: str, dim: int, metrics: Metrics) -> Any:
+    from service.store.factor_store import FactorStore
+
+    backend: Any
+    if settings.redis_url:
+        from service.store.redis_store import RedisBackend
+
+        backend = RedisBackend(settings.redis_url)
+    else:
+        from service.store.embedded import EmbeddedBackend
+
+        backend = EmbeddedBackend(settings.data_dir)
+    return FactorStore(
+        backend,
+        backbone_fingerprint=fingerprint,
+        dim=dim,
+        device=settings.device,
+        dtype=resolve_dtype(settings.dtype),
+        cache_bytes=settings.device_cache_bytes,
+        max_rank=settings.max_rank,
+        max_prompt_length=settings.max_prompt_length,
+        on_store_error=lambda _: metrics.store_errors.inc(),
+    )
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state = app.state
+    if getattr(state, "settings", None) is None:
+        state.settings = load_settings()
+    settings: Settings = state.settings
+    if not getattr(state, "logging_ready", False):
+        setup_logging(settings.log_level, settings.log_format)
+    if not settings.admin_keys:
+        log.warning(
+            "NO ADMIN KEY CONFIGURED: anyone who can reach this server can register, "
+            "replace and delete tasks; set RANKONE_ADMIN_KEYS"
+        )
+    state.ready, state.draining = False, False
+    backbone = load_backbone(settings.model, device=settings.device, dtype=settings.dtype)
+    log.info(
+        "backbone loaded",
+        extra={"model": backbone.name, "kind": backbone.kind, "fingerprint": backbone.fingerprint},
+    )
+    metrics: Metrics = state.metrics
+    store = build_store(settings, backbone.fingerprint, backbone.dim, metrics)
+    await store.start()
+    engine = None
+    try:
+        if settings.seed_dir:
+            await store.seed_from_dir(Path(settings.seed_dir))
+        metrics.watch_cache(store.cache_stats)
+        engine = build_engine(settings.engine, backbone, settings, metrics.engine)
+        await engine.start()
+        state.backbone, state.store, state.engine = backbone, store, engine
+        state.registry = RegistryHandler(store, backbone, settings)
+        state.generation = GenerationHandler(store, engine, backbone, settings)
+        state.ready = True
+        log.info("ready", extra={"engine": settings.engine, "store": store.kind})
+        yield
+    finally:
+        state.ready, state.draining = False, True
+        if engine is not None:
+            await engine.shutdown(drain_timeout_s=settings.request_timeout_s)
+        await store.close()
+        log.info("stopped")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """An app for ``settings``; with None, settings are read from the environment at start."""
+    app = FastAPI(title="rankone", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    errors.install(app)
+    app.add_middleware(ServiceMiddleware)
+    for module in (ops, admin, generate, openai):
+        app.include_router(module.router)
+    return app
+
+
+app = create_app()

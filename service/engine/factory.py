@@ -1,0 +1,37 @@
+"""Build the configured engine; engines are imported lazily so a missing one fails loudly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prompts.backbone import Backbone
+from service.engine.base import Engine
+from service.metrics import EngineMetrics
+
+ENGINES = ("continuous", "static")
+
+
+def build_engine(name: str, backbone: Backbone, settings: Any, metrics: EngineMetrics) -> Engine:
+    """``settings``: the server Settings (batch limits, wait time, queue size)."""
+    if name == "static":
+        from service.engine.static import StaticBatchEngine
+
+        return StaticBatchEngine(
+            backbone,
+            max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.max_wait_ms,
+            queue_size=settings.queue_size,
+            metrics=metrics,
+        )
+    if name == "continuous":
+        from service.engine.continuous import ContinuousEngine  # type: ignore[import-not-found]
+
+        return ContinuousEngine(  # type: ignore[no-any-return]
+            backbone,
+            max_batch_size=settings.max_batch_size,
+            max_batch_tokens=settings.max_batch_tokens,
+            max_wait_ms=settings.max_wait_ms,
+            queue_size=settings.queue_size,
+            metrics=metrics,
+        )
+    raise ValueError(f"unknown engine {name!r}; use one of {ENGINES}")

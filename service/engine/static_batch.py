@@ -1,0 +1,155 @@
+"""Pure helpers of the static engine: grouping, padding, prompt composition, trimming."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from prompts.backbone import Backbone
+from prompts.compose import compose_prompts
+from prompts.inputs import prepend_prompts
+from service.engine.base import FinishReason, GenerationRequest, GenerationResult, SamplingParams
+
+
+def group_key(request: GenerationRequest) -> Hashable:
+    """Requests with equal keys can share one ``generate`` call.
+
+    Greedy rows share any group of their prompt length; sampled rows need identical
+    parameters; a seeded row samples alone, since a seed governs the whole call's RNG.
+    """
+    p = request.params
+    length = int(request.task.prompt.shape[0])
+    if p.seed is not None and not p.greedy:
+        return ("seeded", id(request))
+    if p.greedy:
+        return ("greedy", length, p.repetition_penalty)
+    return ("sampled", length, p.temperature, p.top_p, p.top_k, p.repetition_penalty)
+
+
+def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Token rows → ids [B, T] right-padded with ``pad_id`` and mask [B, T] (1 = token)."""
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[b, : len(row)] = 1
+    return ids, mask
+
+
+def batch_prompts(
+    requests: Sequence[GenerationRequest], *, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """Every row's task prompt [B, L, d] in one ``compose_prompts`` call.
+
+    The distinct shared prompts are stacked to [S, L, d]; ranks are padded with zero factors
+    to the batch's largest r, which leaves every ``U @ V`` unchanged.
+    """
+    slots: dict[int, int] = {}
+    shared: list[Tensor] = []
+    index: list[int] = []
+    for r in requests:
+        key = id(r.task.prompt)
+        if key not in slots:
+            slots[key] = len(shared)
+            shared.append(r.task.prompt)
+        index.append(slots[key])
+    rank = max(int(r.task.u.shape[1]) for r in requests)
+    length, dim = shared[0].shape
+    u = torch.zeros(len(requests), length, rank, dtype=dtype, device=device)  # [B, L, r]
+    v = torch.zeros(len(requests), rank, dim, dtype=dtype, device=device)  # [B, r, d]
+    for b, r in enumerate(requests):
+        k = int(r.task.u.shape[1])
+        u[b, :, :k] = r.task.u
+        v[b, :k, :] = r.task.v
+    stacked = torch.stack([s.to(device=device, dtype=dtype) for s in shared])  # [S, L, d]
+    return compose_prompts(stacked, torch.tensor(index, device=device), u, v)
+
+
+def eos_ids(backbone: Backbone) -> set[int]:
+    found = getattr(backbone.model.generation_config, "eos_token_id", None)
+    if found is None:
+        found = backbone.tokenizer.eos_token_id
+    return set(found if isinstance(found, list) else [found] if found is not None else [])
+
+
+def trim(
+    tokens: list[int], params: SamplingParams, eos: set[int], decode: Callable[[list[int]], str]
+) -> tuple[list[int], str, FinishReason]:
+    """Cut a generated row at its own limit, its first EOS and its first stop string."""
+    tokens = tokens[: params.max_new_tokens]
+    reason: FinishReason = "length"
+    for i, t in enumerate(tokens):
+        if t in eos:
+            tokens, reason = tokens[:i], "eos"
+            break
+    text = decode(tokens)
+    if params.stop:
+        hits = [text.find(s) for s in params.stop if s in text]
+        if hits:
+            text, reason = text[: min(hits)], "stop"
+            # The fewest tokens whose text reaches the stop string.
+            for k in range(1, len(tokens) + 1):
+                if any(s in decode(tokens[:k]) for s in params.stop):
+                    tokens = tokens[:k]
+                    break
+    return tokens, text, reason
+
+
+def generate_kwargs(params: SamplingParams) -> dict[str, Any]:
+    if params.greedy:
+        return {"do_sample": False, "repetition_penalty": params.repetition_penalty}
+    return {
+        "do_sample": True,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k,
+        "repetition_penalty": params.repetition_penalty,
+    }
+
+
+def run_group(backbone: Backbone, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    """One ``generate`` call for requests sharing a ``group_key``; runs in the model thread."""
+    tok = backbone.tokenizer
+    device, dtype = backbone.device, backbone.dtype
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    eos = eos_ids(backbone)
+    params = requests[0].params
+    with torch.inference_mode():
+        ids, mask = pad_right([r.input_ids for r in requests], pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        prompts = batch_prompts(requests, device=device, dtype=dtype)  # [B, L, d]
+        embeds = backbone.embed(ids)  # [B, T, d]
+        inputs = prepend_prompts(embeds, mask, prompts, causal=not backbone.is_seq2seq)
+        if params.seed is not None and not params.greedy:
+            torch.manual_seed(params.seed)
+        out = backbone.model.generate(  # type: ignore[operator]
+            inputs_embeds=inputs.inputs_embeds,
+            attention_mask=inputs.attention_mask,
+            max_new_tokens=max(r.params.max_new_tokens for r in requests),
+            min_new_tokens=0,
+            num_beams=1,
+            pad_token_id=pad_id,
+            eos_token_id=sorted(eos) or None,
+            **generate_kwargs(params),
+        )
+    if backbone.is_seq2seq:
+        out = out[:, 1:]  # drop the decoder start token
+    results = []
+    for b, r in enumerate(requests):
+        tokens, text, reason = trim(
+            out[b].tolist(), r.params, eos, lambda t: tok.decode(t, skip_special_tokens=True)
+        )
+        results.append(
+            GenerationResult(
+                text=text,
+                token_ids=tokens,
+                finish_reason=reason,
+                prompt_tokens=len(r.input_ids),
+                completion_tokens=len(tokens),
+            )
+        )
+    return results

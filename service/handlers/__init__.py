@@ -1,0 +1,1 @@
+"""Handlers: what a route does, without HTTP (registry, generation, OpenAI completions)."""

@@ -1,0 +1,148 @@
+"""The generation handler: resolve the task, merge its defaults, check limits, tokenize, and
+submit one engine request per input (concurrently), under the request deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from prompts.artifacts import check_name
+from prompts.backbone import Backbone
+from service.api.errors import ApiError
+from service.api.protocol import GenerationParameters, Output, Usage
+from service.engine.base import (
+    Engine,
+    GenerationRequest,
+    GenerationResult,
+    ResolvedTask,
+    SamplingParams,
+    StreamDelta,
+)
+from service.logging import request_id_var
+from service.settings import Settings
+
+
+@dataclass
+class Prepared:
+    task: ResolvedTask
+    requests: list[GenerationRequest]
+
+
+def outputs(results: list[GenerationResult]) -> tuple[list[Output], Usage]:
+    outs = [
+        Output(
+            text=r.text,
+            finish_reason=r.finish_reason,
+            prompt_tokens=r.prompt_tokens,
+            completion_tokens=r.completion_tokens,
+        )
+        for r in results
+    ]
+    prompt = sum(r.prompt_tokens for r in results)
+    completion = sum(r.completion_tokens for r in results)
+    return outs, Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
+
+
+class GenerationHandler:
+    def __init__(self, store: Any, engine: Engine, backbone: Backbone, settings: Settings) -> None:
+        self.store = store
+        self.engine = engine
+        self.backbone = backbone
+        self.settings = settings
+        self._defaults: dict[tuple[str, int], dict[str, Any]] = {}
+
+    async def _task_defaults(self, task: ResolvedTask) -> dict[str, Any]:
+        key = (task.name, task.version)
+        if key not in self._defaults:
+            record, _ = await self.store.get_task(task.name)
+            if len(self._defaults) > 4096:
+                self._defaults.clear()
+            self._defaults[key] = dict(record.meta.get("parameters") or {})
+        return self._defaults[key]
+
+    def _sampling(self, params: GenerationParameters) -> SamplingParams:
+        sampling = params.to_sampling_params(
+            min(self.settings.default_max_new_tokens, self.settings.max_new_tokens_limit)
+        )
+        limit = self.settings.max_new_tokens_limit
+        if sampling.max_new_tokens > limit:
+            raise ApiError(
+                422,
+                "max_new_tokens_too_large",
+                f"max_new_tokens={sampling.max_new_tokens} exceeds this server's limit of {limit}",
+            )
+        return sampling
+
+    def tokenize(self, text: str) -> list[int]:
+        ids: list[int] = self.backbone.tokenizer(text)["input_ids"]
+        limit = self.settings.max_input_tokens
+        if len(ids) > limit:
+            raise ApiError(
+                422, "input_too_long", f"input has {len(ids)} tokens; the limit is {limit} tokens"
+            )
+        return ids
+
+    async def prepare(
+        self, task_name: str, inputs: list[str], params: GenerationParameters
+    ) -> Prepared:
+        check_name(task_name, "task name")
+        task = await self.store.resolve(task_name)
+        merged = params.merged_over(await self._task_defaults(task))
+        sampling = self._sampling(merged)
+        base = request_id_var.get()
+        requests = [
+            GenerationRequest(
+                request_id=f"{base}-{i}" if len(inputs) > 1 else base,
+                task=task,
+                input_ids=self.tokenize(text),
+                params=sampling,
+            )
+            for i, text in enumerate(inputs)
+        ]
+        return Prepared(task, requests)
+
+    async def run(self, prepared: Prepared) -> list[GenerationResult]:
+        jobs = [self.engine.generate(r) for r in prepared.requests]
+        try:
+            return list(
+                await asyncio.wait_for(asyncio.gather(*jobs), self.settings.request_timeout_s)
+            )
+        except TimeoutError:
+            raise ApiError(
+                504,
+                "timeout",
+                f"the request took longer than {self.settings.request_timeout_s:g} s",
+            ) from None
+
+    async def open_stream(
+        self, request: GenerationRequest
+    ) -> tuple[StreamDelta, AsyncIterator[StreamDelta]]:
+        """Start a stream and wait for its first delta, so that queue-full, closed-engine and
+        timeout errors are still answered as HTTP errors before any event is sent."""
+        stream = self.engine.stream(request)
+        try:
+            first = await asyncio.wait_for(anext(aiter(stream)), self.settings.request_timeout_s)
+        except TimeoutError:
+            await _close(stream)
+            raise ApiError(
+                504, "timeout", f"no output within {self.settings.request_timeout_s:g} s"
+            ) from None
+        except BaseException:
+            await _close(stream)
+            raise
+        return first, stream
+
+
+async def _close(stream: AsyncIterator[StreamDelta]) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+def completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex[:24]}"

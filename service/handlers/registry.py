@@ -1,0 +1,191 @@
+"""The registry handler: validate uploads against the backbone, then write through the store.
+
+Everything is checked before the store is touched, so a bad upload never replaces a good
+version: bad base64 / blob / shape / NaN → 422, wrong backbone → 409, unknown shared → 422.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import torch
+
+from prompts.artifacts import (
+    TaskFactors,
+    check_name,
+    check_task_fits,
+    decode_shared,
+    decode_task,
+    encode_task,
+    from_base64,
+    to_base64,
+    validate_task,
+)
+from prompts.backbone import Backbone
+from prompts.errors import ArtifactError
+from service.api.protocol import (
+    SharedPromptCreate,
+    SharedPromptInfo,
+    TaskBody,
+    TaskInfo,
+    TaskPage,
+)
+from service.settings import Settings
+from service.store.base import NotFoundError, Record
+
+
+def _matrix(name: str, rows: list[list[float]]) -> torch.Tensor:
+    try:
+        t = torch.tensor(rows, dtype=torch.float32)
+    except (ValueError, TypeError) as e:
+        raise ArtifactError(f"{name} must be a rectangular matrix of numbers: {e}") from None
+    if t.dim() != 2:
+        raise ArtifactError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    return t
+
+
+def _shapes(blob: bytes) -> dict[str, list[int]]:
+    """Tensor shapes from a safetensors header, without reading the tensors."""
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + size])
+    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+
+
+def shared_info(record: Record) -> SharedPromptInfo:
+    length, dim = _shapes(record.blob)["prompt"]
+    return SharedPromptInfo(
+        id=record.name,
+        version=record.version,
+        length=length,
+        dim=dim,
+        backbone=str(record.meta.get("backbone", "")),
+        description=str(record.meta.get("description", "")),
+        metadata=dict(record.meta.get("metadata", {})),
+        created=record.created,
+        updated=record.updated,
+    )
+
+
+def task_info(record: Record, factors: TaskFactors | None = None) -> TaskInfo:
+    shapes = _shapes(record.blob)
+    length, rank = shapes["u"]
+    dim = shapes["v"][1]
+    info = TaskInfo(
+        name=record.name,
+        shared=record.shared,
+        version=record.version,
+        rank=rank,
+        length=length,
+        dim=dim,
+        description=str(record.meta.get("description", "")),
+        metadata=dict(record.meta.get("metadata", {})),
+        parameters=dict(record.meta.get("parameters", {})),
+        created=record.created,
+        updated=record.updated,
+    )
+    if factors is not None:
+        info.u = factors.u.float().tolist()
+        info.v = factors.v.float().tolist()
+        info.factors = to_base64(record.blob)
+    return info
+
+
+class RegistryHandler:
+    def __init__(self, store: Any, backbone: Backbone, settings: Settings) -> None:
+        self.store = store
+        self.backbone = backbone
+        self.settings = settings
+
+    async def register_shared(
+        self, body: SharedPromptCreate, *, expected_id: str | None = None
+    ) -> tuple[SharedPromptInfo, bool]:
+        sp = decode_shared(from_base64(body.blob), backbone=self.backbone.fingerprint)
+        if expected_id is not None and sp.id != expected_id:
+            raise ArtifactError(f"the blob's id is {sp.id!r}, but the URL says {expected_id!r}")
+        if sp.dim != self.backbone.dim:
+            raise ArtifactError(
+                f"shared prompt {sp.id!r} has width d={sp.dim}, but the backbone's "
+                f"embedding width is {self.backbone.dim}"
+            )
+        if sp.length > self.settings.max_prompt_length:
+            raise ArtifactError(
+                f"shared prompt {sp.id!r} has length {sp.length}, over the limit "
+                f"{self.settings.max_prompt_length}"
+            )
+        meta = {"description": body.description, "metadata": body.metadata, "backbone": sp.backbone}
+        record = await self.store.register_shared(sp, meta, replace=body.replace)
+        return shared_info(record), record.version == 1
+
+    async def get_shared(self, shared_id: str) -> SharedPromptInfo:
+        check_name(shared_id, "shared prompt id")
+        record, _ = await self.store.get_shared(shared_id)
+        return shared_info(record)
+
+    async def list_shared(self) -> list[SharedPromptInfo]:
+        return [shared_info(r) for r in await self.store.list_shared()]
+
+    async def _factors(self, name: str, body: TaskBody) -> tuple[TaskFactors, dict[str, Any]]:
+        check_name(name, "task name")
+        fp = self.backbone.fingerprint
+        if body.factors is not None:
+            tf = decode_task(
+                from_base64(body.factors), backbone=fp, max_rank=self.settings.max_rank
+            )
+            if body.shared is not None and body.shared != tf.shared:
+                raise ArtifactError(
+                    f"the blob's shared prompt is {tf.shared!r}, but the request "
+                    f"says {body.shared!r}"
+                )
+            tf = dataclasses.replace(tf, name=name)
+        else:
+            assert body.u is not None and body.v is not None and body.shared is not None
+            tf = TaskFactors(
+                name=name,
+                shared=check_name(body.shared, "shared prompt id"),
+                u=_matrix("u", body.u),
+                v=_matrix("v", body.v),
+                backbone=fp,
+            )
+        validate_task(tf, max_rank=self.settings.max_rank)
+        try:
+            _, sp = await self.store.get_shared(tf.shared)
+        except NotFoundError:
+            raise ArtifactError(
+                f"unknown shared prompt {tf.shared!r}: register it first with "
+                "POST /v1/shared-prompts"
+            ) from None
+        check_task_fits(tf, sp)
+        meta = {
+            "description": body.description,
+            "metadata": body.metadata,
+            "parameters": body.parameters.model_dump(exclude_none=True) if body.parameters else {},
+        }
+        encode_task(dataclasses.replace(tf, meta=meta))  # refuses unserialisable metadata
+        return tf, meta
+
+    async def create_task(self, name: str, body: TaskBody) -> TaskInfo:
+        tf, meta = await self._factors(name, body)
+        return task_info(await self.store.create_task(tf, meta))
+
+    async def replace_task(self, name: str, body: TaskBody) -> TaskInfo:
+        tf, meta = await self._factors(name, body)
+        return task_info(await self.store.replace_task(tf, meta))
+
+    async def delete_task(self, name: str) -> None:
+        await self.store.delete_task(check_name(name, "task name"))
+
+    async def get_task(self, name: str, *, include_factors: bool = False) -> TaskInfo:
+        record, tf = await self.store.get_task(check_name(name, "task name"))
+        return task_info(record, tf if include_factors else None)
+
+    async def list_tasks(self, offset: int, limit: int) -> TaskPage:
+        page = await self.store.list_tasks(offset, limit)
+        return TaskPage(
+            tasks=[task_info(r) for r in page.records],
+            total=page.total,
+            offset=offset,
+            limit=limit,
+            next_offset=page.next_offset,
+        )

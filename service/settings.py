@@ -1,0 +1,113 @@
+"""Server settings: one pydantic-settings class, read from ``RANKONE_*`` environment variables.
+
+Validated once at start; a bad value stops the server with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "RANKONE_"
+
+
+def _split_keys(value: object) -> object:
+    if isinstance(value, str):
+        return [k.strip() for k in value.split(",") if k.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every option of the server; the env var is ``RANKONE_<FIELD NAME IN CAPS>``."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    model: str = Field("", description="backbone: a local model directory or a hub id")
+    device: str = Field("cpu", description="torch device of the backbone: cpu, cuda, cuda:1, mps")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="model dtype")
+    redis_url: str = Field("", description="Redis URL of the factor store; empty → embedded store")
+    data_dir: str = Field("./rankone-data", description="directory of the embedded store")
+    seed_dir: str = Field("", description="artifact directory to seed the store from at start")
+    engine: Literal["continuous", "static"] = Field("static", description="batching engine")
+    max_batch_size: int = Field(16, ge=1, le=4096, description="rows per forward pass")
+    max_batch_tokens: int = Field(8192, ge=1, description="input tokens per admitted batch")
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="wait to fill a batch (ms)")
+    max_input_tokens: int = Field(512, ge=1, description="longest accepted input, in tokens")
+    max_new_tokens_limit: int = Field(256, ge=1, description="largest accepted max_new_tokens")
+    default_max_new_tokens: int = Field(32, ge=1, description="max_new_tokens when not given")
+    queue_size: int = Field(256, ge=1, description="waiting requests before 429")
+    request_timeout_s: float = Field(60.0, gt=0, description="per-request deadline (→ 504)")
+    device_cache_bytes: int = Field(256 * 2**20, ge=0, description="device factor cache size")
+    max_rank: int = Field(64, ge=1, le=1024, description="largest accepted factor rank")
+    max_prompt_length: int = Field(1024, ge=1, description="longest accepted shared prompt L")
+    max_body_bytes: int = Field(16 * 2**20, ge=1024, description="largest request body")
+    client_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated client API keys; empty → open"
+    )
+    admin_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated admin API keys; empty → open (warned)"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO")
+    log_format: Literal["json", "text"] = Field("json", description="log line format")
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, ge=0, le=65535, description="bind port")
+
+    @field_validator("client_keys", "admin_keys", mode="before")
+    @classmethod
+    def _keys(cls, value: object) -> object:
+        return _split_keys(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        import torch
+
+        try:
+            torch.device(value)
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"not a torch device: {value!r}") from e
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix:// (or be empty)")
+        return value
+
+    @model_validator(mode="after")
+    def _model_given(self) -> Settings:
+        if not self.model:
+            raise ValueError("RANKONE_MODEL is required: a local model directory or a hub id")
+        return self
+
+
+class SettingsError(ValueError):
+    """Settings that cannot start a server; the message names the environment variables."""
+
+
+def describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        loc = [str(p) for p in item.get("loc", ()) if p != "__root__"]
+        var = f"{ENV_PREFIX}{loc[0].upper()}" if loc else "settings"
+        got = item.get("input")
+        shown = f" (got {got!r})" if loc and not isinstance(got, dict) else ""
+        msg = str(item.get("msg", "invalid")).removeprefix("Value error, ")
+        lines.append(f"{var}: {msg}{shown}")
+    return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment, with ``overrides`` (CLI flags) on top."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
+    except ValidationError as e:
+        raise SettingsError(describe(e)) from None
