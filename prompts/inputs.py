@@ -1,6 +1,8 @@
 """Prepending soft prompts to token embeddings, with masks and positions right under padding.
 
-Seq2seq (encoder side): ``[P; x; pad]`` — the prompt in front of a right-padded input.
+Seq2seq (encoder side): ``[P; x; pad]`` — the prompt right in front of the input, pads last,
+whatever the input's padding side: a pad between prompt and input would shift the relative
+(T5) or absolute (BART) positions of the input and change what a row decodes in a batch.
 Decoder-only: ``[pad; P; x]`` — left padding in front of the prompt, so the tokens to be
 continued sit at the right edge of every row and positions count from the first real row.
 """
@@ -24,10 +26,10 @@ def prepend_prompts(
 ) -> PromptedInputs:
     """Put ``prompts`` [B, L, d] in front of ``inputs_embeds`` [B, T, d].
 
-    ``attention_mask`` [B, T] marks real tokens. For seq2seq the input may be padded on either
-    side; the prompt rows are always attended. For decoder-only the result is left-padded
-    (pads first, then prompt, then tokens) whatever the input's padding side, with position
-    ids counting real rows only (pads get position 0, they are masked anyway).
+    ``attention_mask`` [B, T] marks real tokens; the input may be padded on either side, the
+    prompt rows are always attended. For seq2seq the result is right-padded (prompt, tokens,
+    then pads). For decoder-only it is left-padded (pads, then prompt, then tokens), with
+    position ids counting real rows only (pads get position 0, they are masked anyway).
     """
     if prompts.dim() != 3 or inputs_embeds.dim() != 3:
         raise ValueError(
@@ -44,13 +46,14 @@ def prepend_prompts(
     )
     embeds = torch.cat([prompts.to(inputs_embeds.dtype), inputs_embeds], dim=1)  # [B, L+T, d]
     mask = torch.cat([prompt_mask, attention_mask], dim=1)  # [B, L+T]
-    if not causal:
-        return PromptedInputs(embeds, mask, None)
-    # A stable sort on the mask moves every pad (0) ahead of the real rows (1) while keeping
-    # the prompt-then-tokens order of the real rows.
-    order = torch.argsort(mask, dim=1, stable=True)  # [B, L+T]
+    # A stable sort on the mask moves every pad to one side while keeping the
+    # prompt-then-tokens order of the real rows: pads last for seq2seq, first for causal.
+    real = (mask != 0).long()  # [B, L+T], also for bool masks
+    order = torch.argsort(real if causal else 1 - real, dim=1, stable=True)  # [B, L+T]
     embeds = torch.gather(embeds, 1, order[..., None].expand_as(embeds))
     mask = torch.gather(mask, 1, order)
+    if not causal:
+        return PromptedInputs(embeds, mask, None)
     return PromptedInputs(embeds, mask, position_ids_from_mask(mask))
 
 

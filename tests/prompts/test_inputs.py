@@ -22,20 +22,29 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_seq2seq_prompt_in_front(side: str) -> None:
+def test_seq2seq_prompt_then_tokens_then_pads(side: str) -> None:
     prompts, a, b = _batch()
-    pad = torch.zeros(1, 1, D)
+    pad = torch.full((1, 1, D), 99.0)
     b_padded = torch.cat([pad, b], 1) if side == "left" else torch.cat([b, pad], 1)
     embeds = torch.cat([a, b_padded])  # [2, 3, d]
     mask = torch.tensor([[1, 1, 1], [0, 1, 1] if side == "left" else [1, 1, 0]])
     out = prepend_prompts(embeds, mask, prompts, causal=False)
     assert out.position_ids is None
     assert out.inputs_embeds.shape == (2, L + 3, D)
-    assert out.inputs_embeds[:, :, 0].tolist() == [
-        [-1, -2, 1, 2, 3],
-        [-3, -4, *b_padded[0, :, 0].tolist()],
-    ]
-    assert out.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, *mask[1].tolist()]]
+    # Nothing between prompt and tokens: relative (T5) and absolute (BART) positions of the
+    # input are those it has alone.
+    assert out.inputs_embeds[:, :, 0].tolist() == [[-1, -2, 1, 2, 3], [-3, -4, 4, 5, 99]]
+    assert out.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+
+
+def test_bool_mask() -> None:
+    prompts, _, b = _batch()
+    embeds = torch.cat([torch.zeros(1, 1, D), b], 1)  # [1, 3, d], left-padded
+    mask = torch.tensor([[False, True, True]])
+    causal = prepend_prompts(embeds, mask, prompts[:1], causal=True)
+    assert causal.attention_mask.tolist() == [[False, True, True, True, True]]
+    seq2seq = prepend_prompts(embeds, mask, prompts[:1], causal=False)
+    assert seq2seq.inputs_embeds[0, :, 0].tolist() == [-1, -2, 4, 5, 0]
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
