@@ -1,0 +1,273 @@
+"""The continuous-batching engine: one model thread, rows joining and leaving at every step.
+
+The asyncio side only enqueues rows (under a lock) and awaits their deltas; a dedicated thread
+owns the model and runs ``DecodeLoop``: at each step boundary it frees cancelled rows, admits
+waiting requests of any task in FIFO order (up to ``max_batch_size`` rows and
+``max_batch_tokens`` tokens of prompt + input + max new tokens), prefills them, and decodes one
+token for every running row. Deltas cross back to the event loop with
+``loop.call_soon_threadsafe``.
+
+Decoder-only backbones reuse each task's prompt KV prefix (``PrefixCache``, keyed by task name
+and version); wire ``invalidate`` to the factor store's events so replaced or deleted tasks
+are dropped. Seq2seq backbones re-encode ``[prompt; input]`` per request (bidirectional
+encoder: nothing of the prompt is input-independent).
+
+Finish reasons: ``"stop"`` for EOS and stop strings (OpenAI semantics; ``"eos"`` is not used),
+``"length"`` at ``max_new_tokens``, ``"cancelled"`` when the stream's consumer went away or a
+shutdown timed out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+from prompts.backbone import Backbone
+from service.engine.base import (
+    Engine,
+    EngineClosedError,
+    GenerationRequest,
+    GenerationResult,
+    QueueFullError,
+    StreamDelta,
+)
+from service.engine.decode import DecodeLoop, Row
+from service.engine.kv_layout import admission_count
+from service.engine.prefix_cache import PrefixCache
+
+log = logging.getLogger("rankone.engine")
+
+_DONE = object()
+
+
+class ContinuousEngine(Engine):
+    """Continuous batching over one frozen backbone (see the module docstring)."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        max_batch_size: int = 32,
+        max_batch_tokens: int = 8192,
+        queue_size: int = 256,
+        prefix_cache_bytes: int = 256 << 20,
+        metrics: Any = None,
+        max_wait_ms: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        if max_batch_size < 1 or max_batch_tokens < 1 or queue_size < 1:
+            raise ValueError(
+                f"max_batch_size, max_batch_tokens and queue_size must be >= 1; got "
+                f"{max_batch_size}, {max_batch_tokens}, {queue_size}"
+            )
+        self.backbone = backbone
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.queue_size = queue_size
+        # Continuous batching admits at every step, so there is nothing to wait for; the
+        # argument is accepted for the factory's sake.
+        self.max_wait_s = max_wait_ms / 1000
+        self.metrics = metrics
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self.loop_core = DecodeLoop(backbone, prefix_cache=self.prefix_cache, seed=seed)
+        self._waiting: deque[Row] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._stop = False
+        self._abort = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- Engine interface ------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return self.loop_core.running
+
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="rankone-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self, *, drain_timeout_s: float = 30.0) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        deadline = time.monotonic() + drain_timeout_s
+        while (
+            (self._waiting or self.loop_core.running)
+            and self._thread is not None
+            and time.monotonic() < deadline
+        ):
+            await asyncio.sleep(0.01)
+        with self._cond:
+            self._abort = bool(self._waiting or self.loop_core.running)
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        stream = self.stream(request)
+        try:
+            async for delta in stream:
+                if delta.result is not None:
+                    return delta.result
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+        raise RuntimeError(f"request {request.request_id} ended without a result")
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
+        """Enqueue now (QueueFullError / EngineClosedError raise here) and stream its deltas."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        def emit(delta: StreamDelta) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, delta)
+
+        def fail(exc: BaseException) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, exc)
+
+        row = Row(request=request, emit=emit, fail=fail)
+        self._submit(row)
+        return self._deltas(row, queue)
+
+    async def _deltas(self, row: Row, queue: asyncio.Queue[Any]) -> AsyncIterator[StreamDelta]:
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+                if item.result is not None:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self._cancel(row)
+
+    # -- cache invalidation ----------------------------------------------------------------
+
+    def invalidate(self, task_name: str | None = None) -> int:
+        """Drop cached prompt prefixes of one task (all versions), or of all tasks (None).
+
+        Wire to the factor store: ``put``/``delete`` of a task → ``invalidate(name)``; a
+        shared-prompt change or ``reset`` → ``invalidate(None)``.
+        """
+        return self.prefix_cache.invalidate(task_name) if self.prefix_cache is not None else 0
+
+    def on_store_event(self, event: Any) -> None:
+        """A ready-made store listener (``store.add_listener(engine.on_store_event)``)."""
+        if getattr(event, "kind", None) == "task" and getattr(event, "action", None) != "reset":
+            self.invalidate(event.name)
+        else:
+            self.invalidate(None)
+
+    # -- submission (event-loop side) -------------------------------------------------------
+
+    def _submit(self, row: Row) -> None:
+        with self._cond:
+            if self._closed:
+                raise EngineClosedError("the engine is shutting down and takes no new requests")
+            if len(self._waiting) >= self.queue_size:
+                raise QueueFullError(len(self._waiting))
+            self._waiting.append(row)
+            self._cond.notify()
+        if self.metrics:
+            self.metrics.set_queue_depth(len(self._waiting))
+
+    def _cancel(self, row: Row) -> None:
+        row.cancel()
+        with self._cond:
+            self._cond.notify()
+
+    # -- the model thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        core = self.loop_core
+        while True:
+            with self._cond:
+                while not self._stop and not self._waiting and not core.running:
+                    self._cond.wait()
+                if self._abort:
+                    self._abort_all()
+                    return
+                if self._stop and not self._waiting and not core.running:
+                    return
+                admitted = self._take_admissible()
+            try:
+                start = time.perf_counter()
+                core.drop_cancelled()
+                if admitted:
+                    core.admit(admitted)
+                    if self.metrics:
+                        self.metrics.add_prompt_tokens(
+                            sum(len(r.request.input_ids) for r in admitted)
+                        )
+                generated_before = core.stats.generated
+                batch = core.step()
+                if self.metrics and batch:
+                    self.metrics.observe_batch(batch, len({r.request.task.name for r in core.rows}))
+                    self.metrics.observe_step(time.perf_counter() - start)
+                    self.metrics.add_tokens(core.stats.generated - generated_before)
+                    self.metrics.set_running(core.running)
+                    self.metrics.set_queue_depth(len(self._waiting))
+            except Exception as exc:  # the model failed: fail the rows in flight, keep serving
+                log.exception("engine step failed")
+                for row in admitted:
+                    if not row.finished:
+                        row.finished = True
+                        row.fail(exc)
+                core.abort(exc)
+
+    def _take_admissible(self) -> list[Row]:
+        """Pop the FIFO head of the waiting queue that fits the batch (called under the lock)."""
+        while self._waiting and self._waiting[0].cancelled:
+            row = self._waiting.popleft()
+            row.finished = True
+            row.emit(
+                StreamDelta(
+                    text="",
+                    token_ids=[],
+                    result=GenerationResult(
+                        text="",
+                        token_ids=[],
+                        finish_reason="cancelled",
+                        prompt_tokens=len(row.request.input_ids),
+                        completion_tokens=0,
+                    ),
+                )
+            )
+        core = self.loop_core
+        n = admission_count(
+            [row.cost for row in self._waiting],
+            running_rows=core.running,
+            running_tokens=core.running_tokens,
+            max_batch_size=self.max_batch_size,
+            max_batch_tokens=self.max_batch_tokens,
+        )
+        return [self._waiting.popleft() for _ in range(n)]
+
+    def _abort_all(self) -> None:
+        """Shutdown timed out: end everything still waiting or running as cancelled."""
+        for row in self._waiting:
+            row.cancel()
+        with contextlib.suppress(Exception):
+            self.loop_core.admit(list(self._waiting))
+        self._waiting.clear()
+        self.loop_core.abort()

@@ -1,0 +1,90 @@
+"""Per-row next-token choice: greedy, temperature, top-k, top-p, repetition penalty, seeds.
+
+Each row samples from its own ``torch.Generator``, so a seeded request draws the same tokens
+whatever its batch neighbours are (and however many of them there are).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from service.engine.base import SamplingParams
+
+
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """The CTRL / HF penalty on one row: ``logits`` [V], ``seen`` [N] token ids.
+
+    Positive logits of seen tokens are divided by ``penalty``, negative ones multiplied.
+    """
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    logits = logits.clone()
+    picked = logits[seen]
+    logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits
+
+
+def filter_top_k_top_p(logits: Tensor, top_k: int, top_p: float) -> Tensor:
+    """Mask (``-inf``) all but the top-k tokens and the smallest nucleus of mass >= top_p.
+
+    logits: [V] (already temperature-scaled). The most likely token always survives.
+    """
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)  # [V]
+        # Drop a token once the mass *before* it already reaches top_p.
+        drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def choose_token(
+    logits: Tensor, params: SamplingParams, seen: Tensor, generator: torch.Generator | None
+) -> int:
+    """One row's next token from ``logits`` [V] (float32)."""
+    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.greedy:
+        return int(torch.argmax(logits))
+    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def choose_tokens(
+    logits: Tensor,
+    params: Sequence[SamplingParams],
+    seen: Sequence[Tensor],
+    generators: Sequence[torch.Generator | None],
+) -> list[int]:
+    """Next tokens for a batch: ``logits`` [B, V] → B ids.
+
+    Rows that are plainly greedy share one argmax; the others go one by one (their filters and
+    generators are per row).
+    """
+    if logits.shape[0] == 0:
+        return []
+    logits = logits.float()
+    plain = [p.greedy and p.repetition_penalty == 1.0 for p in params]
+    out = torch.argmax(logits, dim=-1).tolist() if any(plain) else [0] * len(plain)
+    for b, is_plain in enumerate(plain):
+        if not is_plain:
+            out[b] = choose_token(logits[b], params[b], seen[b], generators[b])
+    return [int(t) for t in out]
+
+
+def make_generator(
+    seed: int | None, device: torch.device, fallback: torch.Generator
+) -> torch.Generator:
+    """A per-row generator on ``device``: seeded by the request, else from the engine's RNG."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,), generator=fallback))
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator

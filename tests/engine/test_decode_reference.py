@@ -1,0 +1,117 @@
+"""Every row of a mixed-task continuous batch decodes exactly like ``generate`` for it alone."""
+
+from __future__ import annotations
+
+import pytest
+
+from prompts import Backbone
+from service.engine.decode import DecodeLoop
+from service.engine.prefix_cache import PrefixCache
+from tests.engine.conftest import (
+    TEXTS,
+    make_tasks,
+    reference_generate,
+    reference_no_cache,
+    request,
+    row,
+)
+
+# (joins before step k, task index, text index, max_new_tokens): rows join mid-flight and leave
+# early, with different lengths, tasks and shared prompts in the same batch.
+SCHEDULE = [(0, 0, 0, 12), (0, 1, 1, 4), (2, 2, 2, 9), (3, 3, 3, 14), (3, 0, 1, 6), (6, 1, 3, 10)]
+
+
+def run_schedule(backbone: Backbone, loop: DecodeLoop) -> list:
+    tasks = make_tasks(backbone)
+    sinks, reqs = [], []
+    step = 0
+    pending = list(SCHEDULE)
+    while pending or loop.running:
+        joining = [p for p in pending if p[0] <= step]
+        pending = [p for p in pending if p[0] > step]
+        rows = []
+        for _, t, x, n in joining:
+            req = request(backbone, tasks[t], TEXTS[x], f"r{len(reqs)}", max_new_tokens=n)
+            r, sink = row(req)
+            rows.append(r)
+            sinks.append(sink)
+            reqs.append(req)
+        loop.admit(rows)
+        loop.step()
+        step += 1
+    return list(zip(reqs, sinks, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("kind", "prefix"),
+    [("t5", False), ("gpt2", False), ("gpt2", True), ("llama", False), ("llama", True)],
+)
+def test_mixed_batch_matches_generate_alone(
+    backbones: dict[str, Backbone], kind: str, prefix: bool
+) -> None:
+    backbone = backbones[kind]
+    loop = DecodeLoop(backbone, prefix_cache=PrefixCache(1 << 24) if prefix else None)
+    done = run_schedule(backbone, loop)
+    assert loop.running == 0
+    for req, sink in done:
+        expected = reference_generate(backbone, req.task, req.input_ids, req.params.max_new_tokens)
+        assert sink.result is not None
+        assert sink.result.token_ids == expected, req.request_id
+        reason = "length" if len(expected) == req.params.max_new_tokens else "stop"
+        assert sink.result.finish_reason == reason
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_matches_no_cache_ground_truth(backbones: dict[str, Backbone], kind: str) -> None:
+    backbone = backbones[kind]
+    tasks = make_tasks(backbone)
+    loop = DecodeLoop(backbone, prefix_cache=PrefixCache(1 << 24))
+    rows = [row(request(backbone, tasks[i], TEXTS[i], f"r{i}", max_new_tokens=8)) for i in range(3)]
+    loop.admit([r for r, _ in rows])
+    while loop.running:
+        loop.step()
+    for r, sink in rows:
+        req = r.request
+        assert sink.result.token_ids == reference_no_cache(backbone, req.task, req.input_ids, 8)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_cached_prefix_equals_no_cache_path(backbones: dict[str, Backbone], kind: str) -> None:
+    backbone = backbones[kind]
+    cache = PrefixCache(1 << 24)
+    results = {}
+    for mode, prefix_cache in (("cached", cache), ("plain", None)):
+        loop = DecodeLoop(backbone, prefix_cache=prefix_cache)
+        results[mode] = [s.result.token_ids for _, s in run_schedule(backbone, loop)]
+    assert results["cached"] == results["plain"]
+    assert len(cache) == 4  # one prefix per task, computed once
+    assert cache.hits > 0
+
+
+def test_prefix_invalidation_recomputes(backbones: dict[str, Backbone]) -> None:
+    backbone = backbones["gpt2"]
+    cache = PrefixCache(1 << 24)
+    loop = DecodeLoop(backbone, prefix_cache=cache)
+    tasks = make_tasks(backbone)
+    loop.admit([row(request(backbone, tasks[0], TEXTS[0], max_new_tokens=2))[0]])
+    assert len(cache) == 1
+    assert cache.invalidate("task-0") == 1
+    assert len(cache) == 0
+    while loop.running:
+        loop.step()
+
+
+def test_empty_input_uses_prefix_logits(backbones: dict[str, Backbone]) -> None:
+    backbone = backbones["llama"]
+    task = make_tasks(backbone)[0]
+    outs = []
+    for prefix_cache in (PrefixCache(1 << 24), None):
+        loop = DecodeLoop(backbone, prefix_cache=prefix_cache)
+        r, sink = row(request(backbone, task, "", max_new_tokens=5))
+        r.request.input_ids = []
+        other, _ = row(request(backbone, task, TEXTS[3], max_new_tokens=5))
+        loop.admit([r, other])
+        while loop.running:
+            loop.step()
+        outs.append(sink.result.token_ids)
+    assert outs[0] == outs[1]
