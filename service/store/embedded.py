@@ -122,9 +122,10 @@ class EmbeddedBackend(FactorBackend):
     # ---- reads -------------------------------------------------------------------------
 
     def _read(self, kind: Kind, name: str) -> Record:
+        record_path = self._path(kind, name, _RECORD)
         for _ in range(_READ_ATTEMPTS):
             try:
-                info = json.loads(self._path(kind, name, _RECORD).read_bytes())
+                info = json.loads(record_path.read_bytes())
             except FileNotFoundError:
                 raise NotFoundError(f"no {_what(kind)} named {name!r}") from None
             except ValueError as e:

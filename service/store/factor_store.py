@@ -79,6 +79,9 @@ class _TaskEntry:
     v: Tensor  # [r, d]
 
 
+_Entry = _SharedEntry | _TaskEntry
+
+
 def _nbytes(*tensors: Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -107,10 +110,11 @@ class FactorStore:
         self.on_store_error = on_store_error
         self.store_errors = 0
         self.resets = 0  # 'reset' events seen (start, and every re-subscription)
-        self._cache: DeviceCache[CacheKey, _SharedEntry | _TaskEntry] = DeviceCache(cache_bytes)
-        # Bumped on every invalidation: a miss whose backend read raced an invalidation does not
-        # cache what it read (it may be the version the invalidation was about).
-        self._epoch = 0
+        self._cache: DeviceCache[CacheKey, _Entry] = DeviceCache(cache_bytes)
+        # A miss whose backend read raced an invalidation of its key (or a reset) returns what
+        # it read but does not cache it: the read may predate the write the event was about.
+        self._reset_epoch = 0
+        self._loading: dict[CacheKey, list[int]] = {}  # key -> [reads in flight, invalidations]
         self._listeners: list[EventHandler] = []
 
     @property
@@ -142,22 +146,25 @@ class FactorStore:
 
     # ---- invalidation ------------------------------------------------------------------
 
-    def _invalidate(self, kind: str, name: str) -> None:
-        self._epoch += 1
+    def _invalidate(self, kind: str, name: str, *, keep_newer_than: int | None = None) -> None:
         if kind == "all":
+            self._reset_epoch += 1
             self._cache.clear()
-        else:
-            self._cache.pop((kind, name))
+            return
+        key = (kind, name)
+        if key in self._loading:
+            self._loading[key][1] += 1
+        cached = self._cache.get_quiet(key)
+        if cached is not None and (keep_newer_than is None or cached.version < keep_newer_than):
+            self._cache.pop(key)
 
     async def _on_event(self, event: StoreEvent) -> None:
         if event.action == "reset":
             self.resets += 1
-        cached = self._cache.get_quiet((event.kind, event.name)) if event.kind != "all" else None
-        if event.action == "put" and cached is not None and cached.version >= event.version:
-            # our own write, already applied: keep the entry (events arrive in write order)
-            self._epoch += 1
-        else:
-            self._invalidate(event.kind, event.name)
+        # A 'put' of a version this replica already caches is its own write, applied already
+        # (events arrive in write order; a delete in between would have dropped the entry).
+        keep = event.version if event.action == "put" else None
+        self._invalidate(event.kind, event.name, keep_newer_than=keep)
         for listener in list(self._listeners):
             await deliver(listener, event)
 
@@ -214,20 +221,41 @@ class FactorStore:
     async def list_shared(self) -> list[Record]:
         return await self._backend(self.backend.list_shared())
 
-    async def _shared_entry(self, shared_id: str) -> _SharedEntry:
-        key = ("shared", shared_id)
+    async def _cached(
+        self, key: CacheKey, load: Callable[[], Awaitable[tuple[_Entry, int]]]
+    ) -> _Entry:
+        """The cached entry under ``key``, else ``load()`` it and cache it unless invalidated
+        meanwhile (or an entry of a newer version got there first)."""
         entry = self._cache.get(key)
-        if isinstance(entry, _SharedEntry):
+        if entry is not None:
             return entry
-        epoch = self._epoch
-        record = await self._backend(self.backend.get_shared(shared_id))
-        sp = decode_shared(record.blob, backbone=self.backbone_fingerprint)
-        self._check_shared(sp)
-        prompt = sp.prompt.to(device=self.device, dtype=self.dtype)  # [L, d]
-        fresh = _SharedEntry(record.version, prompt)
-        if self._epoch == epoch:
-            self._cache.put(key, fresh, _nbytes(prompt))
-        return fresh
+        slot = self._loading.setdefault(key, [0, 0])
+        slot[0] += 1
+        seen = (self._reset_epoch, slot[1])
+        try:
+            entry, nbytes = await load()
+        finally:
+            slot[0] -= 1
+            if slot[0] == 0:
+                del self._loading[key]
+        current = self._cache.get_quiet(key)
+        if (self._reset_epoch, slot[1]) == seen and (
+            current is None or current.version < entry.version
+        ):
+            self._cache.put(key, entry, nbytes)
+        return entry
+
+    async def _shared_entry(self, shared_id: str) -> _SharedEntry:
+        async def load() -> tuple[_Entry, int]:
+            record = await self._backend(self.backend.get_shared(shared_id))
+            sp = decode_shared(record.blob, backbone=self.backbone_fingerprint)
+            self._check_shared(sp)
+            prompt = sp.prompt.to(device=self.device, dtype=self.dtype)  # [L, d]
+            return _SharedEntry(record.version, prompt), _nbytes(prompt)
+
+        entry = await self._cached(("shared", shared_id), load)
+        assert isinstance(entry, _SharedEntry)
+        return entry
 
     # ---- tasks -------------------------------------------------------------------------
 
@@ -287,21 +315,22 @@ class FactorStore:
 
     async def resolve(self, name: str) -> ResolvedTask:
         """The task's factors and shared prompt on the model's device: cache, else backend."""
-        key = ("task", name)
-        entry = self._cache.get(key)
-        if not isinstance(entry, _TaskEntry):
-            epoch = self._epoch
+
+        async def load() -> tuple[_Entry, int]:
             record = await self._backend(self.backend.get_task(name))
+            # one blob holds u and v: they are always of the same version
             tf = decode_task(
                 record.blob, backbone=self.backbone_fingerprint, max_rank=self.max_rank
             )
             u = tf.u.to(device=self.device, dtype=self.dtype)  # [L, r]
             v = tf.v.to(device=self.device, dtype=self.dtype)  # [r, d]
-            entry = _TaskEntry(record.version, tf.shared, u, v)
-            if self._epoch == epoch:
-                self._cache.put(key, entry, _nbytes(u, v))
+            return _TaskEntry(record.version, tf.shared, u, v), _nbytes(u, v)
+
+        entry = await self._cached(("task", name), load)
+        assert isinstance(entry, _TaskEntry)
         shared = await self._shared_entry(entry.shared_id)
-        if entry.u.shape[0] != shared.prompt.shape[0] or entry.v.shape[1] != shared.prompt.shape[1]:
+        length, dim = shared.prompt.shape
+        if entry.u.shape[0] != length or entry.v.shape[1] != dim:
             raise ArtifactError(
                 f"task {name!r}: factors u {tuple(entry.u.shape)}, v {tuple(entry.v.shape)} do "
                 f"not fit shared prompt {entry.shared_id!r} {tuple(shared.prompt.shape)}"
