@@ -1,0 +1,108 @@
+"""pretrain-demo from its CLI at tiny sizes, the demo evaluator, and the cheap demo-CLI pieces."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from prompts import identity_factors, load_backbone, save_shared, save_task
+from prompts.artifacts import SharedPrompt, TaskFactors
+from trainer import demo_cli
+from trainer.demo import pretrain
+from trainer.demo.evaluate import evaluate_artifacts, exact_match
+from trainer.demo.tasks import SOURCE_TASKS, write_task_data
+
+TINY = [
+    "--steps",
+    "3",
+    "--minutes",
+    "0",
+    "--d-model",
+    "32",
+    "--d-ff",
+    "64",
+    "--layers",
+    "1",
+    "--heads",
+    "2",
+    "--batch-size",
+    "4",
+    "--eval-examples",
+    "2",
+    "--threads",
+    "1",
+    "--no-progress",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "backbone"
+    assert pretrain.main(["--out", str(out), *TINY]) == 0
+    return out
+
+
+def test_pretrain_cli_writes_a_loadable_backbone(tiny_backbone, capsys):
+    backbone = load_backbone(tiny_backbone)
+    assert backbone.kind == "seq2seq"
+    assert backbone.dim == 32
+    assert all(not p.requires_grad for p in backbone.model.parameters())
+    summary = json.loads((tiny_backbone / "pretrain.json").read_text())
+    assert summary["steps"] == 3
+    assert set(summary["marker_accuracy"]) == set(SOURCE_TASKS)
+    assert len(set(summary["markers"].values())) == len(SOURCE_TASKS)
+    ids = backbone.tokenizer("ab").input_ids
+    assert ids == [*pretrain.encode_bytes("ab"), pretrain.EOS]
+
+
+def test_mixture_is_seeded_and_marks_source_tasks():
+    cfg = pretrain.PretrainConfig(out="", max_marker=4)
+    markers = {name: 259 + k for k, name in enumerate(SOURCE_TASKS)}
+    a = pretrain.Mixture(markers, cfg, seed=1).batch(16)
+    b = pretrain.Mixture(markers, cfg, seed=1).batch(16)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    first = a["input_ids"][:, 0]
+    assert all(int(t) in markers.values() or 3 <= int(t) < 259 for t in first)
+    assert (a["labels"] != -100).sum() > 0
+
+
+def test_evaluator_with_identity_prompt(tiny_backbone, tmp_path):
+    backbone = load_backbone(tiny_backbone)
+    data = tmp_path / "data"
+    write_task_data(data, ["upper"], 4, 2, 3, seed=0)
+    art = tmp_path / "art"
+    prompt = torch.randn(4, backbone.dim)
+    u, v = identity_factors(4, backbone.dim)
+    save_shared(art, SharedPrompt(id="s", prompt=prompt, backbone=backbone.fingerprint))
+    save_task(art, TaskFactors(name="upper", shared="s", u=u, v=v, backbone=backbone.fingerprint))
+    with_prompt = evaluate_artifacts(tiny_backbone, art, data, ["upper", "missing"])
+    bare = evaluate_artifacts(tiny_backbone, None, data, ["upper"])
+    assert set(with_prompt) == {"upper"} and 0.0 <= with_prompt["upper"] <= 1.0
+    assert set(bare) == {"upper"}
+
+
+def test_exact_match():
+    assert exact_match(["a", "b ", "c"], ["a", "b", "x"]) == pytest.approx(2 / 3)
+    assert exact_match([], []) == 0.0
+
+
+def test_demo_cli_pieces(tmp_path):
+    paths = demo_cli.DemoPaths(tmp_path / "demo")
+    recipe = demo_cli.DemoRecipe(tasks=["upper", "reverse"], n_train=5, n_val=2, n_test=2)
+    paths.root.mkdir(parents=True)
+    demo_cli.build_data(paths, recipe)
+    assert (paths.data / "reverse" / "test.jsonl").exists()
+    demo_cli.build_data(paths, recipe)  # cached: no rewrite, no error
+    env = demo_cli.server_env(paths, 8123)
+    assert env["RANKONE_PORT"] == "8123"
+    assert env["RANKONE_SEED_DIR"].endswith("artifacts")
+    assert env["RANKONE_REDIS_URL"] == ""
+    text = demo_cli.usage_examples("http://127.0.0.1:8123", "reverse", "abc", ["reverse"])
+    assert "curl -s http://127.0.0.1:8123/v1/tasks/reverse/generate" in text
+    assert 'model="reverse"' in text
+    cmd = demo_cli.trainer_cmd("teach", "--steps", "1")
+    assert cmd[1:4] == ["-m", "trainer", "teach"]
+    args = demo_cli.build_parser().parse_args(["--no-serve", "--port", "9000"])
+    assert args.no_serve and args.port == 9000 and not args.rebuild

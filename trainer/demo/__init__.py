@@ -1,0 +1,1 @@
+"""The demo: synthetic tasks and a small from-scratch backbone for the quickstart."""

@@ -1,0 +1,289 @@
+"""``rankone demo`` (``make demo``): the offline quickstart.
+
+1. Build, once, into ``.rankone/demo/`` (gitignored): a small from-scratch byte-level T5
+   backbone (``pretrain-demo``), the synthetic demo task data, and MPT artifacts for the demo
+   tasks (the trainer's ``teach`` then ``distill`` stages), each step with a progress bar.
+   Later runs reuse the cache (``--rebuild`` starts over).
+2. Start the server (``rankone serve`` as a subprocess; the trainer never imports the
+   service) on 127.0.0.1 with the embedded store, seeded from the demo artifacts.
+3. Print ready-to-paste ``curl`` and ``openai`` examples and serve until Ctrl-C.
+
+    rankone demo [--port 8000] [--rebuild] [--no-serve]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.demo.tasks import SOURCE_TASKS, read_jsonl, write_task_data
+
+DEFAULT_CACHE = Path(".rankone") / "demo"
+# Bump when the recipe changes so that stale caches are rebuilt.
+RECIPE_VERSION = 1
+
+
+@dataclass
+class DemoRecipe:
+    """How the demo is built. Sized for ~10 minutes on two CPU cores."""
+
+    tasks: list[str] = field(default_factory=lambda: list(SOURCE_TASKS))
+    pretrain_args: list[str] = field(default_factory=lambda: ["--minutes", "5"])
+    n_train: int = 2000
+    n_val: int = 100
+    n_test: int = 100
+    seed: int = 0
+    prompt_length: int = 8
+    teach_steps: int = 150
+    distill_steps: int = 300
+    batch_size: int = 32
+    lr: float = 0.3
+
+    def to_json(self) -> dict:
+        return {"version": RECIPE_VERSION, **self.__dict__}
+
+
+class DemoPaths:
+    def __init__(self, root: Path):
+        self.root = root
+        self.backbone = root / "backbone"
+        self.data = root / "data"
+        self.runs = root / "runs"
+        self.teach = self.runs / "teach"
+        self.distill = self.runs / "distill"
+        self.artifacts = root / "artifacts"
+        self.store = root / "store"
+        self.manifest = root / "demo.json"
+
+
+def log(msg: str) -> None:
+    print(f"[rankone demo] {msg}", flush=True)
+
+
+def trainer_cmd(stage: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "trainer", stage, *args]
+
+
+def run_stage(cmd: list[str]) -> None:
+    log("$ " + " ".join(cmd[1:] if cmd[0] == sys.executable else cmd))
+    proc = subprocess.run(cmd, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"rankone demo: step failed (exit {proc.returncode}): {' '.join(cmd)}")
+
+
+def build_pretrain(paths: DemoPaths, recipe: DemoRecipe) -> None:
+    from trainer.demo import pretrain
+
+    if (paths.backbone / "pretrain.json").exists():
+        log(f"backbone: cached in {paths.backbone}")
+        return
+    log("step 1/3: pretraining the demo backbone from scratch (a few minutes on CPU)")
+    tmp = paths.backbone.with_name("backbone.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    rc = pretrain.main(["--out", str(tmp), "--seed", str(recipe.seed), *recipe.pretrain_args])
+    if rc:
+        raise SystemExit("rankone demo: pretrain-demo failed")
+    shutil.rmtree(paths.backbone, ignore_errors=True)
+    tmp.rename(paths.backbone)
+
+
+def build_data(paths: DemoPaths, recipe: DemoRecipe) -> None:
+    done = paths.data / "sizes.json"
+    if done.exists():
+        log(f"task data: cached in {paths.data}")
+        return
+    log(f"step 2/3: writing task data for {len(recipe.tasks)} demo tasks")
+    sizes = write_task_data(
+        paths.data, recipe.tasks, recipe.n_train, recipe.n_val, recipe.n_test, seed=recipe.seed
+    )
+    done.write_text(json.dumps(sizes, indent=2) + "\n")
+
+
+def build_prompts(paths: DemoPaths, recipe: DemoRecipe) -> None:
+    if paths.manifest.exists() and any((paths.artifacts / "tasks").glob("*.safetensors")):
+        log(f"prompts: cached in {paths.artifacts}")
+        return
+    log("step 3/3: training the MPT prompts (teach, then distill) on the frozen backbone")
+    common = [
+        "--model",
+        str(paths.backbone),
+        "--data-dir",
+        str(paths.data),
+        "--tasks",
+        ",".join(recipe.tasks),
+        "--prompt-length",
+        str(recipe.prompt_length),
+        "--batch-size",
+        str(recipe.batch_size),
+        "--seed",
+        str(recipe.seed),
+    ]
+    run_stage(
+        trainer_cmd("teach", *common, "--out", str(paths.teach), "--steps", str(recipe.teach_steps))
+    )
+    run_stage(
+        trainer_cmd(
+            "distill",
+            *common,
+            "--teachers",
+            str(paths.teach),
+            "--out",
+            str(paths.distill),
+            "--steps",
+            str(recipe.distill_steps),
+        )
+    )
+    shutil.rmtree(paths.artifacts, ignore_errors=True)
+    shutil.copytree(paths.distill, paths.artifacts)
+
+
+def build(paths: DemoPaths, recipe: DemoRecipe, *, rebuild: bool) -> dict:
+    if rebuild and paths.root.exists():
+        log(f"--rebuild: removing {paths.root}")
+        shutil.rmtree(paths.root)
+    if paths.manifest.exists():
+        manifest = json.loads(paths.manifest.read_text())
+        if manifest.get("recipe", {}).get("version") != RECIPE_VERSION:
+            log("the cached demo was built by an older recipe; rebuilding")
+            shutil.rmtree(paths.root)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    build_pretrain(paths, recipe)
+    build_data(paths, recipe)
+    build_prompts(paths, recipe)
+    if not paths.manifest.exists():
+        manifest = {"recipe": recipe.to_json(), "build_seconds": round(time.monotonic() - start)}
+        paths.manifest.write_text(json.dumps(manifest, indent=2) + "\n")
+    return json.loads(paths.manifest.read_text())
+
+
+def server_env(paths: DemoPaths, port: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "RANKONE_MODEL": str(paths.backbone.resolve()),
+            "RANKONE_SEED_DIR": str(paths.artifacts.resolve()),
+            "RANKONE_DATA_DIR": str(paths.store.resolve()),
+            "RANKONE_REDIS_URL": "",
+            "RANKONE_HOST": "127.0.0.1",
+            "RANKONE_PORT": str(port),
+            "RANKONE_DEVICE": env.get("RANKONE_DEVICE", "cpu"),
+            "RANKONE_LOG_FORMAT": env.get("RANKONE_LOG_FORMAT", "text"),
+            "RANKONE_LOG_LEVEL": env.get("RANKONE_LOG_LEVEL", "WARNING"),
+        }
+    )
+    return env
+
+
+def start_server(paths: DemoPaths, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "rankone_cli", "serve"]
+    log(f"starting the server: rankone serve on http://127.0.0.1:{port}")
+    return subprocess.Popen(cmd, env=server_env(paths, port))
+
+
+def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float = 120.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def example_input(paths: DemoPaths, task: str) -> str:
+    try:
+        return read_jsonl(paths.data / task / "test.jsonl")[0]["input"]
+    except (OSError, IndexError, KeyError):
+        return "hello"
+
+
+def usage_examples(url: str, task: str, text: str, tasks: list[str]) -> str:
+    body = json.dumps({"inputs": text, "parameters": {"max_new_tokens": 16}})
+    return f"""
+The demo tasks ({", ".join(tasks)}) are served at {url}:
+each one is only a rank-one pair of vectors over one shared soft prompt.
+
+curl:
+  curl -s {url}/v1/tasks/{task}/generate \\
+    -H 'Content-Type: application/json' \\
+    -d '{body}'
+
+Python (the official openai client; the model name is the task name):
+  from openai import OpenAI
+  client = OpenAI(base_url="{url}/v1", api_key="unused")
+  out = client.completions.create(model="{task}", prompt="{text}", max_tokens=16)
+  print(out.choices[0].text)
+
+Press Ctrl-C to stop.
+"""
+
+
+def serve(paths: DemoPaths, tasks: list[str], port: int) -> int:
+    proc = start_server(paths, port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        if not wait_ready(url, proc):
+            log("the server did not become ready; see its log above")
+            return 1
+        task = "reverse" if "reverse" in tasks else tasks[0]
+        print(usage_examples(url, task, example_input(paths, task), tasks), flush=True)
+        return proc.wait()
+    except KeyboardInterrupt:
+        log("stopping the server")
+        return 0
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rankone demo",
+        description="Offline quickstart: build a demo backbone + MPT prompts (cached in "
+        ".rankone/demo/) and serve them.",
+    )
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--rebuild", action="store_true", help="discard the cache and build again")
+    p.add_argument("--no-serve", action="store_true", help="build (or check) the cache only")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=DEFAULT_CACHE,
+        help="where the demo is built (default: .rankone/demo)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    recipe = DemoRecipe()
+    paths = DemoPaths(args.cache_dir)
+    manifest = build(paths, recipe, rebuild=args.rebuild)
+    log(f"demo ready in {paths.root} (backbone, data, artifacts)")
+    if args.no_serve:
+        return 0
+    return serve(paths, manifest["recipe"]["tasks"], args.port)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
