@@ -1,0 +1,246 @@
+"""The options of every stage, one typed dataclass each; field docstrings are the ``--help``.
+
+``__post_init__`` checks each set once (ranges, cross-field rules) and raises ``TrainerError``
+with what to change. Paths to data, models and artifacts are checked when they are opened.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from trainer.errors import TrainerError
+
+
+def _positive(**values: float | int | None) -> None:
+    for name, value in values.items():
+        if value is not None and value <= 0:
+            raise TrainerError(f"option --{name.replace('_', '-')} must be > 0, got {value}")
+
+
+def _non_negative(**values: float | int | None) -> None:
+    for name, value in values.items():
+        if value is not None and value < 0:
+            raise TrainerError(f"option --{name.replace('_', '-')} must be >= 0, got {value}")
+
+
+@dataclass
+class DataOptions:
+    """Where the JSONL lives and how it is cut into batches."""
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("model", "data_dir", "out")
+
+    model: str | None = None
+    """Backbone: a local Hugging Face model directory (or hub id when a hub is reachable)."""
+    data_dir: Path | None = None
+    """Data folder, one sub-folder per task: <data-dir>/<task>/{train,validation,test}.jsonl, each line {"input": ..., "target": ...}."""
+    tasks: list[str] = field(default_factory=list)
+    """Tasks to use (sub-folders of --data-dir); default: every sub-folder with a train.jsonl."""
+    out: Path | None = None
+    """Output folder: shared/, tasks/, run.json, log.jsonl, plots, checkpoints/."""
+    shots: int | None = None
+    """Few-shot: keep k training examples per task, sampled with --seed (default: all)."""
+    max_input_length: int = 256
+    """Input tokens kept per example (longer inputs are truncated)."""
+    max_target_length: int = 32
+    """Target tokens kept per example (longer targets are truncated)."""
+    eval_limit: int | None = 200
+    """Validation/test examples used per task for evaluation (default 200; none = all)."""
+    device: str = "auto"
+    """Device: auto (cuda if available), cpu, cuda, cuda:1, ..."""
+    seed: int = 0
+    """Seed of prompt init, few-shot sampling and batch order."""
+
+    def __post_init__(self) -> None:
+        _positive(
+            shots=self.shots,
+            max_input_length=self.max_input_length,
+            max_target_length=self.max_target_length,
+            eval_limit=self.eval_limit,
+        )
+        for task in self.tasks:
+            if not task or "/" in task or task.startswith("."):
+                raise TrainerError(
+                    f"invalid task name {task!r}: use the name of a sub-folder of --data-dir"
+                )
+
+
+@dataclass
+class TrainOptions(DataOptions):
+    """Options shared by the training stages."""
+
+    prompt_length: int = 20
+    """L: soft-prompt rows prepended to the input (the paper uses 100)."""
+    rank: int = 1
+    """r: rank of each task's factors U [L, r], V [r, d]."""
+    steps: int = 300
+    """Optimizer steps (each of --batch-size × --grad-accum examples, per process)."""
+    batch_size: int = 8
+    """Examples per micro-batch and process."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    optimizer: Literal["adamw", "adafactor"] = "adamw"
+    """adamw (torch) or adafactor (transformers, fixed lr, no relative step)."""
+    lr: float = 0.3
+    """Peak learning rate (prompt tuning likes large ones, 0.3 in Lester et al. and MPT)."""
+    weight_decay: float = 1e-5
+    """Weight decay of the prompt parameters."""
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate decay after warmup."""
+    warmup_steps: int = 0
+    """Linear warmup steps from 0 to --lr."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm (0 = no clipping)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast precision of the forward pass on GPU; CPU always runs fp32."""
+    sampling_temperature: float = 1.0
+    """Task sampling across tasks: p_k ∝ n_k^(1/T) (1 = examples-proportional, large = uniform)."""
+    log_every: int = 10
+    """Write a log.jsonl line every N steps."""
+    eval_every: int = 0
+    """Validation loss every N steps, keeping the best prompts (0 = only at the end)."""
+    checkpoint_every: int = 0
+    """Save a resumable checkpoint every N steps (0 = only at the end)."""
+    resume: bool = False
+    """Continue from <out>/checkpoints/ where an earlier run of the same command stopped."""
+    stop_after: int | None = None
+    """Stop this process after N steps (the schedule still spans --steps); resume later with --resume."""
+    progress: bool = True
+    """Show tqdm progress bars."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(
+            prompt_length=self.prompt_length,
+            rank=self.rank,
+            steps=self.steps,
+            batch_size=self.batch_size,
+            grad_accum=self.grad_accum,
+            lr=self.lr,
+            sampling_temperature=self.sampling_temperature,
+            log_every=self.log_every,
+            stop_after=self.stop_after,
+        )
+        _non_negative(
+            weight_decay=self.weight_decay,
+            warmup_steps=self.warmup_steps,
+            max_grad_norm=self.max_grad_norm,
+            eval_every=self.eval_every,
+            checkpoint_every=self.checkpoint_every,
+        )
+        if self.rank > 64:
+            raise TrainerError(f"option --rank {self.rank} is above the artifact limit 64")
+        if self.warmup_steps >= self.steps and self.warmup_steps > 0:
+            raise TrainerError(
+                f"--warmup-steps {self.warmup_steps} must be below --steps {self.steps}"
+            )
+
+
+@dataclass
+class TeachOptions(TrainOptions):
+    """Plain prompt tuning (Lester et al. 2021): one prompt per source task, the teachers."""
+
+    init: Literal["vocab", "random", "text"] = "vocab"
+    """Prompt init: vocab (embeddings of random vocabulary tokens), random (uniform ±--init-scale), text (embeddings of --init-text, repeated)."""
+    init_scale: float = 0.5
+    """Half-width of the uniform random init."""
+    init_text: str | None = None
+    """Text whose token embeddings initialise the prompt (--init text)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(init_scale=self.init_scale)
+        if self.init == "text" and not self.init_text:
+            raise TrainerError("--init text needs --init-text 'some words'")
+
+
+FactorInit = Literal["ones", "peft"]
+
+
+@dataclass
+class DistillOptions(TrainOptions):
+    """MPT source training: shared P and every source task's (U_k, V_k), distilled from teachers."""
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("model", "data_dir", "out", "teachers")
+
+    teachers: Path | None = None
+    """Output folder of `teach` (its tasks/ and shared/); every source task needs a teacher."""
+    shared_id: str = "mpt"
+    """Id of the shared prompt written to <out>/shared/<id>.safetensors."""
+    shared_init: Literal["teachers", "vocab", "random"] = "teachers"
+    """Init of P: teachers (average of the teachers' prompts), vocab or random."""
+    factor_init: FactorInit = "ones"
+    """Init of U, V: ones (U@V = 1 + noise, each task prompt = P at step 0) or peft (std 0.02, task prompt ≈ 0)."""
+    factor_noise: float = 0.01
+    """Noise std added to the ones init (breaks the symmetry between tasks)."""
+    lambda_kl: float = 1.0
+    """Weight of KL(teacher ‖ student) on the output token distributions."""
+    lambda_hid: float = 1.0
+    """Weight of the MSE between teacher and student last hidden states (seq2seq: encoder over the input tokens; decoder-only: last layer over input+target tokens)."""
+    kl_temperature: float = 1.0
+    """Softmax temperature T of the distillation KL (scaled by T²)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(kl_temperature=self.kl_temperature)
+        _non_negative(
+            lambda_kl=self.lambda_kl, lambda_hid=self.lambda_hid, factor_noise=self.factor_noise
+        )
+
+
+@dataclass
+class AdaptOptions(TrainOptions):
+    """Target adaptation: new task(s) start from the average of the source factors."""
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("model", "data_dir", "out", "source")
+
+    source: Path | None = None
+    """Output folder of `distill`: its shared prompt and source task factors."""
+    shared_id: str | None = None
+    """Which shared prompt in --source to start from (needed only if it holds several)."""
+    mode: Literal["factors-only", "paper", "multi-target"] = "factors-only"
+    """factors-only: P frozen (bit-identical), only U, V train, tasks compose with the served P; paper: P fine-tuned too, one new shared prompt per task; multi-target: all --tasks jointly, one new shared prompt for the group."""
+    train_shared: bool = False
+    """Shorthand for --mode paper (or multi-target with --mode multi-target)."""
+    new_shared_id: str | None = None
+    """Id of the new shared prompt in paper/multi-target mode (default: <source id>-<task> or <source id>-mt)."""
+    factor_init: Literal["source", "ones", "peft"] = "source"
+    """Init of U, V: source (average of the source tasks' factors), ones or peft."""
+    factor_noise: float = 0.0
+    """Noise std added to the ones init."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.train_shared and self.mode == "factors-only":
+            self.mode = "paper"
+        _non_negative(factor_noise=self.factor_noise)
+
+
+@dataclass
+class EvaluateOptions(DataOptions):
+    """Exact match, accuracy and token F1 per task for several artifact sets, greedy decoding."""
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("model", "data_dir", "out")
+
+    methods: list[str] = field(default_factory=list)
+    """Artifact sets to compare as NAME=DIR (e.g. mpt=runs/adapt pt=runs/teach); a task missing from a set is skipped for it."""
+    bare: bool = True
+    """Also evaluate the bare backbone without any prompt (--no-bare to skip)."""
+    split: Literal["test", "validation", "train"] = "test"
+    """Split to evaluate."""
+    max_new_tokens: int = 32
+    """Greedy decoding length limit."""
+    batch_size: int = 16
+    """Examples per generation batch."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+        for spec in self.methods:
+            if "=" not in spec or not spec.split("=", 1)[0] or not spec.split("=", 1)[1]:
+                raise TrainerError(
+                    f"--methods entry {spec!r}: expected NAME=DIR, e.g. mpt=runs/adapt"
+                )
+        if not self.methods and not self.bare:
+            raise TrainerError("nothing to evaluate: give --methods NAME=DIR ... or keep --bare on")
