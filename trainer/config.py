@@ -60,6 +60,8 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 def _convert(name: str, tp: Any, value: Any) -> Any:
     """Convert a config-file or command-line value to the field's type, or say why not."""
     base, optional = _unwrap_optional(tp)
+    if optional and isinstance(value, str) and value.lower() in {"none", "null"}:
+        value = None
     if value is None:
         if optional:
             return None
