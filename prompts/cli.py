@@ -1,12 +1,13 @@
 """``rankone import-peft``: convert a PEFT prompt adapter into rankone artifacts.
 
     rankone import-peft ADAPTER_DIR --model MODEL_DIR --out ARTIFACT_DIR --shared-id ID \\
-        [--task-names a,b,c] [--task-name x]
+        [--task-names a,b,c] [--task-name x] [--force]
 
 A ``MULTITASK_PROMPT_TUNING`` adapter becomes one shared prompt plus one task per task id
 (``--task-names``, default ``<ID>-task<i>``); a ``PROMPT_TUNING`` adapter becomes a shared
 prompt plus one task with identity factors (``--task-name``, default ``ID``). The model is
-loaded only for its fingerprint, which the artifacts carry.
+loaded only for its fingerprint, which the artifacts carry. Existing artifacts are not
+overwritten without ``--force``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from prompts.artifacts import SharedPrompt, TaskFactors, save_shared, save_task
+from prompts.artifacts import (
+    SharedPrompt,
+    TaskFactors,
+    save_shared,
+    save_task,
+    shared_path,
+    task_path,
+)
 from prompts.backbone import load_backbone
 from prompts.errors import ArtifactError, RankoneError
 from prompts.peft_import import import_peft_mpt, import_peft_prompt_tuning, peft_type
@@ -38,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
         help="MPT only: comma-separated task names in task-id order (default <ID>-task<i>)",
     )
     parser.add_argument("--task-name", help="PROMPT_TUNING only: the task name (default ID)")
+    parser.add_argument(
+        "--force", action="store_true", help="overwrite artifacts that already exist in --out"
+    )
     return parser
 
 
@@ -82,6 +93,13 @@ def import_peft_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     try:
         shared, tasks = _import(args)
+        targets = [shared_path(args.out, shared.id), *(task_path(args.out, t.name) for t in tasks)]
+        existing = [str(path) for path in targets if path.exists()]
+        if existing and not args.force:
+            # Replacing a shared prompt silently would change every task already composed on it.
+            raise ArtifactError(
+                f"{', '.join(existing)} already exist(s); pass --force to overwrite"
+            )
         print(
             f"{save_shared(args.out, shared)}: shared prompt {shared.id!r} [L={shared.length}, "
             f"d={shared.dim}], backbone {shared.backbone}"

@@ -19,7 +19,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from prompts.artifacts import SharedPrompt, TaskFactors, check_name, check_task_fits
+from prompts.artifacts import (
+    SharedPrompt,
+    TaskFactors,
+    check_name,
+    check_task_fits,
+    validate_shared,
+    validate_task,
+)
 from prompts.compose import identity_factors
 from prompts.errors import ArtifactError
 
@@ -78,10 +85,17 @@ def import_peft_mpt(
     if missing:
         raise ArtifactError(f"{path}: adapter weights lack {sorted(missing)}")
     cols, rows = state["prefix_task_cols"], state["prefix_task_rows"]  # [T, L, r], [T, r, d]
+    if cols.dim() != 3 or rows.dim() != 3 or cols.shape[0] != rows.shape[0]:
+        raise ArtifactError(
+            f"{path}: expected prefix_task_cols [T, L, r] and prefix_task_rows [T, r, d], got "
+            f"{tuple(cols.shape)} and {tuple(rows.shape)}"
+        )
     num_tasks = int(cols.shape[0])
     names = task_names or [f"{shared_id}-task{i}" for i in range(num_tasks)]
     if len(names) != num_tasks:
         raise ArtifactError(f"{path}: adapter has {num_tasks} tasks, {len(names)} names given")
+    if len(set(names)) != len(names):
+        raise ArtifactError(f"{path}: task names must be distinct, got {names}")
     shared = SharedPrompt(
         id=check_name(shared_id, "shared prompt id"),
         prompt=state["prompt_embeddings"].float(),
@@ -99,7 +113,9 @@ def import_peft_mpt(
         )
         for i, name in enumerate(names)
     ]
+    validate_shared(shared)
     for task in tasks:
+        validate_task(task)
         check_task_fits(task, shared)
     return shared, tasks
 
@@ -115,14 +131,14 @@ def import_peft_prompt_tuning(
         )
     if "prompt_embeddings" not in state:
         raise ArtifactError(f"{path}: adapter weights lack 'prompt_embeddings'")
-    prompt = state["prompt_embeddings"].float()  # [L, d]
     shared = SharedPrompt(
         id=check_name(shared_id, "shared prompt id"),
-        prompt=prompt,
+        prompt=state["prompt_embeddings"].float(),  # [L, d]
         backbone=backbone,
         meta={"source": "peft", "peft_type": "PROMPT_TUNING"},
     )
-    u, v = identity_factors(prompt.shape[0], prompt.shape[1])
+    validate_shared(shared)
+    u, v = identity_factors(shared.length, shared.dim)
     task = TaskFactors(
         name=check_name(task_name, "task name"),
         shared=shared.id,

@@ -72,3 +72,29 @@ def test_prompt_changes_the_output(backbone: Backbone) -> None:
     first = _generate(backbone, TEXTS[:1], prompts[:1])
     second = _generate(backbone, TEXTS[:1], prompts[1:])
     assert first != second
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("which", ["gpt2", "llama"])
+def test_causal_forward_with_position_ids(
+    tiny_model_dirs: dict[str, Path], which: str, padding_side: str
+) -> None:
+    """One forward over the padded batch, with prepend_prompts' positions, gives every row the
+    next-token logits it has alone (what an engine's own decode loop relies on)."""
+    backbone = load_backbone(tiny_model_dirs[which])
+    tok = backbone.tokenizer
+    tok.padding_side = padding_side
+    prompts = _task_prompts(backbone, len(TEXTS))
+
+    def last_logits(texts: list[str], rows: torch.Tensor) -> torch.Tensor:
+        batch = tok(texts, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            inputs = prepend_prompts(
+                backbone.embed(batch["input_ids"]), batch["attention_mask"], rows, causal=True
+            )
+            return backbone.model(**inputs._asdict(), use_cache=False).logits[:, -1]  # [B, V]
+
+    batched = last_logits(TEXTS, prompts)
+    for i, text in enumerate(TEXTS):
+        alone = last_logits([text], prompts[i : i + 1])[0]
+        torch.testing.assert_close(batched[i], alone, rtol=1e-4, atol=1e-4)

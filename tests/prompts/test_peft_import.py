@@ -225,6 +225,10 @@ def test_cli_imports_mpt(
     assert torch.equal(loaded.shared["fam"].prompt, shared.prompt)
     assert torch.equal(loaded.tasks["color"].u, tasks[1].u)
     assert torch.equal(loaded.tasks["color"].v, tasks[1].v)
+    # A second import into the same directory does not silently replace the artifacts.
+    assert import_peft_main([*argv, "--task-names", "qa,color,sentiment"]) == 2
+    assert "already exist(s); pass --force" in capsys.readouterr().err
+    assert import_peft_main([*argv, "--task-names", "qa,color,sentiment", "--force"]) == 0
 
 
 def test_cli_imports_prompt_tuning(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
@@ -257,6 +261,8 @@ def test_cli_refusals(
     assert "--task-name is for PROMPT_TUNING" in err
     err = _cli_error([str(t5_adapter), *base, "--task-names", "a,B,c"], capsys)
     assert "invalid task name 'B'" in err
+    err = _cli_error([str(t5_adapter), *base, "--task-names", "a,b,a"], capsys)
+    assert "task names must be distinct" in err
     model_args = ["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]
     err = _cli_error([str(t5_adapter), *model_args, "--shared-id", "fam"], capsys)
     assert "does not exist" in err
