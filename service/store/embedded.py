@@ -232,7 +232,9 @@ class EmbeddedBackend(FactorBackend):
             pending.unlink(missing_ok=True)
             raise
         try:
+            _fsync_dir(pending.parent)  # both renames reach the disk, in this order
             os.replace(pending, self._path(kind, name, _BLOB))
+            _fsync_dir(pending.parent)
         except OSError as e:  # committed: readers and the next start() use the pending blob
             log.warning("embedded store: %s %r committed, final rename failed: %s", kind, name, e)
         return _record(kind, name, blob, info)
@@ -289,6 +291,15 @@ class EmbeddedBackend(FactorBackend):
     async def _emit(self, event: StoreEvent) -> None:
         if self._on_event is not None:
             await deliver(self._on_event, event)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames in ``folder`` durable (a rename is only in the directory's data)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _what(kind: Kind) -> str:

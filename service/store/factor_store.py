@@ -13,6 +13,7 @@ entry comes from decoding one blob, so ``u`` and ``v`` are always of the same ve
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -82,6 +83,29 @@ class _TaskEntry:
 _Entry = _SharedEntry | _TaskEntry
 
 
+class _Flight:
+    """One backend read of a missed key, shared by every caller that missed it meanwhile."""
+
+    def __init__(self) -> None:
+        self.task: asyncio.Future[_Entry]
+        self.stale = False  # invalidated while in flight: return the result, do not cache it
+
+
+def _retrieve(task: asyncio.Future[_Entry]) -> None:
+    # every caller may have been cancelled: mark the exception as seen so asyncio does not log it
+    if not task.cancelled():
+        task.exception()
+
+
+def _check_meta(meta: dict[str, Any]) -> None:
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"metadata must be a JSON object, got {type(meta).__name__}")
+    try:
+        json.dumps(meta)
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"metadata is not JSON-serialisable: {e}") from e
+
+
 def _nbytes(*tensors: Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -111,10 +135,7 @@ class FactorStore:
         self.store_errors = 0
         self.resets = 0  # 'reset' events seen (start, and every re-subscription)
         self._cache: DeviceCache[CacheKey, _Entry] = DeviceCache(cache_bytes)
-        # A miss whose backend read raced an invalidation of its key (or a reset) returns what
-        # it read but does not cache it: the read may predate the write the event was about.
-        self._reset_epoch = 0
-        self._loading: dict[CacheKey, list[int]] = {}  # key -> [reads in flight, invalidations]
+        self._in_flight: dict[CacheKey, _Flight] = {}  # backend reads of missed keys
         self._listeners: list[EventHandler] = []
 
     @property
@@ -148,12 +169,14 @@ class FactorStore:
 
     def _invalidate(self, kind: str, name: str, *, keep_newer_than: int | None = None) -> None:
         if kind == "all":
-            self._reset_epoch += 1
+            for flight in self._in_flight.values():
+                flight.stale = True
+            self._in_flight.clear()
             self._cache.clear()
             return
         key = (kind, name)
-        if key in self._loading:
-            self._loading[key][1] += 1
+        if key in self._in_flight:  # later misses start a fresh read
+            self._in_flight.pop(key).stale = True
         cached = self._cache.get_quiet(key)
         if cached is not None and (keep_newer_than is None or cached.version < keep_newer_than):
             self._cache.pop(key)
@@ -199,6 +222,7 @@ class FactorStore:
         replace it; a replacement must keep [L, d], since registered tasks depend on it."""
         blob = encode_shared(sp)  # validates name, finiteness, shape
         self._check_shared(sp)
+        _check_meta(meta)
         if replace:
             try:
                 _, old = await self.get_shared(sp.id)
@@ -224,24 +248,34 @@ class FactorStore:
     async def _cached(
         self, key: CacheKey, load: Callable[[], Awaitable[tuple[_Entry, int]]]
     ) -> _Entry:
-        """The cached entry under ``key``, else ``load()`` it and cache it unless invalidated
-        meanwhile (or an entry of a newer version got there first)."""
+        """The cached entry under ``key``, else the result of ``load()``, which is cached.
+
+        Concurrent misses of one key share one backend read (a burst of requests for a cold
+        task costs one round trip); a caller that is cancelled does not cancel the others.
+        """
         entry = self._cache.get(key)
         if entry is not None:
             return entry
-        slot = self._loading.setdefault(key, [0, 0])
-        slot[0] += 1
-        seen = (self._reset_epoch, slot[1])
+        flight = self._in_flight.get(key)
+        if flight is None:
+            flight = _Flight()
+            flight.task = asyncio.ensure_future(self._fill(key, load, flight))
+            flight.task.add_done_callback(_retrieve)
+            self._in_flight[key] = flight
+        return await asyncio.shield(flight.task)
+
+    async def _fill(
+        self, key: CacheKey, load: Callable[[], Awaitable[tuple[_Entry, int]]], flight: _Flight
+    ) -> _Entry:
         try:
             entry, nbytes = await load()
         finally:
-            slot[0] -= 1
-            if slot[0] == 0:
-                del self._loading[key]
+            if self._in_flight.get(key) is flight:
+                del self._in_flight[key]
         current = self._cache.get_quiet(key)
-        if (self._reset_epoch, slot[1]) == seen and (
-            current is None or current.version < entry.version
-        ):
+        # not cached if invalidated meanwhile (the read may predate the write), or if a newer
+        # version got into the cache first
+        if not flight.stale and (current is None or current.version < entry.version):
             self._cache.put(key, entry, nbytes)
         return entry
 
@@ -280,6 +314,7 @@ class FactorStore:
     async def create_task(self, tf: TaskFactors, meta: dict[str, Any]) -> Record:
         """Register a new task (ConflictError if the name exists)."""
         await self._check_task(tf)
+        _check_meta(meta)
         blob = encode_task(tf)
         record = await self._backend(
             self.backend.put_task(tf.name, blob, tf.shared, meta, create=True)
@@ -290,6 +325,7 @@ class FactorStore:
     async def replace_task(self, tf: TaskFactors, meta: dict[str, Any]) -> Record:
         """Replace a task's factors (NotFoundError if absent); its version goes up by one."""
         await self._check_task(tf)
+        _check_meta(meta)
         blob = encode_task(tf)
         record = await self._backend(
             self.backend.put_task(tf.name, blob, tf.shared, meta, create=False)

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 from collections.abc import Awaitable
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -37,7 +38,9 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from prompts.artifacts import utc_now
 from service.store.base import (
@@ -138,6 +141,10 @@ class RedisBackend(FactorBackend):
         timeouts: dict[str, Any] = {
             "socket_timeout": socket_timeout_s,
             "socket_connect_timeout": connect_timeout_s,
+            # a peer that vanished without closing (host down, network cut) is noticed in
+            # ~10 s instead of the kernel's default two hours
+            "socket_keepalive": True,
+            "socket_keepalive_options": _keepalive_options(),
         }
         # Commands retry twice on a dropped connection, then fail: a StoreError, never a hang.
         self._pool = BlockingConnectionPool.from_url(
@@ -165,7 +172,12 @@ class RedisBackend(FactorBackend):
     async def _call(self, what: str, awaitable: Awaitable[T]) -> T:
         try:
             return await awaitable
-        except (RedisError, OSError) as e:
+        except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+            raise StoreError(
+                f"Redis at {self.where}: {what} failed: {e}; check that Redis is running and "
+                "reachable from this server"
+            ) from e
+        except RedisError as e:
             raise StoreError(f"Redis at {self.where}: {what} failed: {e}") from e
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -206,6 +218,8 @@ class RedisBackend(FactorBackend):
                     e,
                     delay,
                 )
+            except Exception:  # a dead listener would leave every cache stale: keep it alive
+                log.exception("store event listener failed; resubscribing in %.2fs", delay)
             finally:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()
@@ -325,14 +339,14 @@ class RedisBackend(FactorBackend):
         members = await self._call(
             "listing shared prompts", self._client.smembers(self.shared_index)
         )
-        return await self._get_many("shared", sorted(m.decode() for m in members))
+        return await self._get_many("shared", sorted(_text(m) for m in members))
 
     async def list_tasks(self, *, offset: int = 0, limit: int = 100) -> Page:
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.zcard(self.tasks_index)
             pipe.zrange(self.tasks_index, offset, offset + limit - 1)
             total, members = await self._call("listing tasks", pipe.execute())
-        records = await self._get_many("task", [m.decode() for m in members])
+        records = await self._get_many("task", [_text(m) for m in members])
         end = offset + len(members)
         return Page(records=records, total=int(total), next_offset=end if end < total else None)
 
@@ -345,6 +359,11 @@ class RedisBackend(FactorBackend):
     @property
     def put_script(self) -> Any:
         return self._put_script
+
+
+def _keepalive_options() -> dict[int, int]:
+    wanted = {"TCP_KEEPIDLE": 5, "TCP_KEEPINTVL": 2, "TCP_KEEPCNT": 3}
+    return {getattr(socket, k): v for k, v in wanted.items() if hasattr(socket, k)}
 
 
 def _parse_event(data: bytes | str) -> StoreEvent | None:
@@ -360,7 +379,12 @@ def _parse_event(data: bytes | str) -> StoreEvent | None:
     return event
 
 
-def _record(kind: Literal["shared", "task"], name: str, fields: dict[bytes, bytes]) -> Record:
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _record(kind: Literal["shared", "task"], name: str, fields: dict[Any, Any]) -> Record:
+    """A record from HGETALL's reply (bytes keys and values: the client does not decode)."""
     return Record(
         kind=kind,
         name=name,

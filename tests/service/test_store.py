@@ -162,7 +162,9 @@ async def test_list_paging(store: FactorStore) -> None:
     names = ["t5", "a1", "t10", "b2", "t2", "c3", "t1"]
     for name in names:
         await store.create_task(task(name), {})
-    seen, offset, pages = [], 0, 0
+    seen: list[str] = []
+    offset: int | None = 0
+    pages = 0
     while offset is not None:
         page = await store.list_tasks(offset, 3)
         assert page.total == len(names)
@@ -171,6 +173,8 @@ async def test_list_paging(store: FactorStore) -> None:
     assert seen == sorted(names) and pages == 3
     assert (await store.list_tasks(7, 3)).records == []
     assert [r.name for r in await store.list_shared()] == ["p"]
+    with pytest.raises(ArtifactError):
+        await store.create_task(task("t9"), {"bad": object()})
     for offset, limit in [(-1, 10), (0, 0), (0, 1001)]:
         with pytest.raises(ValueError):
             await store.list_tasks(offset, limit)
@@ -267,6 +271,60 @@ async def test_tiny_cache_still_resolves(make_backend: BackendFactory) -> None:
         await fs.create_task(task("t1", 3.0), {})
         assert (await fs.resolve("t1")).u[0, 0] == 3.0
         assert fs.cache_stats().bytes <= 16
+    finally:
+        await fs.close()
+
+
+async def test_concurrent_misses_share_one_backend_read(
+    make_backend: BackendFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = make_backend()
+    fs = make_store(backend)
+    await fs.start()
+    try:
+        await fs.register_shared(shared(), {})
+        await fs.create_task(task("t1", 1.0), {})
+        reads = 0
+        real_get = backend.get_task
+
+        async def counting_get(name: str) -> Any:
+            nonlocal reads
+            reads += 1
+            await asyncio.sleep(0.05)
+            return await real_get(name)
+
+        monkeypatch.setattr(backend, "get_task", counting_get)
+        resolved = await asyncio.gather(*(fs.resolve("t1") for _ in range(20)))
+        assert reads == 1 and all(r.u is resolved[0].u for r in resolved)
+    finally:
+        await fs.close()
+
+
+async def test_a_read_that_races_a_replace_is_not_cached(
+    make_backend: BackendFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = make_backend()
+    fs = make_store(backend)
+    await fs.start()
+    try:
+        await fs.register_shared(shared(), {})
+        await fs.create_task(task("t1", 1.0), {})
+        gate = asyncio.Event()
+        real_get = backend.get_task
+
+        async def slow_get(name: str) -> Any:
+            record = await real_get(name)  # reads version 1 ...
+            await gate.wait()  # ... and is delivered after the replace below
+            return record
+
+        monkeypatch.setattr(backend, "get_task", slow_get)
+        racing = asyncio.ensure_future(fs.resolve("t1"))
+        await asyncio.sleep(0.05)
+        monkeypatch.setattr(backend, "get_task", real_get)
+        await fs.replace_task(task("t1", 2.0), {})
+        gate.set()
+        assert (await racing).version == 1  # it overlapped the write: either answer is fine
+        assert (await fs.resolve("t1")).version == 2  # but version 1 was not cached
     finally:
         await fs.close()
 

@@ -73,4 +73,5 @@ def test_pop_drop_clear() -> None:
 @pytest.mark.parametrize(("budget", "nbytes"), [(-1, 0), (10, -1)])
 def test_negative_sizes_are_refused(budget: int, nbytes: int) -> None:
     with pytest.raises(ValueError):
-        DeviceCache(budget).put("a", "x", nbytes)
+        cache: DeviceCache[str, str] = DeviceCache(budget)
+        cache.put("a", "x", nbytes)
