@@ -41,7 +41,7 @@ class Record:
     kind: Literal["shared", "task"]
     name: str  # task name or shared-prompt id
     blob: bytes = field(repr=False)  # the safetensors artifact
-    version: int  # 1 on create, +1 on every replace
+    version: int  # 1 on create, +1 on every replace (and on a create after a delete)
     shared: str  # for a task: its shared prompt id; for a shared prompt: its own id
     meta: dict[str, Any] = field(default_factory=dict)  # description, default params, ...
     created: str = ""

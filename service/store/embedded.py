@@ -18,7 +18,9 @@ A crash before 2 leaves the old record and old blob (the pending file is discard
 start); a crash after 2 leaves a record whose sha256 matches the pending blob, which start()
 rolls forward and readers use directly. A reader checks the blob's sha256 against the record,
 so it never pairs one version's metadata with another version's factors. A delete removes the
-record first (commit point), then the blob; a blob without a record is not a record.
+record first (commit point), then the blob; a blob without a record is not a record. It
+leaves ``<name>.deleted.json`` with the last version, so a task created again under that name
+continues at version + 1: (name, version) never names two different sets of factors.
 
 Writes are serialised in-process by an asyncio.Lock; the directory is meant for one server
 process (several replicas share Redis instead).
@@ -55,6 +57,7 @@ _DIRS: dict[Kind, str] = {"shared": "shared", "task": "tasks"}
 _BLOB = ".safetensors"
 _RECORD = ".record.json"
 _PENDING = ".safetensors.pending"
+_DELETED = ".deleted.json"  # the last version of a deleted name
 _READ_ATTEMPTS = 5  # a reader racing a writer's steps 2-3 re-reads a few times
 
 
@@ -216,8 +219,9 @@ class EmbeddedBackend(FactorBackend):
         if old is None and mode == "replace":
             raise NotFoundError(f"no {_what(kind)} named {name!r} to replace")
         now = utc_now()
+        tombstone = self._path(kind, name, _DELETED)
         info = {
-            "version": 1 if old is None else int(old["version"]) + 1,
+            "version": (_last_version(tombstone) if old is None else int(old["version"])) + 1,
             "shared": shared,
             "meta": meta,
             "created": now if old is None else old["created"],
@@ -234,6 +238,7 @@ class EmbeddedBackend(FactorBackend):
         try:
             _fsync_dir(pending.parent)  # both renames reach the disk, in this order
             os.replace(pending, self._path(kind, name, _BLOB))
+            tombstone.unlink(missing_ok=True)  # the record now carries the version
             _fsync_dir(pending.parent)
         except OSError as e:  # committed: readers and the next start() use the pending blob
             log.warning("embedded store: %s %r committed, final rename failed: %s", kind, name, e)
@@ -276,6 +281,8 @@ class EmbeddedBackend(FactorBackend):
                 version = int(json.loads(record_path.read_bytes())["version"])
             except FileNotFoundError:
                 raise NotFoundError(f"no task named {name!r}") from None
+            # the name's last version survives it, so a new task of that name continues
+            write_atomic(self._path("task", name, _DELETED), json.dumps(version).encode())
             record_path.unlink()  # commit point
             self._path("task", name, _BLOB).unlink(missing_ok=True)
             self._path("task", name, _PENDING).unlink(missing_ok=True)
@@ -291,6 +298,13 @@ class EmbeddedBackend(FactorBackend):
     async def _emit(self, event: StoreEvent) -> None:
         if self._on_event is not None:
             await deliver(self._on_event, event)
+
+
+def _last_version(tombstone: Path) -> int:
+    try:
+        return int(json.loads(tombstone.read_bytes()))
+    except FileNotFoundError:
+        return 0
 
 
 def _fsync_dir(folder: Path) -> None:

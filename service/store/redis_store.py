@@ -6,6 +6,9 @@ Keys (``rankone`` is the prefix)::
     rankone:task:<name>    hash: the same fields
     rankone:shared-ids     set of shared-prompt ids
     rankone:tasks          sorted set, every score 0, so members sort by name (paged listing)
+    rankone:deleted-versions  hash: last version of each deleted task, so that a name
+                           created again continues at version + 1 and (name, version) never
+                           names two different sets of factors
     rankone:events         pub/sub channel: {"action", "kind", "name", "version"} per write
 
 Every write is one Lua script rather than WATCH + MULTI/EXEC. Redis runs a script as one
@@ -60,7 +63,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # KEYS: [1] the record hash, [2] the name index, [3] the task's shared-prompt hash (for a
-# shared prompt: the record hash again). ARGV: [1] name, [2] blob, [3] shared id, [4] meta
+# shared prompt: the record hash again), [4] the last versions of deleted names (hash). ARGV: [1] name, [2] blob, [3] shared id, [4] meta
 # JSON, [5] now, [6] mode (create | replace | upsert), [7] channel, [8] kind (task | shared),
 # [9] index type (zset | set).
 # Returns {new version, created}, or {-1} (exists), {-2} (absent), {-3} (no shared prompt).
@@ -69,15 +72,24 @@ local exists = redis.call('EXISTS', KEYS[1]) == 1
 if ARGV[6] == 'create' and exists then return {-1} end
 if ARGV[6] == 'replace' and not exists then return {-2} end
 if ARGV[8] == 'task' and redis.call('EXISTS', KEYS[3]) == 0 then return {-3} end
-local record_type = redis.call('TYPE', KEYS[1])['ok']
-local index_type = redis.call('TYPE', KEYS[2])['ok']
-if (record_type ~= 'none' and record_type ~= 'hash')
-    or (index_type ~= 'none' and index_type ~= ARGV[9]) then
-  return redis.error_reply('WRONGTYPE rankone key ' .. KEYS[1] .. ' or ' .. KEYS[2] ..
-                           ' holds another type; it is not a rankone registry')
+local function has_type(key, wanted)
+  local t = redis.call('TYPE', key)['ok']
+  return t == 'none' or t == wanted
 end
-local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
-if version == 1 then redis.call('HSET', KEYS[1], 'created', ARGV[5]) end
+if not (has_type(KEYS[1], 'hash') and has_type(KEYS[2], ARGV[9]) and has_type(KEYS[4], 'hash')) then
+  return redis.error_reply('WRONGTYPE a rankone key (' .. KEYS[1] .. ', ' .. KEYS[2] .. ', ' ..
+                           KEYS[4] .. ') holds another type; is this database shared?')
+end
+local version
+if exists then
+  version = redis.call('HINCRBY', KEYS[1], 'version', 1)
+else
+  -- a name deleted and created again continues its versions: (name, version) stays unique
+  local last = tonumber(redis.call('HGET', KEYS[4], ARGV[1]) or '0')
+  version = last + 1
+  redis.call('HSET', KEYS[1], 'version', version, 'created', ARGV[5])
+  if last > 0 then redis.call('HDEL', KEYS[4], ARGV[1]) end
+end
 redis.call('HSET', KEYS[1], 'blob', ARGV[2], 'shared', ARGV[3], 'meta', ARGV[4],
            'updated', ARGV[5])
 if ARGV[9] == 'zset' then
@@ -90,13 +102,18 @@ redis.call('PUBLISH', ARGV[7],
 return {version, redis.call('HGET', KEYS[1], 'created')}
 """
 
-# KEYS: [1] the task hash, [2] the task index. ARGV: [1] name, [2] channel.
+# KEYS: [1] the task hash, [2] the task index, [3] the last versions of deleted names.
+# ARGV: [1] name, [2] channel.
 # Returns the deleted version, or 0 if there was no such task.
 DELETE_SCRIPT = """#!lua
 local version = redis.call('HGET', KEYS[1], 'version')
 if not version then return 0 end
+if redis.call('TYPE', KEYS[3])['ok'] ~= 'none' and redis.call('TYPE', KEYS[3])['ok'] ~= 'hash' then
+  return redis.error_reply('WRONGTYPE ' .. KEYS[3] .. ' holds another type')
+end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HSET', KEYS[3], ARGV[1], version)
 redis.call('PUBLISH', ARGV[2],
            cjson.encode({action='delete', kind='task', name=ARGV[1],
                          version=tonumber(version)}))
@@ -137,6 +154,7 @@ class RedisBackend(FactorBackend):
         self.channel = f"{prefix}:events"
         self.tasks_index = f"{prefix}:tasks"
         self.shared_index = f"{prefix}:shared-ids"
+        self.deleted = f"{prefix}:deleted-versions"
         self.resubscribe_max_delay_s = resubscribe_max_delay_s
         timeouts: dict[str, Any] = {
             "socket_timeout": socket_timeout_s,
@@ -259,9 +277,9 @@ class RedisBackend(FactorBackend):
         """KEYS and ARGV of PUT_SCRIPT (public so a bulk loader can pipeline the same write)."""
         record_key = self.key(kind, name)
         if kind == "task":
-            keys = [record_key, self.tasks_index, self.key("shared", shared)]
+            keys = [record_key, self.tasks_index, self.key("shared", shared), self.deleted]
         else:
-            keys = [record_key, self.shared_index, record_key]
+            keys = [record_key, self.shared_index, record_key, self.deleted]
         index_type = "zset" if kind == "task" else "set"
         args = [name, blob, shared, json.dumps(meta), now, mode, self.channel, kind, index_type]
         return keys, args
@@ -302,7 +320,8 @@ class RedisBackend(FactorBackend):
         deleted = await self._call(
             f"deleting task {name!r}",
             self._delete_script(
-                keys=[self.key("task", name), self.tasks_index], args=[name, self.channel]
+                keys=[self.key("task", name), self.tasks_index, self.deleted],
+                args=[name, self.channel],
             ),
         )
         if int(deleted) == 0:

@@ -138,6 +138,11 @@ async def test_create_get_replace_delete(store: FactorStore) -> None:
         await store.delete_task("t1")
     assert (await store.list_tasks()).total == 0
 
+    # created again, the name continues its versions: (name, version) stays unique
+    again = await store.create_task(task("t1", 3.0), {})
+    assert again.version == 3 and (await store.resolve("t1")).version == 3
+    assert (await store.replace_task(task("t1", 4.0), {})).version == 4
+
 
 async def test_duplicate_create_conflicts_and_keeps_the_original(store: FactorStore) -> None:
     await store.register_shared(shared(), {})
@@ -403,6 +408,8 @@ async def test_redis_key_layout(redis_url: str) -> None:
     try:
         await fs.register_shared(shared(), {})
         await fs.create_task(task("t1"), {"k": 1})
+        await fs.create_task(task("t2"), {})
+        await fs.delete_task("t2")
     finally:
         await fs.close()
     r = redis.Redis.from_url(redis_url)
@@ -412,6 +419,8 @@ async def test_redis_key_layout(redis_url: str) -> None:
     assert r.zrange("rankone:tasks", 0, -1) == [b"t1"]
     assert r.smembers("rankone:shared-ids") == {b"p"}
     assert r.type("rankone:shared:p") == b"hash"
+    assert r.hgetall("rankone:deleted-versions") == {b"t2": b"1"}
+    assert not r.exists("rankone:task:t2")
     r.close()
 
 
