@@ -44,7 +44,8 @@ def utc_now() -> str:
 
 def check_name(name: str, what: str = "name") -> str:
     """Names of tasks and shared prompts: ``^[a-z0-9][a-z0-9._-]{0,63}$`` and no ``..``."""
-    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
+    # fullmatch, not match: ``$`` alone would accept a trailing newline ("qa\n").
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
         raise ArtifactError(
             f"invalid {what} {name!r}: use 1-64 characters of a-z, 0-9, '.', '_', '-', "
             "starting with a letter or digit, without '..'"
@@ -107,8 +108,16 @@ def _check_tensor(name: str, t: Tensor, what: str) -> None:
         raise ArtifactError(f"{what}: tensor {name!r} has NaN or infinite values")
 
 
+def _check_provenance(backbone: object, created: object, what: str) -> None:
+    # Encoding refuses what decoding would refuse, so no blob is written that cannot be read.
+    for key, value in (("backbone", backbone), ("created", created)):
+        if not isinstance(value, str) or not value:
+            raise ArtifactError(f"{what}: {key} must be a non-empty string, got {value!r}")
+
+
 def validate_shared(sp: SharedPrompt) -> SharedPrompt:
     check_name(sp.id, "shared prompt id")
+    _check_provenance(sp.backbone, sp.created, f"shared prompt {sp.id!r}")
     _check_tensor("prompt", sp.prompt, f"shared prompt {sp.id!r}")
     if sp.length > MAX_PROMPT_LENGTH:
         raise ArtifactError(
@@ -121,6 +130,7 @@ def validate_task(tf: TaskFactors, *, max_rank: int = MAX_RANK) -> TaskFactors:
     check_name(tf.name, "task name")
     check_name(tf.shared, "shared prompt id")
     what = f"task {tf.name!r}"
+    _check_provenance(tf.backbone, tf.created, what)
     _check_tensor("u", tf.u, what)
     _check_tensor("v", tf.v, what)
     if tf.u.shape[1] != tf.v.shape[0]:
@@ -309,6 +319,9 @@ def write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            # mkstemp makes the file private (0600); artifacts are read by other processes
+            # (a server, another user's trainer), so give them a plain file's mode.
+            os.fchmod(f.fileno(), 0o644)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -316,6 +329,18 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable: the directory entry is only on disk once the directory is synced."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def shared_path(root: Path, shared_id: str) -> Path:
@@ -369,17 +394,33 @@ class ArtifactDir:
     tasks: dict[str, TaskFactors]
 
 
+def _check_file_name(path: Path, name: str, what: str) -> None:
+    # The file name is the key: a renamed or copied file would otherwise shadow another task.
+    if path.stem != name:
+        raise ArtifactError(
+            f"{path}: holds {what} {name!r}; the file must be named {name}.safetensors"
+        )
+
+
 def load_artifact_dir(root: Path, *, backbone: str | None = None) -> ArtifactDir:
+    """Every artifact under ``root/shared`` and ``root/tasks``, validated and cross-checked.
+
+    Refuses (``ArtifactError``) a file that does not decode, one made for another ``backbone``,
+    a file whose name is not its artifact's id or name, and a task whose shared prompt is
+    missing or does not fit it.
+    """
     root = Path(root)
     if not root.is_dir():
         raise ArtifactError(f"artifact directory {root} does not exist")
     shared: dict[str, SharedPrompt] = {}
     for path in sorted((root / "shared").glob("*.safetensors")):
         sp = load_shared(path, backbone=backbone)
+        _check_file_name(path, sp.id, "shared prompt id")
         shared[sp.id] = sp
     tasks: dict[str, TaskFactors] = {}
     for path in sorted((root / "tasks").glob("*.safetensors")):
         tf = load_task(path, backbone=backbone)
+        _check_file_name(path, tf.name, "task name")
         if tf.shared not in shared:
             raise ArtifactError(
                 f"{path}: task {tf.name!r} needs shared prompt {tf.shared!r}, "

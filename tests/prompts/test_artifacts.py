@@ -296,7 +296,7 @@ def test_refuses_task_of_another_shared_prompt() -> None:
 
 # --- names --------------------------------------------------------------------------------
 
-BAD_NAMES = ["../x", "A", "", "a" * 65, "a/b", ".hidden", "a..b", "a b"]
+BAD_NAMES = ["../x", "A", "", "a" * 65, "a/b", ".hidden", "a..b", "a b", "qa\n"]
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)
@@ -360,6 +360,23 @@ def test_atomic_write_leaves_no_temp_files(tmp_path: Path) -> None:
     write_atomic(path, b"new")
     assert path.read_bytes() == b"new"
     assert os.listdir(path.parent) == ["qa.safetensors"]
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by a server running as another user
+
+
+def test_artifact_dir_refuses_file_named_after_another_artifact(tmp_path: Path) -> None:
+    save_shared(tmp_path, _shared())
+    save_task(tmp_path, _task())
+    (tmp_path / "tasks" / "qa.safetensors").rename(tmp_path / "tasks" / "other.safetensors")
+    with pytest.raises(ArtifactError, match="holds task name 'qa'; the file must be named qa"):
+        load_artifact_dir(tmp_path)
+
+
+@pytest.mark.parametrize("field", ["backbone", "created"])
+def test_encode_refuses_what_decode_would_refuse(field: str) -> None:
+    with pytest.raises(ArtifactError, match=f"{field} must be a non-empty string"):
+        encode_shared(_shared(**{field: ""}))
+    with pytest.raises(ArtifactError, match=f"{field} must be a non-empty string"):
+        encode_task(_task(**{field: ""}))
 
 
 def test_atomic_write_failure_keeps_the_old_file(tmp_path: Path, monkeypatch) -> None:
