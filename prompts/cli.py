@@ -35,17 +35,36 @@ def _parser() -> argparse.ArgumentParser:
         description="Convert a PEFT prompt adapter (MULTITASK_PROMPT_TUNING or PROMPT_TUNING) "
         "into rankone artifacts under ARTIFACT_DIR/shared and ARTIFACT_DIR/tasks.",
     )
-    parser.add_argument("adapter_dir", type=Path, help="a directory saved by PEFT save_pretrained")
     parser.add_argument(
-        "--model", required=True, help="the backbone the adapter was trained on (local dir)"
+        "adapter_dir",
+        type=Path,
+        metavar="ADAPTER_DIR",
+        help="a directory saved by PEFT save_pretrained",
     )
-    parser.add_argument("--out", required=True, type=Path, help="the artifact directory to write")
-    parser.add_argument("--shared-id", required=True, help="id of the shared prompt to write")
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="MODEL_DIR",
+        help="the backbone the adapter was trained on (a local model directory)",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="ARTIFACT_DIR",
+        help="the artifact directory to write",
+    )
+    parser.add_argument(
+        "--shared-id", required=True, metavar="ID", help="id of the shared prompt to write"
+    )
     parser.add_argument(
         "--task-names",
+        metavar="A,B,C",
         help="MPT only: comma-separated task names in task-id order (default <ID>-task<i>)",
     )
-    parser.add_argument("--task-name", help="PROMPT_TUNING only: the task name (default ID)")
+    parser.add_argument(
+        "--task-name", metavar="NAME", help="PROMPT_TUNING only: the task name (default ID)"
+    )
     parser.add_argument(
         "--force", action="store_true", help="overwrite artifacts that already exist in --out"
     )

@@ -33,6 +33,10 @@ from prompts import (
     prepend_prompts,
 )
 from prompts.cli import import_peft_main
+from rankone_cli import main as rankone_main
+
+# peft 0.21.2 calls a transformers 5 method that is deprecated; nothing to act on here.
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated")
 
 L, NUM_TASKS, NEW_TOKENS = 4, 3, 6
 TEXTS = ["the quick brown fox", "question: what is two plus two?"]
@@ -267,6 +271,14 @@ def test_cli_refusals(
     err = _cli_error([str(t5_adapter), *model_args, "--shared-id", "fam"], capsys)
     assert "does not exist" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_rankone_command_dispatches_import_peft(
+    tiny_t5_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["import-peft", str(tmp_path), "--model", str(tiny_t5_dir), "--out", str(tmp_path)]
+    assert rankone_main([*argv, "--shared-id", "fam"]) == 2
+    assert "is not a PEFT adapter directory" in capsys.readouterr().err
 
 
 def test_refuses_adapter_that_prompts_the_decoder(tiny_t5_dir: Path, tmp_path: Path) -> None:
