@@ -242,9 +242,10 @@ def write_results(result: dict[str, Any], out: Path, command: str) -> None:
         "",
         "Cold means the task's factors are not in the device cache (the shared prompt is);",
         "the device is the CPU here, so no host-to-device copy is included. Redis runs on",
-        "the same machine over loopback, single client, sequential lookups. The cold p99 is",
-        "CPU contention, not the store: a tight loop of decode_task alone, which never waits",
-        "on I/O, shows the same tail when the 2 cores are oversubscribed (load average below).",
+        "the same machine over loopback, single client, sequential lookups. The cold p99",
+        "tracks CPU contention rather than the store: decode_task alone, a tight loop with no",
+        "I/O, shows the same tail while the Redis read alone does not, and the cores were",
+        "oversubscribed (load average below).",
         "",
         "Machine: "
         f"{m['nproc']} CPUs ({m['cpu']}), Python {m['python']}, torch {m['torch']}, "

@@ -27,6 +27,7 @@ from prompts.artifacts import (
     SharedPrompt,
     TaskFactors,
     check_backbone,
+    check_name,
     decode_shared,
     decode_task,
     encode_shared,
@@ -239,6 +240,7 @@ class FactorStore:
         return record
 
     async def get_shared(self, shared_id: str) -> tuple[Record, SharedPrompt]:
+        check_name(shared_id, "shared prompt id")
         record = await self._backend(self.backend.get_shared(shared_id))
         return record, decode_shared(record.blob)
 
@@ -334,10 +336,12 @@ class FactorStore:
         return record
 
     async def delete_task(self, name: str) -> None:
+        check_name(name, "task name")
         await self._backend(self.backend.delete_task(name))
         self._invalidate("task", name)
 
     async def get_task(self, name: str) -> tuple[Record, TaskFactors]:
+        check_name(name, "task name")
         record = await self._backend(self.backend.get_task(name))
         return record, decode_task(record.blob, max_rank=self.max_rank)
 
@@ -350,9 +354,14 @@ class FactorStore:
         return await self._backend(self.backend.list_tasks(offset=offset, limit=limit))
 
     async def resolve(self, name: str) -> ResolvedTask:
-        """The task's factors and shared prompt on the model's device: cache, else backend."""
+        """The task's factors and shared prompt on the model's device: cache, else backend.
+
+        The tensors are the cache's own (shared by every caller): read them, never modify them
+        in place.
+        """
 
         async def load() -> tuple[_Entry, int]:
+            check_name(name, "task name")
             record = await self._backend(self.backend.get_task(name))
             # one blob holds u and v: they are always of the same version
             tf = decode_task(

@@ -456,6 +456,26 @@ async def test_replace_on_one_replica_invalidates_the_other(redis_url: str) -> N
         await b.close()
 
 
+async def test_malformed_events_do_not_stop_invalidations(redis_url: str) -> None:
+    fs = make_store(RedisBackend(redis_url))
+    events: list[StoreEvent] = []
+    fs.add_listener(events.append)
+    await fs.start()
+    try:
+        admin = redis.Redis.from_url(redis_url)
+        for junk in (
+            b"not json",
+            b'{"action": "put"}',
+            b'{"action": "x", "kind": "task", "name": "t", "version": 1}',
+        ):
+            admin.publish("rankone:events", junk)
+        admin.close()
+        await fs.register_shared(shared(), {})
+        assert await eventually(lambda: StoreEvent("put", "shared", "p", 1) in events)
+    finally:
+        await fs.close()
+
+
 async def _is(awaitable: Any, value: Any) -> bool:
     return (await awaitable) == value
 
@@ -637,11 +657,11 @@ async def test_embedded_discards_uncommitted_and_orphaned_files(tmp_path: Path) 
         await again.close()
 
 
-async def test_embedded_refuses_names_that_escape_the_directory(tmp_path: Path) -> None:
-    fs = make_store(EmbeddedBackend(tmp_path))
-    await fs.start()
-    try:
+async def test_names_that_could_escape_are_refused(store: FactorStore) -> None:
+    for bad in ("../shared/p", "a/b", "", "X"):
         with pytest.raises(ArtifactError):
-            await fs.get_task("../shared/p")
-    finally:
-        await fs.close()
+            await store.get_task(bad)
+        with pytest.raises(ArtifactError):
+            await store.resolve(bad)
+        with pytest.raises(ArtifactError):
+            await store.delete_task(bad)
