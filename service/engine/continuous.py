@@ -119,6 +119,9 @@ class ContinuousEngine(Engine):
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+        else:  # never started: nothing will ever run what is waiting
+            with self._cond:
+                self._abort_all()
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         stream = self.stream(request)

@@ -155,13 +155,16 @@ def test_queue_full_raises(backbones: dict[str, Backbone]) -> None:
 
     async def main():
         engine = ContinuousEngine(backbone, queue_size=2)  # not started: nothing drains the queue
-        for i in range(2):
-            engine.stream(request(backbone, task, TEXTS[0], f"q{i}"))
+        streams = [engine.stream(request(backbone, task, TEXTS[0], f"q{i}")) for i in range(2)]
         assert engine.queue_depth == 2
         with pytest.raises(QueueFullError):
             engine.stream(request(backbone, task, TEXTS[0], "q2"))
         with pytest.raises(QueueFullError):
             await engine.generate(request(backbone, task, TEXTS[0], "q3"))
+        await engine.shutdown(drain_timeout_s=0.01)  # the waiting ones end as cancelled
+        for stream in streams:
+            deltas = [d async for d in stream]
+            assert deltas[-1].result.finish_reason == "cancelled"
 
     run(main())
 

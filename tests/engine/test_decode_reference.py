@@ -115,3 +115,46 @@ def test_empty_input_uses_prefix_logits(backbones: dict[str, Backbone]) -> None:
             loop.step()
         outs.append(sink.result.token_ids)
     assert outs[0] == outs[1]
+
+
+def test_t5_with_more_decoder_than_encoder_layers(tmp_path) -> None:
+    """``generate`` fails on such configs in transformers 5.24 (DESIGN §9); the engine must not."""
+    import torch
+    from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
+
+    from prompts import load_backbone
+
+    torch.manual_seed(0)
+    tok = ByT5Tokenizer()
+    config = T5Config(
+        vocab_size=len(tok),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=1,
+        num_decoder_layers=3,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        initializer_factor=4.0,
+        decoder_start_token_id=tok.pad_token_id,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    T5ForConditionalGeneration(config).eval().save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    backbone = load_backbone(tmp_path)
+    tasks = make_tasks(backbone)
+    loop = DecodeLoop(backbone)
+    rows = [
+        row(request(backbone, tasks[i], TEXTS[i], f"r{i}", max_new_tokens=6 + i)) for i in range(2)
+    ]
+    loop.admit([rows[0][0]])
+    loop.step()
+    loop.admit([rows[1][0]])
+    while loop.running:
+        loop.step()
+    for r, sink in rows:
+        req = r.request
+        expected = reference_no_cache(backbone, req.task, req.input_ids, req.params.max_new_tokens)
+        assert sink.result.token_ids == expected
