@@ -115,19 +115,15 @@ def build_prompts(paths: DemoPaths, recipe: DemoRecipe) -> None:
         return
     log("step 3/3: training the MPT prompts (teach, then distill) on the frozen backbone")
     common = [
-        "--model",
-        str(paths.backbone),
-        "--data-dir",
-        str(paths.data),
-        "--tasks",
-        ",".join(recipe.tasks),
-        "--prompt-length",
-        str(recipe.prompt_length),
-        "--batch-size",
-        str(recipe.batch_size),
-        "--seed",
-        str(recipe.seed),
-    ]
+        "--model", str(paths.backbone),
+        "--data-dir", str(paths.data),
+        "--tasks", *recipe.tasks,
+        "--prompt-length", str(recipe.prompt_length),
+        "--batch-size", str(recipe.batch_size),
+        "--lr", str(recipe.lr),
+        "--seed", str(recipe.seed),
+        "--device", "cpu",
+    ]  # fmt: skip
     run_stage(
         trainer_cmd("teach", *common, "--out", str(paths.teach), "--steps", str(recipe.teach_steps))
     )
@@ -271,12 +267,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_CACHE,
         help="where the demo is built (default: .rankone/demo)",
     )
+    d = DemoRecipe()
+    p.add_argument(
+        "--pretrain-minutes",
+        type=float,
+        default=None,
+        help="time budget of the backbone pretraining (default 5)",
+    )
+    p.add_argument(
+        "--teach-steps",
+        type=int,
+        default=d.teach_steps,
+        help="prompt-tuning steps per teacher (source task)",
+    )
+    p.add_argument(
+        "--distill-steps", type=int, default=d.distill_steps, help="MPT source-training steps"
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    recipe = DemoRecipe()
+    recipe = DemoRecipe(teach_steps=args.teach_steps, distill_steps=args.distill_steps)
+    if args.pretrain_minutes is not None:
+        recipe.pretrain_args = ["--minutes", str(args.pretrain_minutes)]
     paths = DemoPaths(args.cache_dir)
     manifest = build(paths, recipe, rebuild=args.rebuild)
     log(f"demo ready in {paths.root} (backbone, data, artifacts)")

@@ -29,6 +29,14 @@ from trainer.demo import tasks as T
         (T.reverse_upper, "abc", "CBA"),
         (T.subtract_numbers, "19-7", "12"),
         (T.identity, "a b", "a b"),
+        (T.sort_desc, "house", "usohe"),
+        (T.count_vowels, "house", "3"),
+        (T.count_consonants, "house", "2"),
+        (T.min_letter, "house", "e"),
+        (T.max_letter, "house", "u"),
+        (T.sort_unique, "hello", "ehlo"),
+        (T.vowels_sorted, "house", "eou"),
+        (T.min_max, "house", "eu"),
     ],
 )
 def test_target_functions(fn, x, y):
@@ -48,6 +56,7 @@ def test_generators_are_deterministic_and_consistent(name):
         assert 0 < len(ex["input"]) <= 20
         assert len(ex["target"]) <= (20 if name in T.GENERIC_TASKS else 12)
         assert "\n" not in ex["input"]
+        assert ex["target"] or name in T.EXTRA_TASKS
 
 
 def test_suite_sizes_and_disjoint_families():
