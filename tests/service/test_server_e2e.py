@@ -77,14 +77,18 @@ def test_concurrent_mixed_tasks_equal_generate_alone(registered: ServerProcess,
                 for name, text, n in jobs
             ))
 
+    compared = 0
     for (name, text, n), r in zip(jobs, asyncio.run(run()), strict=True):
         assert r.status_code == 200, r.text
         u, v = factors(t5_backbone, seed=TASKS.index(name))
         expected = reference_text(t5_backbone, sp.prompt, u, v, text, n)
         body = r.json()
-        assert body["texts"] == [expected], (name, text)
+        if expected is not None:
+            compared += 1
+            assert body["texts"] == [expected], (name, text)
         assert body["outputs"][0]["prompt_tokens"] == len(t5_backbone.tokenizer(text)["input_ids"])
         assert body["outputs"][0]["completion_tokens"] <= n
+    assert compared >= len(jobs) - 2, "too many near ties: pick other test factors"
 
 
 def test_list_inputs_each_a_request(registered: ServerProcess, t5_backbone: Backbone) -> None:
@@ -93,8 +97,9 @@ def test_list_inputs_each_a_request(registered: ServerProcess, t5_backbone: Back
     assert r.status_code == 200, r.text
     sp = shared_prompt(t5_backbone)
     u, v = factors(t5_backbone, seed=TASKS.index("qa"))
-    assert r.json()["texts"] == [reference_text(t5_backbone, sp.prompt, u, v, t, 5)
-                                 for t in INPUTS]
+    for got, text in zip(r.json()["texts"], INPUTS, strict=True):
+        expected = reference_text(t5_backbone, sp.prompt, u, v, text, 5)
+        assert expected is None or got == expected
     assert r.headers["x-request-id"]
 
 
@@ -104,7 +109,8 @@ def test_openai_client(registered: ServerProcess, t5_backbone: Backbone) -> None
                                     temperature=0)
     sp = shared_prompt(t5_backbone)
     u, v = factors(t5_backbone, seed=TASKS.index("summarize"))
-    assert out.choices[0].text == reference_text(t5_backbone, sp.prompt, u, v, "hello there", 7)
+    expected = reference_text(t5_backbone, sp.prompt, u, v, "hello there", 7)
+    assert expected is not None and out.choices[0].text == expected
     assert out.choices[0].finish_reason in {"stop", "length"}
     assert out.usage is not None and out.usage.completion_tokens <= 7
     assert sorted(m.id for m in client.models.list()) == sorted(TASKS)
@@ -149,6 +155,7 @@ def test_two_replicas_share_writes(replicas: list[ServerProcess], registered: Se
     assert r.status_code == 200 and r.json()["version"] == 2, r.text
     u, v = factors(t5_backbone, seed=42)
     expected = reference_text(t5_backbone, sp.prompt, u, v, "hello there", 6)
+    assert expected is not None
 
     def b_serves_v2() -> bool:
         resp = httpx.post(f"{b.url}/v1/tasks/translate/generate", json=gen, headers=CLIENT,
