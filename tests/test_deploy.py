@@ -197,6 +197,85 @@ def test_redis_conf_is_accepted_by_redis_server(tmp_path: Path) -> None:
     assert (tmp_path / "appendonlydir").is_dir()
 
 
+# ---- init job and entrypoint ---------------------------------------------------------------
+
+FAKE_RANKONE = """#!/bin/sh
+echo "$*" >> "$FAKE_CALLS"
+[ "$FAKE_FAIL" = 1 ] && exit 0
+mkdir -p "$4/backbone" "$4/artifacts"
+"""
+
+
+def run_script(name: str, tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "rankone"
+    fake.write_text(FAKE_RANKONE)
+    fake.chmod(0o755)
+    base = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "FAKE_CALLS": str(tmp_path / "calls"),
+        "FAKE_FAIL": "0",
+        "RANKONE_DEMO_DIR": str(tmp_path / "demo"),
+    }
+    return subprocess.run(
+        ["sh", str(DOCKER / name), *args],
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def calls(tmp_path: Path) -> list[str]:
+    path = tmp_path / "calls"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_init_builds_the_demo_once(tmp_path: Path) -> None:
+    demo = tmp_path / "demo"
+    first = run_script("init-demo.sh", tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert calls(tmp_path) == [f"demo --no-serve --cache-dir {demo}"]
+    assert (demo / ".complete").exists()
+    again = run_script("init-demo.sh", tmp_path)
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+    assert len(calls(tmp_path)) == 1
+
+
+def test_init_does_nothing_when_a_model_is_given(tmp_path: Path) -> None:
+    result = run_script("init-demo.sh", tmp_path, RANKONE_MODEL="google/flan-t5-small")
+    assert result.returncode == 0
+    assert calls(tmp_path) == []
+
+
+def test_init_fails_and_leaves_no_marker_when_the_demo_is_incomplete(tmp_path: Path) -> None:
+    result = run_script("init-demo.sh", tmp_path, FAKE_FAIL="1")
+    assert result.returncode == 1
+    assert "is missing" in result.stderr
+    assert not (tmp_path / "demo" / ".complete").exists()
+
+
+def test_entrypoint_serves_the_demo_when_no_model_is_given(tmp_path: Path) -> None:
+    demo = tmp_path / "demo"
+    missing = run_script("entrypoint.sh", tmp_path, "env")
+    assert missing.returncode == 64
+    assert "RANKONE_MODEL is not set" in missing.stderr
+    run_script("init-demo.sh", tmp_path)
+    result = run_script("entrypoint.sh", tmp_path, "env")
+    assert result.returncode == 0, result.stderr
+    assert f"RANKONE_MODEL={demo}/backbone" in result.stdout.splitlines()
+    assert f"RANKONE_SEED_DIR={demo}/artifacts" in result.stdout.splitlines()
+
+
+def test_entrypoint_leaves_a_given_model_alone(tmp_path: Path) -> None:
+    run_script("init-demo.sh", tmp_path)
+    result = run_script("entrypoint.sh", tmp_path, "env", RANKONE_MODEL="/models/t5")
+    assert result.returncode == 0
+    assert "RANKONE_MODEL=/models/t5" in result.stdout.splitlines()
+    assert not any(line.startswith("RANKONE_SEED_DIR=") for line in result.stdout.splitlines())
+
+
 # ---- Dockerfiles -----------------------------------------------------------------------------
 
 
