@@ -107,17 +107,19 @@ class GenerationHandler:
         return Prepared(task, requests)
 
     async def run(self, prepared: Prepared) -> list[GenerationResult]:
-        jobs = [self.engine.generate(r) for r in prepared.requests]
+        """All inputs concurrently; if one fails (queue full, timeout) the rest are cancelled."""
+        jobs = [asyncio.ensure_future(self.engine.generate(r)) for r in prepared.requests]
         try:
             return list(
                 await asyncio.wait_for(asyncio.gather(*jobs), self.settings.request_timeout_s)
             )
         except TimeoutError:
             raise ApiError(
-                504,
-                "timeout",
-                f"the request took longer than {self.settings.request_timeout_s:g} s",
+                504, "timeout", f"the request took longer than {self.settings.request_timeout_s:g} s"
             ) from None
+        finally:
+            for job in jobs:
+                job.cancel()
 
     async def open_stream(
         self, request: GenerationRequest
