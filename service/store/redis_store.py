@@ -164,7 +164,7 @@ class RedisBackend(FactorBackend):
             "socket_keepalive": True,
             "socket_keepalive_options": _keepalive_options(),
         }
-        # Commands retry twice on a dropped connection, then fail: a StoreError, never a hang.
+        # Reads retry twice on a dropped connection, then fail: a StoreError, never a hang.
         self._pool = BlockingConnectionPool.from_url(
             url,
             max_connections=pool_size,
@@ -174,12 +174,23 @@ class RedisBackend(FactorBackend):
             **timeouts,
         )
         self._client = Redis(connection_pool=self._pool)
+        # Writes never retry: a write whose reply was lost may have been applied, and running
+        # it again would turn a successful create into a 409 or a delete into a 404.
+        self._write_pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max(2, pool_size // 4),
+            timeout=pool_timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=30,
+            **timeouts,
+        )
+        self._writer = Redis(connection_pool=self._write_pool)
         # The subscription never reconnects behind our back: a reconnect must emit 'reset'.
         self._sub_client = Redis.from_url(
             url, retry=Retry(NoBackoff(), 0), health_check_interval=5, **timeouts
         )
-        self._put_script = self._client.register_script(PUT_SCRIPT)
-        self._delete_script = self._client.register_script(DELETE_SCRIPT)
+        self._put_script = self._writer.register_script(PUT_SCRIPT)
+        self._delete_script = self._writer.register_script(DELETE_SCRIPT)
         self._listener: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
         self._start_timeout_s = connect_timeout_s + socket_timeout_s
@@ -190,7 +201,12 @@ class RedisBackend(FactorBackend):
     async def _call(self, what: str, awaitable: Awaitable[T]) -> T:
         try:
             return await awaitable
-        except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+        except RedisTimeoutError as e:
+            raise StoreError(
+                f"Redis at {self.where}: {what} timed out: {e}; if it was a write, it may or may "
+                "not have been applied: read the record back before retrying"
+            ) from e
+        except (RedisConnectionError, OSError) as e:
             raise StoreError(
                 f"Redis at {self.where}: {what} failed: {e}; check that Redis is running and "
                 "reachable from this server"
@@ -250,11 +266,12 @@ class RedisBackend(FactorBackend):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
             self._listener = None
-        for client in (self._sub_client, self._client):
+        for client in (self._sub_client, self._client, self._writer):
             with contextlib.suppress(RedisError, OSError):
                 await client.aclose()
-        with contextlib.suppress(RedisError, OSError):
-            await self._pool.disconnect()
+        for pool in (self._pool, self._write_pool):
+            with contextlib.suppress(RedisError, OSError):
+                await pool.disconnect()
 
     async def ping(self) -> bool:
         try:
@@ -374,6 +391,11 @@ class RedisBackend(FactorBackend):
     @property
     def client(self) -> Redis:
         return self._client
+
+    @property
+    def writer(self) -> Redis:
+        """The client writes go through (no retries); pipeline the write script on it."""
+        return self._writer
 
     @property
     def put_script(self) -> Any:
