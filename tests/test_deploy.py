@@ -305,7 +305,8 @@ def test_service_image_healthcheck_and_command() -> None:
     final = stages(DOCKER / "Dockerfile")[-1]
     assert re.search(r"^HEALTHCHECK .*/healthz", final, flags=re.MULTILINE)
     assert re.search(r"^EXPOSE 8000$", final, flags=re.MULTILINE)
-    assert 'CMD ["uvicorn", "service.app:app", "--host", "0.0.0.0", "--port", "8000"' in final
+    assert re.search(r"^ENV .*RANKONE_HOST=0\.0\.0\.0 .*RANKONE_PORT=8000 ", final, re.MULTILINE)
+    assert 'CMD ["rankone", "serve"]' in final
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
