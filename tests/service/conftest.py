@@ -41,8 +41,14 @@ def gpt2_backbone(tiny_gpt2_dir: Path) -> Backbone:
     return _load(tiny_gpt2_dir)
 
 
-def shared_prompt(bb: Backbone, sid: str = "family", *, seed: int = 0,
-                  length: int = PROMPT_LENGTH, backbone: str | None = None) -> SharedPrompt:
+def shared_prompt(
+    bb: Backbone,
+    sid: str = "family",
+    *,
+    seed: int = 0,
+    length: int = PROMPT_LENGTH,
+    backbone: str | None = None,
+) -> SharedPrompt:
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randn(length, bb.dim, generator=g)  # [L, d]
     return SharedPrompt(sid, prompt, backbone or bb.fingerprint)
@@ -52,16 +58,24 @@ def shared_body(sp: SharedPrompt, **extra: Any) -> dict[str, Any]:
     return {"blob": to_base64(encode_shared(sp)), **extra}
 
 
-def factors(bb: Backbone, *, seed: int, length: int = PROMPT_LENGTH,
-            rank: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def factors(
+    bb: Backbone, *, seed: int, length: int = PROMPT_LENGTH, rank: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + seed)
     u = torch.randn(length, rank, generator=g) * 2  # [L, r]
     v = torch.randn(rank, bb.dim, generator=g)  # [r, d]
     return u, v
 
 
-def task_body(bb: Backbone, name: str, *, seed: int, shared: str = "family",
-              as_blob: bool = False, **extra: Any) -> dict[str, Any]:
+def task_body(
+    bb: Backbone,
+    name: str,
+    *,
+    seed: int,
+    shared: str = "family",
+    as_blob: bool = False,
+    **extra: Any,
+) -> dict[str, Any]:
     u, v = factors(bb, seed=seed)
     if as_blob:
         tf = TaskFactors(name, shared, u, v, bb.fingerprint)
@@ -84,8 +98,16 @@ class ServerProcess:
 
     def start(self, timeout: float = 90.0) -> ServerProcess:
         log = self.log_path.open("ab")
-        cmd = [sys.executable, "-m", "rankone_cli", "serve", "--host", "127.0.0.1",
-               "--port", str(self.port)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "rankone_cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -129,14 +151,24 @@ def server_factory(tmp_path: Path) -> Iterator[Any]:
 
 
 def server_env(model: Path, **settings: Any) -> dict[str, str]:
-    env = {"RANKONE_MODEL": str(model), "RANKONE_ADMIN_KEYS": ADMIN_KEY,
-           "RANKONE_CLIENT_KEYS": CLIENT_KEY, "RANKONE_LOG_LEVEL": "WARNING"}
+    env = {
+        "RANKONE_MODEL": str(model),
+        "RANKONE_ADMIN_KEYS": ADMIN_KEY,
+        "RANKONE_CLIENT_KEYS": CLIENT_KEY,
+        "RANKONE_LOG_LEVEL": "WARNING",
+    }
     env.update({f"RANKONE_{k.upper()}": str(v) for k, v in settings.items()})
     return env
 
 
-def reference_text(bb: Backbone, prompt: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
-                   text: str, max_new_tokens: int) -> str | None:
+def reference_text(
+    bb: Backbone,
+    prompt: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    text: str,
+    max_new_tokens: int,
+) -> str | None:
     """What HF ``generate`` gives for one request alone with its composed prompt (greedy).
 
     None when a step's top-two logits are within float32 noise of each other (a near tie that
@@ -147,13 +179,18 @@ def reference_text(bb: Backbone, prompt: torch.Tensor, u: torch.Tensor, v: torch
 
     ids = torch.tensor([bb.tokenizer(text)["input_ids"]])  # [1, T]
     composed = compose_prompt(prompt, u, v)[None]  # [1, L, d]
-    inputs = prepend_prompts(bb.embed(ids), torch.ones_like(ids), composed,
-                             causal=not bb.is_seq2seq)
+    inputs = prepend_prompts(
+        bb.embed(ids), torch.ones_like(ids), composed, causal=not bb.is_seq2seq
+    )
     with torch.inference_mode():
-        out = bb.model.generate(inputs_embeds=inputs.inputs_embeds,  # type: ignore[operator]
-                                attention_mask=inputs.attention_mask,
-                                max_new_tokens=max_new_tokens, do_sample=False,
-                                output_scores=True, return_dict_in_generate=True)
+        out = bb.model.generate(
+            inputs_embeds=inputs.inputs_embeds,  # type: ignore[operator]
+            attention_mask=inputs.attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
     seq = out.sequences[0].tolist()
     tokens = seq[1:] if bb.is_seq2seq else seq
     eos = bb.tokenizer.eos_token_id

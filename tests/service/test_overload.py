@@ -28,24 +28,35 @@ def slow_engine(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(static_engine, "run_group", slow)
 
 
-async def _serve(settings: Settings, bb: Backbone, calls: int,
-                 body: dict[str, Any]) -> list[httpx.Response]:
+async def _serve(
+    settings: Settings, bb: Backbone, calls: int, body: dict[str, Any]
+) -> list[httpx.Response]:
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-            assert (await c.post("/v1/shared-prompts",
-                                 json=shared_body(shared_prompt(bb)))).status_code == 201
-            assert (await c.post("/v1/tasks",
-                                 json=task_body(bb, "busy", seed=0))).status_code == 201
-            return await asyncio.gather(*(c.post("/v1/tasks/busy/generate", json=body)
-                                          for _ in range(calls)))
+            assert (
+                await c.post("/v1/shared-prompts", json=shared_body(shared_prompt(bb)))
+            ).status_code == 201
+            assert (
+                await c.post("/v1/tasks", json=task_body(bb, "busy", seed=0))
+            ).status_code == 201
+            return await asyncio.gather(
+                *(c.post("/v1/tasks/busy/generate", json=body) for _ in range(calls))
+            )
 
 
-def test_full_queue_answers_429_with_retry_after(slow_engine: None, tiny_t5_dir: Path,
-                                                 tmp_path: Path, t5_backbone: Backbone) -> None:
-    settings = Settings(model=str(tiny_t5_dir), data_dir=str(tmp_path), queue_size=1,
-                        max_batch_size=1, max_wait_ms=0, log_level="WARNING")
+def test_full_queue_answers_429_with_retry_after(
+    slow_engine: None, tiny_t5_dir: Path, tmp_path: Path, t5_backbone: Backbone
+) -> None:
+    settings = Settings(
+        model=str(tiny_t5_dir),
+        data_dir=str(tmp_path),
+        queue_size=1,
+        max_batch_size=1,
+        max_wait_ms=0,
+        log_level="WARNING",
+    )
     body = {"inputs": "hi", "parameters": {"max_new_tokens": 2}}
     responses = asyncio.run(_serve(settings, t5_backbone, 6, body))
     codes = sorted(r.status_code for r in responses)
@@ -57,20 +68,28 @@ def test_full_queue_answers_429_with_retry_after(slow_engine: None, tiny_t5_dir:
             assert "queue is full" in r.json()["error"]["message"]
 
 
-def test_list_inputs_over_the_queue_are_refused_whole(slow_engine: None, tiny_t5_dir: Path,
-                                                      tmp_path: Path,
-                                                      t5_backbone: Backbone) -> None:
-    settings = Settings(model=str(tiny_t5_dir), data_dir=str(tmp_path), queue_size=1,
-                        max_batch_size=1, max_wait_ms=0, log_level="WARNING")
+def test_list_inputs_over_the_queue_are_refused_whole(
+    slow_engine: None, tiny_t5_dir: Path, tmp_path: Path, t5_backbone: Backbone
+) -> None:
+    settings = Settings(
+        model=str(tiny_t5_dir),
+        data_dir=str(tmp_path),
+        queue_size=1,
+        max_batch_size=1,
+        max_wait_ms=0,
+        log_level="WARNING",
+    )
     body = {"inputs": ["a", "b", "c", "d"], "parameters": {"max_new_tokens": 2}}
     (r,) = asyncio.run(_serve(settings, t5_backbone, 1, body))
     assert r.status_code == 429, r.text
 
 
-def test_request_timeout_is_504(slow_engine: None, tiny_t5_dir: Path, tmp_path: Path,
-                                t5_backbone: Backbone) -> None:
-    settings = Settings(model=str(tiny_t5_dir), data_dir=str(tmp_path), request_timeout_s=0.1,
-                        log_level="WARNING")
+def test_request_timeout_is_504(
+    slow_engine: None, tiny_t5_dir: Path, tmp_path: Path, t5_backbone: Backbone
+) -> None:
+    settings = Settings(
+        model=str(tiny_t5_dir), data_dir=str(tmp_path), request_timeout_s=0.1, log_level="WARNING"
+    )
     body = {"inputs": "hi", "parameters": {"max_new_tokens": 2}}
     (r,) = asyncio.run(_serve(settings, t5_backbone, 1, body))
     assert r.status_code == 504 and "0.1 s" in r.json()["error"]["message"]

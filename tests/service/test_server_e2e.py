@@ -32,8 +32,9 @@ INPUTS = ["hello there", "the quick brown fox", "what is two plus two?", "a"]
 
 
 @pytest.fixture(scope="module")
-def replicas(redis_server, tiny_t5_dir: Path,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServerProcess]]:
+def replicas(
+    redis_server, tiny_t5_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[ServerProcess]]:
     """Two server processes on one Redis (started in parallel to save time)."""
     if redis_server.proc is None:
         redis_server.start()
@@ -57,25 +58,29 @@ def registered(replicas: list[ServerProcess], t5_backbone: Backbone) -> ServerPr
     r = httpx.post(f"{a.url}/v1/shared-prompts", json=shared_body(sp), headers=ADMIN)
     assert r.status_code == 201, r.text
     for i, name in enumerate(TASKS):
-        body = task_body(t5_backbone, name, seed=i, as_blob=i % 2 == 1,
-                         description=f"task {name}")
+        body = task_body(t5_backbone, name, seed=i, as_blob=i % 2 == 1, description=f"task {name}")
         r = httpx.post(f"{a.url}/v1/tasks", json=body, headers=ADMIN)
         assert r.status_code == 201, r.text
     return a
 
 
-def test_concurrent_mixed_tasks_equal_generate_alone(registered: ServerProcess,
-                                                     t5_backbone: Backbone) -> None:
+def test_concurrent_mixed_tasks_equal_generate_alone(
+    registered: ServerProcess, t5_backbone: Backbone
+) -> None:
     sp = shared_prompt(t5_backbone)
     jobs = [(name, text, 6 + 2 * i) for i, name in enumerate(TASKS) for text in INPUTS[:2]]
 
     async def run() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=registered.url, headers=CLIENT, timeout=60) as c:
-            return await asyncio.gather(*(
-                c.post(f"/v1/tasks/{name}/generate",
-                       json={"inputs": text, "parameters": {"max_new_tokens": n}})
-                for name, text, n in jobs
-            ))
+            return await asyncio.gather(
+                *(
+                    c.post(
+                        f"/v1/tasks/{name}/generate",
+                        json={"inputs": text, "parameters": {"max_new_tokens": n}},
+                    )
+                    for name, text, n in jobs
+                )
+            )
 
     compared = 0
     for (name, text, n), r in zip(jobs, asyncio.run(run()), strict=True):
@@ -92,8 +97,12 @@ def test_concurrent_mixed_tasks_equal_generate_alone(registered: ServerProcess,
 
 
 def test_list_inputs_each_a_request(registered: ServerProcess, t5_backbone: Backbone) -> None:
-    r = httpx.post(f"{registered.url}/v1/tasks/qa/generate", headers=CLIENT, timeout=60,
-                   json={"inputs": INPUTS, "parameters": {"max_new_tokens": 5}})
+    r = httpx.post(
+        f"{registered.url}/v1/tasks/qa/generate",
+        headers=CLIENT,
+        timeout=60,
+        json={"inputs": INPUTS, "parameters": {"max_new_tokens": 5}},
+    )
     assert r.status_code == 200, r.text
     sp = shared_prompt(t5_backbone)
     u, v = factors(t5_backbone, seed=TASKS.index("qa"))
@@ -105,8 +114,9 @@ def test_list_inputs_each_a_request(registered: ServerProcess, t5_backbone: Back
 
 def test_openai_client(registered: ServerProcess, t5_backbone: Backbone) -> None:
     client = OpenAI(base_url=f"{registered.url}/v1", api_key=CLIENT_KEY, max_retries=0)
-    out = client.completions.create(model="summarize", prompt="hello there", max_tokens=7,
-                                    temperature=0)
+    out = client.completions.create(
+        model="summarize", prompt="hello there", max_tokens=7, temperature=0
+    )
     sp = shared_prompt(t5_backbone)
     u, v = factors(t5_backbone, seed=TASKS.index("summarize"))
     expected = reference_text(t5_backbone, sp.prompt, u, v, "hello there", 7)
@@ -114,16 +124,23 @@ def test_openai_client(registered: ServerProcess, t5_backbone: Backbone) -> None
     assert out.choices[0].finish_reason in {"stop", "length"}
     assert out.usage is not None and out.usage.completion_tokens <= 7
     assert sorted(m.id for m in client.models.list()) == sorted(TASKS)
-    pieces = list(client.completions.create(model="summarize", prompt="hello there",
-                                            max_tokens=7, temperature=0, stream=True))
+    pieces = list(
+        client.completions.create(
+            model="summarize", prompt="hello there", max_tokens=7, temperature=0, stream=True
+        )
+    )
     assert "".join(p.choices[0].text for p in pieces) == out.choices[0].text
     assert pieces[-1].choices[0].finish_reason == out.choices[0].finish_reason
 
 
 def test_native_stream(registered: ServerProcess) -> None:
-    with httpx.stream("POST", f"{registered.url}/v1/tasks/qa/generate", headers=CLIENT,
-                      json={"inputs": "hi", "stream": True,
-                            "parameters": {"max_new_tokens": 4}}, timeout=60) as r:
+    with httpx.stream(
+        "POST",
+        f"{registered.url}/v1/tasks/qa/generate",
+        headers=CLIENT,
+        json={"inputs": "hi", "stream": True, "parameters": {"max_new_tokens": 4}},
+        timeout=60,
+    ) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines() if line]
@@ -141,8 +158,9 @@ def _wait_for(check, timeout: float = 1.0) -> float:
     return time.monotonic() - started
 
 
-def test_two_replicas_share_writes(replicas: list[ServerProcess], registered: ServerProcess,
-                                   t5_backbone: Backbone) -> None:
+def test_two_replicas_share_writes(
+    replicas: list[ServerProcess], registered: ServerProcess, t5_backbone: Backbone
+) -> None:
     a, b = replicas
     gen = {"inputs": "hello there", "parameters": {"max_new_tokens": 6}}
     sp = shared_prompt(t5_backbone)
@@ -158,19 +176,30 @@ def test_two_replicas_share_writes(replicas: list[ServerProcess], registered: Se
     assert expected is not None
 
     def b_serves_v2() -> bool:
-        resp = httpx.post(f"{b.url}/v1/tasks/translate/generate", json=gen, headers=CLIENT,
-                          timeout=60)
+        resp = httpx.post(
+            f"{b.url}/v1/tasks/translate/generate", json=gen, headers=CLIENT, timeout=60
+        )
         return resp.json().get("version") == 2 and resp.json()["texts"] == [expected]
 
     _wait_for(b_serves_v2)
     new = task_body(t5_backbone, "fresh", seed=7)
     assert httpx.post(f"{a.url}/v1/tasks", json=new, headers=ADMIN).status_code == 201
-    _wait_for(lambda: httpx.post(f"{b.url}/v1/tasks/fresh/generate", json=gen,
-                                 headers=CLIENT, timeout=60).status_code == 200)
+    _wait_for(
+        lambda: (
+            httpx.post(
+                f"{b.url}/v1/tasks/fresh/generate", json=gen, headers=CLIENT, timeout=60
+            ).status_code
+            == 200
+        )
+    )
     assert httpx.delete(f"{b.url}/v1/tasks/fresh", headers=ADMIN).status_code == 204
     for server in (a, b):
-        _wait_for(lambda s=server: httpx.post(f"{s.url}/v1/tasks/fresh/generate", json=gen,
-                                              headers=CLIENT).status_code == 404)
+        _wait_for(
+            lambda s=server: (
+                httpx.post(f"{s.url}/v1/tasks/fresh/generate", json=gen, headers=CLIENT).status_code
+                == 404
+            )
+        )
         assert httpx.get(f"{server.url}/v1/tasks/fresh", headers=ADMIN).status_code == 404
 
 
@@ -182,9 +211,14 @@ def test_ops_routes(registered: ServerProcess) -> None:
     assert info["store"] == "redis" and info["backbone"]["kind"] == "seq2seq"
     assert info["backbone"]["d"] == 64 and info["limits"]["max_new_tokens"] == 256
     text = httpx.get(f"{url}/metrics").text
-    for name in ("rankone_http_requests_total", "rankone_batch_size_bucket",
-                 "rankone_generated_tokens_total", "rankone_queue_depth",
-                 "rankone_device_cache_hits", "rankone_store_errors_total"):
+    for name in (
+        "rankone_http_requests_total",
+        "rankone_batch_size_bucket",
+        "rankone_generated_tokens_total",
+        "rankone_queue_depth",
+        "rankone_device_cache_hits",
+        "rankone_store_errors_total",
+    ):
         assert name in text, name
     assert 'route="/v1/tasks/{task}/generate"' in text
 
@@ -192,5 +226,9 @@ def test_ops_routes(registered: ServerProcess) -> None:
 def test_admin_key_needed_on_every_replica(replicas: list[ServerProcess]) -> None:
     for server in replicas:
         assert httpx.get(f"{server.url}/v1/tasks").status_code == 401
-        assert httpx.get(f"{server.url}/v1/tasks",
-                         headers={"Authorization": f"Bearer {ADMIN_KEY}"}).status_code == 200
+        assert (
+            httpx.get(
+                f"{server.url}/v1/tasks", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+            ).status_code
+            == 200
+        )

@@ -1,0 +1,87 @@
+"""The zero-setup server: the embedded directory store survives a restart; a GPT-2 backbone
+serves through the same routes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi.testclient import TestClient
+
+from prompts import Backbone
+from service.app import create_app
+from service.settings import Settings
+from tests.service.conftest import (
+    ADMIN,
+    CLIENT,
+    factors,
+    reference_text,
+    server_env,
+    shared_body,
+    shared_prompt,
+    task_body,
+)
+
+
+def test_embedded_store_survives_restart(
+    server_factory: Any, tiny_t5_dir: Path, tmp_path: Path, t5_backbone: Backbone
+) -> None:
+    env = server_env(tiny_t5_dir, data_dir=tmp_path / "store")
+    first = server_factory(env)
+    r = httpx.post(
+        f"{first.url}/v1/shared-prompts",
+        json=shared_body(shared_prompt(t5_backbone)),
+        headers=ADMIN,
+    )
+    assert r.status_code == 201, r.text
+    r = httpx.post(
+        f"{first.url}/v1/tasks", json=task_body(t5_backbone, "kept", seed=3), headers=ADMIN
+    )
+    assert r.status_code == 201, r.text
+    first.stop()
+    second = server_factory(env)
+    info = httpx.get(f"{second.url}/v1/tasks/kept", headers=ADMIN).json()
+    assert info["version"] == 1 and info["shared"] == "family"
+    r = httpx.post(
+        f"{second.url}/v1/tasks/kept/generate",
+        headers=CLIENT,
+        timeout=60,
+        json={"inputs": "hello", "parameters": {"max_new_tokens": 6}},
+    )
+    assert r.status_code == 200, r.text
+    u, v = factors(t5_backbone, seed=3)
+    expected = reference_text(t5_backbone, shared_prompt(t5_backbone).prompt, u, v, "hello", 6)
+    assert expected is None or r.json()["texts"] == [expected]
+    assert httpx.get(f"{second.url}/v1/info", headers=CLIENT).json()["store"] == "embedded"
+
+
+def _gpt2_client(model: Path, data: Path) -> Iterator[TestClient]:
+    settings = Settings(model=str(model), data_dir=str(data), log_level="WARNING")
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def test_gpt2_backbone_serves(tiny_gpt2_dir: Path, tmp_path: Path, gpt2_backbone: Backbone) -> None:
+    for c in _gpt2_client(tiny_gpt2_dir, tmp_path):
+        sp = shared_prompt(gpt2_backbone)
+        assert c.post("/v1/shared-prompts", json=shared_body(sp)).status_code == 201
+        for i in range(2):
+            body = task_body(gpt2_backbone, f"g{i}", seed=i)
+            assert c.post("/v1/tasks", json=body).status_code == 201
+        for i, text in enumerate(["the quick brown fox", "hello"]):
+            r = c.post(
+                f"/v1/tasks/g{i}/generate",
+                json={"inputs": [text, "a b c"], "parameters": {"max_new_tokens": 6}},
+            )
+            assert r.status_code == 200, r.text
+            u, v = factors(gpt2_backbone, seed=i)
+            expected = reference_text(gpt2_backbone, sp.prompt, u, v, text, 6)
+            assert expected is None or r.json()["texts"][0] == expected
+        r = c.post(
+            "/v1/completions",
+            json={"model": "g0", "prompt": "hello", "max_tokens": 3, "temperature": 0.8, "seed": 5},
+        )
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+        assert c.get("/v1/info").json()["backbone"]["kind"] == "causal"
