@@ -7,6 +7,8 @@ position ids once prompt rows sit between left padding and the input.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor
 
@@ -53,6 +55,9 @@ def greedy(
                 break
             decoded = torch.cat([decoded, token[:, None]], dim=1)
     else:
+        # transformers 5.x renames ``past_key_values`` to ``cache`` (the old name warns).
+        params = inspect.signature(model.forward).parameters
+        cache_arg = "cache" if "cache" in params else "past_key_values"
         result = model(
             inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True
         )
@@ -68,7 +73,7 @@ def greedy(
                 input_ids=token[:, None],
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=result.past_key_values,
                 use_cache=True,
+                **{cache_arg: result[cache_arg]},
             )
     return [row[: row.index(eos)] if eos in row else row for row in out.tolist()]
