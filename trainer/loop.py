@@ -154,6 +154,10 @@ def train(
     params = bank.trainable()
     broadcast_parameters(params, ctx)
     optimizer = make_optimizer(params, opts)
+    # fp16 gradients of small prompt losses underflow without loss scaling; bf16 needs none.
+    scaler = torch.amp.GradScaler(
+        "cuda", enabled=device.type == "cuda" and opts.precision == "fp16"
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, opts))
     sampler = MixtureSampler(
         [len(t.train) for t in tasks],
@@ -178,6 +182,7 @@ def train(
             )
         bank.load_state_dict(state["params"])
         optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         step, best_loss, best_step = state["step"], state["best_loss"], state["best_step"]
@@ -200,6 +205,7 @@ def train(
                 "micro_batches": step * opts.grad_accum,  # data position
                 "params": bank.state_dict(),
                 "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state(),
                 "best_loss": best_loss,
@@ -239,14 +245,16 @@ def train(
             ).to(device)
             with autocast(device, opts.precision):
                 loss, parts = objective(batch)
-            (loss / opts.grad_accum).backward()
+            scaler.scale(loss / opts.grad_accum).backward()
             window_tokens += batch.target_tokens
             for key, value in {"loss": loss.item(), **parts}.items():
                 scalars[key] = scalars.get(key, 0.0) + value / opts.grad_accum
         average_gradients(params, ctx)
+        scaler.unscale_(optimizer)
         if opts.max_grad_norm > 0:
             scalars["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm))
-        optimizer.step()
+        scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
