@@ -70,8 +70,8 @@ class ContinuousEngine(Engine):
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.queue_size = queue_size
-        # Continuous batching admits at every step, so there is nothing to wait for; the
-        # argument is accepted for the factory's sake.
+        # Only an idle engine waits (up to this long) for a burst to fill the first batch;
+        # a running batch admits newcomers at its next step anyway.
         self.max_wait_s = max_wait_ms / 1000
         self.metrics = metrics
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
@@ -212,6 +212,7 @@ class ContinuousEngine(Engine):
                     return
                 if self._stop and not self._waiting and not core.running:
                     return
+                self._gather_burst()
                 admitted = self._take_admissible()
             try:
                 start = time.perf_counter()
@@ -237,6 +238,17 @@ class ContinuousEngine(Engine):
                         row.finished = True
                         row.fail(exc)
                 core.abort(exc)
+
+    def _gather_burst(self) -> None:
+        """On an idle engine, wait up to ``max_wait_s`` for a full batch (called under the lock)."""
+        if self.loop_core.running or self._stop or self.max_wait_s <= 0:
+            return
+        deadline = time.monotonic() + self.max_wait_s
+        while len(self._waiting) < self.max_batch_size and not self._stop:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(left)
 
     def _take_admissible(self) -> list[Row]:
         """Pop the FIFO head of the waiting queue that fits the batch (called under the lock)."""

@@ -155,6 +155,7 @@ class DecodeLoop:
         # Seq2seq encoders are bidirectional: a prompt's states depend on the input.
         self.prefix_cache = None if self.seq2seq else prefix_cache
         self.eos_ids = self._eos_ids()
+        self.special_ids = frozenset(int(i) for i in self.tokenizer.all_special_ids)
         self.rng = torch.Generator().manual_seed(seed)
         self.stats = LoopStats()
         self.rows: list[Row] = []
@@ -200,7 +201,9 @@ class DecodeLoop:
         now = time.perf_counter()
         for row in rows:
             row.admitted_at = now
-            row.detok = IncrementalDetokenizer(self.tokenizer, row.request.params.stop)
+            row.detok = IncrementalDetokenizer(
+                self.tokenizer, row.request.params.stop, self.special_ids
+            )
             if not row.request.params.greedy:
                 row.generator = make_generator(row.request.params.seed, self.device, self.rng)
         start = time.perf_counter()

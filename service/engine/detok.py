@@ -37,8 +37,13 @@ def stable_end(text: str, stops: Sequence[str]) -> int:
 class IncrementalDetokenizer:
     """Turns one row's generated ids into text deltas and detects its stop strings."""
 
-    def __init__(self, tokenizer: Any, stops: Sequence[str] = ()) -> None:
+    def __init__(
+        self, tokenizer: Any, stops: Sequence[str] = (), special_ids: frozenset[int] | None = None
+    ) -> None:
         self.tokenizer = tokenizer
+        # Filtering special ids here is what ``skip_special_tokens`` does, without the slow
+        # tokenizers recomputing their special-token list on every call.
+        self.special_ids = special_ids
         self.stops = tuple(s for s in stops if s)
         self.ids: list[int] = []
         self.text = ""  # the whole output so far (cut before a stop string once one appears)
@@ -51,7 +56,11 @@ class IncrementalDetokenizer:
         After a stop string appears, ``text`` is cut before it and ``stopped`` is set.
         """
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if self.special_ids is None:
+            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        else:
+            kept = [i for i in self.ids if i not in self.special_ids]
+            text = self.tokenizer.decode(kept, skip_special_tokens=False)
         at = find_stop(text, self.stops)
         if at is not None:
             self.text = text[:at]

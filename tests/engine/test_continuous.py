@@ -211,3 +211,26 @@ def test_shutdown_timeout_cancels_the_rest(backbones: dict[str, Backbone]) -> No
 
     results = run(main())
     assert {r.finish_reason for r in results} == {"cancelled"}
+
+
+def test_idle_engine_gathers_a_burst_into_one_prefill(backbones: dict[str, Backbone]) -> None:
+    backbone = backbones["gpt2"]
+    tasks = make_tasks(backbone)
+
+    async def main():
+        engine = await started(backbone, max_wait_ms=500, max_batch_size=3)
+        pending = []
+        for i in range(3):
+            pending.append(
+                asyncio.create_task(
+                    engine.generate(
+                        request(backbone, tasks[i], TEXTS[i], f"b{i}", max_new_tokens=3)
+                    )
+                )
+            )
+            await asyncio.sleep(0.02)
+        await asyncio.gather(*pending)
+        await engine.shutdown()
+        return engine.loop_core.stats.prefills
+
+    assert run(main()) == 1
