@@ -15,6 +15,7 @@ import math
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prompts.errors import ArtifactError, BackboneMismatchError
@@ -62,6 +63,9 @@ def describe_validation(exc: RequestValidationError) -> tuple[int, str, str]:
 def _status_for(exc: Exception) -> tuple[int, str, str, dict[str, str] | None]:
     if isinstance(exc, ApiError):
         return exc.status, exc.code, exc.message, exc.headers
+    if isinstance(exc, ValidationError):  # parameters merged with stored task defaults
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return 422, "invalid_request", problems, None
     if isinstance(exc, BackboneMismatchError):
         return 409, "backbone_mismatch", str(exc), None
     if isinstance(exc, ArtifactError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import Literal
 
 from fastapi import APIRouter
 from sse_starlette import EventSourceResponse
@@ -27,8 +28,10 @@ from service.handlers.generation import completion_id, outputs
 router = APIRouter(prefix="/v1", dependencies=[ClientAuth], tags=["openai"])
 
 
-def _reason(engine_reason: str | None) -> str | None:
-    return None if engine_reason is None else "length" if engine_reason == "length" else "stop"
+def _reason(engine_reason: str | None) -> Literal["stop", "length"] | None:
+    if engine_reason is None:
+        return None
+    return "length" if engine_reason == "length" else "stop"
 
 
 @router.post("/completions", response_model=None)

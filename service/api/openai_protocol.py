@@ -12,14 +12,14 @@ from service.api.protocol import MAX_BATCH_INPUTS, GenerationParameters, Usage
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(..., description="the task name")
+    model: str = Field(default=..., description="the task name")
     prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    n: int = Field(1, description="only 1 is supported")
+    max_tokens: int | None = Field(default=16, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int = Field(default=1, description="only 1 is supported")
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(default=None, ge=0)
     stream: bool = False
     echo: bool = False
     logprobs: int | None = None
@@ -46,12 +46,14 @@ class CompletionRequest(BaseModel):
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
     def parameters(self) -> GenerationParameters:
-        return GenerationParameters(
-            max_new_tokens=self.max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            stop=self.stop,
-            seed=self.seed,
+        return GenerationParameters.model_validate(
+            {
+                "max_new_tokens": self.max_tokens,
+                "temperature": self.temperature,
+                "top_p": self.top_p,
+                "stop": self.stop,
+                "seed": self.seed,
+            }
         )
 
 

@@ -17,13 +17,15 @@ class GenerationParameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_new_tokens: int | None = Field(None, ge=1, description="tokens to generate at most")
-    temperature: float | None = Field(None, ge=0, le=100, description="0 → greedy")
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0, description="0 → off")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="per-request sampling seed")
-    stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP} stop strings")
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    max_new_tokens: int | None = Field(default=None, ge=1, description="tokens to generate at most")
+    temperature: float | None = Field(default=None, ge=0, le=100, description="0 → greedy")
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0, description="0 → off")
+    seed: int | None = Field(
+        default=None, ge=0, le=2**63 - 1, description="per-request sampling seed"
+    )
+    stop: str | list[str] | None = Field(default=None, description=f"up to {MAX_STOP} stop strings")
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
 
     @model_validator(mode="after")
     def _stops(self) -> GenerationParameters:
@@ -56,9 +58,11 @@ class GenerationParameters(BaseModel):
 class SharedPromptCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    blob: str = Field(..., min_length=1, description="base64 of the safetensors shared-prompt blob")
-    replace: bool = Field(False, description="replace an existing shared prompt of that id")
-    description: str = Field("", max_length=2000)
+    blob: str = Field(
+        default=..., min_length=1, description="base64 of the safetensors shared-prompt blob"
+    )
+    replace: bool = Field(default=False, description="replace an existing shared prompt of that id")
+    description: str = Field(default="", max_length=2000)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -87,13 +91,17 @@ class TaskBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    shared: str | None = Field(None, description="shared prompt id (taken from the blob if absent)")
-    u: Matrix | None = Field(None, description="[L, r] task column factors")
-    v: Matrix | None = Field(None, description="[r, d] task row factors")
-    factors: str | None = Field(None, min_length=1, description="base64 safetensors task blob")
-    description: str = Field("", max_length=2000)
+    shared: str | None = Field(
+        default=None, description="shared prompt id (taken from the blob if absent)"
+    )
+    u: Matrix | None = Field(default=None, description="[L, r] task column factors")
+    v: Matrix | None = Field(default=None, description="[r, d] task row factors")
+    factors: str | None = Field(
+        default=None, min_length=1, description="base64 safetensors task blob"
+    )
+    description: str = Field(default="", max_length=2000)
     metadata: dict[str, Any] = Field(default_factory=dict)
-    parameters: GenerationParameters | None = Field(None, description="default parameters")
+    parameters: GenerationParameters | None = Field(default=None, description="default parameters")
 
     @model_validator(mode="after")
     def _one_source(self) -> TaskBody:
@@ -110,7 +118,7 @@ class TaskBody(BaseModel):
 
 
 class TaskCreate(TaskBody):
-    name: str = Field(..., description="task name: ^[a-z0-9][a-z0-9._-]{0,63}$")
+    name: str = Field(default=..., description="task name: ^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
 class TaskInfo(BaseModel):
@@ -144,9 +152,11 @@ class TaskPage(BaseModel):
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    inputs: str | list[str] = Field(..., description="one input, or a list (one request each)")
+    inputs: str | list[str] = Field(
+        default=..., description="one input, or a list (one request each)"
+    )
     parameters: GenerationParameters = Field(default_factory=GenerationParameters)
-    stream: bool = Field(False, description="server-sent events, one per generated piece")
+    stream: bool = Field(default=False, description="server-sent events, one per generated piece")
 
     @model_validator(mode="after")
     def _inputs(self) -> GenerateRequest:
