@@ -164,12 +164,15 @@ class RedisBackend(FactorBackend):
             "socket_keepalive": True,
             "socket_keepalive_options": _keepalive_options(),
         }
-        # Reads retry twice on a dropped connection, then fail: a StoreError, never a hang.
+        # Reads retry twice on a dropped connection, then fail with a StoreError; a Redis that
+        # does not answer fails after one socket timeout (no retry: that would triple it).
         self._pool = BlockingConnectionPool.from_url(
             url,
             max_connections=pool_size,
             timeout=pool_timeout_s,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+            retry=Retry(
+                ExponentialBackoff(cap=0.5, base=0.05), 2, supported_errors=(RedisConnectionError,)
+            ),
             health_check_interval=30,
             **timeouts,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -510,6 +511,26 @@ async def test_redis_outage_is_a_store_error_then_recovers(
         assert await fs.ping()
         assert (await fs.resolve("t2")).u[0, 0] == 2.0  # AOF kept the data
         await fs.create_task(task("t3"), {})
+    finally:
+        await fs.close()
+
+
+async def test_a_redis_that_stops_answering_times_out(redis_url: str, redis_server: Any) -> None:
+    fs = make_store(RedisBackend(redis_url, socket_timeout_s=0.5))
+    await fs.start()
+    try:
+        await fs.register_shared(shared(), {})
+        await fs.create_task(task("t1", 1.0), {})
+        assert redis_server.proc is not None
+        redis_server.proc.send_signal(signal.SIGSTOP)  # alive, connected, silent
+        try:
+            started = time.monotonic()
+            with pytest.raises(StoreError, match="timed out"):
+                await asyncio.wait_for(fs.resolve("t1"), timeout=10)
+            assert time.monotonic() - started < 3
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+        assert (await fs.resolve("t1")).version == 1
     finally:
         await fs.close()
 
