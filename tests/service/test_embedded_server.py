@@ -85,3 +85,39 @@ def test_gpt2_backbone_serves(tiny_gpt2_dir: Path, tmp_path: Path, gpt2_backbone
         )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
         assert c.get("/v1/info").json()["backbone"]["kind"] == "causal"
+
+
+def test_seed_dir_and_continuous_engine(
+    tiny_t5_dir: Path, tmp_path: Path, t5_backbone: Backbone
+) -> None:
+    """Artifacts from a trainer's output directory are served at start, by either engine."""
+    from prompts import TaskFactors, save_shared, save_task
+
+    sp = shared_prompt(t5_backbone)
+    save_shared(tmp_path / "seed", sp)
+    u, v = factors(t5_backbone, seed=11)
+    save_task(tmp_path / "seed", TaskFactors("seeded", "family", u, v, t5_backbone.fingerprint))
+    expected = reference_text(t5_backbone, sp.prompt, u, v, "hello there", 6)
+    for engine in ("continuous", "static"):
+        settings = Settings(
+            model=str(tiny_t5_dir),
+            data_dir=str(tmp_path / engine),
+            seed_dir=str(tmp_path / "seed"),
+            engine=engine,
+            log_level="WARNING",
+        )
+        with TestClient(create_app(settings)) as c:
+            assert c.get("/v1/info").json()["engine"] == engine
+            r = c.post(
+                "/v1/tasks/seeded/generate",
+                json={"inputs": ["hello there", "a"], "parameters": {"max_new_tokens": 6}},
+            )
+            assert r.status_code == 200, r.text
+            assert expected is None or r.json()["texts"][0] == expected
+            with c.stream(
+                "POST",
+                "/v1/tasks/seeded/generate",
+                json={"inputs": "hello there", "stream": True, "parameters": {"max_new_tokens": 6}},
+            ) as s:
+                events = [line for line in s.iter_lines() if line.startswith("event:")]
+            assert events[-1] == "event: done"
