@@ -64,6 +64,7 @@ class Row:
     generator: torch.Generator | None = None
     finished: bool = False
     admitted_at: float = 0.0
+    limit: int = 0  # new tokens allowed: max_new_tokens, or fewer where positions run out
 
     @property
     def cost(self) -> int:
@@ -156,6 +157,7 @@ class DecodeLoop:
         self.prefix_cache = None if self.seq2seq else prefix_cache
         self.eos_ids = self._eos_ids()
         self.special_ids = frozenset(int(i) for i in self.tokenizer.all_special_ids)
+        self.max_positions = None if self.seq2seq else self._max_positions()
         self.rng = torch.Generator().manual_seed(seed)
         self.stats = LoopStats()
         self.rows: list[Row] = []
@@ -170,6 +172,14 @@ class DecodeLoop:
         self.positions = torch.zeros(0, dtype=torch.long, device=self.device)  # [B] causal only
         self.enc_states: Tensor | None = None  # [B, S, d] seq2seq only
         self.enc_mask: Tensor | None = None  # [B, S]
+
+    def _max_positions(self) -> int | None:
+        config = self.model.config
+        for name in ("max_position_embeddings", "n_positions"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -222,7 +232,22 @@ class DecodeLoop:
         if row.cancelled:
             self._finish(row, "cancelled", "", [])
             return True
-        if row.request.params.max_new_tokens <= 0:
+        row.limit = row.request.params.max_new_tokens
+        if self.max_positions is not None:
+            # Absolute-position models cannot go past their table: stop there ("length").
+            used = int(row.request.task.prompt.shape[0]) + len(row.request.input_ids)
+            if used >= self.max_positions:
+                row.finished = True
+                row.fail(
+                    ValueError(
+                        f"prompt ({used - len(row.request.input_ids)} rows) + input "
+                        f"({len(row.request.input_ids)} tokens) exceed the model's "
+                        f"{self.max_positions} positions; shorten the input"
+                    )
+                )
+                return True
+            row.limit = min(row.limit, self.max_positions - used)
+        if row.limit <= 0:
             row.detok = IncrementalDetokenizer(self.tokenizer)
             self._finish(row, "length", "", [])
             return True
@@ -461,7 +486,7 @@ class DecodeLoop:
         text = row.detok.add(token)
         if row.detok.stopped:
             self._finish(row, "stop", text, [token])
-        elif len(row.generated) >= row.request.params.max_new_tokens:
+        elif len(row.generated) >= row.limit:
             self._finish(row, "length", text + row.detok.flush(), [token])
         else:
             row.emit(StreamDelta(text=text, token_ids=[token]))

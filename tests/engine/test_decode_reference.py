@@ -158,3 +158,23 @@ def test_t5_with_more_decoder_than_encoder_layers(tmp_path) -> None:
         req = r.request
         expected = reference_no_cache(backbone, req.task, req.input_ids, req.params.max_new_tokens)
         assert sink.result.token_ids == expected
+
+
+def test_absolute_position_limit_ends_with_length_or_refuses(
+    backbones: dict[str, Backbone],
+) -> None:
+    backbone = backbones["gpt2"]
+    task = make_tasks(backbone)[0]
+    loop = DecodeLoop(backbone)
+    loop.max_positions = 20  # as if the position table had 20 rows
+    fits, sink = row(request(backbone, task, "a b c", max_new_tokens=50))
+    too_long, _ = row(request(backbone, task, TEXTS[3] * 2, max_new_tokens=5))
+    errors: list[BaseException] = []
+    too_long.fail = errors.append
+    loop.admit([fits, too_long])
+    while loop.running:
+        loop.step()
+    used = 5 + len(fits.request.input_ids)
+    assert sink.result.finish_reason in ("length", "stop")
+    assert len(sink.result.token_ids) <= 20 - used
+    assert len(errors) == 1 and "positions" in str(errors[0])
