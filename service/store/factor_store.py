@@ -1,6 +1,6 @@
 """FactorStore: the one object the HTTP layer and the engine use for prompts and factors.
 
-Tiers: a ``DeviceCache`` of decoded tensors on the model's device → a ``FactorBackend``
+Tiers: a ``FactorCache`` of decoded tensors on the model's device → a ``FactorBackend``
 (Redis, shared by replicas, or the embedded directory store). Writes are validated here
 (names, shapes, backbone fingerprint, rank, finite values) before anything reaches the
 backend, so a refused write leaves nothing behind.
@@ -16,12 +16,10 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from torch import Tensor
 
 from prompts.artifacts import (
     SharedPrompt,
@@ -49,53 +47,18 @@ from service.store.base import (
     UnknownSharedError,
     deliver,
 )
-from service.store.device_cache import DeviceCache
+from service.store.factor_cache import (
+    CacheStats,
+    Entry,
+    FactorCache,
+    SharedEntry,
+    TaskEntry,
+    nbytes,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-CacheKey = tuple[str, str]  # ("task", name) | ("shared", id)
 MAX_PAGE = 1000
-
-
-@dataclass(frozen=True)
-class CacheStats:
-    hits: int
-    misses: int
-    evictions: int
-    bytes: int
-    entries: int
-    budget_bytes: int
-
-
-@dataclass(frozen=True)
-class _SharedEntry:
-    version: int
-    prompt: Tensor  # [L, d] on the model's device/dtype
-
-
-@dataclass(frozen=True)
-class _TaskEntry:
-    version: int
-    shared_id: str
-    u: Tensor  # [L, r] on the model's device/dtype
-    v: Tensor  # [r, d]
-
-
-_Entry = _SharedEntry | _TaskEntry
-
-
-class _Flight:
-    """One backend read of a missed key, shared by every caller that missed it meanwhile."""
-
-    def __init__(self) -> None:
-        self.task: asyncio.Future[_Entry]
-        self.stale = False  # invalidated while in flight: return the result, do not cache it
-
-
-def _retrieve(task: asyncio.Future[_Entry]) -> None:
-    # every caller may have been cancelled: mark the exception as seen so asyncio does not log it
-    if not task.cancelled():
-        task.exception()
 
 
 def _check_meta(meta: dict[str, Any]) -> None:
@@ -105,10 +68,6 @@ def _check_meta(meta: dict[str, Any]) -> None:
         json.dumps(meta)
     except (TypeError, ValueError) as e:
         raise ArtifactError(f"metadata is not JSON-serialisable: {e}") from e
-
-
-def _nbytes(*tensors: Tensor) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class FactorStore:
@@ -135,8 +94,7 @@ class FactorStore:
         self.on_store_error = on_store_error
         self.store_errors = 0
         self.resets = 0  # 'reset' events seen (start, and every re-subscription)
-        self._cache: DeviceCache[CacheKey, _Entry] = DeviceCache(cache_bytes)
-        self._in_flight: dict[CacheKey, _Flight] = {}  # backend reads of missed keys
+        self._cache = FactorCache(cache_bytes)
         self._listeners: list[EventHandler] = []
 
     @property
@@ -163,24 +121,9 @@ class FactorStore:
         self._listeners.remove(callback)
 
     def cache_stats(self) -> CacheStats:
-        c = self._cache
-        return CacheStats(c.hits, c.misses, c.evictions, c.bytes, len(c), c.budget_bytes)
+        return self._cache.stats()
 
     # ---- invalidation ------------------------------------------------------------------
-
-    def _invalidate(self, kind: str, name: str, *, keep_newer_than: int | None = None) -> None:
-        if kind == "all":
-            for flight in self._in_flight.values():
-                flight.stale = True
-            self._in_flight.clear()
-            self._cache.clear()
-            return
-        key = (kind, name)
-        if key in self._in_flight:  # later misses start a fresh read
-            self._in_flight.pop(key).stale = True
-        cached = self._cache.get_quiet(key)
-        if cached is not None and (keep_newer_than is None or cached.version < keep_newer_than):
-            self._cache.pop(key)
 
     async def _on_event(self, event: StoreEvent) -> None:
         if event.action == "reset":
@@ -188,7 +131,7 @@ class FactorStore:
         # A 'put' of a version this replica already caches is its own write, applied already
         # (events arrive in write order; a delete in between would have dropped the entry).
         keep = event.version if event.action == "put" else None
-        self._invalidate(event.kind, event.name, keep_newer_than=keep)
+        self._cache.invalidate(event.kind, event.name, keep_newer_than=keep)
         for listener in list(self._listeners):
             await deliver(listener, event)
 
@@ -236,7 +179,7 @@ class FactorStore:
                     "depend on it: register it under a new id instead"
                 )
         record = await self._backend(self.backend.put_shared(sp.id, blob, meta, replace=replace))
-        self._invalidate("shared", sp.id)
+        self._cache.invalidate("shared", sp.id)
         return record
 
     async def get_shared(self, shared_id: str) -> tuple[Record, SharedPrompt]:
@@ -247,50 +190,16 @@ class FactorStore:
     async def list_shared(self) -> list[Record]:
         return await self._backend(self.backend.list_shared())
 
-    async def _cached(
-        self, key: CacheKey, load: Callable[[], Awaitable[tuple[_Entry, int]]]
-    ) -> _Entry:
-        """The cached entry under ``key``, else the result of ``load()``, which is cached.
-
-        Concurrent misses of one key share one backend read (a burst of requests for a cold
-        task costs one round trip); a caller that is cancelled does not cancel the others.
-        """
-        entry = self._cache.get(key)
-        if entry is not None:
-            return entry
-        flight = self._in_flight.get(key)
-        if flight is None:
-            flight = _Flight()
-            flight.task = asyncio.ensure_future(self._fill(key, load, flight))
-            flight.task.add_done_callback(_retrieve)
-            self._in_flight[key] = flight
-        return await asyncio.shield(flight.task)
-
-    async def _fill(
-        self, key: CacheKey, load: Callable[[], Awaitable[tuple[_Entry, int]]], flight: _Flight
-    ) -> _Entry:
-        try:
-            entry, nbytes = await load()
-        finally:
-            if self._in_flight.get(key) is flight:
-                del self._in_flight[key]
-        current = self._cache.get_quiet(key)
-        # not cached if invalidated meanwhile (the read may predate the write), or if a newer
-        # version got into the cache first
-        if not flight.stale and (current is None or current.version < entry.version):
-            self._cache.put(key, entry, nbytes)
-        return entry
-
-    async def _shared_entry(self, shared_id: str) -> _SharedEntry:
-        async def load() -> tuple[_Entry, int]:
+    async def _shared_entry(self, shared_id: str) -> SharedEntry:
+        async def load() -> tuple[Entry, int]:
             record = await self._backend(self.backend.get_shared(shared_id))
             sp = decode_shared(record.blob, backbone=self.backbone_fingerprint)
             self._check_shared(sp)
             prompt = sp.prompt.to(device=self.device, dtype=self.dtype)  # [L, d]
-            return _SharedEntry(record.version, prompt), _nbytes(prompt)
+            return SharedEntry(record.version, prompt), nbytes(prompt)
 
-        entry = await self._cached(("shared", shared_id), load)
-        assert isinstance(entry, _SharedEntry)
+        entry = await self._cache.get_or_load(("shared", shared_id), load)
+        assert isinstance(entry, SharedEntry)
         return entry
 
     # ---- tasks -------------------------------------------------------------------------
@@ -321,7 +230,7 @@ class FactorStore:
         record = await self._backend(
             self.backend.put_task(tf.name, blob, tf.shared, meta, create=True)
         )
-        self._invalidate("task", tf.name)
+        self._cache.invalidate("task", tf.name)
         return record
 
     async def replace_task(self, tf: TaskFactors, meta: dict[str, Any]) -> Record:
@@ -332,13 +241,13 @@ class FactorStore:
         record = await self._backend(
             self.backend.put_task(tf.name, blob, tf.shared, meta, create=False)
         )
-        self._invalidate("task", tf.name)
+        self._cache.invalidate("task", tf.name)
         return record
 
     async def delete_task(self, name: str) -> None:
         check_name(name, "task name")
         await self._backend(self.backend.delete_task(name))
-        self._invalidate("task", name)
+        self._cache.invalidate("task", name)
 
     async def get_task(self, name: str) -> tuple[Record, TaskFactors]:
         check_name(name, "task name")
@@ -360,7 +269,7 @@ class FactorStore:
         in place.
         """
 
-        async def load() -> tuple[_Entry, int]:
+        async def load() -> tuple[Entry, int]:
             check_name(name, "task name")
             record = await self._backend(self.backend.get_task(name))
             # one blob holds u and v: they are always of the same version
@@ -369,10 +278,10 @@ class FactorStore:
             )
             u = tf.u.to(device=self.device, dtype=self.dtype)  # [L, r]
             v = tf.v.to(device=self.device, dtype=self.dtype)  # [r, d]
-            return _TaskEntry(record.version, tf.shared, u, v), _nbytes(u, v)
+            return TaskEntry(record.version, tf.shared, u, v), nbytes(u, v)
 
-        entry = await self._cached(("task", name), load)
-        assert isinstance(entry, _TaskEntry)
+        entry = await self._cache.get_or_load(("task", name), load)
+        assert isinstance(entry, TaskEntry)
         shared = await self._shared_entry(entry.shared_id)
         length, dim = shared.prompt.shape
         if entry.u.shape[0] != length or entry.v.shape[1] != dim:
