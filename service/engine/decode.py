@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -92,19 +93,24 @@ class LoopStats:
     generated: int = 0
 
 
+# Cache layers are handled as ``Any``: the engine only builds plain ``DynamicLayer``s (full
+# attention), whose ``keys``/``values`` are [B, H, T, Dh] tensors.
+
+
 def _dynamic_cache(layers: Sequence[KV]) -> DynamicCache:
     """A ``DynamicCache`` holding exactly these per-layer tensors (no copy)."""
     cache = DynamicCache([(k[:, :, :0], v[:, :, :0]) for k, v in layers])
+    layer: Any
     for layer, (k, v) in zip(cache.layers, layers, strict=True):
         layer.keys, layer.values = k, v
     return cache
 
 
-def _layers(cache: DynamicCache) -> list[KV]:
+def _layers(cache: Any) -> list[KV]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def _set_layers(cache: DynamicCache, layers: Sequence[KV]) -> None:
+def _set_layers(cache: Any, layers: Sequence[KV]) -> None:
     for layer, (k, v) in zip(cache.layers, layers, strict=True):
         layer.keys, layer.values = k, v
 
@@ -148,7 +154,7 @@ class DecodeLoop:
         self, backbone: Backbone, *, prefix_cache: PrefixCache | None = None, seed: int = 0
     ) -> None:
         self.backbone = backbone
-        self.model = backbone.model
+        self.model: Any = backbone.model
         self.tokenizer = backbone.tokenizer
         self.seq2seq = backbone.is_seq2seq
         self.device = backbone.device

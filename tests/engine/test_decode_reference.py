@@ -178,3 +178,28 @@ def test_absolute_position_limit_ends_with_length_or_refuses(
     assert sink.result.finish_reason in ("length", "stop")
     assert len(sink.result.token_ids) <= 20 - used
     assert len(errors) == 1 and "positions" in str(errors[0])
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_half_precision_runs_in_the_model_dtype(tiny_model_dirs, kind: str) -> None:
+    """bfloat16 (the CPU stand-in for GPU half precision): prompts, caches follow the model."""
+    import torch
+
+    from prompts import load_backbone
+
+    backbone = load_backbone(tiny_model_dirs[kind], dtype="bfloat16")
+    tasks = make_tasks(backbone)  # float32 factors, as a store might hand them over
+    loop = DecodeLoop(backbone, prefix_cache=PrefixCache(1 << 24))
+    rows = [
+        row(request(backbone, tasks[i], TEXTS[i], f"r{i}", max_new_tokens=4 + i)) for i in range(3)
+    ]
+    loop.admit([r for r, _ in rows[:2]])
+    loop.step()
+    loop.admit([rows[2][0]])
+    while loop.running:
+        loop.step()
+    for _, sink in rows:
+        assert sink.result is not None and sink.result.finish_reason in ("length", "stop")
+    if loop.prefix_cache is not None:  # decoder-only: the cached prompt KV is bfloat16 too
+        prefix = loop.prefix_cache.get(tasks[0].name, tasks[0].version)
+        assert prefix is not None and prefix.layers[0][0].dtype == torch.bfloat16
