@@ -96,7 +96,7 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 90.0) -> ServerProcess:
+    def launch(self) -> ServerProcess:
         log = self.log_path.open("ab")
         cmd = [
             sys.executable,
@@ -109,6 +109,10 @@ class ServerProcess:
             str(self.port),
         ]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=log)
+        return self
+
+    def wait_ready(self, timeout: float = 90.0) -> ServerProcess:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -121,6 +125,9 @@ class ServerProcess:
             time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"server not ready in {timeout} s:\n{self.logs()}")
+
+    def start(self, timeout: float = 90.0) -> ServerProcess:
+        return self.launch().wait_ready(timeout)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

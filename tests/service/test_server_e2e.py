@@ -44,7 +44,9 @@ def replicas(
     servers = [ServerProcess(env, logs / f"replica-{i}.log") for i in range(2)]
     try:
         for server in servers:
-            server.start()
+            server.launch()
+        for server in servers:
+            server.wait_ready()
         yield servers
     finally:
         for server in servers:
