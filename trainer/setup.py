@@ -17,7 +17,7 @@ from trainer.data import discover_tasks, few_shot, load_split, tokenize
 from trainer.distributed import Dist, init_distributed
 from trainer.errors import TrainerError
 from trainer.loop import TaskData
-from trainer.options import DataOptions
+from trainer.options import DataOptions, TrainOptions
 
 
 def start(opts: DataOptions) -> tuple[Dist, Backbone]:
@@ -26,6 +26,8 @@ def start(opts: DataOptions) -> tuple[Dist, Backbone]:
     torch.manual_seed(opts.seed)
     assert opts.model is not None
     backbone = load_backbone(opts.model, device=ctx.device)
+    if isinstance(opts, TrainOptions):
+        check_sequence_fits(backbone, opts.prompt_length, opts)
     return ctx, backbone
 
 
@@ -54,6 +56,19 @@ def load_tasks(
         }
         tasks.append(TaskData(name, tokens["train"], tokens["validation"]))
     return tasks
+
+
+def check_sequence_fits(backbone: Backbone, prompt_length: int, opts: DataOptions) -> None:
+    """Decoder-only models see prompt + input + target in one sequence of bounded length."""
+    config = backbone.model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    needed = prompt_length + opts.max_input_length + opts.max_target_length
+    if not backbone.is_seq2seq and limit and needed > limit:
+        raise TrainerError(
+            f"prompt length {prompt_length} + --max-input-length {opts.max_input_length} + "
+            f"--max-target-length {opts.max_target_length} = {needed} positions, but "
+            f"{backbone.name} has {limit}; shorten one of them"
+        )
 
 
 def check_prompt_fits(prompt: Tensor, backbone: Backbone, what: str) -> None:

@@ -169,7 +169,7 @@ def test_config_file_with_command_line_overrides(tmp_path: Path) -> None:
         parse_options(TeachOptions, ["--config", str(tmp_path / "run.json")], "x", "")
 
 
-def test_command_line_error_has_no_traceback(tmp_path: Path) -> None:
+def test_command_line_error_has_no_traceback(capsys, tmp_path: Path) -> None:
     proc = subprocess.run(
         [
             sys.executable,
@@ -196,3 +196,23 @@ def test_command_line_error_has_no_traceback(tmp_path: Path) -> None:
         timeout=120,
     )
     assert help_.returncode == 0 and "Init of U, V: source" in help_.stdout
+
+
+def test_prompt_longer_than_a_decoder_only_backbone_allows(
+    capsys, gentle_gpt2: Path, toy_data: Path, tmp_path: Path
+) -> None:
+    err = fails(
+        capsys,
+        "teach",
+        "--model",
+        gentle_gpt2,
+        "--data-dir",
+        toy_data,
+        "--out",
+        tmp_path,
+        "--prompt-length",
+        "240",
+        "--max-input-length",
+        "32",
+    )
+    assert "= 304 positions" in err and "has 256" in err
