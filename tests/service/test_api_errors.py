@@ -344,3 +344,18 @@ def test_shared_prompt_create_conflict_then_replace(
         409,
         "shape",
     )
+
+
+def test_draining_server_refuses_new_work(client: TestClient) -> None:
+    state = client.app.state  # type: ignore[attr-defined]
+    state.draining = True
+    try:
+        expect(
+            client.post("/v1/tasks/base/generate", json={"inputs": "hi"}, headers=CLIENT),
+            503,
+            "shutting down",
+        )
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/readyz").status_code == 503
+    finally:
+        state.draining = False

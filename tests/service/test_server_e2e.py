@@ -207,6 +207,8 @@ def test_two_replicas_share_writes(
 
 def test_ops_routes(registered: ServerProcess) -> None:
     url = registered.url
+    gen = {"inputs": "hi", "parameters": {"max_new_tokens": 2}}
+    assert httpx.post(f"{url}/v1/tasks/qa/generate", json=gen, headers=CLIENT).status_code == 200
     assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
     assert httpx.get(f"{url}/readyz").status_code == 200
     info = httpx.get(f"{url}/v1/info", headers=CLIENT).json()
@@ -234,3 +236,24 @@ def test_admin_key_needed_on_every_replica(replicas: list[ServerProcess]) -> Non
             ).status_code
             == 200
         )
+
+
+def test_redis_down_is_503_and_not_ready(
+    replicas: list[ServerProcess], registered: ServerProcess, redis_server, t5_backbone: Backbone
+) -> None:
+    """Last in the module: stops the shared redis-server, then starts it again."""
+    url = registered.url
+    redis_server.stop()
+    try:
+        assert httpx.get(f"{url}/readyz", timeout=10).status_code == 503
+        r = httpx.post(
+            f"{url}/v1/tasks",
+            json=task_body(t5_backbone, "offline", seed=1),
+            headers=ADMIN,
+            timeout=30,
+        )
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "store_unavailable"
+        assert "rankone_store_errors_total 0.0" not in httpx.get(f"{url}/metrics").text
+    finally:
+        redis_server.start()
