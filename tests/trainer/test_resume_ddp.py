@@ -95,6 +95,8 @@ def test_torchrun_two_processes_train_and_agree(
         str(out),
         "--device",
         "cpu",
+        "--optimizer",
+        "adafactor",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
