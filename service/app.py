@@ -92,6 +92,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.ready, state.draining = False, True
         if engine is not None:
             await engine.shutdown(drain_timeout_s=settings.request_timeout_s)
+        if getattr(state, "generation", None) is not None:
+            state.generation.close()
         await store.close()
         log.info("stopped")
 

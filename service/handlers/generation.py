@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,12 @@ class GenerationHandler:
         self.backbone = backbone
         self.settings = settings
         self._defaults: dict[tuple[str, int], dict[str, Any]] = {}
+        # Long inputs tokenize off the event loop, one at a time (fast tokenizers are not
+        # safe to call concurrently).
+        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="rankone-tokenize")
+
+    def close(self) -> None:
+        self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
 
     async def _task_defaults(self, task: ResolvedTask) -> dict[str, Any]:
         key = (task.name, task.version)
@@ -95,14 +102,18 @@ class GenerationHandler:
         merged = params.merged_over(await self._task_defaults(task))
         sampling = self._sampling(merged)
         base = request_id_var.get()
+        loop = asyncio.get_running_loop()
+        token_ids = await loop.run_in_executor(
+            self._tokenizer_thread, lambda: [self.tokenize(text) for text in inputs]
+        )
         requests = [
             GenerationRequest(
                 request_id=f"{base}-{i}" if len(inputs) > 1 else base,
                 task=task,
-                input_ids=self.tokenize(text),
+                input_ids=ids,
                 params=sampling,
             )
-            for i, text in enumerate(inputs)
+            for i, ids in enumerate(token_ids)
         ]
         return Prepared(task, requests)
 
@@ -115,7 +126,9 @@ class GenerationHandler:
             )
         except TimeoutError:
             raise ApiError(
-                504, "timeout", f"the request took longer than {self.settings.request_timeout_s:g} s"
+                504,
+                "timeout",
+                f"the request took longer than {self.settings.request_timeout_s:g} s",
             ) from None
         finally:
             for job in jobs:
