@@ -138,19 +138,40 @@ class GenerationHandler:
         self, request: GenerationRequest
     ) -> tuple[StreamDelta, AsyncIterator[StreamDelta]]:
         """Start a stream and wait for its first delta, so that queue-full, closed-engine and
-        timeout errors are still answered as HTTP errors before any event is sent."""
+        timeout errors are still answered as HTTP errors before any event is sent. The rest
+        of the stream stays under the same request deadline (ApiError 504 past it)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.request_timeout_s
         stream = self.engine.stream(request)
         try:
             first = await asyncio.wait_for(anext(aiter(stream)), self.settings.request_timeout_s)
         except TimeoutError:
             await _close(stream)
-            raise ApiError(
-                504, "timeout", f"no output within {self.settings.request_timeout_s:g} s"
-            ) from None
+            raise self._timeout() from None
         except BaseException:
             await _close(stream)
             raise
-        return first, stream
+        return first, self._bounded(stream, deadline)
+
+    async def _bounded(
+        self, stream: AsyncIterator[StreamDelta], deadline: float
+    ) -> AsyncIterator[StreamDelta]:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                try:
+                    delta = await asyncio.wait_for(anext(stream), deadline - loop.time())
+                except StopAsyncIteration:
+                    return
+                yield delta
+        except TimeoutError:
+            raise self._timeout() from None
+        finally:
+            await _close(stream)
+
+    def _timeout(self) -> ApiError:
+        limit = self.settings.request_timeout_s
+        return ApiError(504, "timeout", f"the request took longer than {limit:g} s")
 
 
 async def _close(stream: AsyncIterator[StreamDelta]) -> None:
