@@ -2,7 +2,7 @@
 PY ?= $(shell [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)
 PIP_FLAGS ?= $(shell [ -d /opt/wheels ] && echo --find-links /opt/wheels)
 
-.PHONY: install test lint format demo bench serve
+.PHONY: install test lint format demo bench serve deploy-check
 
 install:
 	[ -x .venv/bin/python ] || python3 -m venv .venv
@@ -29,3 +29,7 @@ serve:
 
 bench:
 	$(PY) -m bench.run_all
+
+# Engine-free deployment checks: compose resolves, hadolint, clean-venv install + imports.
+deploy-check:
+	bash docker/check.sh

@@ -81,6 +81,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await store.seed_from_dir(Path(settings.seed_dir))
         metrics.watch_cache(store.cache_stats)
         engine = build_engine(settings.engine, backbone, settings, metrics.engine)
+        store.add_listener(engine.on_store_event)
         await engine.start()
         state.backbone, state.store, state.engine = backbone, store, engine
         state.registry = RegistryHandler(store, backbone, settings)

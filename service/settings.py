@@ -30,7 +30,9 @@ class Settings(BaseSettings):
     redis_url: str = Field("", description="Redis URL of the factor store; empty → embedded store")
     data_dir: str = Field("./rankone-data", description="directory of the embedded store")
     seed_dir: str = Field("", description="artifact directory to seed the store from at start")
-    engine: Literal["continuous", "static"] = Field("static", description="batching engine")
+    engine: Literal["continuous", "static"] = Field(
+        "continuous", description="batching engine: continuous (default) or static (baseline)"
+    )
     max_batch_size: int = Field(16, ge=1, le=4096, description="rows per forward pass")
     max_batch_tokens: int = Field(8192, ge=1, description="input tokens per admitted batch")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="wait to fill a batch (ms)")
@@ -40,6 +42,11 @@ class Settings(BaseSettings):
     queue_size: int = Field(256, ge=1, description="waiting requests before 429")
     request_timeout_s: float = Field(60.0, gt=0, description="per-request deadline (→ 504)")
     device_cache_bytes: int = Field(256 * 2**20, ge=0, description="device factor cache size")
+    prefix_cache_bytes: int = Field(
+        256 * 2**20,
+        ge=0,
+        description="decoder-only prompt KV-prefix cache size (continuous engine)",
+    )
     max_rank: int = Field(64, ge=1, le=1024, description="largest accepted factor rank")
     max_prompt_length: int = Field(1024, ge=1, description="longest accepted shared prompt L")
     max_body_bytes: int = Field(16 * 2**20, ge=1024, description="largest request body")

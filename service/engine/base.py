@@ -10,11 +10,12 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from torch import Tensor
 
-FinishReason = Literal["stop", "length", "eos", "cancelled"]
+# OpenAI semantics: "stop" covers both EOS and a stop sequence.
+FinishReason = Literal["stop", "length", "cancelled"]
 
 
 class QueueFullError(RuntimeError):
@@ -109,6 +110,9 @@ class Engine(abc.ABC):
     def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
         """Yield deltas as tokens are generated; closing the iterator cancels the request
         (its batch row is freed at the next step boundary)."""
+
+    def on_store_event(self, event: Any) -> None:  # noqa: B027 - optional hook, no-op default
+        """A factor-store write event; engines that cache per-task state drop it here."""
 
     @property
     @abc.abstractmethod

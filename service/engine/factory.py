@@ -24,14 +24,15 @@ def build_engine(name: str, backbone: Backbone, settings: Any, metrics: EngineMe
             metrics=metrics,
         )
     if name == "continuous":
-        from service.engine.continuous import ContinuousEngine  # type: ignore[import-not-found]
+        from service.engine.continuous import ContinuousEngine
 
-        return ContinuousEngine(  # type: ignore[no-any-return]
+        return ContinuousEngine(
             backbone,
             max_batch_size=settings.max_batch_size,
             max_batch_tokens=settings.max_batch_tokens,
             max_wait_ms=settings.max_wait_ms,
             queue_size=settings.queue_size,
+            prefix_cache_bytes=settings.prefix_cache_bytes,
             metrics=metrics,
         )
     raise ValueError(f"unknown engine {name!r}; use one of {ENGINES}")

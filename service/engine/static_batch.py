@@ -84,7 +84,7 @@ def trim(
     reason: FinishReason = "length"
     for i, t in enumerate(tokens):
         if t in eos:
-            tokens, reason = tokens[:i], "eos"
+            tokens, reason = tokens[:i], "stop"
             break
     text = decode(tokens)
     if params.stop:

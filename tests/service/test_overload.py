@@ -19,6 +19,7 @@ from tests.service.conftest import shared_body, shared_prompt, task_body
 
 @pytest.fixture
 def slow_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slow down the static engine's model call; the tests below select that engine."""
     real = static_engine.run_group
 
     def slow(*args: Any) -> Any:
@@ -52,6 +53,7 @@ def test_full_queue_answers_429_with_retry_after(
     settings = Settings(
         model=str(tiny_t5_dir),
         data_dir=str(tmp_path),
+        engine="static",
         queue_size=1,
         max_batch_size=1,
         max_wait_ms=0,
@@ -74,6 +76,7 @@ def test_list_inputs_over_the_queue_are_refused_whole(
     settings = Settings(
         model=str(tiny_t5_dir),
         data_dir=str(tmp_path),
+        engine="static",
         queue_size=1,
         max_batch_size=1,
         max_wait_ms=0,
@@ -88,7 +91,11 @@ def test_request_timeout_is_504(
     slow_engine: None, tiny_t5_dir: Path, tmp_path: Path, t5_backbone: Backbone
 ) -> None:
     settings = Settings(
-        model=str(tiny_t5_dir), data_dir=str(tmp_path), request_timeout_s=0.1, log_level="WARNING"
+        model=str(tiny_t5_dir),
+        data_dir=str(tmp_path),
+        engine="static",
+        request_timeout_s=0.1,
+        log_level="WARNING",
     )
     body = {"inputs": "hi", "parameters": {"max_new_tokens": 2}}
     (r,) = asyncio.run(_serve(settings, t5_backbone, 1, body))

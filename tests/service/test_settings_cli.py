@@ -23,7 +23,7 @@ def test_env_prefix_and_key_lists(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RANKONE_LOG_LEVEL", "debug")
     s = load_settings(port=9000)
     assert s.client_keys == ["a", "b"] and s.admin_keys == []
-    assert (s.max_batch_size, s.port, s.log_level, s.engine) == (7, 9000, "DEBUG", "static")
+    assert (s.max_batch_size, s.port, s.log_level, s.engine) == (7, 9000, "DEBUG", "continuous")
 
 
 @pytest.mark.parametrize(

@@ -46,9 +46,9 @@ def _decode(tokens: list[int]) -> str:
     ("tokens", "params", "expected"),
     [
         ([1, 2, 3, 4], SamplingParams(max_new_tokens=3), ([1, 2, 3], "abc", "length")),
-        ([1, 9, 3], SamplingParams(max_new_tokens=5), ([1], "a", "eos")),
+        ([1, 9, 3], SamplingParams(max_new_tokens=5), ([1], "a", "stop")),
         ([1, 2, 3, 4], SamplingParams(max_new_tokens=4, stop=("bc",)), ([1, 2, 3], "a", "stop")),
-        ([1, 2, 9], SamplingParams(max_new_tokens=4, stop=("zz",)), ([1, 2], "ab", "eos")),
+        ([1, 2, 9], SamplingParams(max_new_tokens=4, stop=("zz",)), ([1, 2], "ab", "stop")),
         ([], SamplingParams(max_new_tokens=4), ([], "", "length")),
     ],
 )
