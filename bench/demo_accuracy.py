@@ -166,7 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         wait_ready(url, proc)
         try:
             info = get(f"{url}/v1/info")
-            backbone = str(info.get("backbone") or info.get("fingerprint") or "?")
+            bb = info.get("backbone", info)
+            bb = bb if isinstance(bb, dict) else {"fingerprint": bb}
+            backbone = ", ".join(
+                f"{k} {bb[k]}" for k in ("fingerprint", "kind", "d", "dtype", "device") if k in bb
+            )
         except (urllib.error.URLError, OSError, ValueError):
             backbone = "?"
         results = measure(url, data, tasks, args.limit, args.batch, args.max_new_tokens)

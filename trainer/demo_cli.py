@@ -38,14 +38,14 @@ class DemoRecipe:
     """How the demo is built. Sized for ~10 minutes on two CPU cores."""
 
     tasks: list[str] = field(default_factory=lambda: list(SOURCE_TASKS))
-    pretrain_args: list[str] = field(default_factory=lambda: ["--minutes", "5"])
+    pretrain_args: list[str] = field(default_factory=lambda: ["--steps", "2500", "--minutes", "6"])
     n_train: int = 2000
     n_val: int = 100
     n_test: int = 100
     seed: int = 0
     prompt_length: int = 8
-    teach_steps: int = 150
-    distill_steps: int = 300
+    teach_steps: int = 100
+    distill_steps: int = 200
     batch_size: int = 32
     lr: float = 0.3
 
@@ -140,7 +140,8 @@ def build_prompts(paths: DemoPaths, recipe: DemoRecipe) -> None:
         )
     )
     shutil.rmtree(paths.artifacts, ignore_errors=True)
-    shutil.copytree(paths.distill, paths.artifacts)
+    for sub in ("shared", "tasks"):
+        shutil.copytree(paths.distill / sub, paths.artifacts / sub)
 
 
 def build(paths: DemoPaths, recipe: DemoRecipe, *, rebuild: bool) -> dict:
@@ -158,7 +159,16 @@ def build(paths: DemoPaths, recipe: DemoRecipe, *, rebuild: bool) -> dict:
     build_data(paths, recipe)
     build_prompts(paths, recipe)
     if not paths.manifest.exists():
-        manifest = {"recipe": recipe.to_json(), "build_seconds": round(time.monotonic() - start)}
+        from trainer.demo.evaluate import evaluate_artifacts
+
+        log("checking the prompts: exact match on the held-out test split (greedy)")
+        em = evaluate_artifacts(paths.backbone, paths.artifacts, paths.data, recipe.tasks)
+        log("exact match: " + ", ".join(f"{t} {v:.0%}" for t, v in em.items()))
+        manifest = {
+            "recipe": recipe.to_json(),
+            "build_seconds": round(time.monotonic() - start),
+            "test_exact_match": em,
+        }
         paths.manifest.write_text(json.dumps(manifest, indent=2) + "\n")
     return json.loads(paths.manifest.read_text())
 
@@ -290,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     recipe = DemoRecipe(teach_steps=args.teach_steps, distill_steps=args.distill_steps)
     if args.pretrain_minutes is not None:
-        recipe.pretrain_args = ["--minutes", str(args.pretrain_minutes)]
+        recipe.pretrain_args = [*recipe.pretrain_args, "--minutes", str(args.pretrain_minutes)]
     paths = DemoPaths(args.cache_dir)
     manifest = build(paths, recipe, rebuild=args.rebuild)
     log(f"demo ready in {paths.root} (backbone, data, artifacts)")

@@ -37,6 +37,7 @@ from trainer.demo import tasks as T
         (T.sort_unique, "hello", "ehlo"),
         (T.vowels_sorted, "house", "eou"),
         (T.min_max, "house", "eu"),
+        (T.second_letter, "house", "h"),
     ],
 )
 def test_target_functions(fn, x, y):
@@ -65,6 +66,12 @@ def test_suite_sizes_and_disjoint_families():
     assert not set(T.SOURCE_TASKS) & set(T.TARGET_TASKS)
     for name in T.ALL_TASKS:
         assert T.NAME_RE.match(name), name
+
+
+def test_source_inputs_have_distinct_letters():
+    for name in T.SOURCE_TASKS:
+        for ex in T.generate_examples(name, 100, seed=0):
+            assert len(set(ex["input"])) == len(ex["input"])
 
 
 def test_splits_are_disjoint_by_input():

@@ -55,6 +55,7 @@ class PretrainConfig:
     generic_fraction: float = 0.1
     eval_examples: int = 100
     eval_marker: int = 8
+    init_from: str | None = None
     threads: int = int(os.environ.get("OMP_NUM_THREADS") or 2)
 
 
@@ -169,6 +170,11 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> dict:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model, tokenizer = build_model(cfg)
+    if cfg.init_from:
+        # Continue pretraining an earlier demo backbone (same architecture options).
+        from transformers import T5ForConditionalGeneration
+
+        model = T5ForConditionalGeneration.from_pretrained(cfg.init_from)
     tasks = list(SOURCE_TASKS)
     markers = marker_token_ids(tokenizer, tasks)
     mixture = Mixture(markers, cfg, cfg.seed)
@@ -256,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="task markers are repeated 1..N times (N >= the demo prompt length)",
     )
     p.add_argument("--eval-examples", type=int, default=d.eval_examples)
+    p.add_argument("--init-from", help="continue from an earlier pretrain-demo output")
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -277,6 +284,7 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
         max_marker=args.max_marker,
         eval_examples=args.eval_examples,
         threads=args.threads,
+        init_from=args.init_from,
     )
 
 
