@@ -45,28 +45,52 @@ def test_greedy_matches_a_full_forward_per_step(gentle_gpt2: Path) -> None:
         assert seq[len(row) :] == ids
 
 
-def test_teach_and_evaluate_on_a_decoder_only_backbone(
+def test_all_stages_on_a_decoder_only_backbone(
     gentle_gpt2: Path, toy_data: Path, tmp_path: Path
 ) -> None:
+    common = ["--model", gentle_gpt2, "--data-dir", toy_data, *FAST]
     run_cli(
         "teach",
-        "--model",
-        gentle_gpt2,
-        "--data-dir",
-        toy_data,
+        *common,
         "--tasks",
         "polarity",
-        *FAST,
+        "first",
         "--steps",
         "10",
         "--out",
         tmp_path / "teach",
     )
-    losses = [
-        json.loads(line)["loss"]
-        for line in (tmp_path / "teach" / "log.jsonl").read_text().splitlines()
+    records = [
+        json.loads(line) for line in (tmp_path / "teach" / "log.jsonl").read_text().splitlines()
     ]
+    losses = [r["loss"] for r in records if r["run"] == "teach-polarity"]
     assert sum(losses[-3:]) < sum(losses[:3])
+    run_cli(
+        "distill",
+        *common,
+        "--tasks",
+        "polarity",
+        "first",
+        "--steps",
+        "3",
+        "--teachers",
+        tmp_path / "teach",
+        "--out",
+        tmp_path / "mpt",
+    )
+    assert "hidden_mse" in (tmp_path / "mpt" / "log.jsonl").read_text()
+    run_cli(
+        "adapt",
+        *common,
+        "--tasks",
+        "last",
+        "--steps",
+        "2",
+        "--source",
+        tmp_path / "mpt",
+        "--out",
+        tmp_path / "adapt",
+    )
     run_cli(
         "evaluate",
         "--model",
@@ -75,8 +99,10 @@ def test_teach_and_evaluate_on_a_decoder_only_backbone(
         toy_data,
         "--tasks",
         "polarity",
+        "last",
         "--methods",
         f"pt={tmp_path / 'teach'}",
+        f"mpt={tmp_path / 'adapt'}",
         "--max-new-tokens",
         "3",
         "--eval-limit",
@@ -85,4 +111,5 @@ def test_teach_and_evaluate_on_a_decoder_only_backbone(
         tmp_path / "eval",
     )
     results = json.loads((tmp_path / "eval" / "eval.json").read_text())["results"]
-    assert set(results) == {"none", "pt"} and results["pt"]["polarity"]["examples"] == 4
+    assert set(results) == {"none", "pt", "mpt"}
+    assert results["pt"]["polarity"]["examples"] == 4 and set(results["mpt"]) == {"last"}
