@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     options_cls, module, description = STAGES[stage]
     try:
-        options = parse_options(options_cls, rest, f"rankone train {stage}", description)
+        options: Any = parse_options(options_cls, rest, f"rankone train {stage}", description)
         return int(importlib.import_module(module).run(options) or 0)
     except RankoneError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,6 +8,7 @@ position ids once prompt rows sit between left padding and the input.
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,11 +32,11 @@ def greedy(
     mask = batch.attention_mask
     positions = (mask.cumsum(-1) - 1).clamp_min(0) * mask
     if prompts is not None:
-        embeds, mask, positions_ = prepend_prompts(
-            embeds, mask, prompts.to(device, embeds.dtype), causal=causal
-        )
-        positions = positions_ if causal else positions
-    model = backbone.model
+        prompted = prepend_prompts(embeds, mask, prompts.to(device, embeds.dtype), causal=causal)
+        embeds, mask = prompted.inputs_embeds, prompted.attention_mask
+        if prompted.position_ids is not None:
+            positions = prompted.position_ids
+    model: Any = backbone.model
     size = len(inputs)
     done = torch.zeros(size, dtype=torch.bool, device=device)
     out = torch.full((size, max_new_tokens), pad, dtype=torch.long, device=device)

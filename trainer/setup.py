@@ -60,7 +60,7 @@ def load_tasks(
 
 def check_sequence_fits(backbone: Backbone, prompt_length: int, opts: DataOptions) -> None:
     """Decoder-only models see prompt + input + target in one sequence of bounded length."""
-    config = backbone.model.config
+    config: Any = backbone.model.config
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     needed = prompt_length + opts.max_input_length + opts.max_target_length
     if not backbone.is_seq2seq and limit and needed > limit:
@@ -90,7 +90,8 @@ def init_prompt(
     text: str | None = None,
 ) -> Tensor:
     """A fresh prompt [L, d]: random vocabulary embeddings, uniform noise, or a text's embeddings."""
-    table = backbone.model.get_input_embeddings().weight.detach().float().cpu()  # [V, d]
+    model: Any = backbone.model
+    table = model.get_input_embeddings().weight.detach().float().cpu()  # [V, d]
     if kind == "random":
         return (torch.rand(length, backbone.dim, generator=generator) * 2 - 1) * scale
     if kind == "text":
