@@ -185,6 +185,8 @@ def train(
         scaler.load_state_dict(state["scaler"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         step, best_loss, best_step = state["step"], state["best_loss"], state["best_step"]
         best_params = state["best_params"]
         if ctx.main:
@@ -208,6 +210,7 @@ def train(
                 "scaler": scaler.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "best_loss": best_loss,
                 "best_step": best_step,
                 "best_params": best_params,
