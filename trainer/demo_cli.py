@@ -38,14 +38,14 @@ class DemoRecipe:
     """How the demo is built. Sized for ~10 minutes on two CPU cores."""
 
     tasks: list[str] = field(default_factory=lambda: list(SOURCE_TASKS))
-    pretrain_args: list[str] = field(default_factory=lambda: ["--steps", "2500", "--minutes", "6"])
+    pretrain_args: list[str] = field(default_factory=lambda: ["--steps", "3800", "--minutes", "9"])
     n_train: int = 2000
     n_val: int = 100
     n_test: int = 100
     seed: int = 0
     prompt_length: int = 8
-    teach_steps: int = 100
-    distill_steps: int = 200
+    teach_steps: int = 150
+    distill_steps: int = 400
     batch_size: int = 32
     lr: float = 0.3
 
