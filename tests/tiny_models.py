@@ -1,9 +1,11 @@
 """Tiny Hugging Face models built locally (no hub access), shared by tests and benchmarks.
 
 Each builder writes a complete model directory (config, weights, tokenizer) that
-``prompts.load_backbone`` and ``from_pretrained`` load like any hub checkpoint. The random
-weights get a wide init (``initializer_range``) so greedy decoding does not collapse onto one
-token forever: the reference checks need varied token streams to mean anything.
+``prompts.load_backbone`` and ``from_pretrained`` load like any hub checkpoint. By default the
+random weights get a wide init so greedy decoding does not collapse onto one token forever: the
+reference checks need varied token streams to mean anything. ``wide_init=False`` keeps the
+models' default init instead, whose cross-entropy starts near log(vocab), so training tests can
+see a prompt learn (the wide init's losses are in the hundreds).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def _bpe_tokenizer(vocab_size: int = 300):
     )
 
 
-def build_tiny_t5(path: Path, *, d_model: int = 64, seed: int = 0) -> Path:
+def build_tiny_t5(path: Path, *, d_model: int = 64, seed: int = 0, wide_init: bool = True) -> Path:
     """Tiny T5 with the byte-level ``ByT5Tokenizer`` (needs no vocab file)."""
     from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
 
@@ -54,18 +56,19 @@ def build_tiny_t5(path: Path, *, d_model: int = 64, seed: int = 0) -> Path:
     config = T5Config(
         vocab_size=len(tok),
         d_model=d_model,
-        d_kv=16,
+        d_kv=d_model // 4,
         d_ff=2 * d_model,
         num_layers=2,
         num_decoder_layers=2,
         num_heads=4,
         relative_attention_num_buckets=8,
         dropout_rate=0.0,
-        initializer_factor=4.0,
+        initializer_factor=4.0 if wide_init else 1.0,
         decoder_start_token_id=tok.pad_token_id,
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=False,
+        # Tied embeddings scale the logits by d_model**-0.5: the gentle variant wants that.
+        tie_word_embeddings=not wide_init,
     )
     model = T5ForConditionalGeneration(config).eval()
     model.save_pretrained(path)
@@ -73,7 +76,9 @@ def build_tiny_t5(path: Path, *, d_model: int = 64, seed: int = 0) -> Path:
     return path
 
 
-def build_tiny_gpt2(path: Path, *, d_model: int = 64, seed: int = 0) -> Path:
+def build_tiny_gpt2(
+    path: Path, *, d_model: int = 64, seed: int = 0, wide_init: bool = True
+) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
@@ -87,7 +92,7 @@ def build_tiny_gpt2(path: Path, *, d_model: int = 64, seed: int = 0) -> Path:
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
-        initializer_range=0.3,
+        initializer_range=0.3 if wide_init else 0.02,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,

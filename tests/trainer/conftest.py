@@ -1,4 +1,4 @@
-"""Fixtures of the trainer tests: gentle tiny backbones, toy JSONL tasks, one shared pipeline run.
+"""Fixtures of the trainer tests: gentle tiny backbones (default init, see tests/tiny_models), toy JSONL tasks, one shared pipeline run.
 
 The pipeline (teach → distill → adapt) runs once per session from the CLI and several tests
 inspect its artifacts, which keeps the folder fast on a loaded CPU.
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainer.models import build_gentle_gpt2, build_gentle_t5
+from tests.tiny_models import build_tiny_gpt2, build_tiny_t5
 from tests.trainer.toy_data import write_toy_tasks
 from trainer.cli import main
 
@@ -33,12 +33,12 @@ FAST = [
 
 @pytest.fixture(scope="session")
 def gentle_t5(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_gentle_t5(tmp_path_factory.mktemp("models") / "t5")
+    return build_tiny_t5(tmp_path_factory.mktemp("models") / "t5", d_model=32, wide_init=False)
 
 
 @pytest.fixture(scope="session")
 def gentle_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_gentle_gpt2(tmp_path_factory.mktemp("models") / "gpt2")
+    return build_tiny_gpt2(tmp_path_factory.mktemp("models") / "gpt2", d_model=32, wide_init=False)
 
 
 @pytest.fixture(scope="session")

@@ -211,8 +211,8 @@ def test_prompt_longer_than_a_decoder_only_backbone_allows(
         "--out",
         tmp_path,
         "--prompt-length",
-        "240",
+        "480",
         "--max-input-length",
         "32",
     )
-    assert "= 304 positions" in err and "has 256" in err
+    assert "= 544 positions" in err and "has 512" in err
