@@ -1,35 +1,53 @@
-# rankone — developer commands. `make install` once, then `make test`, `make demo`, `make lint`.
-PY ?= $(shell [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)
+# rankone — developer commands. The two that matter: `make demo` and `make test`.
+# Both install what is missing first (a .venv pinned by constraints.txt, and redis-server).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The CPU torch wheel lives in a local wheel store on these machines; elsewhere PyPI is used.
 PIP_FLAGS ?= $(shell [ -d /opt/wheels ] && echo --find-links /opt/wheels)
 
-.PHONY: install test lint format demo bench serve deploy-check
+.PHONY: install system-deps test lint format demo serve bench deploy-check clean
 
-install:
-	[ -x .venv/bin/python ] || python3 -m venv .venv
-	.venv/bin/python -m pip install -q --upgrade pip
-	.venv/bin/python -m pip install -q $(PIP_FLAGS) -c constraints.txt -e ".[dev]"
+install: $(STAMP)
 
-test:
+$(STAMP): pyproject.toml constraints.txt
+	[ -x $(PY) ] || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(PIP_FLAGS) -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+# The tests start their own redis-server on free ports.
+system-deps:
+	@command -v redis-server >/dev/null 2>&1 || { \
+		echo "installing redis-server (apt)"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; }
+
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q tests
 
-lint:
+lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
-format:
+format: $(STAMP)
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
-demo:
+demo: $(STAMP)
 	$(PY) -m rankone_cli demo
 
-serve:
+serve: $(STAMP)
 	$(PY) -m rankone_cli serve
 
-bench:
-	$(PY) -m bench.run_all
+bench: $(STAMP) system-deps
+	$(PY) -m bench.store_bench --tasks 100000
+	$(PY) bench/engine_bench.py
+	$(PY) bench/server_bench.py --repeats 5
 
 # Engine-free deployment checks: compose resolves, hadolint, clean-venv install + imports.
-deploy-check:
-	bash docker/check.sh
+deploy-check: $(STAMP)
+	PY=$(PY) bash docker/check.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
