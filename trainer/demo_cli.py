@@ -44,7 +44,7 @@ class DemoRecipe:
     n_test: int = 100
     seed: int = 0
     prompt_length: int = 8
-    teach_steps: int = 150
+    teach_steps: int = 400
     distill_steps: int = 400
     batch_size: int = 32
     lr: float = 0.3
