@@ -82,24 +82,10 @@ def build_t5_small(path: Path) -> Backbone:
 
 
 def build_gpt2_small(path: Path) -> Backbone:
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from tests.tiny_models import build_tiny_gpt2
 
-    from tests.tiny_models import _bpe_tokenizer
-
-    torch.manual_seed(0)
-    tok = _bpe_tokenizer()
-    config = GPT2Config(
-        vocab_size=len(tok),
-        n_embd=768,
-        n_layer=12,
-        n_head=12,
-        n_positions=1024,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    GPT2LMHeadModel(config).eval().save_pretrained(path)
-    tok.save_pretrained(path)
+    # GPT-2-small shape with the default init, over the tests' small BPE vocabulary.
+    build_tiny_gpt2(path, d_model=768, wide_init=False, n_layer=12, n_head=12, n_positions=1024)
     return load_backbone(path)
 
 

@@ -11,6 +11,7 @@ see a prompt learn (the wide init's losses are in the hundreds).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -47,13 +48,18 @@ def _bpe_tokenizer(vocab_size: int = 300):
     )
 
 
-def build_tiny_t5(path: Path, *, d_model: int = 64, seed: int = 0, wide_init: bool = True) -> Path:
-    """Tiny T5 with the byte-level ``ByT5Tokenizer`` (needs no vocab file)."""
+def build_tiny_t5(
+    path: Path, *, d_model: int = 64, seed: int = 0, wide_init: bool = True, **overrides: Any
+) -> Path:
+    """Tiny T5 with the byte-level ``ByT5Tokenizer`` (needs no vocab file).
+
+    ``overrides`` replace config fields (e.g. ``num_decoder_layers=3`` for an uneven T5).
+    """
     from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(seed)
     tok = ByT5Tokenizer()
-    config = T5Config(
+    fields: dict[str, Any] = dict(
         vocab_size=len(tok),
         d_model=d_model,
         d_kv=d_model // 4,
@@ -70,20 +76,21 @@ def build_tiny_t5(path: Path, *, d_model: int = 64, seed: int = 0, wide_init: bo
         # Tied embeddings scale the logits by d_model**-0.5: the gentle variant wants that.
         tie_word_embeddings=not wide_init,
     )
-    model = T5ForConditionalGeneration(config).eval()
+    model = T5ForConditionalGeneration(T5Config(**{**fields, **overrides})).eval()
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
 
 def build_tiny_gpt2(
-    path: Path, *, d_model: int = 64, seed: int = 0, wide_init: bool = True
+    path: Path, *, d_model: int = 64, seed: int = 0, wide_init: bool = True, **overrides: Any
 ) -> Path:
+    """Tiny GPT-2 with a small BPE; ``overrides`` replace config fields."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     tok = _bpe_tokenizer()
-    config = GPT2Config(
+    fields: dict[str, Any] = dict(
         vocab_size=len(tok),
         n_embd=d_model,
         n_layer=2,
@@ -97,7 +104,7 @@ def build_tiny_gpt2(
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    model = GPT2LMHeadModel(config).eval()
+    model = GPT2LMHeadModel(GPT2Config(**{**fields, **overrides})).eval()
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

@@ -119,30 +119,10 @@ def test_empty_input_uses_prefix_logits(backbones: dict[str, Backbone]) -> None:
 
 def test_t5_with_more_decoder_than_encoder_layers(tmp_path) -> None:
     """``generate`` fails on such configs in transformers 5.24 (DESIGN §9); the engine must not."""
-    import torch
-    from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
-
     from prompts import load_backbone
+    from tests.tiny_models import build_tiny_t5
 
-    torch.manual_seed(0)
-    tok = ByT5Tokenizer()
-    config = T5Config(
-        vocab_size=len(tok),
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=1,
-        num_decoder_layers=3,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        dropout_rate=0.0,
-        initializer_factor=4.0,
-        decoder_start_token_id=tok.pad_token_id,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    T5ForConditionalGeneration(config).eval().save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
+    build_tiny_t5(tmp_path, d_model=32, num_layers=1, num_decoder_layers=3)
     backbone = load_backbone(tmp_path)
     tasks = make_tasks(backbone)
     loop = DecodeLoop(backbone)
