@@ -22,6 +22,8 @@ from prompts.artifacts import (
     load_task,
     save_shared,
     save_task,
+    shared_path,
+    task_path,
     to_base64,
     write_atomic,
 )
@@ -72,6 +74,8 @@ __all__ = [
     "resolve_dtype",
     "save_shared",
     "save_task",
+    "shared_path",
+    "task_path",
     "to_base64",
     "write_atomic",
 ]

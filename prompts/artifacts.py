@@ -201,8 +201,9 @@ def encode_shared(sp: SharedPrompt) -> bytes:
     return _save_canonical({"prompt": sp.prompt.detach().cpu().contiguous()}, metadata)
 
 
-def encode_task(tf: TaskFactors) -> bytes:
-    validate_task(tf)
+def encode_task(tf: TaskFactors, *, max_rank: int = MAX_RANK) -> bytes:
+    """The task blob; ``max_rank`` is the caller's limit (a server may allow more than 64)."""
+    validate_task(tf, max_rank=max_rank)
     metadata = {
         "format": FORMAT,
         "kind": "task",

@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from prompts import Backbone, SharedPrompt, TaskFactors, check_name, load_artifact_dir
-from prompts.artifacts import shared_path
+from prompts import Backbone, SharedPrompt, TaskFactors, check_name, load_artifact_dir, shared_path
 from trainer.bank import PromptBank, ones_factors, peft_factors
 from trainer.data import stable_seed
 from trainer.errors import TrainerError

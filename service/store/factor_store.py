@@ -226,7 +226,7 @@ class FactorStore:
         """Register a new task (ConflictError if the name exists)."""
         await self._check_task(tf)
         _check_meta(meta)
-        blob = encode_task(tf)
+        blob = encode_task(tf, max_rank=self.max_rank)
         record = await self._backend(
             self.backend.put_task(tf.name, blob, tf.shared, meta, create=True)
         )
@@ -237,7 +237,7 @@ class FactorStore:
         """Replace a task's factors (NotFoundError if absent); its version goes up by one."""
         await self._check_task(tf)
         _check_meta(meta)
-        blob = encode_task(tf)
+        blob = encode_task(tf, max_rank=self.max_rank)
         record = await self._backend(
             self.backend.put_task(tf.name, blob, tf.shared, meta, create=False)
         )

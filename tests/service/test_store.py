@@ -281,6 +281,20 @@ async def test_tiny_cache_still_resolves(make_backend: BackendFactory) -> None:
         await fs.close()
 
 
+async def test_a_store_allows_the_rank_it_is_configured_for(make_backend: BackendFactory) -> None:
+    """The artifact format's default limit (64) must not override a server's own max_rank."""
+    fs = make_store(make_backend(), max_rank=100)
+    await fs.start()
+    try:
+        await fs.register_shared(shared(), {})
+        await fs.create_task(task("wide", rank=80), {})
+        assert (await fs.resolve("wide")).u.shape[1] == 80
+        await fs.replace_task(task("wide", 2.0, rank=80), {})
+        assert (await fs.get_task("wide"))[0].version == 2
+    finally:
+        await fs.close()
+
+
 async def test_concurrent_misses_share_one_backend_read(
     make_backend: BackendFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
