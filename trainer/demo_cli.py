@@ -1,9 +1,13 @@
 """``rankone demo`` (``make demo``): the offline quickstart.
 
 1. Build, once, into ``.rankone/demo/`` (gitignored): a small from-scratch byte-level T5
-   backbone (``pretrain-demo``), the synthetic demo task data, and MPT artifacts for the demo
-   tasks (the trainer's ``teach`` then ``distill`` stages), each step with a progress bar.
-   Later runs reuse the cache (``--rebuild`` starts over).
+   backbone (``pretrain-demo``: 3+3 layers, d 128, up to 4,000 steps within 6.3 minutes),
+   the synthetic demo task data, and MPT artifacts for the demo tasks (the trainer's
+   ``teach`` then ``distill`` stages, run in this process). Each teacher prompt starts from
+   its task's marker token (``--init text --init-text <extra_id_k>``: the input the backbone
+   was pretrained on) and is tuned briefly; ``distill`` starts from the closed-form rank-one
+   fit of the teachers (``trainer.demo.rank_one``) and fine-tunes it briefly. Later runs
+   reuse the cache (``--rebuild`` starts over).
 2. Start the server (``rankone serve`` as a subprocess; the trainer never imports the
    service) on 127.0.0.1 with the embedded store, seeded from the demo artifacts.
 3. Print ready-to-paste ``curl`` and ``openai`` examples and serve until Ctrl-C.
@@ -30,26 +34,27 @@ from trainer.demo.tasks import SOURCE_TASKS, read_jsonl, write_task_data
 
 DEFAULT_CACHE = Path(".rankone") / "demo"
 # Bump when the recipe changes so that stale caches are rebuilt.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 
 @dataclass
 class DemoRecipe:
-    """How the demo is built. Sized for ~10 minutes on two CPU cores."""
+    """How the demo is built. Sized for ~8 minutes on two idle CPU cores (+ install: ~10)."""
 
     tasks: list[str] = field(default_factory=lambda: list(SOURCE_TASKS))
     pretrain_args: list[str] = field(
-        default_factory=lambda: ["--steps", "3800", "--minutes", "9", "--seed", "1"]
+        default_factory=lambda: ["--steps", "4000", "--minutes", "6.3", "--seed", "1"]
     )
     n_train: int = 2000
     n_val: int = 100
     n_test: int = 100
     seed: int = 0
     prompt_length: int = 8
-    teach_steps: int = 400
-    distill_steps: int = 400
+    teach_steps: int = 20
+    teach_lr: float = 0.01
+    distill_steps: int = 30
+    distill_lr: float = 0.01
     batch_size: int = 32
-    lr: float = 0.3
 
     def to_json(self) -> dict:
         return {"version": RECIPE_VERSION, **self.__dict__}
@@ -74,13 +79,6 @@ def log(msg: str) -> None:
 
 def trainer_cmd(stage: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "trainer", stage, *args]
-
-
-def run_stage(cmd: list[str]) -> None:
-    log("$ " + " ".join(cmd[1:] if cmd[0] == sys.executable else cmd))
-    proc = subprocess.run(cmd, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"rankone demo: step failed (exit {proc.returncode}): {' '.join(cmd)}")
 
 
 def build_pretrain(paths: DemoPaths, recipe: DemoRecipe) -> None:
@@ -111,7 +109,28 @@ def build_data(paths: DemoPaths, recipe: DemoRecipe) -> None:
     done.write_text(json.dumps(sizes, indent=2) + "\n")
 
 
+def marker_texts(paths: DemoPaths, tasks: list[str]) -> dict[str, str]:
+    """Each task's marker token as text (``<extra_id_k>``), from the backbone's pretrain.json."""
+    from transformers import ByT5Tokenizer
+
+    markers = json.loads((paths.backbone / "pretrain.json").read_text()).get("markers", {})
+    tokenizer = ByT5Tokenizer()
+    return {t: tokenizer.convert_ids_to_tokens(int(markers[t])) for t in tasks if t in markers}
+
+
+def run_trainer(stage: str, *args: str) -> None:
+    """One trainer stage, in this process (``python -m trainer STAGE ...`` without the start-up)."""
+    from trainer.cli import main as trainer_main
+
+    log(f"$ trainer {stage} " + " ".join(args))
+    rc = trainer_main([stage, *args])
+    if rc:
+        raise SystemExit(f"rankone demo: trainer {stage} failed (exit {rc})")
+
+
 def build_prompts(paths: DemoPaths, recipe: DemoRecipe) -> None:
+    from trainer.demo.rank_one import rank_one_factors, seed_distill_checkpoint, teacher_prompts
+
     if paths.manifest.exists() and any((paths.artifacts / "tasks").glob("*.safetensors")):
         log(f"prompts: cached in {paths.artifacts}")
         return
@@ -119,28 +138,53 @@ def build_prompts(paths: DemoPaths, recipe: DemoRecipe) -> None:
     common = [
         "--model", str(paths.backbone),
         "--data-dir", str(paths.data),
-        "--tasks", *recipe.tasks,
         "--prompt-length", str(recipe.prompt_length),
         "--batch-size", str(recipe.batch_size),
-        "--lr", str(recipe.lr),
         "--seed", str(recipe.seed),
         "--device", "cpu",
+        "--eval-limit", str(recipe.n_val),
+        "--no-progress",
     ]  # fmt: skip
-    run_stage(
-        trainer_cmd("teach", *common, "--out", str(paths.teach), "--steps", str(recipe.teach_steps))
-    )
-    run_stage(
-        trainer_cmd(
-            "distill",
+    # Teachers: one prompt-tuning run per task, each prompt initialised from its task's marker
+    # token (every row = the marker's embedding: an input the backbone was pretrained on).
+    markers = marker_texts(paths, recipe.tasks)
+    shutil.rmtree(paths.teach, ignore_errors=True)
+    for sub in ("shared", "tasks"):
+        (paths.teach / sub).mkdir(parents=True, exist_ok=True)
+    for task in recipe.tasks:
+        init = ["--init", "text", "--init-text", markers[task]] if task in markers else []
+        out = paths.runs / f"teach-{task}"
+        shutil.rmtree(out, ignore_errors=True)
+        run_trainer(
+            "teach",
             *common,
-            "--teachers",
-            str(paths.teach),
-            "--out",
-            str(paths.distill),
-            "--steps",
-            str(recipe.distill_steps),
-        )
-    )
+            "--tasks", task,
+            "--lr", str(recipe.teach_lr),
+            "--steps", str(recipe.teach_steps),
+            "--out", str(out),
+            *init,
+        )  # fmt: skip
+        for sub in ("shared", "tasks"):
+            for f in (out / sub).glob("*.safetensors"):
+                shutil.copy2(f, paths.teach / sub / f.name)
+    # Distill: MPT source training (shared P + rank-one u_k, v_k), started from the closed-form
+    # rank-one fit of the teachers (P ⊙ (u_k v_k) ≈ teacher k) through the trainer's resume
+    # hook: --stop-after 1 writes a checkpoint, the demo rewrites it, --resume trains on.
+    distill = [
+        *common,
+        "--tasks", *recipe.tasks,
+        "--lr", str(recipe.distill_lr),
+        "--steps", str(recipe.distill_steps),
+        "--teachers", str(paths.teach),
+        "--factor-init", "ones",
+        "--out", str(paths.distill),
+    ]  # fmt: skip
+    shutil.rmtree(paths.distill, ignore_errors=True)
+    run_trainer("distill", *distill, "--stop-after", "1")
+    shared, factors = rank_one_factors(teacher_prompts(paths.teach, recipe.tasks))
+    seed_distill_checkpoint(paths.distill / "checkpoints" / "distill.pt", shared, factors)
+    log("distill: seeded with the closed-form rank-one fit of the teachers")
+    run_trainer("distill", *distill, "--resume")
     shutil.rmtree(paths.artifacts, ignore_errors=True)
     for sub in ("shared", "tasks"):
         shutil.copytree(paths.distill / sub, paths.artifacts / sub)
@@ -284,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--pretrain-minutes",
         type=float,
         default=None,
-        help="time budget of the backbone pretraining (default 5)",
+        help="time budget of the backbone pretraining (default 6.3)",
     )
     p.add_argument(
         "--teach-steps",

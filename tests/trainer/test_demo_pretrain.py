@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 
-from prompts import identity_factors, load_backbone, save_shared, save_task
+from prompts import (
+    compose_prompt,
+    identity_factors,
+    load_artifact_dir,
+    load_backbone,
+    save_shared,
+    save_task,
+)
 from prompts.artifacts import SharedPrompt, TaskFactors
 from trainer import demo_cli
 from trainer.demo import pretrain
 from trainer.demo.evaluate import evaluate_artifacts, exact_match
+from trainer.demo.rank_one import rank_one_factors, teacher_prompts
 from trainer.demo.tasks import SOURCE_TASKS, write_task_data
 
 TINY = [
@@ -106,3 +115,38 @@ def test_demo_cli_pieces(tmp_path):
     assert cmd[1:4] == ["-m", "trainer", "teach"]
     args = demo_cli.build_parser().parse_args(["--no-serve", "--port", "9000"])
     assert args.no_serve and args.port == 9000 and not args.rebuild
+
+
+def test_rank_one_factors_fit_marker_like_teachers():
+    torch.manual_seed(0)
+    rows = torch.randn(3, 1, 16)
+    teachers = rows.expand(3, 4, 16) * torch.linspace(0.5, 1.5, 4).view(1, 4, 1)  # rank one
+    shared, factors = rank_one_factors(teachers)
+    assert shared.shape == (4, 16) and bool((shared > 0).all())
+    for k, (u, v) in enumerate(factors):
+        assert u.shape == (4, 1) and v.shape == (1, 16)
+        assert torch.allclose(compose_prompt(shared, u, v), teachers[k], atol=1e-5)
+
+
+def test_build_prompts_seeds_distill_with_the_closed_form(tiny_backbone, tmp_path):
+    paths = demo_cli.DemoPaths(tmp_path / "demo")
+    tasks = ["count", "sort"]
+    recipe = demo_cli.DemoRecipe(
+        tasks=tasks, n_train=8, n_val=2, n_test=2, teach_steps=1, distill_steps=1, batch_size=2
+    )
+    paths.root.mkdir(parents=True)
+    shutil.copytree(tiny_backbone, paths.backbone)
+    demo_cli.build_data(paths, recipe)
+    assert demo_cli.marker_texts(paths, tasks) == {"count": "<extra_id_2>", "sort": "<extra_id_0>"}
+    demo_cli.build_prompts(paths, recipe)
+    teachers = teacher_prompts(paths.teach, tasks)
+    marker = load_backbone(tiny_backbone).model.get_input_embeddings().weight[261]
+    # teacher of "count": its marker's embedding on every row, moved by one small step
+    assert (teachers[tasks.index("count")] - marker).abs().max() < 0.05
+    art = load_artifact_dir(paths.artifacts)
+    assert set(art.tasks) == set(tasks)
+    for k, task in enumerate(tasks):
+        tf = art.tasks[task]
+        student = compose_prompt(art.shared[tf.shared].prompt.float(), tf.u.float(), tf.v.float())
+        # one distill step at lr 0.01 from the closed form stays next to the teacher
+        assert (student - teachers[k]).abs().max() < 0.1

@@ -15,7 +15,7 @@ with a shared prompt ``P`` whose entries are non-zero, ``u = 1`` and ``v = e(m_k
 find it (or anything that works as well). The held-out target formats of the offline
 benchmark (``TARGET_TASKS``) are never seen here.
 
-    python -m trainer.demo.pretrain --out .rankone/demo/backbone --minutes 5
+    python -m trainer.demo.pretrain --out .rankone/demo/backbone --steps 4000 --minutes 6.3 --seed 1
 """
 
 from __future__ import annotations
@@ -36,13 +36,24 @@ from trainer.demo.tasks import GENERIC_TASKS, SOURCE_TASKS, Task, generate_examp
 
 PAD, EOS = 0, 1
 BYTE_OFFSET = 3  # ByT5: token id = byte + 3
+# Relative sampling weight of each source task (default 1): the tasks the backbone learns
+# slowest (counting, sorting) get more of the short pretraining budget; min/max letter are
+# learnt early (100% marker accuracy at 2,500 steps with uniform weights).
+TASK_WEIGHTS = {
+    "count": 3.0,
+    "sort": 1.75,
+    "sort-desc": 1.25,
+    "count-vowels": 1.0,
+    "min-letter": 0.75,
+    "max-letter": 0.75,
+}
 
 
 @dataclass
 class PretrainConfig:
     out: str
-    steps: int = 6000
-    minutes: float = 5.0
+    steps: int = 4000
+    minutes: float = 6.3
     seed: int = 0
     batch_size: int = 64
     lr: float = 2e-3
@@ -106,6 +117,7 @@ class Mixture:
         self.markers = markers
         self.cfg = cfg
         self.source: list[Task] = [SOURCE_TASKS[name] for name in markers]
+        self.weights = [TASK_WEIGHTS.get(name, 1.0) for name in markers]
         self.generic: list[Task] = list(GENERIC_TASKS.values())
 
     def sample(self) -> tuple[list[int], list[int]]:
@@ -114,7 +126,7 @@ class Mixture:
             task = rng.choice(self.generic)
             prefix: list[int] = []
         else:
-            task = rng.choice(self.source)
+            task = rng.choices(self.source, self.weights)[0]
             prefix = [self.markers[task.name]] * rng.randint(1, self.cfg.max_marker)
         ex = task.example(rng)
         return prefix + encode_bytes(ex["input"]) + [EOS], [*encode_bytes(ex["target"]), EOS]
