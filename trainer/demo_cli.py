@@ -286,7 +286,14 @@ Press Ctrl-C to stop.
 """
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(paths: DemoPaths, tasks: list[str], port: int) -> int:
+    # SIGTERM (docker stop, systemd, kill) takes the Ctrl-C path, so the server child is
+    # stopped with us instead of being orphaned.
+    signal.signal(signal.SIGTERM, _interrupt)
     proc = start_server(paths, port)
     url = f"http://127.0.0.1:{port}"
     try:
