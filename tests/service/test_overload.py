@@ -29,6 +29,13 @@ def slow_engine(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(static_engine, "run_group", slow)
 
 
+def static_settings(model: Path, data: Path, **overrides: Any) -> Settings:
+    """Settings for the slowed static engine (see ``slow_engine``)."""
+    return Settings(
+        model=str(model), data_dir=str(data), engine="static", log_level="WARNING", **overrides
+    )
+
+
 async def _serve(
     settings: Settings, bb: Backbone, calls: int, body: dict[str, Any]
 ) -> list[httpx.Response]:
@@ -50,15 +57,7 @@ async def _serve(
 def test_full_queue_answers_429_with_retry_after(
     slow_engine: None, tiny_t5_dir: Path, tmp_path: Path, t5_backbone: Backbone
 ) -> None:
-    settings = Settings(
-        model=str(tiny_t5_dir),
-        data_dir=str(tmp_path),
-        engine="static",
-        queue_size=1,
-        max_batch_size=1,
-        max_wait_ms=0,
-        log_level="WARNING",
-    )
+    settings = static_settings(tiny_t5_dir, tmp_path, queue_size=1, max_batch_size=1, max_wait_ms=0)
     body = {"inputs": "hi", "parameters": {"max_new_tokens": 2}}
     responses = asyncio.run(_serve(settings, t5_backbone, 6, body))
     codes = sorted(r.status_code for r in responses)
@@ -73,15 +72,7 @@ def test_full_queue_answers_429_with_retry_after(
 def test_list_inputs_over_the_queue_are_refused_whole(
     slow_engine: None, tiny_t5_dir: Path, tmp_path: Path, t5_backbone: Backbone
 ) -> None:
-    settings = Settings(
-        model=str(tiny_t5_dir),
-        data_dir=str(tmp_path),
-        engine="static",
-        queue_size=1,
-        max_batch_size=1,
-        max_wait_ms=0,
-        log_level="WARNING",
-    )
+    settings = static_settings(tiny_t5_dir, tmp_path, queue_size=1, max_batch_size=1, max_wait_ms=0)
     body = {"inputs": ["a", "b", "c", "d"], "parameters": {"max_new_tokens": 2}}
     (r,) = asyncio.run(_serve(settings, t5_backbone, 1, body))
     assert r.status_code == 429, r.text
@@ -90,13 +81,7 @@ def test_list_inputs_over_the_queue_are_refused_whole(
 def test_request_timeout_is_504(
     slow_engine: None, tiny_t5_dir: Path, tmp_path: Path, t5_backbone: Backbone
 ) -> None:
-    settings = Settings(
-        model=str(tiny_t5_dir),
-        data_dir=str(tmp_path),
-        engine="static",
-        request_timeout_s=0.1,
-        log_level="WARNING",
-    )
+    settings = static_settings(tiny_t5_dir, tmp_path, request_timeout_s=0.1)
     body = {"inputs": "hi", "parameters": {"max_new_tokens": 2}}
     (r,) = asyncio.run(_serve(settings, t5_backbone, 1, body))
     assert r.status_code == 504 and "0.1 s" in r.json()["error"]["message"]
