@@ -312,14 +312,9 @@ class DecodeLoop:
         )
         return out.logits[:, -1], {"self": _layers(cache), "mask": mask}
 
-    def _prefix(self, task: ResolvedTask, prompt: Tensor | None) -> PromptPrefix:
-        """The task prompt's KV (computed now from ``prompt`` [L, d] when not cached)."""
+    def _prefix(self, task: ResolvedTask, prompt: Tensor) -> PromptPrefix:
+        """Compute the task prompt's KV from ``prompt`` [L, d] and put it in the cache."""
         assert self.prefix_cache is not None
-        cached = self.prefix_cache.get(task.name, task.version)
-        if cached is not None:
-            return cached
-        if prompt is None:
-            prompt = self._compose([task])[0]
         length = prompt.shape[0]
         cache = DynamicCache()
         out = self.model(
@@ -338,19 +333,24 @@ class DecodeLoop:
         """Reuse each task's prompt KV; prefill only the inputs, at positions L, L+1, ..."""
         assert self.prefix_cache is not None
         tasks = [r.request.task for r in rows]
+        # One cache lookup per distinct (task, version). We keep our own refs, so a prefix
+        # evicted (tiny budget) by a later put is still used here rather than recomputed.
+        found: dict[tuple[str, int], PromptPrefix] = {}
         missing: dict[tuple[str, int], ResolvedTask] = {}
         for task in tasks:
-            if (task.name, task.version) not in missing and self.prefix_cache.get(
-                task.name, task.version
-            ) is None:
-                missing[(task.name, task.version)] = task
-        fresh: dict[tuple[str, int], PromptPrefix] = {}
+            key = (task.name, task.version)
+            if key in found or key in missing:
+                continue
+            cached = self.prefix_cache.get(task.name, task.version)
+            if cached is None:
+                missing[key] = task
+            else:
+                found[key] = cached
         if missing:
             prompts = self._compose(list(missing.values()))
-            for key, task, prompt in zip(missing, missing.values(), prompts, strict=True):
-                fresh[key] = self._prefix(task, prompt)
-        # A prefix may be evicted (tiny budget) between its put and here: keep our own refs.
-        prefixes = [fresh.get((t.name, t.version)) or self._prefix(t, None) for t in tasks]
+            for (key, task), prompt in zip(missing.items(), prompts, strict=True):
+                found[key] = self._prefix(task, prompt)
+        prefixes = [found[(t.name, t.version)] for t in tasks]
         longest = max(p.length for p in prefixes)
         n_layers = len(prefixes[0].layers)
         layers: list[KV] = [
