@@ -55,22 +55,12 @@ class GenerationHandler:
         self.engine = engine
         self.backbone = backbone
         self.settings = settings
-        self._defaults: dict[tuple[str, int], dict[str, Any]] = {}
         # Long inputs tokenize off the event loop, one at a time (fast tokenizers are not
         # safe to call concurrently).
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="rankone-tokenize")
 
     def close(self) -> None:
         self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
-
-    async def _task_defaults(self, task: ResolvedTask) -> dict[str, Any]:
-        key = (task.name, task.version)
-        if key not in self._defaults:
-            record, _ = await self.store.get_task(task.name)
-            if len(self._defaults) > 4096:
-                self._defaults.clear()
-            self._defaults[key] = dict(record.meta.get("parameters") or {})
-        return self._defaults[key]
 
     def _sampling(self, params: GenerationParameters) -> SamplingParams:
         sampling = params.to_sampling_params(
@@ -98,8 +88,9 @@ class GenerationHandler:
         self, task_name: str, inputs: list[str], params: GenerationParameters
     ) -> Prepared:
         check_name(task_name, "task name")
-        task = await self.store.resolve(task_name)
-        merged = params.merged_over(await self._task_defaults(task))
+        # the task's default parameters come with its factors, from the store's device cache
+        task, defaults = await self.store.resolve_with_defaults(task_name)
+        merged = params.merged_over(defaults)
         sampling = self._sampling(merged)
         base = request_id_var.get()
         loop = asyncio.get_running_loop()

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
@@ -45,6 +46,7 @@ class TaskEntry:
     shared_id: str
     u: Tensor  # [L, r] on the model's device/dtype
     v: Tensor  # [r, d]
+    parameters: dict[str, Any] = field(default_factory=dict)  # default generation parameters
 
 
 Entry = SharedEntry | TaskEntry

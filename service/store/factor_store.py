@@ -268,6 +268,13 @@ class FactorStore:
         The tensors are the cache's own (shared by every caller): read them, never modify them
         in place.
         """
+        task, _ = await self.resolve_with_defaults(name)
+        return task
+
+    async def resolve_with_defaults(self, name: str) -> tuple[ResolvedTask, dict[str, Any]]:
+        """``resolve(name)`` and the task's default generation parameters (its metadata's
+        ``parameters``), both from the same cached record, so of the same version. The dict is
+        the cache's own: never modify it."""
 
         async def load() -> tuple[Entry, int]:
             check_name(name, "task name")
@@ -278,7 +285,8 @@ class FactorStore:
             )
             u = tf.u.to(device=self.device, dtype=self.dtype)  # [L, r]
             v = tf.v.to(device=self.device, dtype=self.dtype)  # [r, d]
-            return TaskEntry(record.version, tf.shared, u, v), nbytes(u, v)
+            parameters = dict(record.meta.get("parameters") or {})
+            return TaskEntry(record.version, tf.shared, u, v, parameters), nbytes(u, v)
 
         entry = await self._cache.get_or_load(("task", name), load)
         assert isinstance(entry, TaskEntry)
@@ -289,7 +297,8 @@ class FactorStore:
                 f"task {name!r}: factors u {tuple(entry.u.shape)}, v {tuple(entry.v.shape)} do "
                 f"not fit shared prompt {entry.shared_id!r} {tuple(shared.prompt.shape)}"
             )
-        return ResolvedTask(name, entry.version, entry.shared_id, shared.prompt, entry.u, entry.v)
+        task = ResolvedTask(name, entry.version, entry.shared_id, shared.prompt, entry.u, entry.v)
+        return task, entry.parameters
 
     # ---- seeding -----------------------------------------------------------------------
 
