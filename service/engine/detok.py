@@ -46,6 +46,7 @@ class IncrementalDetokenizer:
         self.special_ids = special_ids
         self.stops = tuple(s for s in stops if s)
         self.ids: list[int] = []
+        self._kept: list[int] = []  # ``ids`` less ``special_ids``, grown with each token
         self.text = ""  # the whole output so far (cut before a stop string once one appears)
         self.released = ""  # what deltas have carried so far; always a prefix of the output
         self.stopped = False
@@ -59,8 +60,9 @@ class IncrementalDetokenizer:
         if self.special_ids is None:
             text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         else:
-            kept = [i for i in self.ids if i not in self.special_ids]
-            text = self.tokenizer.decode(kept, skip_special_tokens=False)
+            if token_id not in self.special_ids:
+                self._kept.append(token_id)
+            text = self.tokenizer.decode(self._kept, skip_special_tokens=False)
         at = find_stop(text, self.stops)
         if at is not None:
             self.text = text[:at]
