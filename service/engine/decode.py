@@ -100,9 +100,7 @@ class LoopStats:
 def _dynamic_cache(layers: Sequence[KV]) -> DynamicCache:
     """A ``DynamicCache`` holding exactly these per-layer tensors (no copy)."""
     cache = DynamicCache([(k[:, :, :0], v[:, :, :0]) for k, v in layers])
-    layer: Any
-    for layer, (k, v) in zip(cache.layers, layers, strict=True):
-        layer.keys, layer.values = k, v
+    _set_layers(cache, layers)
     return cache
 
 
