@@ -64,7 +64,6 @@ class Row:
     detok: IncrementalDetokenizer | None = None
     generator: torch.Generator | None = None
     finished: bool = False
-    admitted_at: float = 0.0
     limit: int = 0  # new tokens allowed: max_new_tokens, or fewer where positions run out
 
     @property
@@ -212,9 +211,7 @@ class DecodeLoop:
         rows = [r for r in rows if not self._finish_early(r)]
         if not rows:
             return
-        now = time.perf_counter()
         for row in rows:
-            row.admitted_at = now
             row.detok = IncrementalDetokenizer(
                 self.tokenizer, row.request.params.stop, self.special_ids
             )
