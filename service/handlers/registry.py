@@ -18,7 +18,6 @@ from prompts.artifacts import (
     check_task_fits,
     decode_shared,
     decode_task,
-    encode_task,
     from_base64,
     to_base64,
     validate_task,
@@ -162,7 +161,6 @@ class RegistryHandler:
             "metadata": body.metadata,
             "parameters": body.parameters.model_dump(exclude_none=True) if body.parameters else {},
         }
-        encode_task(dataclasses.replace(tf, meta=meta))  # refuses unserialisable metadata
         return tf, meta
 
     async def create_task(self, name: str, body: TaskBody) -> TaskInfo:
