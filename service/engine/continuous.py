@@ -252,23 +252,12 @@ class ContinuousEngine(Engine):
 
     def _take_admissible(self) -> list[Row]:
         """Pop the FIFO head of the waiting queue that fits the batch (called under the lock)."""
-        while self._waiting and self._waiting[0].cancelled:
-            row = self._waiting.popleft()
-            row.finished = True
-            row.emit(
-                StreamDelta(
-                    text="",
-                    token_ids=[],
-                    result=GenerationResult(
-                        text="",
-                        token_ids=[],
-                        finish_reason="cancelled",
-                        prompt_tokens=len(row.request.input_ids),
-                        completion_tokens=0,
-                    ),
-                )
-            )
         core = self.loop_core
+        cancelled = []
+        while self._waiting and self._waiting[0].cancelled:
+            cancelled.append(self._waiting.popleft())
+        if cancelled:
+            core.admit(cancelled)  # ends them as "cancelled" without running them
         n = admission_count(
             [row.cost for row in self._waiting],
             running_rows=core.running,
