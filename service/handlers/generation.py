@@ -116,11 +116,7 @@ class GenerationHandler:
                 await asyncio.wait_for(asyncio.gather(*jobs), self.settings.request_timeout_s)
             )
         except TimeoutError:
-            raise ApiError(
-                504,
-                "timeout",
-                f"the request took longer than {self.settings.request_timeout_s:g} s",
-            ) from None
+            raise self._timeout() from None
         finally:
             for job in jobs:
                 job.cancel()
