@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from prompts.inputs import position_ids_from_mask
+
 KV = tuple[Tensor, Tensor]  # one layer's (keys, values), each [B, H, T, Dh]
 
 
@@ -118,8 +120,7 @@ def prefill_positions(prefix_lengths: Tensor, input_mask: Tensor) -> Tensor:
     input_mask:     [B, T] 1 on real input tokens (left-padded)
     Real tokens get L_b, L_b + 1, ...; pads get L_b (they are masked anyway).
     """
-    counted = input_mask.long().cumsum(dim=1) - 1  # [B, T]
-    return prefix_lengths.long()[:, None] + counted.clamp_min(0) * input_mask.long()
+    return prefix_lengths.long()[:, None] + position_ids_from_mask(input_mask)
 
 
 def admission_count(
