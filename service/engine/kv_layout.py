@@ -97,10 +97,8 @@ def leading_pad_columns(mask: Tensor) -> int:
     """
     if mask.shape[0] == 0 or mask.shape[1] == 0:
         return 0
-    real = mask.bool().any(dim=0)  # [T]
-    if not bool(real.any()):
-        return int(mask.shape[1])
-    return int(real.long().argmax())
+    pad = ~mask.bool().any(dim=0)  # [T] columns no row uses
+    return int(pad.long().cumprod(dim=0).sum())  # length of the all-pad run at the start
 
 
 def select_layers(layers: Sequence[KV], keep: Tensor, drop_columns: int = 0) -> list[KV]:
