@@ -12,7 +12,7 @@ from service.api.errors import to_response
 from service.api.protocol import GenerateRequest, GenerateResponse, Output
 from service.deps import ClientAuth, GenerationDep
 from service.engine.base import StreamDelta
-from service.handlers.generation import GenerationHandler, outputs
+from service.handlers.generation import GenerationHandler, close_stream, outputs
 
 router = APIRouter(prefix="/v1", dependencies=[ClientAuth], tags=["generation"])
 
@@ -62,6 +62,4 @@ async def _events(
     except Exception as exc:  # the status is already sent: report the error as an event
         yield {"event": "error", "data": bytes(to_response(exc).body).decode()}
     finally:
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await close_stream(stream)

@@ -23,7 +23,7 @@ from service.api.openai_protocol import (
 )
 from service.deps import ClientAuth, GenerationDep, RegistryDep
 from service.engine.base import StreamDelta
-from service.handlers.generation import completion_id, outputs
+from service.handlers.generation import close_stream, completion_id, outputs
 
 router = APIRouter(prefix="/v1", dependencies=[ClientAuth], tags=["openai"])
 
@@ -80,9 +80,7 @@ async def _chunks(
     except Exception as exc:  # the status is already sent: report the error as a chunk
         yield {"data": bytes(to_response(exc).body).decode()}
     finally:
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await close_stream(stream)
     yield {"data": "[DONE]"}
 
 

@@ -133,10 +133,10 @@ class GenerationHandler:
         try:
             first = await asyncio.wait_for(anext(aiter(stream)), self.settings.request_timeout_s)
         except TimeoutError:
-            await _close(stream)
+            await close_stream(stream)
             raise self._timeout() from None
         except BaseException:
-            await _close(stream)
+            await close_stream(stream)
             raise
         return first, self._bounded(stream, deadline)
 
@@ -154,14 +154,15 @@ class GenerationHandler:
         except TimeoutError:
             raise self._timeout() from None
         finally:
-            await _close(stream)
+            await close_stream(stream)
 
     def _timeout(self) -> ApiError:
         limit = self.settings.request_timeout_s
         return ApiError(504, "timeout", f"the request took longer than {limit:g} s")
 
 
-async def _close(stream: AsyncIterator[StreamDelta]) -> None:
+async def close_stream(stream: AsyncIterator[StreamDelta]) -> None:
+    """``aclose()`` the stream if it has one (an async generator does)."""
     aclose = getattr(stream, "aclose", None)
     if aclose is not None:
         await aclose()
