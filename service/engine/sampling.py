@@ -45,16 +45,23 @@ def filter_top_k_top_p(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits
 
 
+def _next_token(
+    logits: Tensor, params: SamplingParams, seen: Tensor, generator: torch.Generator | None
+) -> Tensor:
+    """One row's next token from ``logits`` [V] (float32), as a 0-d tensor (no host sync)."""
+    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.greedy:
+        return torch.argmax(logits)
+    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[0]
+
+
 def choose_token(
     logits: Tensor, params: SamplingParams, seen: Tensor, generator: torch.Generator | None
 ) -> int:
     """One row's next token from ``logits`` [V] (float32)."""
-    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if params.greedy:
-        return int(torch.argmax(logits))
-    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return int(_next_token(logits, params, seen, generator))
 
 
 def choose_tokens(
@@ -66,17 +73,22 @@ def choose_tokens(
     """Next tokens for a batch: ``logits`` [B, V] → B ids.
 
     Rows that are plainly greedy share one argmax; the others go one by one (their filters and
-    generators are per row).
+    generators are per row). The ids are read back to the host once, for the whole batch.
     """
     if logits.shape[0] == 0:
         return []
     logits = logits.float()
-    plain = [p.greedy and p.repetition_penalty == 1.0 for p in params]
-    out = torch.argmax(logits, dim=-1).tolist() if any(plain) else [0] * len(plain)
-    for b, is_plain in enumerate(plain):
-        if not is_plain:
-            out[b] = choose_token(logits[b], params[b], seen[b], generators[b])
-    return [int(t) for t in out]
+    others = [b for b, p in enumerate(params) if not (p.greedy and p.repetition_penalty == 1.0)]
+    if not others:
+        return torch.argmax(logits, dim=-1).tolist()
+    chosen = torch.stack(
+        [_next_token(logits[b], params[b], seen[b], generators[b]) for b in others]
+    )  # [n]
+    if len(others) == len(params):
+        return chosen.tolist()
+    out = torch.argmax(logits, dim=-1)  # [B]
+    out[others] = chosen
+    return out.tolist()
 
 
 def make_generator(
