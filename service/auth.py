@@ -9,7 +9,7 @@ from __future__ import annotations
 import hmac
 from enum import Enum
 
-from service.api.errors import ApiError
+from service.errors import ApiError
 
 
 class Role(Enum):

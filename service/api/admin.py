@@ -6,7 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from service.api.protocol import (
+from service.deps import AdminAuth, RegistryDep
+from service.protocol.generate import (
     SharedPromptCreate,
     SharedPromptInfo,
     SharedPromptList,
@@ -15,7 +16,6 @@ from service.api.protocol import (
     TaskInfo,
     TaskPage,
 )
-from service.deps import AdminAuth, RegistryDep
 
 router = APIRouter(prefix="/v1", dependencies=[AdminAuth], tags=["registry"])
 

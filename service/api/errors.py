@@ -20,23 +20,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prompts.errors import ArtifactError, BackboneMismatchError
 from service.engine.base import EngineClosedError, QueueFullError
+from service.errors import ApiError
 from service.logging import request_id_var
 from service.store.base import ConflictError, NotFoundError, StoreError, UnknownSharedError
 
 log = logging.getLogger("rankone.errors")
-
-
-class ApiError(Exception):
-    """An error the HTTP layer answers as is."""
-
-    def __init__(
-        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers
 
 
 def error_response(

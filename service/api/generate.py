@@ -9,10 +9,10 @@ from fastapi import APIRouter
 from sse_starlette import EventSourceResponse
 
 from service.api.errors import to_response
-from service.api.protocol import GenerateRequest, GenerateResponse, Output
 from service.deps import ClientAuth, GenerationDep
 from service.engine.base import StreamDelta
 from service.handlers.generation import GenerationHandler, close_stream, outputs
+from service.protocol.generate import GenerateRequest, GenerateResponse, Output
 
 router = APIRouter(prefix="/v1", dependencies=[ClientAuth], tags=["generation"])
 

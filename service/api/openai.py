@@ -14,16 +14,16 @@ from fastapi import APIRouter
 from sse_starlette import EventSourceResponse
 
 from service.api.errors import to_response
-from service.api.openai_protocol import (
+from service.deps import ClientAuth, GenerationDep, RegistryDep
+from service.engine.base import StreamDelta
+from service.handlers.generation import close_stream, completion_id, outputs
+from service.protocol.openai import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
     ModelList,
 )
-from service.deps import ClientAuth, GenerationDep, RegistryDep
-from service.engine.base import StreamDelta
-from service.handlers.generation import close_stream, completion_id, outputs
 
 router = APIRouter(prefix="/v1", dependencies=[ClientAuth], tags=["openai"])
 

@@ -12,8 +12,6 @@ from typing import Any
 
 from prompts.artifacts import check_name
 from prompts.backbone import Backbone
-from service.api.errors import ApiError
-from service.api.protocol import GenerationParameters, Output, Usage
 from service.engine.base import (
     Engine,
     GenerationRequest,
@@ -22,7 +20,9 @@ from service.engine.base import (
     SamplingParams,
     StreamDelta,
 )
+from service.errors import ApiError
 from service.logging import request_id_var
+from service.protocol.generate import GenerationParameters, Output, Usage
 from service.settings import Settings
 
 

@@ -24,7 +24,7 @@ from prompts.artifacts import (
 )
 from prompts.backbone import Backbone
 from prompts.errors import ArtifactError
-from service.api.protocol import (
+from service.protocol.generate import (
     SharedPromptCreate,
     SharedPromptInfo,
     TaskBody,

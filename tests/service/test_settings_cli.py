@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from service.api.errors import ApiError
 from service.auth import Role, authorize
+from service.errors import ApiError
 from service.settings import Settings, SettingsError, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from service.api.protocol import MAX_BATCH_INPUTS, GenerationParameters, Usage
+from service.protocol.generate import MAX_BATCH_INPUTS, GenerationParameters, Usage
 
 
 class CompletionRequest(BaseModel):
