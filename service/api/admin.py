@@ -1,12 +1,18 @@
-"""Registry routes (admin key): shared prompts and tasks."""
+"""Registry routes (admin key): shared prompts and tasks.
+
+A scoped admin key (``KEY:team-a-*``) reads and writes only the tasks its patterns match, and
+writes only the shared prompts whose id matches; every admin key may read shared prompts.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Path, Query, Response
 
-from service.deps import AdminAuth, RegistryDep
+from prompts.artifacts import NAME_PATTERN
+from service.api.responses import BODY, KEYED, errors
+from service.deps import AdminCaller, RegistryDep
 from service.protocol.generate import (
     SharedPromptCreate,
     SharedPromptInfo,
@@ -16,64 +22,84 @@ from service.protocol.generate import (
     TaskInfo,
     TaskPage,
 )
+from service.store.factor_store import MAX_OFFSET, MAX_PAGE
 
-router = APIRouter(prefix="/v1", dependencies=[AdminAuth], tags=["registry"])
+router = APIRouter(prefix="/v1", tags=["registry"])
+
+Name = Annotated[str, Path(pattern=NAME_PATTERN.pattern, description="task name")]
+SharedId = Annotated[str, Path(pattern=NAME_PATTERN.pattern, description="shared prompt id")]
 
 
-@router.post("/shared-prompts", status_code=201)
+@router.post("/shared-prompts", status_code=201, responses=errors(*KEYED, *BODY, 409))
 async def register_shared(
-    body: SharedPromptCreate, registry: RegistryDep, response: Response
+    body: SharedPromptCreate, registry: RegistryDep, caller: AdminCaller, response: Response
 ) -> SharedPromptInfo:
-    info, created = await registry.register_shared(body)
+    info, created = await registry.register_shared(body, caller=caller)
     response.status_code = 201 if created else 200
     return info
 
 
-@router.put("/shared-prompts/{shared_id}")
+@router.put("/shared-prompts/{shared_id}", responses=errors(*KEYED, *BODY, 409))
 async def replace_shared(
-    shared_id: str, body: SharedPromptCreate, registry: RegistryDep
+    shared_id: SharedId, body: SharedPromptCreate, registry: RegistryDep, caller: AdminCaller
 ) -> SharedPromptInfo:
+    caller.check(shared_id, "shared prompt")
     info, _ = await registry.register_shared(
-        body.model_copy(update={"replace": True}), expected_id=shared_id
+        body.model_copy(update={"replace": True}), expected_id=shared_id, caller=caller
     )
     return info
 
 
-@router.get("/shared-prompts")
-async def list_shared(registry: RegistryDep) -> SharedPromptList:
+@router.get("/shared-prompts", responses=errors(*KEYED))
+async def list_shared(registry: RegistryDep, caller: AdminCaller) -> SharedPromptList:
     return SharedPromptList(shared_prompts=await registry.list_shared())
 
 
-@router.get("/shared-prompts/{shared_id}")
-async def get_shared(shared_id: str, registry: RegistryDep) -> SharedPromptInfo:
+@router.get("/shared-prompts/{shared_id}", responses=errors(*KEYED, 404, 422))
+async def get_shared(
+    shared_id: SharedId, registry: RegistryDep, caller: AdminCaller
+) -> SharedPromptInfo:
     return await registry.get_shared(shared_id)
 
 
-@router.post("/tasks", status_code=201)
-async def create_task(body: TaskCreate, registry: RegistryDep) -> TaskInfo:
+@router.post("/tasks", status_code=201, responses=errors(*KEYED, *BODY, 409))
+async def create_task(body: TaskCreate, registry: RegistryDep, caller: AdminCaller) -> TaskInfo:
+    caller.check(body.name)
     return await registry.create_task(body.name, body)
 
 
-@router.put("/tasks/{name}")
-async def replace_task(name: str, body: TaskBody, registry: RegistryDep) -> TaskInfo:
+@router.put("/tasks/{name}", responses=errors(*KEYED, *BODY, 404, 409))
+async def replace_task(
+    name: Name, body: TaskBody, registry: RegistryDep, caller: AdminCaller
+) -> TaskInfo:
+    caller.check(name)
     return await registry.replace_task(name, body)
 
 
-@router.delete("/tasks/{name}", status_code=204)
-async def delete_task(name: str, registry: RegistryDep) -> Response:
+@router.delete(
+    "/tasks/{name}", status_code=204, response_class=Response, responses=errors(*KEYED, 404, 422)
+)
+async def delete_task(name: Name, registry: RegistryDep, caller: AdminCaller) -> Response:
+    caller.check(name)
     await registry.delete_task(name)
     return Response(status_code=204)
 
 
-@router.get("/tasks", response_model_exclude_none=True)
+@router.get("/tasks", responses=errors(*KEYED, 422))
 async def list_tasks(
     registry: RegistryDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    caller: AdminCaller,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
 ) -> TaskPage:
-    return await registry.list_tasks(offset, limit)
+    return await registry.list_tasks(
+        offset, limit, allowed=caller.allows if caller.scoped else None
+    )
 
 
-@router.get("/tasks/{name}", response_model_exclude_none=True)
-async def get_task(name: str, registry: RegistryDep, include_factors: bool = False) -> TaskInfo:
+@router.get("/tasks/{name}", response_model_exclude_none=True, responses=errors(*KEYED, 404, 422))
+async def get_task(
+    name: Name, registry: RegistryDep, caller: AdminCaller, include_factors: bool = False
+) -> TaskInfo:
+    caller.check(name)
     return await registry.get_task(name, include_factors=include_factors)
