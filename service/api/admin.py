@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response
+from pydantic import BaseModel, ConfigDict, Field
 
 from prompts.artifacts import NAME_PATTERN
 from service.api.responses import BODY, KEYED, errors
@@ -85,21 +86,30 @@ async def delete_task(name: Name, registry: RegistryDep, caller: AdminCaller) ->
     return Response(status_code=204)
 
 
+class PageQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt parameter is an error, not ignored
+
+    offset: int = Field(0, ge=0, le=MAX_OFFSET, description="index of the first task")
+    limit: int = Field(100, ge=1, le=MAX_PAGE, description="tasks per page")
+
+
+class TaskQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_factors: bool = Field(False, description="also return u, v and the base64 blob")
+
+
 @router.get("/tasks", responses=errors(*KEYED, 422))
 async def list_tasks(
-    registry: RegistryDep,
-    caller: AdminCaller,
-    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+    registry: RegistryDep, caller: AdminCaller, query: Annotated[PageQuery, Query()]
 ) -> TaskPage:
-    return await registry.list_tasks(
-        offset, limit, allowed=caller.allows if caller.scoped else None
-    )
+    allowed = caller.allows if caller.scoped else None
+    return await registry.list_tasks(query.offset, query.limit, allowed=allowed)
 
 
 @router.get("/tasks/{name}", response_model_exclude_none=True, responses=errors(*KEYED, 404, 422))
 async def get_task(
-    name: Name, registry: RegistryDep, caller: AdminCaller, include_factors: bool = False
+    name: Name, registry: RegistryDep, caller: AdminCaller, query: Annotated[TaskQuery, Query()]
 ) -> TaskInfo:
     caller.check(name)
-    return await registry.get_task(name, include_factors=include_factors)
+    return await registry.get_task(name, include_factors=query.include_factors)
