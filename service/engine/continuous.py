@@ -228,6 +228,7 @@ class ContinuousEngine(Engine):
                 admitted = self._take_admissible()
             try:
                 start = time.perf_counter()
+                generated_before = core.stats.generated  # admission chooses first tokens too
                 core.drop_cancelled()
                 if admitted:
                     core.admit(admitted)
@@ -235,14 +236,14 @@ class ContinuousEngine(Engine):
                         self.metrics.add_prompt_tokens(
                             sum(len(r.request.input_ids) for r in admitted)
                         )
-                generated_before = core.stats.generated
                 # The step's batch as it enters the step: rows that finish in it leave at its end.
                 tasks = len({r.request.task.name for r in core.rows})
                 batch = core.step()
-                if self.metrics and batch:
-                    self.metrics.observe_batch(batch, tasks)
-                    self.metrics.observe_step(time.perf_counter() - start)
+                if self.metrics:
                     self.metrics.add_tokens(core.stats.generated - generated_before)
+                    if batch:
+                        self.metrics.observe_batch(batch, tasks)
+                        self.metrics.observe_step(time.perf_counter() - start)
                     self.metrics.set_running(core.running)
                     self.metrics.set_queue_depth(len(self._waiting))
             except Exception as exc:  # a decode forward failed: no row is to blame, end them all

@@ -138,3 +138,29 @@ def test_a_failing_prefill_ends_its_group_only(backbones: dict[str, Backbone], k
         assert sink.result.token_ids == reference_generate(
             backbone, req.task, req.input_ids, req.params.max_new_tokens
         )
+
+
+def test_the_static_engine_serves_an_uneven_t5(tmp_path) -> None:
+    """``generate``'s own cache fails on T5s with num_decoder_layers != num_layers (DESIGN §9);
+    the static engine passes a cache of its own and matches the no-cache ground truth."""
+    from prompts import load_backbone
+    from tests.engine.conftest import reference_no_cache
+    from tests.tiny_models import build_tiny_t5
+
+    build_tiny_t5(tmp_path, d_model=32, num_layers=1, num_decoder_layers=3)
+    backbone = load_backbone(tmp_path)
+    tasks = make_tasks(backbone)
+    reqs = [request(backbone, tasks[i], TEXTS[i], f"r{i}", max_new_tokens=6 + i) for i in range(3)]
+
+    async def main():
+        engine = StaticBatchEngine(backbone, max_batch_size=8, max_wait_ms=50)
+        await engine.start()
+        results = await _gather(engine, reqs)
+        await engine.shutdown()
+        return results
+
+    for req, res in zip(reqs, run(main()), strict=True):
+        assert isinstance(res, GenerationResult), res
+        assert res.token_ids == reference_no_cache(
+            backbone, req.task, req.input_ids, req.params.max_new_tokens
+        )
