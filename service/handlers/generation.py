@@ -163,6 +163,7 @@ class GenerationHandler:
         """
         jobs = [asyncio.ensure_future(self.engine.generate(r)) for r in prepared.requests]
         gathered = asyncio.gather(*jobs)
+        gathered.add_done_callback(_retrieve)  # its error is read even when nobody awaits it
         watcher = asyncio.ensure_future(_watch(disconnected)) if disconnected else None
         waits: set[asyncio.Future[Any]] = {gathered}
         if watcher is not None:
@@ -179,8 +180,6 @@ class GenerationHandler:
         finally:
             for job in waits | set(jobs):
                 job.cancel()
-            if gathered.done() and not gathered.cancelled():
-                gathered.exception()  # retrieved: no "exception was never retrieved" warning
 
     async def open_stream(
         self, request: GenerationRequest
@@ -220,6 +219,11 @@ class GenerationHandler:
     def _timeout(self) -> ApiError:
         limit = self.settings.request_timeout_s
         return ApiError(504, "timeout", f"the request took longer than {limit:g} s")
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def _watch(disconnected: Disconnected | None) -> None:

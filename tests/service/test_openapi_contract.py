@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
+import schemathesis.specs.openapi.schemas  # loaded at collection, not lazily mid-test
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
@@ -28,7 +29,7 @@ from tests.service.conftest import (
     task_body,
 )
 
-EXAMPLES_PER_OPERATION = 20
+EXAMPLES_PER_OPERATION = 12
 # Schema-valid requests may still be refused (422) by checks no schema can state: base64 that
 # is not a safetensors blob, factor shapes that do not fit the shared prompt, unknown ids.
 # In negative mode, "invalid data must be rejected" is not asked either: the admin key we send
