@@ -71,7 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     from prompts.backbone import load_backbone
 
     try:
-        backbone = load_backbone(settings.model, device=settings.device, dtype=settings.dtype)
+        backbone = load_backbone(
+            settings.model,
+            device=settings.device,
+            dtype=settings.dtype,
+            gguf_cache_dir=settings.gguf_cache_dir or None,
+        )
     except RankoneError as e:
         print(
             f"rankone serve: {ENV_PREFIX}MODEL (--model) = {settings.model!r}: {e}\n"
