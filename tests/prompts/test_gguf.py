@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 import sys
 import time
 from pathlib import Path
@@ -190,6 +191,11 @@ def test_truncated_file(tiny_gguf: dict[str, Path], tmp_path: Path, keep: float)
         (lambda p: p.write_text("not a model"), "is not a GGUF file"),
         (lambda p: p.write_bytes(b"PK\x03\x04" + bytes(100)), "is not a GGUF file"),
         (lambda p: None, "does not exist"),
+        (lambda p: p.write_bytes(b"GGUF" + struct.pack("<IQQ", 1, 0, 0)), "GGUF version 1"),
+        (
+            lambda p: p.write_bytes(b"GGUF" + struct.pack("<IQQQI", 3, 0, 1, 0, 99)),
+            "unknown metadata value type",
+        ),
         (
             lambda p: _write_gguf(p, "rwkv99", np.zeros((4, 4), np.float32)),
             "not support architecture 'rwkv99'",
@@ -199,7 +205,7 @@ def test_truncated_file(tiny_gguf: dict[str, Path], tmp_path: Path, keep: float)
             "type F64, which cannot be dequantized",
         ),
     ],
-    ids=["text", "zip", "missing", "architecture", "quant-type"],
+    ids=["text", "zip", "missing", "version", "value-type", "architecture", "quant-type"],
 )
 def test_clear_errors(tmp_path: Path, make, message: str) -> None:  # type: ignore[no-untyped-def]
     path = tmp_path / "model.gguf"
