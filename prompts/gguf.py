@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prompts.backbone import backbone_fingerprint, backbone_kind, is_gguf_path
+from prompts.backbone import backbone_fingerprint, backbone_kind
 from prompts.errors import RankoneError
 from prompts.gguf_header import GGUFHeader, read_header
 
@@ -175,17 +175,6 @@ def _check_architecture(path: Path, architecture: str) -> None:
         f"not support architecture {architecture!r} (it supports "
         f"{', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))})"
     )
-
-
-def check_model_source(source: str | Path) -> None:
-    """Fail fast (``RankoneError``) if ``source`` is a file that is not a loadable GGUF file.
-
-    Directories and hub ids pass untouched (they are checked when loaded); cheap enough for a
-    CLI to call before it starts a server.
-    """
-    path = Path(source).expanduser()
-    if is_gguf_path(source) or path.is_file():
-        check_gguf_file(path)
 
 
 def converted_copy(path: str | Path, cache_dir: str | Path | None = None) -> Path:
