@@ -166,7 +166,7 @@ class TeachOptions(TrainOptions):
             )
 
 
-FactorInit = Literal["ones", "peft"]
+FactorInit = Literal["ones", "peft", "fit"]
 
 
 @dataclass
@@ -182,7 +182,9 @@ class DistillOptions(TrainOptions):
     shared_init: Literal["teachers", "vocab", "random"] = "teachers"
     """Init of P: teachers (average of the teachers' prompts), vocab or random."""
     factor_init: FactorInit = "peft"
-    """Init of U, V: peft (std 0.02, task prompt ≈ 0 at step 0; the default, it reached a lower validation loss in trainer/README.md's measurement) or ones (U@V = 1 + noise, each task prompt = P at step 0)."""
+    """Init of U, V: peft (std 0.02, task prompt ≈ 0 at step 0; the default, it reached a lower validation loss in trainer/README.md's measurement), ones (U@V = 1 + noise, each task prompt = P at step 0) or fit (P and every U, V from the closed-form rank-one fit of the teachers, P ⊙ (U_k V_k) ≈ teacher k; rank 1 only, replaces --shared-init)."""
+    init_from: Path | None = None
+    """Artifact folder (shared/ + tasks/, e.g. an earlier distill) whose shared prompt and source task factors P, U_k, V_k start this run (replaces --shared-init and --factor-init)."""
     factor_noise: float = 0.01
     """Noise std added to the ones init (breaks the symmetry between tasks)."""
     lambda_kl: float = 1.0
@@ -198,6 +200,10 @@ class DistillOptions(TrainOptions):
         _non_negative(
             lambda_kl=self.lambda_kl, lambda_hid=self.lambda_hid, factor_noise=self.factor_noise
         )
+        if self.factor_init == "fit" and self.rank != 1:
+            raise TrainerError(
+                f"--factor-init fit is a rank-one fit; use --rank 1 (got {self.rank})"
+            )
 
 
 @dataclass
