@@ -124,19 +124,20 @@ def register_methods(
     if "none" in wanted:
         hard("bench.none", "\n")
     for task in tasks:
-        instruction = (data / task / "instruction.txt").read_text(encoding="utf-8").strip()
+        path = data / task / "instruction.txt"  # the T5 demo's letter tasks have none
+        instruction = path.read_text(encoding="utf-8").strip() if path.exists() else None
         inputs = [r["input"] for r in read_jsonl(data / task / "test.jsonl")]
         if "mpt" in wanted:
             methods["mpt"][task] = M.Method(task)
         if "none" in wanted:
             methods["none"][task] = M.Method("bench.none")
             mismatches[f"none/{task}"] = M.split_mismatches(backbone, "\n", inputs, "")
-        if "instruction" in wanted:
+        if "instruction" in wanted and instruction is not None:
             name, text = f"bench.{task}.instruction", instruction + "\n"
             hard(name, text)
             methods["instruction"][task] = M.Method(name)
             mismatches[f"instruction/{task}"] = M.split_mismatches(backbone, text, inputs, "")
-        frame = M.chat_frame(backbone, instruction)
+        frame = M.chat_frame(backbone, instruction) if instruction is not None else None
         if "instruction-chat" in wanted and frame is not None:
             name = f"bench.{task}.chat"
             hard(name, frame[0])
@@ -297,14 +298,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=16, help="inputs per request")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--model", help="backbone to embed hard prompts with (default: the demo's)")
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the other methods' figures of an earlier run in --results (re-measure some)",
+    )
     args = p.parse_args(argv)
 
     from prompts import load_backbone
     from trainer.demo.nl_tasks import NL_TASKS
 
     data = args.data or args.cache / "data"
-    manifest = json.loads((args.cache / "demo.json").read_text())
-    tasks = args.tasks or manifest["recipe"]["tasks"]
+    manifest_path = args.cache / "demo.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    tasks = args.tasks or manifest.get("recipe", {}).get("tasks")
+    if not tasks:
+        raise SystemExit(f"demo_accuracy: no {manifest_path}; build the demo or pass --tasks")
     labels = {t: NL_TASKS[t].labels for t in tasks if t in NL_TASKS}
     started = time.monotonic()
     proc, url = None, args.url
@@ -313,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         url = f"http://127.0.0.1:{free_port()}"
         proc = start_server(args.cache, int(url.rsplit(":", 1)[1]), Path(store.name))
     try:
-        backbone = load_backbone(manifest.get("model") or args.cache / "backbone")
+        backbone = load_backbone(args.model or manifest.get("model") or args.cache / "backbone")
         wait_ready(url, proc)
         methods, mismatches = register_methods(url, args.cache, data, tasks, backbone, args.methods)
         results = measure(url, data, tasks, methods, labels, args)
@@ -326,7 +336,12 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
         store.cleanup()
-    order = [m for m in ALL_METHODS if m in methods]
+    previous = args.results / "demo_accuracy.json"
+    if args.update and previous.exists():
+        for task, per in json.loads(previous.read_text())["tasks"].items():
+            for method, figures in per.items():
+                results.setdefault(task, {}).setdefault(method, figures)
+    order = [m for m in ALL_METHODS if any(m in r for r in results.values())]
     report = {
         "url": url if args.url else "a server started by the benchmark (demo cache)",
         "backbone": line,

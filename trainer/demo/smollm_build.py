@@ -55,9 +55,9 @@ class SmolRecipe:
     n_test: int = 48
     seed: int = 0
     prompt_length: int = 8
-    teach_steps: int = 8
+    teach_steps: int = 12
     teach_lr: float = 0.03
-    distill_steps: int = 24
+    distill_steps: int = 40
     distill_lr: float = 0.02
     batch_size: int = 8
     check_examples: int = 8
