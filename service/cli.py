@@ -61,6 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as e:
         print(f"rankone serve: {e}", file=sys.stderr)
         return 2
+    from prompts.errors import RankoneError
+    from prompts.gguf import check_model_source
+
+    try:
+        check_model_source(settings.model)
+    except RankoneError as e:
+        print(f"rankone serve: RANKONE_MODEL: {e}", file=sys.stderr)
+        return 2
     import uvicorn
 
     from service.app import create_app

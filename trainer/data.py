@@ -133,6 +133,8 @@ def tokenize(
     model learns to stop. Decoder-only inputs are truncated from the left (the end of a prompt
     is what the target follows). A chat example's input is its rendered conversation.
     """
+    if not examples:  # e.g. a task without validation.jsonl: tokenizers refuse an empty batch
+        return []
     eos = tokenizer.eos_token_id
     inputs = tokenizer([e.input for e in examples], add_special_tokens=True)["input_ids"]
     for i, example in enumerate(examples):
