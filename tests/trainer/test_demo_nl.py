@@ -116,6 +116,7 @@ def test_shortened_build_on_a_tiny_llama(tiny_llama_dir: Path, tmp_path: Path, c
     assert all(tf.u.shape == (4, 1) for tf in art.tasks.values())
     assert set(manifest["test_exact_match"]) == {"sentiment", "city"}
     assert manifest["model"] == str(tiny_llama_dir)
+    assert paths.backbone.resolve() == tiny_llama_dir.resolve()
     assert "city" in demo_cli.task_table(paths, manifest)
     assert demo_cli.server_env(paths, 8123)["RANKONE_MODEL"] == str(tiny_llama_dir)
     # A second run reuses everything: no trainer stage runs again.
