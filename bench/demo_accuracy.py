@@ -224,6 +224,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         *[f"Command: `{c}`  " for c in report.get("commands", [report["command"]])],
         f"Server: {report['url']} ({report['backbone']})  ",
+        f"Demo build: {', '.join(f'{k} {v}' for k, v in report.get('build', {}).items())}  ",
         f"Machine: {report['machine']}  ",
         f"Elapsed: {report['seconds']} s",
         "",
@@ -353,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
         "tasks": results,
         **summarise(results, order),
         "token_split_mismatches": mismatches,
+        "build": {
+            k: manifest.get("recipe", {}).get(k)
+            for k in ("backbone", "prompt_length", "teach_steps", "distill_steps", "n_train")
+        }
+        | ({"note": manifest["note"]} if "note" in manifest else {}),
         "seconds": round(time.monotonic() - started),
         "command": command,
         "commands": commands,
