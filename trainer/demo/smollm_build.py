@@ -60,7 +60,7 @@ class SmolRecipe:
     teach_steps: int = 12
     teach_lr: float = 0.03
     distill_steps: int = 40
-    distill_lr: float = 0.02
+    distill_lr: float = 0.05
     batch_size: int = 8
     check_examples: int = 8
     progress: bool = True
