@@ -6,8 +6,11 @@ touched. For every task, its held-out test inputs are sent to ``POST /v1/tasks/<
 (greedy, lists of inputs per request) under each method:
 
 - ``mpt``: the demo's task (the MPT shared prompt ⊙ the task's rank-one factors); the input
-  is sent as it is, with no instruction;
-- ``teacher``: the task's prompt-tuning teacher (``teach``; the PT baseline of MPT);
+  is sent as it is, with no instruction; when the task data is in chat format (the SmolLM2
+  demo: ``{"messages": [user, assistant]}``), the input is sent as the one user message of
+  ``POST /v1/chat/completions``, the route those prompts were trained for;
+- ``teacher``: the task's prompt-tuning teacher (``teach``; the PT baseline of MPT), asked
+  the same way as ``mpt``;
 - ``instruction``: the task's instruction written as plain text in front of the input
   (``"<instruction>\n<input>"``: prompt engineering);
 - ``instruction-chat`` (backbones with a chat template): the same instruction and input as
@@ -42,10 +45,12 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from bench import demo_methods as M
+from trainer.demo.nl_tasks import chat_row
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ALL_METHODS = ("mpt", "teacher", "instruction", "instruction-chat", "none")
@@ -77,8 +82,44 @@ def free_port() -> int:
 
 
 def read_jsonl(path: Path) -> list[dict[str, str]]:
+    """``{"input", "target"}`` rows; a chat example's last user turn is its input."""
     with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [chat_row(json.loads(line)) for line in f if line.strip()]
+
+
+def is_chat_data(path: Path) -> bool:
+    with path.open(encoding="utf-8") as f:
+        return "messages" in json.loads(f.readline())
+
+
+def ask_chat(url: str, task: str, inputs: list[str], max_new_tokens: int) -> list[str]:
+    """One chat completion per input (sent concurrently, so the server batches them)."""
+
+    def one(text: str) -> str:
+        body = {
+            "model": task,
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": max_new_tokens,
+            "temperature": 0,
+        }
+        res = post(f"{url}/v1/chat/completions", body)
+        return str(res["choices"][0]["message"]["content"])
+
+    with ThreadPoolExecutor(max_workers=len(inputs)) as pool:
+        return list(pool.map(one, inputs))
+
+
+def ask(url: str, how: M.Method, inputs: list[str], max_new_tokens: int) -> list[str]:
+    if how.chat:
+        return ask_chat(url, how.task, inputs, max_new_tokens)
+    res = post(
+        f"{url}/v1/tasks/{how.task}/generate",
+        {
+            "inputs": [x + how.suffix for x in inputs],
+            "parameters": {"max_new_tokens": max_new_tokens, "temperature": 0},
+        },
+    )
+    return list(res["texts"])
 
 
 def start_server(cache: Path, port: int, store: Path) -> subprocess.Popen:
@@ -127,8 +168,9 @@ def register_methods(
         path = data / task / "instruction.txt"  # the T5 demo's letter tasks have none
         instruction = path.read_text(encoding="utf-8").strip() if path.exists() else None
         inputs = [r["input"] for r in read_jsonl(data / task / "test.jsonl")]
+        chat = is_chat_data(data / task / "test.jsonl")
         if "mpt" in wanted:
-            methods["mpt"][task] = M.Method(task)
+            methods["mpt"][task] = M.Method(task, chat=chat)
         if "none" in wanted:
             methods["none"][task] = M.Method("bench.none")
             mismatches[f"none/{task}"] = M.split_mismatches(backbone, "\n", inputs, "")
@@ -153,7 +195,7 @@ def register_methods(
             post(f"{url}/v1/shared-prompts", {"blob": M.shared_blob(backbone, name, rows)})
             body = {"name": name, "shared": name, "u": tf.u.tolist(), "v": tf.v.tolist()}
             post(f"{url}/v1/tasks", body)
-            methods["teacher"][task] = M.Method(name)
+            methods["teacher"][task] = M.Method(name, chat=chat)
     return {m: t for m, t in methods.items() if t}, mismatches
 
 
@@ -179,14 +221,8 @@ def measure(
             start = time.monotonic()
             for i in range(0, len(rows), args.batch):
                 chunk = rows[i : i + args.batch]
-                res = post(
-                    f"{url}/v1/tasks/{how.task}/generate",
-                    {
-                        "inputs": [r["input"] + how.suffix for r in chunk],
-                        "parameters": {"max_new_tokens": args.max_new_tokens, "temperature": 0},
-                    },
-                )
-                for row, text in zip(chunk, res["texts"], strict=True):
+                texts = ask(url, how, [r["input"] for r in chunk], args.max_new_tokens)
+                for row, text in zip(chunk, texts, strict=True):
                     hit = text.strip() == row["target"]
                     exact += hit
                     lenient += M.contains(text, row["target"], labels.get(task, ()))
@@ -214,7 +250,9 @@ def markdown(report: dict[str, Any]) -> str:
         "# Demo accuracy through the HTTP API",
         "",
         "Each demo task's held-out test inputs, asked through `POST /v1/tasks/<task>/generate` "
-        "(greedy) of a `rankone serve` holding the demo artifacts. Methods: **mpt** the "
+        "(greedy) of a `rankone serve` holding the demo artifacts; **mpt** and **teacher** on "
+        "chat-format task data through `POST /v1/chat/completions` (the input as the one user "
+        "message). Methods: **mpt** the "
         "served task (shared prompt ⊙ rank-one factors; the input alone); **teacher** its "
         "prompt-tuning teacher; **instruction** the task's instruction written in front of the "
         "input; **instruction-chat** instruction + input as a user turn of the chat template; "

@@ -29,6 +29,7 @@ class Method:
     hard_prompt: str | None = None  # text registered as a hard prompt under ``task``
     shared_blob: str | None = None  # base64 safetensors of the teacher's shared prompt
     factors: dict[str, Any] = field(default_factory=dict)
+    chat: bool = False  # ask through POST /v1/chat/completions (the input as the user turn)
 
 
 def hard_prompt_rows(backbone: Backbone, text: str) -> torch.Tensor:

@@ -10,12 +10,27 @@ from pathlib import Path
 import pytest
 
 from prompts import load_artifact_dir
+from tests.gguf_files import build_tiny_tied_llama
 from trainer import demo_cli
+from trainer.data import load_split
 from trainer.demo import nl_words as W
 from trainer.demo import smollm_build
 from trainer.demo.build_steps import DemoPaths
-from trainer.demo.nl_tasks import NL_TASKS, formal, generate_split, split_pool, write_nl_task_data
+from trainer.demo.nl_tasks import (
+    NL_TASKS,
+    chat_row,
+    formal,
+    generate_split,
+    split_pool,
+    write_nl_task_data,
+)
 from trainer.init_text import resolve_init_texts
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama with a chat template (the demo's data is chat-formatted, like SmolLM2's)."""
+    return build_tiny_tied_llama(tmp_path_factory.mktemp("chat-llama"))
 
 
 @pytest.mark.parametrize(
@@ -57,6 +72,20 @@ def test_data_is_deterministic_and_tests_are_held_out(tmp_path: Path) -> None:
     train_cities = {r["target"] for r in generate_split(NL_TASKS["city"], 200, 0, "train")}
     test_cities = {r["target"] for r in generate_split(NL_TASKS["city"], 40, 0, "test")}
     assert not train_cities & test_cities and test_cities <= set(W.CITIES)
+
+
+def test_rows_are_written_as_user_and_assistant_turns(tmp_path: Path) -> None:
+    write_nl_task_data(tmp_path, ["sentiment"], 4, 2, 3, seed=0)
+    lines = (tmp_path / "sentiment" / "test.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    expected = generate_split(NL_TASKS["sentiment"], 3, 0, "test")
+    assert [chat_row(r) for r in records] == expected
+    # the input alone is the user turn: no instruction and no system message
+    assert [m["role"] for m in records[0]["messages"]] == ["user", "assistant"]
+    assert records[0]["messages"][0]["content"] == expected[0]["input"]
+    examples = load_split(tmp_path, "sentiment", "test")
+    assert examples[0].messages == ({"role": "user", "content": expected[0]["input"]},)
+    assert examples[0].target == expected[0]["target"]
 
 
 def test_each_task_folder_carries_its_instruction(tmp_path: Path) -> None:
@@ -106,7 +135,7 @@ def test_backbone_choice(monkeypatch: pytest.MonkeyPatch) -> None:
         demo_cli.choose_backbone(parse([]))
 
 
-def test_shortened_build_on_a_tiny_llama(tiny_llama_dir: Path, tmp_path: Path, capsys) -> None:
+def test_shortened_build_on_a_tiny_llama(tiny_chat_llama: Path, tmp_path: Path, capsys) -> None:
     paths = DemoPaths(tmp_path / "demo")
     recipe = smollm_build.SmolRecipe(
         tasks=["sentiment", "city"],
@@ -120,7 +149,7 @@ def test_shortened_build_on_a_tiny_llama(tiny_llama_dir: Path, tmp_path: Path, c
         check_examples=2,
         progress=False,
     )
-    manifest = smollm_build.build(paths, recipe, rebuild=False, model=str(tiny_llama_dir))
+    manifest = smollm_build.build(paths, recipe, rebuild=False, model=str(tiny_chat_llama))
     out = capsys.readouterr().out
     assert "init: text 'Is the sentiment of this review positive or negative?" in out
     run = json.loads((paths.teach / "run.json").read_text())
@@ -130,11 +159,11 @@ def test_shortened_build_on_a_tiny_llama(tiny_llama_dir: Path, tmp_path: Path, c
     assert set(art.tasks) == {"sentiment", "city"} and len(art.shared) == 1
     assert all(tf.u.shape == (4, 1) for tf in art.tasks.values())
     assert set(manifest["test_exact_match"]) == {"sentiment", "city"}
-    assert manifest["model"] == str(tiny_llama_dir)
-    assert paths.backbone.resolve() == tiny_llama_dir.resolve()
+    assert manifest["model"] == str(tiny_chat_llama)
+    assert paths.backbone.resolve() == tiny_chat_llama.resolve()
     assert "city" in demo_cli.task_table(paths, manifest)
-    assert demo_cli.server_env(paths, 8123)["RANKONE_MODEL"] == str(tiny_llama_dir)
+    assert demo_cli.server_env(paths, 8123)["RANKONE_MODEL"] == str(tiny_chat_llama)
     # A second run reuses everything: no trainer stage runs again.
-    again = smollm_build.build(paths, recipe, rebuild=False, model=str(tiny_llama_dir))
+    again = smollm_build.build(paths, recipe, rebuild=False, model=str(tiny_chat_llama))
     assert again == manifest
     assert "rankone train" not in capsys.readouterr().out

@@ -13,7 +13,12 @@ subjects, headline subjects, antonym pairs, casual-sentence templates and foreig
 that no training row contains (the carrier templates are shared).
 
 ``write_nl_task_data`` writes the trainer's layout,
-``<dir>/<task>/{train,validation,test}.jsonl`` plus ``instruction.txt``.
+``<dir>/<task>/{train,validation,test}.jsonl`` plus ``instruction.txt``, each row in chat
+format (``as_chat``): the input alone as the user turn, with no system message (so the chat
+template adds its default system prompt, as it does for a client that sends only a user turn),
+and the target as the assistant turn. The trainer renders it with the chat template
+(prompts/chat.py), the rule ``/v1/chat/completions`` serves, and learns the end-of-turn token
+after the answer, so the served prompt answers in the chat format SmolLM2-Instruct was tuned on.
 """
 
 from __future__ import annotations
@@ -167,6 +172,25 @@ def generate_split(task: NLTask, n: int, seed: int, split: str) -> list[dict[str
     return rows
 
 
+def as_chat(row: dict[str, str]) -> dict[str, list[dict[str, str]]]:
+    """``{"input", "target"}`` → the chat example the trainer reads (user turn → assistant)."""
+    return {
+        "messages": [
+            {"role": "user", "content": row["input"]},
+            {"role": "assistant", "content": row["target"]},
+        ]
+    }
+
+
+def chat_row(record: dict[str, Any]) -> dict[str, str]:
+    """A written chat example back as ``{"input", "target"}`` (the last user / assistant turn)."""
+    if "messages" not in record:
+        return {"input": record["input"], "target": record["target"]}
+    messages = record["messages"]
+    user = [m["content"] for m in messages if m["role"] == "user"]
+    return {"input": user[-1], "target": messages[-1]["content"]}
+
+
 def write_nl_task_data(
     root: Path, tasks: list[str], n_train: int, n_val: int, n_test: int, *, seed: int = 0
 ) -> dict[str, dict[str, int]]:
@@ -179,6 +203,7 @@ def write_nl_task_data(
         (folder / "instruction.txt").write_text(task.instruction + "\n", encoding="utf-8")
         sizes[name] = {}
         for split, n in (("train", n_train), ("validation", n_val), ("test", n_test)):
-            write_jsonl(folder / f"{split}.jsonl", generate_split(task, n, seed, split))
+            rows = [as_chat(r) for r in generate_split(task, n, seed, split)]
+            write_jsonl(folder / f"{split}.jsonl", rows)
             sizes[name][split] = n
     return sizes

@@ -28,7 +28,7 @@ from trainer.demo.nl_tasks import NL_TASKS, write_nl_task_data
 
 BACKBONE = "smollm2"
 # Bump when the recipe changes so that stale caches are rebuilt.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: chat-format data (the input as the user turn)
 
 
 def smollm2_gguf() -> Path:
@@ -95,7 +95,10 @@ def build_prompts(paths: DemoPaths, recipe: SmolRecipe, model: str) -> None:
         teach_lr=recipe.teach_lr,
         distill_steps=recipe.distill_steps,
         distill_lr=recipe.distill_lr,
-        max_input_length=32,
+        # The rendered conversation: SmolLM2's default system prompt and the turn markers add
+        # 30 tokens to the input (an input of 5 tokens renders to 35); 64 keeps every demo
+        # input whole (left truncation would cut the system prompt the server renders).
+        max_input_length=64,
         max_target_length=16,
         eval_limit=recipe.n_val,
         seed=recipe.seed,
@@ -110,6 +113,7 @@ def build_prompts(paths: DemoPaths, recipe: SmolRecipe, model: str) -> None:
 def check_prompts(paths: DemoPaths, recipe: SmolRecipe, model: str) -> dict[str, float]:
     """Exact match of the served-style prompts on a few held-out test rows per task."""
     from prompts import compose_prompt, load_artifact_dir, load_backbone
+    from prompts.chat import chat_input_ids
     from trainer.data import load_split
     from trainer.generate import greedy
 
@@ -122,9 +126,9 @@ def check_prompts(paths: DemoPaths, recipe: SmolRecipe, model: str) -> dict[str,
         rows = load_split(paths.data, task, "test")[: recipe.check_examples]
         tf = found.tasks[task]
         prompt = compose_prompt(found.shared[tf.shared].prompt.float(), tf.u.float(), tf.v.float())
-        ids = [tok(r.input)["input_ids"] for r in rows]
+        ids = [chat_input_ids(tok, r.messages or ()) for r in rows]
         out = greedy(backbone, prompt[None].expand(len(ids), -1, -1), ids, 16)
-        texts = tok.batch_decode(out, skip_special_tokens=True)
+        texts = tok.batch_decode(out, skip_special_tokens=True)  # drops the <|im_end|>
         scores[task] = sum(t.strip() == r.target for t, r in zip(texts, rows, strict=True)) / len(
             rows
         )

@@ -24,6 +24,7 @@ import string
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 LETTERS = string.ascii_lowercase
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")  # rankone task names
@@ -303,7 +304,7 @@ def generate_splits(
     }
 
 
-def write_jsonl(path: Path, rows: Iterable[dict[str, str]]) -> None:
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
