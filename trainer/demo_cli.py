@@ -33,6 +33,7 @@ from typing import Any
 
 from trainer.demo import smollm_build, t5_build
 from trainer.demo.build_steps import DemoPaths, log
+from trainer.demo.nl_tasks import chat_row
 from trainer.demo.smollm_build import SmolRecipe
 from trainer.demo.t5_build import T5Recipe
 from trainer.demo.tasks import read_jsonl
@@ -109,7 +110,7 @@ def port_is_free(host: str, port: int) -> bool:
 
 def example_input(paths: DemoPaths, task: str) -> str:
     try:
-        return read_jsonl(paths.data / task / "test.jsonl")[0]["input"]
+        return chat_row(read_jsonl(paths.data / task / "test.jsonl")[0])["input"]
     except (OSError, IndexError, KeyError):
         return "hello"
 
@@ -124,7 +125,12 @@ def task_table(paths: DemoPaths, manifest: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def usage_examples(url: str, task: str, text: str, tasks: list[str], table: str = "") -> str:
+def usage_examples(
+    url: str, task: str, text: str, tasks: list[str], table: str = "", *, chat: bool = False
+) -> str:
+    """Ready-to-paste calls; ``chat``: through /v1/chat/completions (chat-trained prompts)."""
+    if chat:
+        return chat_usage_examples(url, task, text, tasks, table)
     body = json.dumps({"inputs": text, "parameters": {"max_new_tokens": 16}})
     accepted = (
         f"\nWhat each task accepts (other inputs were never trained on):\n{table}\n"
@@ -151,6 +157,32 @@ Press Ctrl-C to stop.
 """
 
 
+def chat_usage_examples(url: str, task: str, text: str, tasks: list[str], table: str) -> str:
+    user = [{"role": "user", "content": text}]
+    body = json.dumps({"model": task, "messages": user, "max_tokens": 16, "temperature": 0})
+    accepted = f"\nWhat each task accepts (other inputs were never trained on):\n{table}\n"
+    return f"""
+The demo tasks ({", ".join(tasks)}) are served at {url}:
+each one is only a rank-one pair of vectors over one shared soft prompt, trained on chat turns.
+Send the input alone as the one user message: the task is in the soft prompt, not in the text.
+{accepted if table else ""}
+curl:
+  curl -s {url}/v1/chat/completions \\
+    -H 'Content-Type: application/json' \\
+    -d '{body}'
+
+Python (the official openai client; the model name is the task name):
+  from openai import OpenAI
+  client = OpenAI(base_url="{url}/v1", api_key="unused")
+  out = client.chat.completions.create(
+      model="{task}", messages={json.dumps(user)}, max_tokens=16, temperature=0
+  )
+  print(out.choices[0].message.content)
+
+Press Ctrl-C to stop.
+"""
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -168,7 +200,9 @@ def serve(paths: DemoPaths, manifest: dict[str, Any], host: str, port: int) -> i
             return 1
         task = tasks[0]
         table = task_table(paths, manifest)
-        print(usage_examples(url, task, example_input(paths, task), tasks, table), flush=True)
+        chat = manifest["recipe"].get("backbone") == "smollm2"  # its tasks are chat-trained
+        text = example_input(paths, task)
+        print(usage_examples(url, task, text, tasks, table, chat=chat), flush=True)
         return proc.wait()
     except KeyboardInterrupt:
         log("stopping the server")

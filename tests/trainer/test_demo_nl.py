@@ -88,6 +88,16 @@ def test_rows_are_written_as_user_and_assistant_turns(tmp_path: Path) -> None:
     assert examples[0].target == expected[0]["target"]
 
 
+def test_usage_examples_call_the_chat_route() -> None:
+    text = demo_cli.usage_examples(
+        "http://h:1", "city", "He was born in Oslo.", ["city"], chat=True
+    )
+    assert "curl -s http://h:1/v1/chat/completions" in text and "/generate" not in text
+    user = '[{"role": "user", "content": "He was born in Oslo."}]'
+    assert f'"model": "city", "messages": {user}' in text
+    assert "client.chat.completions.create(" in text
+
+
 def test_each_task_folder_carries_its_instruction(tmp_path: Path) -> None:
     write_nl_task_data(tmp_path, ["sentiment", "city"], 4, 2, 2)
     texts = resolve_init_texts(
