@@ -47,8 +47,14 @@ class DecodeLoop:
     """A running batch over one backbone. Not thread-safe: one thread calls it."""
 
     def __init__(
-        self, backbone: Backbone, *, prefix_cache: PrefixCache | None = None, seed: int = 0
+        self,
+        backbone: Backbone,
+        *,
+        prefix_cache: PrefixCache | None = None,
+        seed: int = 0,
+        max_rows: int = 0,
     ) -> None:
+        """``max_rows``: cache slots to allocate up front (the engine's max batch size)."""
         self.backbone = backbone
         self.model: Any = backbone.model
         self.tokenizer = backbone.tokenizer
@@ -58,7 +64,7 @@ class DecodeLoop:
         self.prefill = Prefiller(backbone, prefix_cache, self.stats)
         self.prefix_cache = self.prefill.prefix_cache
         self.batch = RunningBatch(
-            self.model, _decoder_layers(self.model), self.device, backbone.dtype
+            self.model, _decoder_layers(self.model), self.device, backbone.dtype, max_rows=max_rows
         )
         self.eos_ids = self._eos_ids()
         self.special_ids = frozenset(int(i) for i in self.tokenizer.all_special_ids)

@@ -48,8 +48,11 @@ def _grow(need: int, have: int, floor: int) -> int:
 class SlotKV:
     """Per-layer slot buffers, the window, and the per-slot attention mask (see module doc)."""
 
-    def __init__(self, n_layers: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, n_layers: int, device: torch.device, dtype: torch.dtype, *, min_rows: int = 0
+    ) -> None:
         self.n_layers = n_layers
+        self.min_rows = min_rows  # slots to allocate up front (the engine's max batch size)
         self.device = device
         self.dtype = dtype
         self.keys: list[Tensor] = []  # per layer [R, H, C, Dh]
@@ -109,9 +112,12 @@ class SlotKV:
             self.values[i][lo:hi, :, cols] = v
         self.mask[lo:hi] = False
         self.mask[lo:hi, cols] = mask.bool()
-        # Left padding counts from the row's first real column (host ints: no device sync).
-        self.first += [self.end - t] * b
-        self.start = min(self.start, self.end - t) if self.n else self.end - t
+        # Each row's first real column; a cached-prefix row has masked columns between its
+        # prompt and a shorter input, so this is not end minus its length. One host read per
+        # admission, none per step.
+        leading = mask.long().argmax(dim=1).tolist()  # [b] first 1 of each row
+        self.first += [self.end - t + int(p) for p in leading]
+        self.start = min(self.first)
         self.n = hi
 
     def _make_room(self, *, rows: int, left: int, right: int) -> None:
@@ -124,11 +130,12 @@ class SlotKV:
         ):
             return
         width = self.width if self.n else 0
-        # Room on the left for a row as long as the longest asked for, and on the right for
-        # at least the window again: the next move is then >= width steps away (amortised).
-        end = max(left, width) + max(left, _MIN_COLUMNS)
+        # Some room on the left for a longer row to come, and on the right at least the window
+        # again: the next move is then >= width steps away (amortised O(1) per step).
+        end = max(left, width) + _MIN_COLUMNS
         columns = _grow(end + max(width, right, _MIN_COLUMNS), self.columns, _MIN_COLUMNS)
-        self._reallocate(_grow(rows, self.rows_capacity, _MIN_ROWS), columns, end)
+        rows_cap = _grow(rows, max(self.rows_capacity, self.min_rows), _MIN_ROWS)
+        self._reallocate(rows_cap, columns, end)
 
     def _reallocate(self, rows_cap: int, columns: int, end: int) -> None:
         """New buffers [rows_cap, H, columns, Dh] with the live window copied to end at ``end``.

@@ -161,22 +161,43 @@ class Prefiller:
         )
         return Prefill(out.logits[:, -1], cache_layers(cache), mask, decode_positions(mask))
 
-    def _prefix(self, task: ResolvedTask, prompt: Tensor) -> PromptPrefix:
-        """Compute the task prompt's KV from ``prompt`` [L, d] and put it in the cache."""
+    def _compute_prefixes(
+        self, tasks: Sequence[ResolvedTask], prompts: Sequence[Tensor]
+    ) -> list[PromptPrefix]:
+        """The prompts' KV, one forward per prompt length, each put in the cache.
+
+        ``prompts``: per task [L, d]. Tasks of one length share a forward over [m, L, d]: a
+        burst of new tasks costs a few large GEMMs, not one small forward per task.
+        """
         assert self.prefix_cache is not None
-        length = prompt.shape[0]
-        cache = DynamicCache()
-        out = self.model(
-            inputs_embeds=prompt[None],
-            attention_mask=torch.ones(1, length, dtype=torch.long, device=self.device),
-            position_ids=torch.arange(length, device=self.device)[None],
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        prefix = PromptPrefix(tuple(cache_layers(cache)), out.logits[0, -1])
-        self.prefix_cache.put(task.name, task.version, prefix)
-        return prefix
+        out: list[PromptPrefix | None] = [None] * len(tasks)
+        groups: dict[int, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            groups.setdefault(int(prompt.shape[0]), []).append(i)
+        for length, members in groups.items():
+            cache = DynamicCache()
+            logits = self.model(
+                inputs_embeds=torch.stack([prompts[i] for i in members]),  # [m, L, d]
+                attention_mask=torch.ones(
+                    len(members), length, dtype=torch.long, device=self.device
+                ),
+                position_ids=torch.arange(length, device=self.device)[None].expand(
+                    len(members), length
+                ),
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1]  # [m, V]
+            layers = cache_layers(cache)
+            for j, i in enumerate(members):
+                # Clones: a cached prefix must not keep its whole group's tensors alive.
+                prefix = PromptPrefix(
+                    tuple((k[j : j + 1].clone(), v[j : j + 1].clone()) for k, v in layers),
+                    logits[j].clone(),
+                )
+                self.prefix_cache.put(tasks[i].name, tasks[i].version, prefix)
+                out[i] = prefix
+        return [p for p in out if p is not None]
 
     def _prefixes(self, tasks: Sequence[ResolvedTask]) -> list[PromptPrefix]:
         """Each task's prompt prefix: one cache lookup per distinct (task, version)."""
@@ -195,9 +216,9 @@ class Prefiller:
             else:
                 found[key] = cached
         if missing:
-            prompts = self._compose(list(missing.values()))
-            for (key, task), prompt in zip(missing.items(), prompts, strict=True):
-                found[key] = self._prefix(task, prompt)
+            new = list(missing.values())
+            computed = self._compute_prefixes(new, self._compose(new))
+            found.update(zip(missing, computed, strict=True))
         return [found[(t.name, t.version)] for t in tasks]
 
     def _cached(self, rows: Sequence[Row]) -> Prefill:

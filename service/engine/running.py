@@ -34,12 +34,20 @@ def _cross_cache(layers: Sequence[KV]) -> DynamicCache:
 class RunningBatch:
     """Rows in flight and their decode state (one thread: the model's)."""
 
-    def __init__(self, model: Any, n_layers: int, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        model: Any,
+        n_layers: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        max_rows: int = 0,
+    ) -> None:
         self.model = model
         self.device = device
         self.dtype = dtype
         self.seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
-        self.kv = SlotKV(n_layers, device, dtype)
+        self.kv = SlotKV(n_layers, device, dtype, min_rows=max_rows)
         self.rows: list[Row] = []
         self.last = torch.zeros(0, dtype=torch.long, device=device)  # [n]
         self.positions = torch.zeros(0, dtype=torch.long, device=device)  # [n] decoder-only
