@@ -55,7 +55,7 @@ def step(kv: SlotKV, ref: Reference, seed: int) -> None:
     kv.open_column()
     for i in range(LAYERS):
         k = torch.randn(kv.n, H, 1, DH, generator=g)
-        keys, values = kv.write(i, k, k.clone())
+        keys, _ = kv.write(i, k, k.clone())
         assert keys.shape == (kv.n, H, kv.width + 1, DH)
         for b, row in enumerate(ref.rows):
             row[i] = torch.cat([row[i], k[b]], dim=1)
