@@ -9,6 +9,7 @@ from service.settings import Settings, SettingsError, load_settings
 
 _FLAGS = {
     "model": str,
+    "gguf_cache_dir": str,
     "device": str,
     "dtype": str,
     "redis_url": str,
@@ -59,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(**overrides)
     except SettingsError as e:
         print(f"rankone serve: {e}", file=sys.stderr)
+        return 2
+    from prompts.errors import RankoneError
+    from prompts.gguf import check_model_source
+
+    try:
+        check_model_source(settings.model)
+    except RankoneError as e:
+        print(f"rankone serve: RANKONE_MODEL: {e}", file=sys.stderr)
         return 2
     import uvicorn
 
