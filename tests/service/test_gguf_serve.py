@@ -1,4 +1,5 @@
-"""``rankone serve`` with a .gguf RANKONE_MODEL: a bad file stops it with one line, exit 2."""
+"""``rankone serve`` with a .gguf RANKONE_MODEL: a bad file stops it with a message naming the
+variable (no traceback), exit 2."""
 
 from __future__ import annotations
 
@@ -16,5 +17,6 @@ def test_serve_refuses_a_bad_gguf_file_in_one_line(
     bad.write_bytes(b"GGUF" + bytes(10))
     assert main(["--model", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("rankone serve: RANKONE_MODEL: ")
+    assert err.startswith("rankone serve: RANKONE_MODEL (--model) = ")
+    assert "Traceback" not in err and err.count("\n") <= 2
     assert "damaged GGUF file" in err
