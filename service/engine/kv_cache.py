@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-KV = tuple[Tensor, Tensor]  # one layer's (keys, values), each [B, H, T, Dh]
+from service.engine.kv_layout import KV
 
 _MIN_ROWS = 8
 _MIN_COLUMNS = 64

@@ -14,7 +14,6 @@ from service.engine.kv_layout import (
     merge_masks,
     pad_sequences,
     prefill_positions,
-    select_layers,
 )
 
 
@@ -86,6 +85,21 @@ def test_merge_layers_and_masks(ba: int, ta: int, bb: int, tb: int) -> None:
 def test_merge_layers_refuses_layer_mismatch() -> None:
     with pytest.raises(ValueError, match="layers"):
         merge_layers([_layer(1, 1, 1.0)], [])
+
+
+@pytest.mark.parametrize(
+    ("mask", "expected"),
+    [
+        (torch.zeros(0, 4), 0),
+        (torch.zeros(2, 0), 0),
+        (torch.tensor([[0, 0, 1], [0, 1, 1]]), 1),
+        (torch.tensor([[1, 1], [0, 1]]), 0),
+        (torch.tensor([[0, 0], [0, 0]]), 2),
+        (torch.tensor([[0, 1, 0, 1]]), 1),
+    ],
+)
+def test_leading_pad_columns(mask: torch.Tensor, expected: int) -> None:
+    assert leading_pad_columns(mask) == expected
 
 
 @pytest.mark.parametrize(
