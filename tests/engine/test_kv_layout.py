@@ -105,30 +105,6 @@ def test_leading_pad_columns(mask: torch.Tensor, expected: int) -> None:
 @pytest.mark.parametrize(
     ("mask", "expected"),
     [
-        (torch.zeros(0, 4), 0),
-        (torch.zeros(2, 0), 0),
-        (torch.tensor([[0, 0, 1], [0, 1, 1]]), 1),
-        (torch.tensor([[1, 1], [0, 1]]), 0),
-        (torch.tensor([[0, 0], [0, 0]]), 2),
-        (torch.tensor([[0, 1, 0, 1]]), 1),
-    ],
-)
-def test_leading_pad_columns(mask: torch.Tensor, expected: int) -> None:
-    assert leading_pad_columns(mask) == expected
-
-
-@pytest.mark.parametrize(("keep", "drop"), [([], 0), ([1], 2), ([0, 2], 0)])
-def test_select_layers(keep: list[int], drop: int) -> None:
-    k = torch.arange(3 * 4, dtype=torch.float).reshape(3, 1, 4, 1)
-    ((ks, vs),) = select_layers([(k, k)], torch.tensor(keep, dtype=torch.long), drop)
-    assert ks.shape == (len(keep), 1, 4 - drop, 1)
-    assert torch.equal(ks, k[keep][:, :, drop:])
-    assert torch.equal(vs, ks)
-
-
-@pytest.mark.parametrize(
-    ("mask", "expected"),
-    [
         (torch.zeros(0, 3), []),
         (torch.tensor([[0, 1, 1], [1, 1, 1]]), [2, 3]),
         (torch.zeros(1, 2), [0]),
