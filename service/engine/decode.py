@@ -12,6 +12,7 @@ with ``"length"``, a closed stream or an aborted engine with ``"cancelled"``.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -26,9 +27,16 @@ from service.engine.prefill import Prefiller, compose_rows
 from service.engine.prefix_cache import PrefixCache
 from service.engine.rows import LoopStats, Row
 from service.engine.running import RunningBatch
-from service.engine.sampling import choose_tokens, make_generator
+from service.engine.sampling import (
+    BAD_ROW,
+    NonFiniteLogitsError,
+    choose_tokens,
+    make_generator,
+)
 
 __all__ = ["DecodeLoop", "LoopStats", "Row", "compose_rows"]
+
+log = logging.getLogger("rankone.engine")
 
 
 def _decoder_layers(model: Any) -> int:
@@ -117,7 +125,13 @@ class DecodeLoop:
             if not row.request.params.greedy:
                 row.generator = make_generator(row.request.params.seed, self.device, self.rng)
         start = time.perf_counter()
-        prefill = self.prefill(rows)
+        try:
+            prefill = self.prefill(rows)
+        except Exception as exc:  # the group ends alone; the running batch is untouched
+            log.exception("prefill failed for a group of %d", len(rows))
+            for row in rows:
+                self._fail(row, exc)
+            return
         self.stats.prefill_s += time.perf_counter() - start
         self.stats.prefills += 1
         first_row = len(self.batch)
@@ -130,9 +144,11 @@ class DecodeLoop:
             return True
         row.limit = row.request.params.max_new_tokens
         if self.max_positions is not None:
-            # Absolute-position models cannot go past their table: stop there ("length").
+            # Absolute-position models cannot go past their table. The last generated token
+            # is never fed back, so L + T + n - 1 positions serve n new tokens. The handler
+            # refuses what cannot fit (422); this guards direct callers of the engine.
             used = int(row.request.task.prompt.shape[0]) + len(row.request.input_ids)
-            if used >= self.max_positions:
+            if used > self.max_positions:
                 self._fail(
                     row,
                     ValueError(
@@ -142,7 +158,7 @@ class DecodeLoop:
                     ),
                 )
                 return True
-            row.limit = min(row.limit, self.max_positions - used)
+            row.limit = min(row.limit, self.max_positions - used + 1)
         if row.limit <= 0:
             row.detok = IncrementalDetokenizer(self.tokenizer)
             self._finish(row, "length", "", [])
@@ -184,6 +200,9 @@ class DecodeLoop:
 
     def _advance(self, row: Row, token: int) -> None:
         assert row.detok is not None
+        if token == BAD_ROW:
+            self._fail(row, NonFiniteLogitsError(row.request.task.name))
+            return
         if token in self.eos_ids:
             self._finish(row, "stop", row.detok.flush(), [])
             return
