@@ -415,6 +415,15 @@ NOTES = [
     "and SDPA. The decode-shaped GEMM reference is compute-bound in cache, so 0.5-0.7 x of "
     "it is close to what fp32 HF modules can reach here; more would need fused QKV / "
     "gate-up weights or a larger batch.",
+    "- Where a goal is missed, why: decoder-only TTFT with the cached prefix prefills 16 "
+    "tokens, and a 16-row fp32 forward of this model is bound by reading its 540 MB of "
+    "weights, not by FLOPs, so it costs far more than 16/116 of the uncached forward (the "
+    "ratio was 3.3x on the smaller GPT-2-small shape in engine.md). `server_over_bare` "
+    "is the share of work one `generate` batch wastes on rows that already stopped, plus "
+    "what the server costs over it; ~1 says the server (HTTP, scheduling, streaming) costs "
+    "about nothing over bare `generate`, but that these 32 answers did not end early enough "
+    "for dropping finished rows to pay 2x; the run did not record the answer-length spread, "
+    "which is the next thing to measure (the 2x by hand used 8 tasks and other prompts).",
     "- No GPU was lent to this task. On one, measure: absolute tok/s at batch 32/64/128 vs "
     "bare `generate` and vs vLLM with `prompt_embeds`; the same per-token 32 vs 512 ratio "
     "(attention becomes a real share there); and a CUDA-graph-captured decode step: the slot "
