@@ -11,8 +11,9 @@ Run: ``python3 bench/server_bench.py``.
 
 ``--real [--model PATH]``: the same comparison on a real decoder-only backbone (default:
 SmolLM2-135M-Instruct from its GGUF file, loaded by server and bench through ``load_backbone``):
-32 questions over 32 tasks, 32 concurrent clients vs one ``generate`` batch of 32, greedy with
-EOS: generate runs every row until the longest is done, the server drops finished rows.
+32 questions over 32 tasks through ``POST /v1/chat/completions`` (the chat template, as an
+instruct model is used), 32 concurrent clients vs one ``generate`` batch of 32 on the same
+rendered conversations, greedy with EOS: generate runs every row until the longest is done, the server drops finished rows.
 Throughput counts useful tokens (up to EOS) on both sides. Writes engine_server_real.{md,json}.
 """
 
@@ -126,7 +127,12 @@ def bare(
     with torch.inference_mode():
         for lo in range(0, len(texts), batch):
             chunk = list(range(lo, min(lo + batch, len(texts))))
-            enc = tok([texts[i] for i in chunk], return_tensors="pt", padding=True)
+            questions = [texts[i] for i in chunk]
+            enc = (
+                chat_encode(tok, questions)
+                if causal
+                else tok(questions, return_tensors="pt", padding=True)
+            )
             group = [tasks[i % len(tasks)] for i in chunk]
             prompts = compose_prompts(
                 shared[None],
@@ -150,6 +156,20 @@ def bare(
     return time.perf_counter() - start, generated
 
 
+def chat_encode(tok: Any, questions: list[str]) -> dict[str, torch.Tensor]:
+    """One-question conversations through the chat template (the chat route's input rule),
+    right-padded: ``input_ids`` [B, T] and ``attention_mask`` [B, T]."""
+    from prompts.chat import chat_input_ids
+
+    ids = [chat_input_ids(tok, [{"role": "user", "content": q}]) for q in questions]
+    width = max(len(i) for i in ids)
+    pad = int(tok.pad_token_id)
+    return {
+        "input_ids": torch.tensor([i + [pad] * (width - len(i)) for i in ids]),
+        "attention_mask": torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids]),
+    }
+
+
 def useful_tokens(tokens: list[int], eos_ids: set[int]) -> int:
     """Tokens before the first EOS (``generate`` pads finished rows up to the longest)."""
     for i, token in enumerate(tokens):
@@ -159,7 +179,7 @@ def useful_tokens(tokens: list[int], eos_ids: set[int]) -> int:
 
 
 async def through_server(
-    url: str, texts: list[str], tasks: int, concurrency: int, new_tokens: int
+    url: str, texts: list[str], tasks: int, concurrency: int, new_tokens: int, chat: bool = False
 ) -> tuple[float, int]:
     limit = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(
@@ -168,6 +188,18 @@ async def through_server(
 
         async def one(i: int) -> int:
             async with limit:
+                if chat:
+                    r = await client.post(
+                        "/v1/chat/completions",
+                        json={
+                            "model": f"task-{i % tasks}",
+                            "messages": [{"role": "user", "content": texts[i]}],
+                            "max_tokens": new_tokens,
+                            "temperature": 0,
+                        },
+                    )
+                    r.raise_for_status()
+                    return int(r.json()["usage"]["completion_tokens"])
                 r = await client.post(
                     f"/v1/tasks/task-{i % tasks}/generate",
                     json={
@@ -245,14 +277,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         )
         proc, url = start_server(model, tmp / "seed", tmp / "data", args.batch, tmp / "server.log")
         try:
-            asyncio.run(through_server(url, texts[:2], args.tasks, 2, 2))  # warm-up
+            asyncio.run(through_server(url, texts[:2], args.tasks, 2, 2, args.real))  # warm-up
             bare(backbone, prompt, tasks, texts[:2], args.batch, 2)
             ratios, server_rates, bare_rates = [], [], []
             for _ in range(args.repeats):
                 s, n = bare(backbone, prompt, tasks, texts, args.batch, args.new_tokens)
                 bare_rates.append(n / s)
                 s, n = asyncio.run(
-                    through_server(url, texts, args.tasks, args.concurrency, args.new_tokens)
+                    through_server(
+                        url, texts, args.tasks, args.concurrency, args.new_tokens, args.real
+                    )
                 )
                 server_rates.append(n / s)
                 ratios.append(server_rates[-1] / bare_rates[-1])
