@@ -496,10 +496,10 @@ def main() -> None:
         args.batch, args.new_tokens, args.repeats, args.long_tokens = 8, 4, 1, 8
         args.long_requests, args.ttft_repeats, args.short_delay_s = 2, 2, 0.1
     if args.report_only and args.real:
-        import real_figures
+        import real_report
 
         saved = json.loads((RESULTS / "engine_real.json").read_text())
-        real_figures.write_report(saved, argparse.Namespace(**saved["args"]), RESULTS)
+        real_report.write_report(saved, argparse.Namespace(**saved["args"]), RESULTS)
         return
     if args.report_only:
         saved = json.loads((RESULTS / "engine.json").read_text())
