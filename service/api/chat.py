@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from sse_starlette import EventSourceResponse
 
 from service.api.errors import to_response
@@ -56,7 +56,7 @@ ChatDep = Annotated[ChatHandler, Depends(get_chat)]
     },
 )
 async def chat_completions(
-    body: ChatCompletionRequest, handler: ChatDep, caller: ClientCaller
+    body: ChatCompletionRequest, handler: ChatDep, caller: ClientCaller, request: Request
 ) -> ChatCompletionResponse | EventSourceResponse:
     caller.check(body.model)
     prepared = await handler.prepare(body)
@@ -66,7 +66,7 @@ async def chat_completions(
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = _chunks(cid, created, body.model, streams, include_usage)
         return EventSourceResponse(chunks, ping=15)
-    return await handler.complete(body, prepared, cid, created)
+    return await handler.complete(body, prepared, cid, created, request.is_disconnected)
 
 
 async def _chunks(
