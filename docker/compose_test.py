@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROJECT = "rankonecomposetest"
 DOCKER = os.environ.get("DOCKER", "/usr/bin/docker")
 # The real demo code path on a small budget: a backbone pretrained for seconds, few steps.
-DEMO_ARGS = "--pretrain-minutes 0.4 --teach-steps 4 --distill-steps 4"
+DEMO_ARGS = "--pretrain-minutes 1 --teach-steps 4 --distill-steps 4"
 PROBES = ["dcba", "hello", "qwerty"]
 # The test's own settings on top of the repo's files. One torch thread per container: on a
 # small shared CI machine, torch's default (one per core, in each of 3 containers) spins its
