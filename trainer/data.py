@@ -112,6 +112,8 @@ def tokenize(
     model learns to stop. Decoder-only inputs are truncated from the left (the end of a prompt
     is what the target follows).
     """
+    if not examples:  # e.g. a task without validation.jsonl (fast tokenizers fail on [])
+        return []
     eos = tokenizer.eos_token_id
     inputs = tokenizer([e.input for e in examples], add_special_tokens=True)["input_ids"]
     targets = tokenizer([e.target for e in examples], add_special_tokens=not causal)["input_ids"]

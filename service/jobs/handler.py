@@ -35,7 +35,7 @@ from service.protocol.fine_tuning import (
     ProgressEvent,
     ResultPost,
 )
-from service.protocol.generate import TaskBody
+from service.protocol.generate import TaskBody, TaskReplace
 from service.settings import Settings
 from service.store.base import ConflictError, NotFoundError
 
@@ -385,20 +385,20 @@ class FineTuningHandler:
             existing = await self.registry.get_task(task)
         if existing is not None and existing.metadata.get("fine_tuning_job") == job_id:
             return existing.version  # registered by an earlier attempt of this job
-        body = TaskBody(
-            shared=job["model"],
-            factors=factors,
-            description=f"fine-tuned from {job['training_file']} by job {job_id}",
-            metadata={"fine_tuning_job": job_id, "training_file": job["training_file"]},
-        )
+        fields: dict[str, Any] = {
+            "shared": job["model"],
+            "factors": factors,
+            "description": f"fine-tuned from {job['training_file']} by job {job_id}",
+            "metadata": {"fine_tuning_job": job_id, "training_file": job["training_file"]},
+        }
         if existing is None:
-            return (await self.registry.create_task(task, body)).version
+            return (await self.registry.create_task(task, TaskBody(**fields))).version
         if not job["rankone"]["replace"]:
             raise ConflictError(
                 f"task {task!r} was registered by someone else while the job ran; "
                 "run the job again with rankone.replace or another suffix"
             )
-        return (await self.registry.replace_task(task, body)).version
+        return (await self.registry.replace_task(task, TaskReplace(**fields))).version
 
     async def complete(self, job_id: str, body: ResultPost) -> Job:
         job = await self.jobs.get_job(job_id)
