@@ -71,6 +71,8 @@ class WorkerOptions:
     """Torch intra-op threads (default: half the cores)."""
     once: bool = False
     """Exit after one job (scripts and benchmarks)."""
+    parent_pid: int | None = None
+    """Exit when this process (the embedded server that started this worker) is gone."""
 
     def __post_init__(self) -> None:
         for name in ("max_jobs", "max_steps", "max_examples", "max_job_s", "poll_s"):
@@ -162,6 +164,10 @@ class Worker:
     def loop(self) -> int:
         threads: list[threading.Thread] = []
         while not self.stopping.is_set():
+            if self.opts.parent_pid is not None and os.getppid() != self.opts.parent_pid:
+                log.warning("the server that started this worker is gone; stopping")
+                self.shutdown()
+                break
             threads = [t for t in threads if t.is_alive()]
             if self.opts.once and self.finished and not threads:
                 break

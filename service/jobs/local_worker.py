@@ -45,7 +45,7 @@ class LocalWorker:
         cmd = [
             sys.executable, "-m", "rankone_cli", "worker",
             "--url", self.url, "--model", s.model, "--device", s.device,
-            "--name", f"embedded-{os.getpid()}",
+            "--name", f"embedded-{os.getpid()}", "--parent-pid", str(os.getpid()),
         ]  # fmt: skip
         env = {
             **os.environ,

@@ -67,6 +67,7 @@ def client(
         log_level="WARNING",
     )
     with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        c.app.state.test_settings = settings
         assert c.post(
             "/v1/shared-prompts", json=shared_body(shared_prompt(gpt2_backbone)), headers=ADMIN
         ).status_code in (200, 201)
@@ -354,3 +355,27 @@ def test_file_in_use_and_wrong_backbone(client: TestClient) -> None:
         "/v1/fine_tuning/claims", json={"worker": "w", "backbone": "other"}, headers=ADMIN
     )
     error_of(r, 409, "start the worker with the server's model")
+
+
+def test_files_jobs_and_events_survive_a_restart(client: TestClient) -> None:
+    drain(client)
+    job = new_job(client, "durable")
+    running = claim(client)
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", headers=ADMIN).json()
+    settings = client.app.state.test_settings  # type: ignore[attr-defined]
+    with TestClient(create_app(settings), raise_server_exceptions=False) as again:
+        assert (
+            again.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=ADMIN).json()["status"]
+            == "running"
+        )
+        assert again.get(f"/v1/fine_tuning/jobs/{job['id']}/events", headers=ADMIN).json() == events
+        content = again.get(f"/v1/files/{job['training_file']}/content", headers=ADMIN)
+        assert content.content == GOOD
+        lease = {"lease_token": running["lease_token"]}  # the lease outlives the restart
+        assert (
+            again.post(
+                f"/v1/fine_tuning/jobs/{job['id']}/lease", json=lease, headers=ADMIN
+            ).status_code
+            == 200
+        )
+        again.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=ADMIN)

