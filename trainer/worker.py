@@ -33,6 +33,7 @@ import torch
 from client import Client
 from client.errors import APIError, RankoneError, TransportError
 from prompts import Backbone, load_backbone
+from prompts.errors import RankoneError as PromptsError
 from trainer.errors import TrainerError
 from trainer.worker_job import JobControl, JobRun, Limits
 
@@ -218,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             "worker %s ready (backbone %s, %s)", worker.name, backbone.fingerprint, client.base_url
         )
         return worker.loop()
-    except (TrainerError, RankoneError) as e:
-        print(f"rankone worker: {e}", file=sys.stderr)
+    except (TrainerError, RankoneError, PromptsError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
 
 

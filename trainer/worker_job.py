@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
 import threading
 import time
@@ -32,7 +33,7 @@ from trainer.options import AdaptOptions, EvaluateOptions
 from trainer.setup import check_sequence_fits
 
 log = logging.getLogger("rankone.worker")
-MAX_SOURCE_TASKS = 64  # registered tasks averaged into the starting factors
+MAX_SOURCE_TASKS = 64  # source tasks averaged into the starting factors
 PROGRESS_EVERY_S = 1.0
 
 
@@ -70,6 +71,11 @@ class JobControl:
             raise JobStopped("time_limit", "the job ran past its time limit")
 
 
+def finite(value: Any) -> float | None:
+    """A float the server accepts (JSON has no NaN/inf): None for a diverged loss."""
+    return float(value) if value is not None and math.isfinite(float(value)) else None
+
+
 def chat_example(tokenizer: Any, messages: list[dict[str, str]]) -> dict[str, str]:
     """A chat example as input/target: the conversation before the answer, rendered with the
     chat template and its generation prompt (how the chat route renders a request), and the
@@ -95,7 +101,9 @@ def write_examples(content: bytes, path: Path, tokenizer: Any) -> int:
 
 
 def write_source(client: Client, claim: dict[str, Any], root: Path) -> bool:
-    """The shared prompt and up to MAX_SOURCE_TASKS tasks over it; True if any task was found."""
+    """The shared prompt and up to MAX_SOURCE_TASKS of its source tasks: the registered tasks
+    over it that no fine-tuning job made (as ``--source`` is distill's output, not earlier
+    adaptations). True if any was found."""
     job = claim["job"]
     shared_id, own = job["model"], job["rankone"]["task"]
     (root / "shared").mkdir(parents=True)
@@ -105,7 +113,7 @@ def write_source(client: Client, claim: dict[str, Any], root: Path) -> bool:
     for task in client.tasks.list():
         if found >= MAX_SOURCE_TASKS:
             break
-        if task.shared != shared_id or task.name == own:
+        if task.shared != shared_id or task.name == own or "fine_tuning_job" in task.metadata:
             continue
         full = client.tasks.get(task.name, include_factors=True)
         if full.factors:
@@ -177,10 +185,9 @@ class JobRun:
     def on_step(self, step: int, record: dict[str, Any] | None) -> None:
         if record is not None:
             event = {"step": step, "total_steps": self.job["rankone"]["steps"]}
-            if "loss" in record:
-                event["train_loss"] = float(record["loss"])
-            if record.get("val_loss") is not None:
-                event["valid_loss"] = float(record["val_loss"])
+            for key, name in (("loss", "train_loss"), ("val_loss", "valid_loss")):
+                if finite(record.get(key)) is not None:
+                    event[name] = finite(record[key])
             self._pending.append(event)
             self._post(force="valid_loss" in event)
         self.control.check()
@@ -250,8 +257,8 @@ class JobRun:
         result: dict[str, Any] = {
             "steps": opts.steps,
             "train_seconds": round(time.monotonic() - started, 2),
-            "best_val_loss": metrics["best_val_loss"],
-            "final_val_loss": metrics["final_val_loss"],
+            "best_val_loss": finite(metrics["best_val_loss"]),
+            "final_val_loss": finite(metrics["final_val_loss"]),
             "trained_parameters": metrics["trained_parameters"],
             "valid_accuracy": accuracy,
             "factor_init": opts.factor_init,

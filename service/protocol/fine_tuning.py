@@ -6,6 +6,7 @@ objects); these models are the requests, validated with bounds.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -123,9 +124,9 @@ class ProgressEvent(BaseModel):
 
     step: int = Field(ge=0)
     total_steps: int | None = Field(default=None, ge=1)
-    train_loss: float | None = None
-    valid_loss: float | None = None
-    valid_accuracy: float | None = Field(default=None, ge=0, le=1)
+    train_loss: float | None = Field(default=None, allow_inf_nan=False)
+    valid_loss: float | None = Field(default=None, allow_inf_nan=False)
+    valid_accuracy: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     message: str | None = Field(default=None, max_length=2000)
 
 
@@ -136,6 +137,13 @@ class EventsPost(LeaseRequest):
 class ResultPost(LeaseRequest):
     factors: str = Field(min_length=1, description="base64 safetensors task blob")
     metrics: dict[str, float | int | str | None] = Field(default_factory=dict, max_length=64)
+
+    @model_validator(mode="after")
+    def _finite(self) -> ResultPost:
+        for key, value in self.metrics.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"metrics.{key}: must be a finite number or null, got {value}")
+        return self
 
 
 class FailurePost(LeaseRequest):

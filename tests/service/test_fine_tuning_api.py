@@ -8,6 +8,7 @@ is checked without training anything; tests/trainer/test_worker.py runs the real
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -379,3 +380,30 @@ def test_files_jobs_and_events_survive_a_restart(client: TestClient) -> None:
             == 200
         )
         again.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=ADMIN)
+
+
+def test_worker_posts_are_validated(client: TestClient) -> None:
+    drain(client)
+    job = new_job(client, "checked")
+    got = claim(client)
+    path = f"/v1/fine_tuning/jobs/{job['id']}"
+    nan = {"lease_token": got["lease_token"], "events": [{"step": 1, "train_loss": math.nan}]}
+    raw = {
+        **ADMIN,
+        "content-type": "application/json",
+    }  # NaN is not JSON: send it as Python writes it
+    r = client.post(f"{path}/progress", content=json.dumps(nan), headers=raw)
+    error_of(r, 422, "train_loss")
+    empty = {"lease_token": got["lease_token"], "events": []}
+    error_of(client.post(f"{path}/progress", json=empty, headers=ADMIN), 422, "events")
+    inf = {"lease_token": got["lease_token"], "factors": "eA==", "metrics": {"loss": math.inf}}
+    r = client.post(f"{path}/result", content=json.dumps(inf), headers=raw)
+    error_of(r, 422, "metrics.loss")
+    failure = {"lease_token": got["lease_token"], "message": "out of memory"}
+    failed = client.post(f"{path}/failure", json=failure, headers=ADMIN).json()
+    assert failed["status"] == "failed" and failed["error"]["message"] == "out of memory"
+    events = client.get(f"{path}/events?limit=2", headers=ADMIN).json()
+    older = client.get(f"{path}/events?after={events['data'][-1]['id']}", headers=ADMIN).json()
+    assert (
+        events["has_more"] and older["data"] and older["data"][0]["id"] != events["data"][0]["id"]
+    )
