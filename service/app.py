@@ -16,7 +16,8 @@ from typing import Any
 from fastapi import FastAPI
 
 from prompts.backbone import load_backbone, resolve_dtype
-from service.api import admin, errors, files, fine_tuning, generate, openai, ops
+from prompts.chat import has_chat_template
+from service.api import admin, chat, errors, files, fine_tuning, generate, openai, ops
 from service.api.middleware import ServiceMiddleware
 from service.engine.factory import build_engine
 from service.handlers.generation import GenerationHandler
@@ -47,7 +48,7 @@ def build_fine_tuning(
     worker = None
     if not settings.redis_url and settings.finetune_worker == "auto":
         worker = LocalWorker(settings)
-    chat = bool(getattr(backbone.tokenizer, "chat_template", None))
+    chat = has_chat_template(backbone.tokenizer)
     handler = FineTuningHandler(
         backend,
         registry,
@@ -97,7 +98,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             "replace and delete tasks; set RANKONE_ADMIN_KEYS"
         )
     state.ready, state.draining = False, False
-    backbone = load_backbone(settings.model, device=settings.device, dtype=settings.dtype)
+    backbone = load_backbone(
+        settings.model,
+        device=settings.device,
+        dtype=settings.dtype,
+        gguf_cache_dir=settings.gguf_cache_dir or None,
+    )
     log.info(
         "backbone loaded",
         extra={"model": backbone.name, "kind": backbone.kind, "fingerprint": backbone.fingerprint},
@@ -145,7 +151,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     errors.install(app)
     app.add_middleware(ServiceMiddleware)
-    for module in (ops, admin, generate, openai, files, fine_tuning):
+    for module in (ops, admin, generate, openai, chat, files, fine_tuning):
         app.include_router(module.router)
     return app
 

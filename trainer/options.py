@@ -32,7 +32,8 @@ class DataOptions:
     REQUIRED: ClassVar[tuple[str, ...]] = ("model", "data_dir", "out")
 
     model: str | None = None
-    """Backbone: a local Hugging Face model directory (or hub id when a hub is reachable)."""
+    """Backbone: a local Hugging Face model directory, a .gguf file (converted once into a
+    cache, $RANKONE_GGUF_CACHE_DIR) or a hub id when a hub is reachable."""
     data_dir: Path | None = None
     """Data folder, one sub-folder per task: <data-dir>/<task>/{train,validation,test}.jsonl, each line {"input": ..., "target": ...}."""
     tasks: list[str] = field(default_factory=list)
@@ -71,7 +72,7 @@ class TrainOptions(DataOptions):
     """Options shared by the training stages."""
 
     prompt_length: int = 20
-    """L: soft-prompt rows prepended to the input (the paper uses 100)."""
+    """L: soft-prompt rows prepended to the input (the paper uses 100; adapt takes its source's L)."""
     rank: int = 1
     """r: rank of each task's factors U [L, r], V [r, d]."""
     steps: int = 300
@@ -233,6 +234,8 @@ class EvaluateOptions(DataOptions):
     """Greedy decoding length limit."""
     batch_size: int = 16
     """Examples per generation batch."""
+    progress: bool = True
+    """Show a tqdm progress bar over (method, task) pairs (--no-progress to hide it)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

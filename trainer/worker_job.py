@@ -30,7 +30,6 @@ from trainer.errors import TrainerError
 from trainer.evaluate import predict
 from trainer.metrics import score
 from trainer.options import AdaptOptions, EvaluateOptions
-from trainer.setup import check_sequence_fits
 
 log = logging.getLogger("rankone.worker")
 MAX_SOURCE_TASKS = 64  # source tasks averaged into the starting factors
@@ -76,28 +75,12 @@ def finite(value: Any) -> float | None:
     return float(value) if value is not None and math.isfinite(float(value)) else None
 
 
-def chat_example(tokenizer: Any, messages: list[dict[str, str]]) -> dict[str, str]:
-    """A chat example as input/target: the conversation before the answer, rendered with the
-    chat template and its generation prompt (how the chat route renders a request), and the
-    assistant's answer."""
-    rendered = tokenizer.apply_chat_template(
-        messages[:-1], tokenize=False, add_generation_prompt=True
-    )
-    return {"input": str(rendered), "target": messages[-1]["content"]}
-
-
-def write_examples(content: bytes, path: Path, tokenizer: Any) -> int:
-    """The server-validated JSONL as the trainer's input/target lines; returns the count."""
-    rows = []
-    for line in content.decode("utf-8").splitlines():
-        if line.strip():
-            record = json.loads(line)
-            if "messages" in record:
-                record = chat_example(tokenizer, record["messages"])
-            rows.append({"input": record["input"], "target": record["target"]})
+def write_examples(content: bytes, path: Path) -> int:
+    """The server-validated JSONL as the task's split file (input/target or chat lines, both
+    read by the trainer); returns the number of examples."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return len(rows)
+    path.write_bytes(content)
+    return sum(1 for line in content.splitlines() if line.strip())
 
 
 def write_source(client: Client, claim: dict[str, Any], root: Path) -> bool:
@@ -196,11 +179,6 @@ class JobRun:
 
     def options(self, data: Path, source: Path, out: Path, has_source: bool) -> AdaptOptions:
         state, hp = self.job["rankone"], self.job["hyperparameters"]
-        length = int(
-            next(
-                iter(load_artifact_dir(source, backbone=self.backbone.fingerprint).shared.values())
-            ).length
-        )
         if state["steps"] > self.limits.max_steps:
             raise TrainerError(
                 f"the job asks for {state['steps']} steps; this worker runs at most {self.limits.max_steps}"
@@ -215,7 +193,6 @@ class JobRun:
             mode=state["mode"],
             shots=state["shots"],
             seed=int(self.job["seed"]),
-            prompt_length=length,
             steps=int(state["steps"]),
             batch_size=int(hp["batch_size"]),
             lr=float(state["learning_rate"]),
@@ -231,22 +208,17 @@ class JobRun:
 
         job, task = self.job, self.job["rankone"]["task"]
         data, source, out = tmp / "data", tmp / "source", tmp / "out"
-        tokenizer = self.backbone.tokenizer
         files = self.client.files
-        n = write_examples(
-            files.content(job["training_file"]), data / task / "train.jsonl", tokenizer
-        )
+        n = write_examples(files.content(job["training_file"]), data / task / "train.jsonl")
         if n > self.limits.max_examples:
             raise TrainerError(
                 f"{n} training examples; this worker takes at most {self.limits.max_examples}"
             )
         if job["validation_file"]:
-            write_examples(
-                files.content(job["validation_file"]), data / task / "validation.jsonl", tokenizer
-            )
+            valid = files.content(job["validation_file"])
+            write_examples(valid, data / task / "validation.jsonl")
         has_source = write_source(self.client, self.claim, source)
         opts = self.options(data, source, out, has_source)
-        check_sequence_fits(self.backbone, opts.prompt_length, opts)
         torch.manual_seed(opts.seed)
         started = time.monotonic()
         adapt(opts, init_distributed(self.device), self.backbone, on_step=self.on_step)

@@ -159,7 +159,9 @@ class RegistryHandler:
         fp = self.backbone.fingerprint
         if body.blob is not None:
             return decode_shared(from_base64(body.blob), backbone=fp)
-        assert body.id is not None and body.prompt is not None
+        assert body.prompt is not None
+        if body.id is None:
+            raise ArtifactError("id is required with prompt: the shared prompt's id")
         sp = SharedPrompt(
             id=check_name(body.id, "shared prompt id"),
             prompt=_matrix("prompt", body.prompt),

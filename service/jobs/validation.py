@@ -1,8 +1,9 @@
 """Validation of uploaded fine-tuning files: JSONL, one example a line, in one of two formats.
 
 - text-to-text: ``{"input": "...", "target": "..."}`` (what the trainer reads);
-- chat (OpenAI's): ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}``
-  ending with the assistant's answer; only where the backbone has a chat template.
+- chat (OpenAI's): ``{"messages": [{"role": "user", "content": "..."}, ...]}`` ending with the
+  assistant's answer (checked by the trainer's rule, ``prompts.chat.split_chat_example``); only
+  where the backbone has a chat template.
 
 Every problem is reported with its line number (the first ``MAX_REPORTED``), and a file with
 any problem is refused whole: nothing is stored.
@@ -14,10 +15,11 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from prompts.chat import split_chat_example
+from prompts.errors import RankoneError
 from service.errors import ApiError
 
 MAX_REPORTED = 10
-ROLES = frozenset({"system", "user", "assistant"})
 Format = Literal["text", "chat"]
 
 
@@ -46,22 +48,15 @@ def _line_format(record: Any) -> tuple[Format | None, str | None]:
 
 
 def _chat_problem(messages: Any) -> tuple[Format | None, str | None]:
-    if not isinstance(messages, list) or len(messages) < 2:
-        return (
-            None,
-            '"messages" must be a list of at least two messages (a user turn and the answer)',
-        )
-    for i, m in enumerate(messages):
-        if (
-            not isinstance(m, dict)
-            or m.get("role") not in ROLES
-            or not isinstance(m.get("content"), str)
-        ):
-            return None, (
-                f'messages[{i}] must be {{"role": "system"|"user"|"assistant", "content": "..."}}'
-            )
-    if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
-        return None, "the last message must be the assistant's (non-empty) answer to learn"
+    """The trainer's own rule (prompts.chat): a context, then the assistant's answer."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        return None, '"messages" must be a list of {"role": ..., "content": ...} objects'
+    try:
+        _, target = split_chat_example(messages)
+    except RankoneError as e:
+        return None, str(e)
+    if not target.strip():
+        return None, "the last (assistant) message is empty: it is the target to learn"
     return "chat", None
 
 

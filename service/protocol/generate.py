@@ -68,7 +68,9 @@ class SharedPromptCreate(BaseModel):
     blob: str | None = Field(
         default=None, min_length=1, description="base64 of the safetensors shared-prompt blob"
     )
-    id: str | None = Field(default=None, description="shared prompt id (with prompt)")
+    id: str | None = Field(
+        default=None, description="shared prompt id (with prompt; PUT takes it from the URL)"
+    )
     prompt: Matrix | None = Field(default=None, description="[L, d] shared prompt (with id)")
     backbone: str | None = Field(
         default=None,
@@ -83,8 +85,6 @@ class SharedPromptCreate(BaseModel):
     def _one_source(self) -> SharedPromptCreate:
         if (self.blob is None) == (self.prompt is None):
             raise ValueError("give either blob (base64 safetensors) or id and prompt ([L, d])")
-        if self.prompt is not None and self.id is None:
-            raise ValueError("id is required with prompt")
         if self.blob is not None and (self.id is not None or self.backbone is not None):
             raise ValueError("id and backbone come from the blob; give them only with prompt")
         return self
