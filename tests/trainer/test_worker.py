@@ -65,8 +65,9 @@ def seed_source(url: str, bb: Backbone) -> None:
         ).raise_for_status()
 
 
-def start_worker(url: str, model: Path, log: Path) -> subprocess.Popen[bytes]:
+def start_worker(url: str, model: Path, log: Path, name: str) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "rankone_cli", "worker", "--url", url, "--model", str(model)]
+    cmd += ["--name", name]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RANKONE_WORKER_KEY": ADMIN_KEY}
     out = log.open("ab")
     return subprocess.Popen(
@@ -181,7 +182,7 @@ def test_killed_worker_job_is_reclaimed_with_one_version(
     redis.Redis.from_url(url).flushdb()
     env = server_env(tiny_gpt2_dir, redis_url=url, finetune_lease_s=1.5)
     server = ServerProcess(env, tmp_path / "server.log").start()
-    workers: list[subprocess.Popen[bytes]] = []
+    workers: dict[str, subprocess.Popen[bytes]] = {}
     try:
         seed_source(server.url, gpt2)
         with httpx.Client(base_url=server.url, headers=ADMIN, timeout=30) as c:
@@ -197,35 +198,44 @@ def test_killed_worker_job_is_reclaimed_with_one_version(
                 "hyperparameters": {"steps": 250, "batch_size": 2},
             }
             job = c.post("/v1/fine_tuning/jobs", json=body).json()
-            workers.append(start_worker(server.url, tiny_gpt2_dir, tmp_path / "worker-a.log"))
+            # two workers at once: one claims the job, the other waits warm for the next
+            workers = {
+                n: start_worker(server.url, tiny_gpt2_dir, tmp_path / f"{n}.log", n)
+                for n in ("wa", "wb")
+            }
             deadline = time.monotonic() + 90
             while not any(
                 e["data"].get("step")
                 for e in c.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
             ):
-                assert time.monotonic() < deadline, (tmp_path / "worker-a.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, (tmp_path / "wa.log").read_text()[-3000:]
                 time.sleep(0.2)
-            workers[0].send_signal(signal.SIGKILL)
-            workers[0].wait()
-            workers.append(start_worker(server.url, tiny_gpt2_dir, tmp_path / "worker-b.log"))
+            first = c.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["rankone"]["worker"]
+            workers[first].send_signal(signal.SIGKILL)
+            workers[first].wait()
+            other = "wb" if first == "wa" else "wa"
             deadline = time.monotonic() + 120
             while (status := c.get(f"/v1/fine_tuning/jobs/{job['id']}").json())["status"] not in (
                 "succeeded",
                 "failed",
             ):
-                assert time.monotonic() < deadline, (tmp_path / "worker-b.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, (tmp_path / f"{other}.log").read_text()[-3000:]
                 time.sleep(0.3)
             assert status["status"] == "succeeded", status
-            assert status["rankone"]["attempts"] == 2
+            assert status["rankone"]["attempts"] == 2 and status["rankone"]["worker"] == other
             messages = [
                 e["message"]
                 for e in c.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=1000").json()["data"]
             ]
-            assert any("stopped renewing its lease" in m and "requeued" in m for m in messages)
+            assert any(
+                f"worker {first} stopped renewing its lease" in m and "requeued" in m
+                for m in messages
+            )
+            assert any(f"attempt 2 of 3 started by worker {other}" in m for m in messages)
             task = c.get("/v1/tasks/survivor").json()
             assert task["version"] == 1 and task["metadata"]["fine_tuning_job"] == job["id"]
     finally:
-        for w in workers:
+        for w in workers.values():
             if w.poll() is None:
                 w.kill()
                 w.wait()
