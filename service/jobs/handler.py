@@ -352,11 +352,8 @@ class FineTuningHandler:
         )
 
     async def renew(self, job_id: str, token: str) -> dict[str, Any]:
-        lease_s = float(self.settings.finetune_lease_s)
         try:
-            job = await self.jobs.update_job(
-                job_id, lambda j, now: lifecycle.renew(j, token, now, lease_s=lease_s)
-            )
+            job = await self.jobs.update_job(job_id, lambda j, now: lifecycle.renew(j, token, now))
         except JobStateError as e:
             raise _state_error(e) from None
         return {"status": job["status"], "lease_expires_at": job["rankone"]["lease_expires_at"]}

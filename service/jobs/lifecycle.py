@@ -71,7 +71,11 @@ def claim(job: Job, now: float, *, worker: str, lease_s: float) -> tuple[Job, li
     state = _state(job)
     state["attempts"] = int(state.get("attempts", 0)) + 1
     state["worker"] = worker
-    state["lease_expires_at"] = now + lease_s
+    # each attempt gets the job's time limit; the lease never runs past it (plus one lease
+    # length for the worker to report), so a hung worker that still renews is stopped too
+    state["deadline_at"] = now + float(state["timeout_s"])
+    state["lease_s"] = lease_s
+    state["lease_expires_at"] = min(now + lease_s, state["deadline_at"] + lease_s)
     state.setdefault("started_at", int(now))
     job["_lease_token"] = secrets.token_urlsafe(24)
     job["status"] = "running"
@@ -90,10 +94,13 @@ def check_lease(job: Job, token: str) -> None:
         )
 
 
-def renew(job: Job, token: str, now: float, *, lease_s: float) -> tuple[Job, list[Event]]:
+def renew(job: Job, token: str, now: float) -> tuple[Job, list[Event]]:
+    """Extend the lease by the length it was claimed with (never past the time limit)."""
     check_lease(job, token)
     job = copy.deepcopy(job)
-    _state(job)["lease_expires_at"] = now + lease_s
+    state = _state(job)
+    lease_s = float(state["lease_s"])
+    state["lease_expires_at"] = min(now + lease_s, float(state["deadline_at"]) + lease_s)
     return job, []
 
 
@@ -115,6 +122,11 @@ def expire(job: Job, now: float) -> tuple[Job, list[Event]]:
     job.pop("_lease_token", None)
     state["lease_expires_at"] = None
     state["worker"] = None
+    if now >= float(state["deadline_at"]):
+        reason = f"the job ran past its time limit of {float(state['timeout_s']):g} s"
+        job.update(status="failed", finished_at=int(now))
+        job["error"] = {"code": "time_limit", "message": reason, "param": None}
+        return job, [event(now, reason, level="error")]
     if attempts >= limit:
         reason = (
             f"worker {worker} stopped renewing its lease (attempt {attempts} of {limit}); "

@@ -407,3 +407,22 @@ def test_worker_posts_are_validated(client: TestClient) -> None:
     assert (
         events["has_more"] and older["data"] and older["data"][0]["id"] != events["data"][0]["id"]
     )
+
+
+def test_a_job_past_its_time_limit_fails_even_if_renewed(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    drain(client)
+    handler = client.app.state.fine_tuning  # type: ignore[attr-defined]
+    monkeypatch.setattr(
+        handler, "settings", handler.settings.model_copy(update={"finetune_job_timeout_s": 0.3})
+    )
+    job = new_job(client, "slow")
+    got = claim(client, lease_s=0.2)
+    lease = {"lease_token": got["lease_token"]}
+    for _ in range(6):  # renewing does not extend the lease past the time limit
+        client.post(f"/v1/fine_tuning/jobs/{job['id']}/lease", json=lease, headers=ADMIN)
+        time.sleep(0.15)
+    client.post("/v1/fine_tuning/claims", json={"worker": "w"}, headers=ADMIN)  # runs the reaper
+    failed = client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=ADMIN).json()
+    assert failed["status"] == "failed" and failed["error"]["code"] == "time_limit"
