@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -15,6 +15,9 @@ from client.payloads import generate_body
 from client.sse import SSEDecoder
 from client.tasks import SharedPrompts, Tasks
 from client.types import Generation, StreamEvent
+
+if TYPE_CHECKING:
+    from client.push import PushReport
 
 
 class Client:
@@ -98,7 +101,7 @@ class Client:
         except httpx.TransportError:
             return False
 
-    def push(self, artifact_dir: str | Path, *, dry_run: bool = False) -> Any:
+    def push(self, artifact_dir: str | Path, *, dry_run: bool = False) -> PushReport:
         """Upload a trainer output directory (shared prompts, then tasks; create or replace
         what differs); returns a ``PushReport``. See ``client.push``."""
         from client.push import push

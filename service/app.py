@@ -98,7 +98,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             "replace and delete tasks; set RANKONE_ADMIN_KEYS"
         )
     state.ready, state.draining = False, False
-    backbone = load_backbone(
+    # `rankone serve` loads it before uvicorn starts, to report a bad RANKONE_MODEL cleanly
+    backbone = getattr(state, "preloaded_backbone", None) or load_backbone(
         settings.model,
         device=settings.device,
         dtype=settings.dtype,

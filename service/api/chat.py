@@ -46,7 +46,19 @@ ChatDep = Annotated[ChatHandler, Depends(get_chat)]
 @router.post(
     "/chat/completions",
     response_model=ChatCompletionResponse,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "with stream=true"}},
+    responses={
+        200: {
+            "description": "the completion; with stream=true, chat.completion.chunk events",
+            "content": {"text/event-stream": {}},
+        },
+        400: {"description": "malformed JSON, or a backbone without a chat template"},
+        401: {"description": "missing or wrong client key"},
+        404: {"description": "unknown task (model)"},
+        422: {"description": "invalid request, conversation or parameters over the limits"},
+        429: {"description": "the queue is full (Retry-After)"},
+        503: {"description": "store unavailable or server shutting down"},
+        504: {"description": "past the request deadline"},
+    },
 )
 async def chat_completions(
     body: ChatCompletionRequest, handler: ChatDep

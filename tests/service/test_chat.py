@@ -267,3 +267,13 @@ def test_openai_client_against_a_server_on_a_gguf_file(
     text = "".join(p.choices[0].delta.content or "" for p in pieces if p.choices)
     assert text == out.choices[0].message.content
     assert pieces[-1].usage is not None and pieces[-1].usage.total_tokens == out.usage.total_tokens
+
+
+def test_chat_requests_are_in_the_metrics(client: TestClient) -> None:
+    assert _chat(client, max_tokens=2).status_code == 200
+    lines = [
+        line
+        for line in client.get("/metrics").text.splitlines()
+        if line.startswith("rankone_http_requests_total") and "/v1/chat/completions" in line
+    ]
+    assert any('status="200"' in line and float(line.split()[-1]) >= 1 for line in lines), lines
