@@ -9,6 +9,7 @@ from fastapi import Depends, Header, Request
 from service.auth import Role, authorize
 from service.handlers.generation import GenerationHandler
 from service.handlers.registry import RegistryHandler
+from service.jobs.handler import FineTuningHandler
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -29,6 +30,10 @@ def get_generation(request: Request) -> GenerationHandler:
     return request.app.state.generation  # type: ignore[no-any-return]
 
 
+def get_fine_tuning(request: Request) -> FineTuningHandler:
+    return request.app.state.fine_tuning  # type: ignore[no-any-return]
+
+
 def get_state(request: Request) -> Any:
     return request.app.state
 
@@ -37,6 +42,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 RegistryDep = Annotated[RegistryHandler, Depends(get_registry)]
 GenerationDep = Annotated[GenerationHandler, Depends(get_generation)]
+FineTuningDep = Annotated[FineTuningHandler, Depends(get_fine_tuning)]
 StateDep = Annotated[Any, Depends(get_state)]
 AuthHeader = Annotated[str | None, Header(alias="Authorization", include_in_schema=False)]
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Form, Request, Response, UploadFile
+from fastapi import APIRouter, Form, Response, UploadFile
 
-from service.deps import AdminAuth
-from service.jobs.handler import FineTuningHandler
+from service.deps import AdminAuth, FineTuningDep
 
 router = APIRouter(prefix="/v1", dependencies=[AdminAuth], tags=["fine-tuning"])
 
@@ -16,13 +15,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"description": "file over the size or line limit"},
     422: {"description": "malformed file (lines listed) or bad purpose"},
 }
-
-
-def get_fine_tuning(request: Request) -> FineTuningHandler:
-    return request.app.state.fine_tuning  # type: ignore[no-any-return]
-
-
-FineTuningDep = Annotated[FineTuningHandler, Depends(get_fine_tuning)]
 
 
 @router.post("/files", responses=_ERRORS)

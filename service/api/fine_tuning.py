@@ -10,8 +10,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 
-from service.api.files import FineTuningDep
-from service.deps import AdminAuth
+from service.deps import AdminAuth, FineTuningDep
 from service.protocol.fine_tuning import (
     ClaimRequest,
     EventsPost,
