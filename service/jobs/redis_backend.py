@@ -46,7 +46,8 @@ class RedisJobBackend(JobBackend):
     def __init__(self, url: str, *, prefix: str = "rankone") -> None:
         self.where = redact(url)
         self.p = f"{prefix}:ft"
-        self._redis = Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=2.0)
+        # Any: redis-py's return types are unions over its decode modes; ours returns bytes
+        self._redis: Any = Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=2.0)
 
     async def _call(self, what: str, awaitable: Awaitable[T]) -> T:
         try:

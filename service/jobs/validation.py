@@ -108,12 +108,12 @@ def validate_jsonl(content: bytes, limits: FileLimits) -> tuple[Format, int]:
         more = len(problems) - MAX_REPORTED
         shown = problems[:MAX_REPORTED] + ([f"... and {more} more"] if more > 0 else [])
         raise ApiError(422, "invalid_file", "invalid fine-tuning file: " + "; ".join(shown))
-    fmt = next(iter(formats))
-    if fmt == "chat" and not limits.chat_template:
+    found: Format = next(iter(formats))
+    if found == "chat" and not limits.chat_template:
         raise ApiError(
             422,
             "invalid_file",
             "chat examples need a backbone with a chat template, and this one has none; "
             'upload {"input": "...", "target": "..."} lines instead',
         )
-    return fmt, examples
+    return found, examples
