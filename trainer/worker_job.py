@@ -107,11 +107,12 @@ def write_source(client: Client, claim: dict[str, Any], root: Path) -> bool:
 
 
 def validation_accuracy(backbone: Backbone, out: Path, data: Path, task: str) -> float | None:
-    """Exact match (0-1) of the trained task on (up to 200) validation examples, greedy."""
+    """Exact match (0-1) of the trained task on (up to 100) validation examples, greedy, with
+    as many new tokens as the longest validation target needs (decoding is the costly part)."""
     path = data / task / "validation.jsonl"
     if not path.exists():
         return None
-    examples = read_jsonl(path)[:200]
+    examples = read_jsonl(path)[:100]
     found = load_artifact_dir(out, backbone=backbone.fingerprint)
     tf = found.tasks[task]
     prompt = compose_prompt(found.shared[tf.shared].prompt.float(), tf.u.float(), tf.v.float())
@@ -122,7 +123,8 @@ def validation_accuracy(backbone: Backbone, out: Path, data: Path, task: str) ->
         max_target_length=32,
         causal=not backbone.is_seq2seq,
     )
-    opts = EvaluateOptions(model="-", data_dir=data, out=out, max_new_tokens=32, batch_size=16)
+    longest = max(len(t.target_ids) for t in tokens)  # EOS included
+    opts = EvaluateOptions(model="-", data_dir=data, out=out, max_new_tokens=longest, batch_size=16)
     predictions = predict(backbone, prompt, [t.input_ids for t in tokens], opts)
     return score(predictions, [e.target for e in examples])["exact_match"] / 100
 
