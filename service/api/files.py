@@ -7,8 +7,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Form, Response, UploadFile
 
 from service.deps import AdminAuth, FineTuningDep
+from service.protocol.fine_tuning import COMMON_ERRORS
 
-router = APIRouter(prefix="/v1", dependencies=[AdminAuth], tags=["fine-tuning"])
+router = APIRouter(
+    prefix="/v1", dependencies=[AdminAuth], tags=["fine-tuning"], responses=COMMON_ERRORS
+)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"description": "no such file"},

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Query, Response
 
 from service.deps import AdminAuth, FineTuningDep
 from service.protocol.fine_tuning import (
+    COMMON_ERRORS,
     ClaimRequest,
     EventsPost,
     FailurePost,
@@ -20,7 +21,12 @@ from service.protocol.fine_tuning import (
     ResultPost,
 )
 
-router = APIRouter(prefix="/v1/fine_tuning", dependencies=[AdminAuth], tags=["fine-tuning"])
+router = APIRouter(
+    prefix="/v1/fine_tuning",
+    dependencies=[AdminAuth],
+    tags=["fine-tuning"],
+    responses=COMMON_ERRORS,
+)
 
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such job"}}
 _LEASE: dict[int | str, dict[str, Any]] = {

@@ -12,6 +12,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Auto = Literal["auto"]
+# Answers every route here may give, as {"error": {"code", "message"}} (service/api/errors.py)
+COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "malformed JSON body"},
+    401: {"description": "missing or unknown API key"},
+    403: {"description": "not an admin key"},
+    413: {"description": "body over the server's limit"},
+    503: {"description": "the job store is unavailable"},
+}
 MAX_EVENTS_PER_POST = 100
 
 
