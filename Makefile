@@ -38,7 +38,7 @@ format: $(STAMP)
 	$(PY) -m ruff format .
 
 demo: $(STAMP)
-	$(PY) -m rankone_cli demo
+	$(PY) -m rankone_cli demo $(ARGS)
 
 serve: $(STAMP)
 	$(PY) -m rankone_cli serve

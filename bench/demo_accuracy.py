@@ -1,28 +1,54 @@
-"""Exact match of every demo task, asked through the HTTP API of a running rankone server.
+"""Per-task accuracy of the demo through the HTTP API: MPT soft prompt vs written instructions.
 
-Either point it at a running server (``--url``, e.g. the one ``rankone demo`` started) or let
-it start one itself on a free port from the demo cache (``.rankone/demo``, built by
-``rankone demo --no-serve``). Each task's held-out test examples are sent to
-``POST /v1/tasks/<task>/generate`` (greedy, batched as lists of inputs) and compared with the
-targets. Writes ``bench/results/demo_accuracy.{md,json}``.
+Points at a running server (``--url``) or starts one itself on a free port from the demo cache
+(``rankone demo --no-serve`` builds it), with a throw-away store so the demo's own store is not
+touched. For every task, its held-out test inputs are sent to ``POST /v1/tasks/<task>/generate``
+(greedy, lists of inputs per request) under each method:
 
-    python -m bench.demo_accuracy [--url http://127.0.0.1:8000] [--limit 100]
+- ``mpt``: the demo's task (the MPT shared prompt ⊙ the task's rank-one factors); the input
+  is sent as it is, with no instruction;
+- ``teacher``: the task's prompt-tuning teacher (``teach``; the PT baseline of MPT);
+- ``instruction``: the task's instruction written as plain text in front of the input
+  (``"<instruction>\n<input>"``: prompt engineering);
+- ``instruction-chat`` (backbones with a chat template): the same instruction and input as
+  one user message in the model's chat template, the way an instruct model is meant to be
+  asked;
+- ``none``: the input alone, no prompt at all (a floor).
+
+The API always puts a task's soft prompt in front of the input; the written-text methods are
+registered through the admin API as *hard* prompts: a shared prompt whose rows are the input
+embeddings of the text's tokens (identity factors), which the backbone sees exactly as if the
+text had been typed in front of the input (the benchmark checks that the tokens split the
+same way; ``token_split_mismatches`` in the JSON). ``none`` uses a one-row prompt of the
+newline token (the API has no prompt-less route), i.e. the input after a line break.
+
+Scores: ``exact``: the stripped output equals the target; ``contains``: the target occurs in
+the output as a word (case-insensitive) and, for classification tasks, no other label does:
+lenient to a chatty answer such as "The sentiment is positive.".
+
+    python -m bench.demo_accuracy [--cache .rankone/demo-smollm2] [--url URL] [--limit 48]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
+
+from bench import demo_methods as M
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ALL_METHODS = ("mpt", "teacher", "instruction", "instruction-chat", "none")
 
 
 def post(url: str, body: dict, timeout: float = 120.0) -> dict:
@@ -55,14 +81,15 @@ def read_jsonl(path: Path) -> list[dict[str, str]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def start_server(cache: Path, port: int) -> subprocess.Popen:
+def start_server(cache: Path, port: int, store: Path) -> subprocess.Popen:
     from trainer import demo_cli
 
     env = demo_cli.server_env(demo_cli.DemoPaths(cache), port)
+    env["RANKONE_DATA_DIR"] = str(store)  # a throw-away store: the baselines stay out of the demo's
     return subprocess.Popen([sys.executable, "-m", "rankone_cli", "serve"], env=env)
 
 
-def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float = 180.0) -> None:
+def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -77,103 +104,231 @@ def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float = 180.0) 
     raise SystemExit(f"demo_accuracy: {url} not ready after {timeout:.0f}s")
 
 
-def measure(
-    url: str, data: Path, tasks: list[str], limit: int, batch: int, max_new_tokens: int
-) -> dict[str, dict]:
-    out: dict[str, dict] = {}
+def register_methods(
+    url: str, cache: Path, data: Path, tasks: list[str], backbone: Any, wanted: list[str]
+) -> tuple[dict[str, dict[str, M.Method]], dict[str, int]]:
+    """Register the hard prompts and teachers through the admin API; ``{method: {task: Method}}``
+    and the token-split mismatches per hard prompt."""
+    from prompts import load_artifact_dir
+
+    methods: dict[str, dict[str, M.Method]] = {m: {} for m in wanted}
+    mismatches: dict[str, int] = {}
+    teachers = cache / "runs" / "teach"
+    found = load_artifact_dir(teachers) if "teacher" in wanted and teachers.is_dir() else None
+
+    def hard(name: str, text: str) -> None:
+        rows = M.hard_prompt_rows(backbone, text)  # [T, d]
+        post(f"{url}/v1/shared-prompts", {"blob": M.shared_blob(backbone, name, rows)})
+        post(f"{url}/v1/tasks", M.identity_body(name, name, rows.shape[0], rows.shape[1]))
+
+    if "none" in wanted:
+        hard("bench.none", "\n")
     for task in tasks:
-        rows = read_jsonl(data / task / "test.jsonl")[:limit]
-        hits, misses = 0, []
-        start = time.monotonic()
-        for i in range(0, len(rows), batch):
-            chunk = rows[i : i + batch]
-            res = post(
-                f"{url}/v1/tasks/{task}/generate",
-                {
-                    "inputs": [r["input"] for r in chunk],
-                    "parameters": {"max_new_tokens": max_new_tokens, "temperature": 0},
-                },
+        path = data / task / "instruction.txt"  # the T5 demo's letter tasks have none
+        instruction = path.read_text(encoding="utf-8").strip() if path.exists() else None
+        inputs = [r["input"] for r in read_jsonl(data / task / "test.jsonl")]
+        if "mpt" in wanted:
+            methods["mpt"][task] = M.Method(task)
+        if "none" in wanted:
+            methods["none"][task] = M.Method("bench.none")
+            mismatches[f"none/{task}"] = M.split_mismatches(backbone, "\n", inputs, "")
+        if "instruction" in wanted and instruction is not None:
+            name, text = f"bench.{task}.instruction", instruction + "\n"
+            hard(name, text)
+            methods["instruction"][task] = M.Method(name)
+            mismatches[f"instruction/{task}"] = M.split_mismatches(backbone, text, inputs, "")
+        frame = M.chat_frame(backbone, instruction) if instruction is not None else None
+        if "instruction-chat" in wanted and frame is not None:
+            name = f"bench.{task}.chat"
+            hard(name, frame[0])
+            methods["instruction-chat"][task] = M.Method(name, suffix=frame[1])
+            mismatches[f"instruction-chat/{task}"] = M.split_mismatches(
+                backbone, frame[0], inputs, frame[1]
             )
-            for row, text in zip(chunk, res["texts"], strict=True):
-                if text.strip() == row["target"]:
-                    hits += 1
-                elif len(misses) < 5:
-                    misses.append({"input": row["input"], "target": row["target"], "got": text})
-        out[task] = {
-            "exact_match": hits / max(1, len(rows)),
-            "n": len(rows),
-            "seconds": round(time.monotonic() - start, 2),
-            "misses": misses,
-        }
-        print(f"{task:>12}: {out[task]['exact_match']:.1%} of {len(rows)}", flush=True)
+        if found is not None and task in found.tasks:
+            tf = found.tasks[task]
+            name = f"bench.{task}.teacher"
+            sp = found.shared[tf.shared]
+            rows = sp.prompt.float()
+            post(f"{url}/v1/shared-prompts", {"blob": M.shared_blob(backbone, name, rows)})
+            body = {"name": name, "shared": name, "u": tf.u.tolist(), "v": tf.v.tolist()}
+            post(f"{url}/v1/tasks", body)
+            methods["teacher"][task] = M.Method(name)
+    return {m: t for m, t in methods.items() if t}, mismatches
+
+
+def measure(
+    url: str,
+    data: Path,
+    tasks: list[str],
+    methods: dict[str, dict[str, M.Method]],
+    labels: dict[str, tuple[str, ...]],
+    args: argparse.Namespace,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{task: {method: {exact, contains, n, seconds, misses}}}``."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for task in tasks:
+        rows = read_jsonl(data / task / "test.jsonl")[: args.limit]
+        out[task] = {}
+        for method, per_task in methods.items():
+            how = per_task.get(task)
+            if how is None:
+                continue
+            exact = lenient = 0
+            misses: list[dict[str, str]] = []
+            start = time.monotonic()
+            for i in range(0, len(rows), args.batch):
+                chunk = rows[i : i + args.batch]
+                res = post(
+                    f"{url}/v1/tasks/{how.task}/generate",
+                    {
+                        "inputs": [r["input"] + how.suffix for r in chunk],
+                        "parameters": {"max_new_tokens": args.max_new_tokens, "temperature": 0},
+                    },
+                )
+                for row, text in zip(chunk, res["texts"], strict=True):
+                    hit = text.strip() == row["target"]
+                    exact += hit
+                    lenient += M.contains(text, row["target"], labels.get(task, ()))
+                    if not hit and len(misses) < 3:
+                        misses.append({"input": row["input"], "target": row["target"], "got": text})
+            n = max(1, len(rows))
+            out[task][method] = {
+                "exact": exact / n,
+                "contains": lenient / n,
+                "n": len(rows),
+                "seconds": round(time.monotonic() - start, 1),
+                "misses": misses,
+            }
+            print(
+                f"{task:>10} {method:>17}: exact {exact / n:6.1%}  contains {lenient / n:6.1%}"
+                f"  ({len(rows)} inputs, {out[task][method]['seconds']} s)",
+                flush=True,
+            )
     return out
 
 
-def markdown(report: dict) -> str:
+def markdown(report: dict[str, Any]) -> str:
+    methods = report["methods"]
     lines = [
         "# Demo accuracy through the HTTP API",
         "",
-        "Exact match of each demo task on its held-out test examples, asked through "
-        "`POST /v1/tasks/<task>/generate` (greedy) of a running `rankone serve` with the demo "
-        "artifacts (`rankone demo`). Target: ≥ 90% per task.",
+        "Each demo task's held-out test inputs, asked through `POST /v1/tasks/<task>/generate` "
+        "(greedy) of a `rankone serve` holding the demo artifacts. Methods: **mpt** the "
+        "served task (shared prompt ⊙ rank-one factors; the input alone); **teacher** its "
+        "prompt-tuning teacher; **instruction** the task's instruction written in front of the "
+        "input; **instruction-chat** instruction + input as a user turn of the chat template; "
+        "**none** the input alone. Written text is served as a hard prompt (its token "
+        "embeddings), identical to typing it (see bench/demo_accuracy.py). **exact**: output "
+        "equals the target; **contains**: the target appears as a word (and no other label).",
         "",
-        f"Command: `{report['command']}`  ",
+        *[f"Command: `{c}`  " for c in report.get("commands", [report["command"]])],
         f"Server: {report['url']} ({report['backbone']})  ",
-        f"Machine: {report['machine']}",
+        f"Demo build: {', '.join(f'{k} {v}' for k, v in report.get('build', {}).items())}  ",
+        f"Machine: {report['machine']}  ",
+        f"Elapsed: {report['seconds']} s",
         "",
-        "| task | exact match | examples | ≥ 90% |",
-        "|---|---|---|---|",
     ]
-    for task, r in report["tasks"].items():
-        ok = "yes" if r["exact_match"] >= 0.9 else "**no**"
-        lines.append(f"| {task} | {r['exact_match']:.1%} | {r['n']} | {ok} |")
-    lines += ["", f"Mean: {report['mean_exact_match']:.1%}", ""]
-    bad = {t: r["misses"] for t, r in report["tasks"].items() if r["misses"]}
-    if bad:
-        lines += ["Some misses (input → target / got):", ""]
-        for task, misses in bad.items():
-            shown = "; ".join(
-                f"`{m['input']}` → `{m['target']}` / `{m['got']}`" for m in misses[:3]
-            )
-            lines.append(f"- {task}: {shown}")
+    for metric in ("exact", "contains"):
+        lines += [f"### {metric}", "", "| task | n | " + " | ".join(methods) + " |"]
+        lines.append("|---|---|" + "---|" * len(methods))
+        for task, per in report["tasks"].items():
+            n = next(iter(per.values()))["n"] if per else 0
+            cells = [f"{per[m][metric]:.0%}" if m in per else "–" for m in methods]
+            lines.append(f"| {task} | {n} | " + " | ".join(cells) + " |")
+        means = [report["means"][m][metric] for m in methods]
+        lines.append("| **mean** | | " + " | ".join(f"**{v:.0%}**" for v in means) + " |")
         lines.append("")
+    wins = report["mpt_beats_instruction"]
+    if wins is not None:
+        lines += [
+            f"MPT beats the best written instruction (exact match) on {wins[0]} of {wins[1]} tasks.",
+            "",
+        ]
+    lines += ["Some misses of mpt (input → target / got):", ""]
+    for task, per in report["tasks"].items():
+        misses = per.get("mpt", {}).get("misses", [])
+        if misses:
+            shown = "; ".join(f"`{m['input']}` → `{m['target']}` / `{m['got']!r}`" for m in misses)
+            lines.append(f"- {task}: {shown}")
+    lines.append("")
     return "\n".join(lines)
+
+
+def summarise(results: dict[str, dict[str, dict[str, Any]]], methods: list[str]) -> dict[str, Any]:
+    means = {
+        m: {
+            k: sum(r[m][k] for r in results.values() if m in r)
+            / max(1, sum(m in r for r in results.values()))
+            for k in ("exact", "contains")
+        }
+        for m in methods
+    }
+    written = [m for m in ("instruction", "instruction-chat") if m in methods]
+    wins = None
+    if "mpt" in methods and written:
+        tasks = [t for t, r in results.items() if "mpt" in r]
+        won = sum(
+            results[t]["mpt"]["exact"]
+            > max(results[t][w]["exact"] for w in written if w in results[t])
+            for t in tasks
+        )
+        wins = (won, len(tasks))
+    return {"means": means, "mpt_beats_instruction": wins}
+
+
+def backbone_line(url: str) -> str:
+    try:
+        info = get(f"{url}/v1/info")
+    except (urllib.error.URLError, OSError, ValueError):
+        return "?"
+    bb = info.get("backbone", info)
+    bb = bb if isinstance(bb, dict) else {"fingerprint": bb}
+    keys = ("name", "fingerprint", "kind", "d", "dtype", "device")
+    return ", ".join(f"{k} {bb[k]}" for k in keys if k in bb)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--url", help="a running server; default: start one from --cache")
-    p.add_argument("--cache", type=Path, default=Path(".rankone/demo"))
+    p.add_argument("--url", help="a running server (admin API open); default: start one")
+    p.add_argument("--cache", type=Path, default=Path(".rankone/demo-smollm2"))
     p.add_argument("--data", type=Path, help="task data (default: <cache>/data)")
     p.add_argument("--tasks", nargs="*", help="default: every task the demo built")
-    p.add_argument("--limit", type=int, default=100, help="test examples per task")
-    p.add_argument("--batch", type=int, default=32, help="inputs per request")
+    p.add_argument("--methods", nargs="*", default=list(ALL_METHODS), choices=ALL_METHODS)
+    p.add_argument("--limit", type=int, default=48, help="test inputs per task")
+    p.add_argument("--batch", type=int, default=16, help="inputs per request")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--model", help="backbone to embed hard prompts with (default: the demo's)")
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the other methods' figures of an earlier run in --results (re-measure some)",
+    )
     args = p.parse_args(argv)
 
+    from prompts import load_backbone
+    from trainer.demo.nl_tasks import NL_TASKS
+
     data = args.data or args.cache / "data"
-    tasks = args.tasks
+    manifest_path = args.cache / "demo.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    tasks = args.tasks or manifest.get("recipe", {}).get("tasks")
     if not tasks:
-        manifest = json.loads((args.cache / "demo.json").read_text())
-        tasks = manifest["recipe"]["tasks"]
-    proc = None
-    url = args.url
+        raise SystemExit(f"demo_accuracy: no {manifest_path}; build the demo or pass --tasks")
+    labels = {t: NL_TASKS[t].labels for t in tasks if t in NL_TASKS}
+    started = time.monotonic()
+    proc, url = None, args.url
+    store = tempfile.TemporaryDirectory(prefix="rankone-bench-store-")
     if url is None:
         url = f"http://127.0.0.1:{free_port()}"
-        proc = start_server(args.cache, int(url.rsplit(":", 1)[1]))
+        proc = start_server(args.cache, int(url.rsplit(":", 1)[1]), Path(store.name))
     try:
+        backbone = load_backbone(args.model or manifest.get("model") or args.cache / "backbone")
         wait_ready(url, proc)
-        try:
-            info = get(f"{url}/v1/info")
-            bb = info.get("backbone", info)
-            bb = bb if isinstance(bb, dict) else {"fingerprint": bb}
-            backbone = ", ".join(
-                f"{k} {bb[k]}" for k in ("fingerprint", "kind", "d", "dtype", "device") if k in bb
-            )
-        except (urllib.error.URLError, OSError, ValueError):
-            backbone = "?"
-        results = measure(url, data, tasks, args.limit, args.batch, args.max_new_tokens)
+        methods, mismatches = register_methods(url, args.cache, data, tasks, backbone, args.methods)
+        results = measure(url, data, tasks, methods, labels, args)
+        line = backbone_line(url)
     finally:
         if proc is not None:
             proc.terminate()
@@ -181,20 +336,40 @@ def main(argv: list[str] | None = None) -> int:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    mean = sum(r["exact_match"] for r in results.values()) / max(1, len(results))
+        store.cleanup()
+    previous = args.results / "demo_accuracy.json"
+    command = "python -m bench.demo_accuracy " + " ".join(argv or sys.argv[1:])
+    commands = [command]
+    if args.update and previous.exists():
+        earlier = json.loads(previous.read_text())
+        commands = [*earlier.get("commands", [earlier["command"]]), command]
+        for task, per in earlier["tasks"].items():
+            for method, figures in per.items():
+                results.setdefault(task, {}).setdefault(method, figures)
+    order = [m for m in ALL_METHODS if any(m in r for r in results.values())]
     report = {
         "url": url if args.url else "a server started by the benchmark (demo cache)",
-        "backbone": backbone,
+        "backbone": line,
+        "methods": order,
         "tasks": results,
-        "mean_exact_match": mean,
-        "command": "python -m bench.demo_accuracy " + " ".join(argv or sys.argv[1:]),
-        "machine": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}",
+        **summarise(results, order),
+        "token_split_mismatches": mismatches,
+        "build": {
+            k: manifest.get("recipe", {}).get(k)
+            for k in ("backbone", "prompt_length", "teach_steps", "distill_steps", "n_train")
+        }
+        | ({"note": manifest["note"]} if "note" in manifest else {}),
+        "seconds": round(time.monotonic() - started),
+        "command": command,
+        "commands": commands,
+        "machine": f"{platform.system()} {platform.machine()}, Python "
+        f"{platform.python_version()}, {os.cpu_count()} CPUs (shared with other jobs)",
     }
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "demo_accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.results / "demo_accuracy.md").write_text(markdown(report))
     print(markdown(report))
-    return 0 if all(r["exact_match"] >= 0.9 for r in results.values()) else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 
 from prompts.backbone import load_backbone, resolve_dtype
 from prompts.chat import has_chat_template
-from service.api import admin, chat, errors, files, fine_tuning, generate, openai, ops
+from service.api import admin, chat, docs, errors, files, fine_tuning, generate, openai, ops
 from service.api.middleware import ServiceMiddleware
 from service.engine.factory import build_engine
 from service.handlers.generation import GenerationHandler
@@ -147,12 +147,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """An app for ``settings``; with None, settings are read from the environment at start."""
-    app = FastAPI(title="rankone", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="rankone",
+        version="0.1.0",
+        lifespan=lifespan,
+        # served by service/api/docs.py, which can close them (RANKONE_DOCS_OPEN=false)
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.settings = settings
     app.state.metrics = Metrics()
     errors.install(app)
     app.add_middleware(ServiceMiddleware)
-    for module in (ops, admin, generate, openai, chat, files, fine_tuning):
+    for module in (ops, admin, generate, openai, chat, files, fine_tuning, docs):
         app.include_router(module.router)
     return app
 

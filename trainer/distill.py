@@ -27,6 +27,7 @@ from trainer.forward import Batch, cross_entropy, distill_kl, prompted_forward
 from trainer.loop import Objective, train
 from trainer.options import DistillOptions
 from trainer.plots import plot_losses
+from trainer.rank_one_fit import rank_one_fit
 from trainer.setup import (
     check_prompt_fits,
     init_prompt,
@@ -87,6 +88,66 @@ def distill_objective(
     return objective
 
 
+def initial_parameters(
+    opts: DistillOptions, backbone: Backbone, names: list[str], teachers: Tensor
+) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
+    """P [L, d] and every task's (U [L, r], V [r, d]) at step 0, by --init-from/--factor-init."""
+    if opts.init_from is not None:
+        return parameters_from(opts.init_from, names, backbone, teachers.shape[1], opts.rank)
+    if opts.factor_init == "fit":
+        shared, fitted = rank_one_fit(teachers)
+        return shared, dict(zip(names, fitted, strict=True))
+    generator = torch.Generator().manual_seed(stable_seed(opts.seed, "distill"))
+    if opts.shared_init == "teachers":
+        shared = teachers.mean(0)  # [L, d]
+    else:
+        shared = init_prompt(opts.shared_init, opts.prompt_length, backbone, generator)
+    factors = {}
+    for name in names:
+        if opts.factor_init == "ones":
+            factors[name] = ones_factors(
+                opts.prompt_length, backbone.dim, opts.rank, opts.factor_noise, generator
+            )
+        else:
+            factors[name] = peft_factors(opts.prompt_length, backbone.dim, opts.rank, generator)
+    return shared, factors
+
+
+def parameters_from(
+    path: Path, names: list[str], backbone: Backbone, length: int, rank: int
+) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
+    """--init-from: one shared prompt and the factors of every source task from artifacts."""
+    if not path.is_dir():
+        raise TrainerError(f"--init-from {path}: folder does not exist")
+    found = load_artifact_dir(path, backbone=backbone.fingerprint)
+    missing = [n for n in names if n not in found.tasks]
+    if missing:
+        raise TrainerError(
+            f"--init-from {path}: no factors for task(s) {', '.join(missing)} "
+            f"(found: {sorted(found.tasks) or 'none'})"
+        )
+    shared_ids = {found.tasks[n].shared for n in names}
+    if len(shared_ids) != 1:
+        raise TrainerError(
+            f"--init-from {path}: the tasks use several shared prompts {sorted(shared_ids)}; "
+            "distill starts from one"
+        )
+    shared = found.shared[shared_ids.pop()].prompt.float()
+    check_prompt_fits(shared, backbone, f"--init-from {path}")
+    if shared.shape[0] != length:
+        raise TrainerError(
+            f"--init-from {path}: its shared prompt has {shared.shape[0]} rows but the "
+            f"teachers have {length}"
+        )
+    factors = {n: (found.tasks[n].u.float(), found.tasks[n].v.float()) for n in names}
+    ranks = {u.shape[1] for u, _ in factors.values()}
+    if ranks != {rank}:
+        raise TrainerError(
+            f"--init-from {path}: factors of rank {sorted(ranks)} but --rank is {rank}"
+        )
+    return shared, factors
+
+
 def run(opts: DistillOptions) -> int:
     ctx, backbone = start(opts)
     assert opts.out is not None and opts.teachers is not None
@@ -100,23 +161,13 @@ def run(opts: DistillOptions) -> int:
             f"{opts.prompt_length}; pass --prompt-length {length} or another --shared-init"
         )
     opts.out.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(stable_seed(opts.seed, "distill"))
-    if opts.shared_init == "teachers":
-        shared = teachers.mean(0)  # [L, d]
-    else:
-        shared = init_prompt(opts.shared_init, opts.prompt_length, backbone, generator)
-    factors = {}
-    for name in names:
-        if opts.factor_init == "ones":
-            u, v = ones_factors(
-                opts.prompt_length, backbone.dim, opts.rank, opts.factor_noise, generator
-            )
-        else:
-            u, v = peft_factors(opts.prompt_length, backbone.dim, opts.rank, generator)
-        factors[name] = (opts.shared_id, u, v)
-    bank = PromptBank({opts.shared_id: shared}, factors, train_shared=True, train_factors=True).to(
-        ctx.device
-    )
+    shared, factors = initial_parameters(opts, backbone, names, teachers)
+    bank = PromptBank(
+        {opts.shared_id: shared},
+        {name: (opts.shared_id, u, v) for name, (u, v) in factors.items()},
+        train_shared=True,
+        train_factors=True,
+    ).to(ctx.device)
     objective = distill_objective(backbone, bank, teachers.to(ctx.device), opts)
     result = train(backbone, bank, tasks, objective, opts, ctx, label="distill")
     if result.stopped_early:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -238,6 +239,8 @@ def train(
         disable=not (opts.progress and ctx.main),
         dynamic_ncols=True,
         leave=False,
+        # Logs that are not a terminal (docker, CI) get a bar line every 10 s, not every step.
+        mininterval=0.1 if sys.stderr.isatty() else 10.0,
     )
     window_tokens, window_start = 0, time.perf_counter()
     while step < stop:

@@ -142,21 +142,32 @@ class TrainOptions(DataOptions):
 class TeachOptions(TrainOptions):
     """Plain prompt tuning (Lester et al. 2021): one prompt per source task, the teachers."""
 
-    init: Literal["vocab", "random", "text"] = "vocab"
-    """Prompt init: vocab (embeddings of random vocabulary tokens), random (uniform ±--init-scale), text (embeddings of --init-text, repeated)."""
+    init: Literal["auto", "vocab", "random", "text"] = "auto"
+    """Prompt init: text (the input embeddings of the task's instruction, repeated or cut to L rows: Lester et al.'s text init; needs a text per task), vocab (embeddings of random vocabulary tokens), random (uniform ±--init-scale), auto (text for tasks with an init text, vocab for the others)."""
     init_scale: float = 0.5
     """Half-width of the uniform random init."""
     init_text: str | None = None
-    """Text whose token embeddings initialise the prompt (--init text)."""
+    """Instruction whose token embeddings initialise every task's prompt, e.g. 'Classify the sentiment of the review.'"""
+    init_texts: Path | None = None
+    """JSON or YAML file mapping task → instruction, for per-task text init (tasks it does not name use <data-dir>/<task>/instruction.txt if present)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _positive(init_scale=self.init_scale)
-        if self.init == "text" and not self.init_text:
-            raise TrainerError("--init text needs --init-text 'some words'")
+        if self.init_text is not None and not self.init_text.strip():
+            raise TrainerError("--init-text is empty; give the instruction's words")
+        if self.init_text and self.init_texts is not None:
+            raise TrainerError(
+                "--init-text and --init-texts both given: use --init-text for one text for "
+                "every task, or --init-texts FILE for one text per task"
+            )
+        if self.init in ("vocab", "random") and (self.init_text or self.init_texts):
+            raise TrainerError(
+                f"--init {self.init} ignores --init-text/--init-texts; drop them or use --init text"
+            )
 
 
-FactorInit = Literal["ones", "peft"]
+FactorInit = Literal["ones", "peft", "fit"]
 
 
 @dataclass
@@ -172,7 +183,9 @@ class DistillOptions(TrainOptions):
     shared_init: Literal["teachers", "vocab", "random"] = "teachers"
     """Init of P: teachers (average of the teachers' prompts), vocab or random."""
     factor_init: FactorInit = "peft"
-    """Init of U, V: peft (std 0.02, task prompt ≈ 0 at step 0; the default, it reached a lower validation loss in trainer/README.md's measurement) or ones (U@V = 1 + noise, each task prompt = P at step 0)."""
+    """Init of U, V: peft (std 0.02, task prompt ≈ 0 at step 0; the default, it reached a lower validation loss in trainer/README.md's measurement), ones (U@V = 1 + noise, each task prompt = P at step 0) or fit (P and every U, V from the closed-form rank-one fit of the teachers, P ⊙ (U_k V_k) ≈ teacher k; rank 1 only, replaces --shared-init)."""
+    init_from: Path | None = None
+    """Artifact folder (shared/ + tasks/, e.g. an earlier distill) whose shared prompt and source task factors P, U_k, V_k start this run (replaces --shared-init and --factor-init)."""
     factor_noise: float = 0.01
     """Noise std added to the ones init (breaks the symmetry between tasks)."""
     lambda_kl: float = 1.0
@@ -188,6 +201,10 @@ class DistillOptions(TrainOptions):
         _non_negative(
             lambda_kl=self.lambda_kl, lambda_hid=self.lambda_hid, factor_noise=self.factor_noise
         )
+        if self.factor_init == "fit" and self.rank != 1:
+            raise TrainerError(
+                f"--factor-init fit is a rank-one fit; use --rank 1 (got {self.rank})"
+            )
 
 
 @dataclass

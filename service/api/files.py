@@ -1,4 +1,7 @@
-"""OpenAI-compatible file routes (admin key): upload, list, get, content, delete."""
+"""OpenAI-compatible file routes (admin key): upload, list, get, content, delete.
+
+A scoped admin key sees only the files uploaded with a key of the same scope.
+"""
 
 from __future__ import annotations
 
@@ -6,47 +9,44 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Response, UploadFile
 
-from service.deps import AdminAuth, FineTuningDep
-from service.protocol.fine_tuning import COMMON_ERRORS
+from service.api.responses import BODY, KEYED, errors
+from service.deps import AdminCaller, FineTuningDep
 
-router = APIRouter(
-    prefix="/v1", dependencies=[AdminAuth], tags=["fine-tuning"], responses=COMMON_ERRORS
-)
-
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    404: {"description": "no such file"},
-    413: {"description": "file over the size or line limit"},
-    422: {"description": "malformed file (lines listed) or bad purpose"},
-}
+router = APIRouter(prefix="/v1", tags=["fine-tuning"], responses=errors(*KEYED, *BODY, 404, 409))
 
 
-@router.post("/files", responses=_ERRORS)
+@router.post("/files")
 async def upload_file(
-    file: UploadFile, handler: FineTuningDep, purpose: Annotated[str, Form()]
+    file: UploadFile, handler: FineTuningDep, caller: AdminCaller, purpose: Annotated[str, Form()]
 ) -> dict[str, Any]:
     content = await file.read(handler.limits.max_bytes + 1)
-    return await handler.upload_file(file.filename or "upload.jsonl", purpose, content)
+    return await handler.upload_file(
+        file.filename or "upload.jsonl", purpose, content, scope=caller.patterns
+    )
 
 
 @router.get("/files")
-async def list_files(handler: FineTuningDep, purpose: str | None = None) -> dict[str, Any]:
-    return await handler.list_files(purpose)
+async def list_files(
+    handler: FineTuningDep, caller: AdminCaller, purpose: str | None = None
+) -> dict[str, Any]:
+    return await handler.list_files(purpose, scope=caller.patterns)
 
 
-@router.get("/files/{file_id}", responses=_ERRORS)
-async def get_file(file_id: str, handler: FineTuningDep) -> dict[str, Any]:
-    return await handler.get_file(file_id)
+@router.get("/files/{file_id}")
+async def get_file(file_id: str, handler: FineTuningDep, caller: AdminCaller) -> dict[str, Any]:
+    return await handler.get_file(file_id, scope=caller.patterns)
 
 
 @router.get(
     "/files/{file_id}/content",
     response_class=Response,
-    responses={200: {"content": {"application/jsonl": {}}}, **_ERRORS},
+    responses={200: {"content": {"application/jsonl": {"schema": {"type": "string"}}}}},
 )
-async def file_content(file_id: str, handler: FineTuningDep) -> Response:
-    return Response(await handler.file_content(file_id), media_type="application/jsonl")
+async def file_content(file_id: str, handler: FineTuningDep, caller: AdminCaller) -> Response:
+    content = await handler.file_content(file_id, scope=caller.patterns)
+    return Response(content, media_type="application/jsonl")
 
 
-@router.delete("/files/{file_id}", responses={409: {"description": "used by a job"}, **_ERRORS})
-async def delete_file(file_id: str, handler: FineTuningDep) -> dict[str, Any]:
-    return await handler.delete_file(file_id)
+@router.delete("/files/{file_id}")
+async def delete_file(file_id: str, handler: FineTuningDep, caller: AdminCaller) -> dict[str, Any]:
+    return await handler.delete_file(file_id, scope=caller.patterns)

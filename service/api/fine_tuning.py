@@ -10,9 +10,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 
-from service.deps import AdminAuth, FineTuningDep
+from service.api.responses import BODY, KEYED, errors
+from service.auth import Caller
+from service.deps import AdminCaller, FineTuningDep
+from service.errors import ApiError
 from service.protocol.fine_tuning import (
-    COMMON_ERRORS,
     ClaimRequest,
     EventsPost,
     FailurePost,
@@ -22,82 +24,90 @@ from service.protocol.fine_tuning import (
 )
 
 router = APIRouter(
-    prefix="/v1/fine_tuning",
-    dependencies=[AdminAuth],
-    tags=["fine-tuning"],
-    responses=COMMON_ERRORS,
+    prefix="/v1/fine_tuning", tags=["fine-tuning"], responses=errors(*KEYED, *BODY, 404, 409)
 )
-
-_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such job"}}
-_LEASE: dict[int | str, dict[str, Any]] = {
-    **_NOT_FOUND,
-    409: {"description": "the lease is no longer valid (expired, reclaimed, cancelled)"},
-}
 Limit = Annotated[int, Query(ge=1, le=1000)]
 
 
-@router.post(
-    "/jobs",
-    responses={409: {"description": "the task exists"}, 422: {"description": "bad job"}},
-)
-async def create_job(body: JobCreate, handler: FineTuningDep) -> dict[str, Any]:
-    return await handler.create_job(body)
+def worker_key(caller: Caller) -> None:
+    """A worker registers tasks of any name: it needs an unscoped admin key."""
+    if caller.scoped:
+        raise ApiError(403, "forbidden", "workers need an unscoped admin key; this one is scoped")
+
+
+@router.post("/jobs")
+async def create_job(
+    body: JobCreate, handler: FineTuningDep, caller: AdminCaller
+) -> dict[str, Any]:
+    return await handler.create_job(body, caller)
 
 
 @router.get("/jobs")
 async def list_jobs(
-    handler: FineTuningDep, after: str | None = None, limit: Limit = 20
+    handler: FineTuningDep, caller: AdminCaller, after: str | None = None, limit: Limit = 20
 ) -> dict[str, Any]:
-    return await handler.list_jobs(after, limit)
+    return await handler.list_jobs(after, limit, caller)
 
 
-@router.get("/jobs/{job_id}", responses=_NOT_FOUND)
-async def get_job(job_id: str, handler: FineTuningDep) -> dict[str, Any]:
-    return await handler.get_job(job_id)
+@router.get("/jobs/{job_id}")
+async def get_job(job_id: str, handler: FineTuningDep, caller: AdminCaller) -> dict[str, Any]:
+    return await handler.get_job(job_id, caller)
 
 
-@router.post(
-    "/jobs/{job_id}/cancel", responses={**_NOT_FOUND, 409: {"description": "already finished"}}
-)
-async def cancel_job(job_id: str, handler: FineTuningDep) -> dict[str, Any]:
-    return await handler.cancel_job(job_id)
+@router.post("/jobs/{job_id}/cancel")
+async def cancel_job(job_id: str, handler: FineTuningDep, caller: AdminCaller) -> dict[str, Any]:
+    return await handler.cancel_job(job_id, caller)
 
 
-@router.get("/jobs/{job_id}/events", responses=_NOT_FOUND)
+@router.get("/jobs/{job_id}/events")
 async def list_events(
-    job_id: str, handler: FineTuningDep, after: str | None = None, limit: Limit = 20
+    job_id: str,
+    handler: FineTuningDep,
+    caller: AdminCaller,
+    after: str | None = None,
+    limit: Limit = 20,
 ) -> dict[str, Any]:
-    return await handler.list_events(job_id, after, limit)
+    return await handler.list_events(job_id, after, limit, caller)
 
 
 # --- the worker protocol ----------------------------------------------------------------------
 
 
-@router.post(
-    "/claims",
-    responses={204: {"description": "no job is queued"}, 409: {"description": "wrong backbone"}},
-)
-async def claim(body: ClaimRequest, handler: FineTuningDep) -> Any:
+@router.post("/claims", responses={204: {"description": "no job is queued"}})
+async def claim(body: ClaimRequest, handler: FineTuningDep, caller: AdminCaller) -> Any:
+    worker_key(caller)
     claimed = await handler.claim(body)
     return Response(status_code=204) if claimed is None else claimed
 
 
-@router.post("/jobs/{job_id}/lease", responses=_LEASE)
-async def renew_lease(job_id: str, body: LeaseRequest, handler: FineTuningDep) -> dict[str, Any]:
+@router.post("/jobs/{job_id}/lease")
+async def renew_lease(
+    job_id: str, body: LeaseRequest, handler: FineTuningDep, caller: AdminCaller
+) -> dict[str, Any]:
+    worker_key(caller)
     return await handler.renew(job_id, body.lease_token)
 
 
-@router.post("/jobs/{job_id}/progress", status_code=204, responses=_LEASE)
-async def post_progress(job_id: str, body: EventsPost, handler: FineTuningDep) -> Response:
+@router.post("/jobs/{job_id}/progress", status_code=204)
+async def post_progress(
+    job_id: str, body: EventsPost, handler: FineTuningDep, caller: AdminCaller
+) -> Response:
+    worker_key(caller)
     await handler.post_events(job_id, body)
     return Response(status_code=204)
 
 
-@router.post("/jobs/{job_id}/result", responses=_LEASE)
-async def post_result(job_id: str, body: ResultPost, handler: FineTuningDep) -> dict[str, Any]:
+@router.post("/jobs/{job_id}/result")
+async def post_result(
+    job_id: str, body: ResultPost, handler: FineTuningDep, caller: AdminCaller
+) -> dict[str, Any]:
+    worker_key(caller)
     return await handler.complete(job_id, body)
 
 
-@router.post("/jobs/{job_id}/failure", responses=_LEASE)
-async def post_failure(job_id: str, body: FailurePost, handler: FineTuningDep) -> dict[str, Any]:
+@router.post("/jobs/{job_id}/failure")
+async def post_failure(
+    job_id: str, body: FailurePost, handler: FineTuningDep, caller: AdminCaller
+) -> dict[str, Any]:
+    worker_key(caller)
     return await handler.fail(job_id, body)

@@ -13,7 +13,7 @@ from prompts.chat import chat_input_ids, has_chat_template
 from prompts.errors import RankoneError
 from service.engine.base import GenerationResult, StreamDelta
 from service.errors import ApiError
-from service.handlers.generation import GenerationHandler, Prepared, close_stream
+from service.handlers.generation import Disconnected, GenerationHandler, Prepared, close_stream
 from service.protocol.chat import (
     AssistantMessage,
     ChatChoice,
@@ -72,9 +72,14 @@ class ChatHandler:
         return prepared
 
     async def complete(
-        self, body: ChatCompletionRequest, prepared: Prepared, cid: str, created: int
+        self,
+        body: ChatCompletionRequest,
+        prepared: Prepared,
+        cid: str,
+        created: int,
+        disconnected: Disconnected | None = None,
     ) -> ChatCompletionResponse:
-        results = await self.generation.run(prepared)
+        results = await self.generation.run(prepared, disconnected)
         choices = [
             ChatChoice(
                 index=i,

@@ -20,6 +20,7 @@ from typing import Any
 
 from prompts.artifacts import check_name, to_base64
 from prompts.errors import ArtifactError
+from service.auth import Caller
 from service.errors import ApiError
 from service.handlers.registry import RegistryHandler
 from service.jobs import lifecycle
@@ -40,6 +41,7 @@ from service.settings import Settings
 from service.store.base import ConflictError, NotFoundError
 
 log = logging.getLogger("rankone.jobs")
+Scope = tuple[str, ...] | None  # an admin key's task-name patterns (None: unscoped)
 AUTO_MIN_STEPS = 100  # n_epochs "auto": enough epochs for at least this many steps
 AUTO_BATCH = 8
 REAP_EVERY_S = 2.0
@@ -82,6 +84,11 @@ def describe_progress(p: ProgressEvent) -> str:
         if value is not None
     ]
     return text + (": " + ", ".join(parts) if parts else "")
+
+
+def visible(meta: dict[str, Any], scope: Scope) -> bool:
+    """A file is visible to unscoped keys, and to keys of the scope that uploaded it."""
+    return scope is None or tuple(meta["rankone"].get("scope") or ()) == scope
 
 
 class FineTuningHandler:
@@ -139,7 +146,9 @@ class FineTuningHandler:
 
     # ---- files -------------------------------------------------------------------------
 
-    async def upload_file(self, filename: str, purpose: str, content: bytes) -> dict[str, Any]:
+    async def upload_file(
+        self, filename: str, purpose: str, content: bytes, *, scope: Scope = None
+    ) -> dict[str, Any]:
         if purpose != "fine-tune":
             raise ApiError(
                 422,
@@ -157,24 +166,30 @@ class FineTuningHandler:
             "status": "processed",
             "status_details": None,
             "expires_at": None,
-            "rankone": {"format": fmt, "examples": examples},
+            "rankone": {"format": fmt, "examples": examples, "scope": list(scope or []) or None},
         }
         await self.jobs.put_file(meta, content)
         return meta
 
-    async def list_files(self, purpose: str | None) -> dict[str, Any]:
+    async def list_files(self, purpose: str | None, *, scope: Scope = None) -> dict[str, Any]:
         files = await self.jobs.list_files()
-        data = [f for f in files if purpose is None or f["purpose"] == purpose]
+        data = [
+            f for f in files if (purpose is None or f["purpose"] == purpose) and visible(f, scope)
+        ]
         return {"object": "list", "data": data, "has_more": False}
 
-    async def get_file(self, file_id: str) -> dict[str, Any]:
-        return await self.jobs.get_file(file_id)
+    async def get_file(self, file_id: str, *, scope: Scope = None) -> dict[str, Any]:
+        meta = await self.jobs.get_file(file_id)
+        if not visible(meta, scope):  # another scope's file: as if it did not exist
+            raise NotFoundError(f"no file {file_id!r}")
+        return meta
 
-    async def file_content(self, file_id: str) -> bytes:
+    async def file_content(self, file_id: str, *, scope: Scope = None) -> bytes:
+        await self.get_file(file_id, scope=scope)
         return await self.jobs.file_content(file_id)
 
-    async def delete_file(self, file_id: str) -> dict[str, Any]:
-        await self.jobs.get_file(file_id)
+    async def delete_file(self, file_id: str, *, scope: Scope = None) -> dict[str, Any]:
+        await self.get_file(file_id, scope=scope)
         active, _ = await self.jobs.list_jobs(None, 10_000)
         for job in active:
             if job["status"] not in lifecycle.TERMINAL and file_id in (
@@ -191,9 +206,9 @@ class FineTuningHandler:
 
     # ---- jobs --------------------------------------------------------------------------
 
-    async def _fine_tune_file(self, file_id: str, field: str) -> dict[str, Any]:
+    async def _fine_tune_file(self, file_id: str, field: str, scope: Scope) -> dict[str, Any]:
         try:
-            meta = await self.jobs.get_file(file_id)
+            meta = await self.get_file(file_id, scope=scope)
         except NotFoundError:
             raise ApiError(
                 422,
@@ -221,7 +236,7 @@ class FineTuningHandler:
                     "to register the result as its new version",
                 )
 
-    async def create_job(self, body: JobCreate) -> Job:
+    async def create_job(self, body: JobCreate, caller: Caller) -> Job:
         try:
             await self.registry.get_shared(body.model)
         except (NotFoundError, ArtifactError):
@@ -230,12 +245,13 @@ class FineTuningHandler:
                 "invalid_request",
                 f"model: no shared prompt {body.model!r} to adapt from; see GET /v1/shared-prompts",
             ) from None
-        train = await self._fine_tune_file(body.training_file, "training_file")
+        train = await self._fine_tune_file(body.training_file, "training_file", caller.patterns)
         if body.validation_file is not None:
-            await self._fine_tune_file(body.validation_file, "validation_file")
+            await self._fine_tune_file(body.validation_file, "validation_file", caller.patterns)
         job_id = lifecycle.new_id("ftjob")
         task = body.suffix or f"{body.model}-{job_id[-8:]}"[-64:]
         await self._check_task_name(task, body.rankone.replace)
+        caller.check(task)
         hp = body.chosen_hyperparameters()
         examples = train["rankone"]["examples"]
         if body.rankone.shots is not None:
@@ -290,20 +306,37 @@ class FineTuningHandler:
             await self.on_queued()
         return lifecycle.public(job)
 
-    async def get_job(self, job_id: str) -> Job:
-        return lifecycle.public(await self.jobs.get_job(job_id))
+    async def _own_job(self, job_id: str, caller: Caller) -> Job:
+        job = await self.jobs.get_job(job_id)
+        caller.check(job["rankone"]["task"])
+        return job
 
-    async def list_jobs(self, after: str | None, limit: int) -> dict[str, Any]:
-        jobs, more = await self.jobs.list_jobs(after, limit)
+    async def get_job(self, job_id: str, caller: Caller) -> Job:
+        return lifecycle.public(await self._own_job(job_id, caller))
+
+    async def list_jobs(self, after: str | None, limit: int, caller: Caller) -> dict[str, Any]:
+        if not caller.scoped:
+            jobs, more = await self.jobs.list_jobs(after, limit)
+        else:  # a scoped key's jobs only: filter the whole list, then page
+            every, _ = await self.jobs.list_jobs(None, 100_000)
+            mine = [j for j in every if caller.allows(j["rankone"]["task"])]
+            ids = [j["id"] for j in mine]
+            if after is not None:
+                mine = mine[ids.index(after) + 1 :] if after in ids else []
+            jobs, more = mine[:limit], len(mine) > limit
         return {"object": "list", "data": [lifecycle.public(j) for j in jobs], "has_more": more}
 
-    async def cancel_job(self, job_id: str) -> Job:
+    async def cancel_job(self, job_id: str, caller: Caller) -> Job:
+        await self._own_job(job_id, caller)
         try:
             return lifecycle.public(await self.jobs.update_job(job_id, lifecycle.cancel))
         except JobStateError as e:
             raise _state_error(e) from None
 
-    async def list_events(self, job_id: str, after: str | None, limit: int) -> dict[str, Any]:
+    async def list_events(
+        self, job_id: str, after: str | None, limit: int, caller: Caller
+    ) -> dict[str, Any]:
+        await self._own_job(job_id, caller)
         events = list(reversed(await self.jobs.list_events(job_id)))  # newest first, as OpenAI
         if after is not None:
             ids = [e["id"] for e in events]

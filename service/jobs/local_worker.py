@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from service.auth import parse_entries
 from service.settings import Settings
 
 log = logging.getLogger("rankone.jobs")
@@ -51,8 +52,12 @@ class LocalWorker:
             **os.environ,
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         }
-        if s.admin_keys:
-            env["RANKONE_WORKER_KEY"] = s.admin_keys[0]
+        unscoped = [e.key for e in parse_entries(tuple(s.admin_keys)) if e.patterns is None]
+        if s.admin_keys and not unscoped:
+            log.error("the embedded fine-tuning worker needs an unscoped admin key; none is set")
+            return
+        if unscoped:
+            env["RANKONE_WORKER_KEY"] = unscoped[0]
         self.proc = await asyncio.to_thread(subprocess.Popen, cmd, cwd=ROOT, env=env)
         log.info("started the embedded fine-tuning worker", extra={"pid": self.proc.pid})
 

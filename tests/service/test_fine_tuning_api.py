@@ -58,7 +58,7 @@ def client(
         model=str(tiny_gpt2_dir),
         data_dir=str(tmp_path_factory.mktemp("data")),
         redis_url=redis_url,
-        admin_keys=[ADMIN_KEY],
+        admin_keys=[ADMIN_KEY, "team-key:team-*"],
         client_keys=[CLIENT_KEY],
         finetune_worker="off",
         finetune_max_file_bytes=4096,
@@ -123,7 +123,11 @@ def factors_b64(bb: Backbone, name: str) -> str:
 def test_upload_list_get_content_delete(client: TestClient) -> None:
     meta = upload(client, GOOD).json()
     assert meta["object"] == "file" and meta["purpose"] == "fine-tune"
-    assert meta["bytes"] == len(GOOD) and meta["rankone"] == {"format": "text", "examples": 2}
+    assert meta["bytes"] == len(GOOD) and meta["rankone"] == {
+        "format": "text",
+        "examples": 2,
+        "scope": None,
+    }
     assert meta["id"] in [f["id"] for f in client.get("/v1/files", headers=ADMIN).json()["data"]]
     assert client.get(f"/v1/files/{meta['id']}", headers=ADMIN).json() == meta
     assert client.get(f"/v1/files/{meta['id']}/content", headers=ADMIN).content == GOOD
@@ -426,3 +430,38 @@ def test_a_job_past_its_time_limit_fails_even_if_renewed(
     client.post("/v1/fine_tuning/claims", json={"worker": "w"}, headers=ADMIN)  # runs the reaper
     failed = client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=ADMIN).json()
     assert failed["status"] == "failed" and failed["error"]["code"] == "time_limit"
+
+
+def test_scoped_admin_keys(client: TestClient) -> None:
+    drain(client)
+    team = {"Authorization": "Bearer team-key"}
+    mine = client.post(
+        "/v1/files", files={"file": ("t.jsonl", GOOD)}, data={"purpose": "fine-tune"}, headers=team
+    ).json()
+    assert mine["rankone"]["scope"] == ["team-*"]
+    theirs = upload(client, GOOD).json()  # an unscoped key's file: invisible to the team key
+    error_of(client.get(f"/v1/files/{theirs['id']}", headers=team), 404)
+    assert [f["id"] for f in client.get("/v1/files", headers=team).json()["data"]] == [mine["id"]]
+    body = {"model": "family", "training_file": mine["id"], "suffix": "other-task"}
+    error_of(client.post("/v1/fine_tuning/jobs", json=body, headers=team), 403, "team-*")
+    job = client.post(
+        "/v1/fine_tuning/jobs", json={**body, "suffix": "team-task"}, headers=team
+    ).json()
+    assert job["status"] == "queued"
+    error_of(
+        client.post(
+            "/v1/fine_tuning/jobs",
+            json={**body, "suffix": "team-x", "training_file": theirs["id"]},
+            headers=team,
+        ),
+        422,
+        "no file",
+    )
+    listed = client.get("/v1/fine_tuning/jobs", headers=team).json()["data"]
+    assert {j["rankone"]["task"] for j in listed} == {"team-task"}
+    other = new_job(client, "not-team")
+    error_of(client.get(f"/v1/fine_tuning/jobs/{other['id']}", headers=team), 403)
+    error_of(
+        client.post("/v1/fine_tuning/claims", json={"worker": "w"}, headers=team), 403, "unscoped"
+    )
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=ADMIN).status_code == 200

@@ -18,10 +18,11 @@ from prompts import (
 )
 from prompts.artifacts import SharedPrompt, TaskFactors
 from trainer import demo_cli
-from trainer.demo import pretrain
+from trainer.demo import pretrain, t5_build
 from trainer.demo.evaluate import evaluate_artifacts, exact_match
-from trainer.demo.rank_one import rank_one_factors, teacher_prompts
 from trainer.demo.tasks import SOURCE_TASKS, write_task_data
+from trainer.distill import teacher_prompts
+from trainer.rank_one_fit import rank_one_fit
 
 TINY = [
     "--steps",
@@ -99,11 +100,11 @@ def test_exact_match():
 
 def test_demo_cli_pieces(tmp_path):
     paths = demo_cli.DemoPaths(tmp_path / "demo")
-    recipe = demo_cli.DemoRecipe(tasks=["upper", "reverse"], n_train=5, n_val=2, n_test=2)
+    recipe = t5_build.T5Recipe(tasks=["upper", "reverse"], n_train=5, n_val=2, n_test=2)
     paths.root.mkdir(parents=True)
-    demo_cli.build_data(paths, recipe)
+    t5_build.build_data(paths, recipe)
     assert (paths.data / "reverse" / "test.jsonl").exists()
-    demo_cli.build_data(paths, recipe)  # cached: no rewrite, no error
+    t5_build.build_data(paths, recipe)  # cached: no rewrite, no error
     env = demo_cli.server_env(paths, 8123)
     assert env["RANKONE_PORT"] == "8123"
     assert env["RANKONE_SEED_DIR"].endswith("artifacts")
@@ -117,11 +118,11 @@ def test_demo_cli_pieces(tmp_path):
     assert args.no_serve and args.port == 9000 and not args.rebuild
 
 
-def test_rank_one_factors_fit_marker_like_teachers():
+def test_rank_one_fit_is_exact_for_marker_like_teachers():
     torch.manual_seed(0)
     rows = torch.randn(3, 1, 16)
     teachers = rows.expand(3, 4, 16) * torch.linspace(0.5, 1.5, 4).view(1, 4, 1)  # rank one
-    shared, factors = rank_one_factors(teachers)
+    shared, factors = rank_one_fit(teachers)
     assert shared.shape == (4, 16) and bool((shared > 0).all())
     for k, (u, v) in enumerate(factors):
         assert u.shape == (4, 1) and v.shape == (1, 16)
@@ -131,16 +132,24 @@ def test_rank_one_factors_fit_marker_like_teachers():
 def test_build_prompts_seeds_distill_with_the_closed_form(tiny_backbone, tmp_path):
     paths = demo_cli.DemoPaths(tmp_path / "demo")
     tasks = ["count", "sort"]
-    recipe = demo_cli.DemoRecipe(
-        tasks=tasks, n_train=8, n_val=2, n_test=2, teach_steps=1, distill_steps=1, batch_size=2
+    recipe = t5_build.T5Recipe(
+        tasks=tasks,
+        n_train=8,
+        n_val=2,
+        n_test=2,
+        teach_steps=1,
+        distill_steps=1,
+        batch_size=2,
+        progress=False,
     )
     paths.root.mkdir(parents=True)
     shutil.copytree(tiny_backbone, paths.backbone)
-    demo_cli.build_data(paths, recipe)
-    assert demo_cli.marker_texts(paths, tasks) == {"count": "<extra_id_2>", "sort": "<extra_id_0>"}
-    demo_cli.build_prompts(paths, recipe)
-    teachers = teacher_prompts(paths.teach, tasks)
-    marker = load_backbone(tiny_backbone).model.get_input_embeddings().weight[261]
+    t5_build.build_data(paths, recipe)
+    assert t5_build.marker_texts(paths, tasks) == {"count": "<extra_id_2>", "sort": "<extra_id_0>"}
+    t5_build.build_prompts(paths, recipe)
+    backbone = load_backbone(tiny_backbone)
+    teachers = teacher_prompts(paths.teach, tasks, backbone)
+    marker = backbone.model.get_input_embeddings().weight[261]
     # teacher of "count": its marker's embedding on every row, moved by one small step
     assert (teachers[tasks.index("count")] - marker).abs().max() < 0.05
     art = load_artifact_dir(paths.artifacts)
@@ -150,3 +159,12 @@ def test_build_prompts_seeds_distill_with_the_closed_form(tiny_backbone, tmp_pat
         student = compose_prompt(art.shared[tf.shared].prompt.float(), tf.u.float(), tf.v.float())
         # one distill step at lr 0.01 from the closed form stays next to the teacher
         assert (student - teachers[k]).abs().max() < 0.1
+
+
+def test_pretrain_progress_ends_at_100_percent_and_says_why_it_stopped(tmp_path, capsys):
+    args = [a for a in TINY if a != "--no-progress"]
+    assert pretrain.main(["--out", str(tmp_path / "b"), *args]) == 0
+    out, err = capsys.readouterr()
+    assert "training for at most 3 steps" in out
+    assert "stopped at step 3 (step limit reached)" in out
+    assert "100%" in err.splitlines()[-1] or "100%" in err.split("\r")[-1]

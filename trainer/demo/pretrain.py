@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -176,6 +177,11 @@ def marker_accuracy(
     return acc
 
 
+def _interactive() -> bool:
+    """A terminal redraws one bar line; logs (docker, CI) get a line every 15 s instead."""
+    return sys.stderr.isatty()
+
+
 def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> dict:
     from tqdm import tqdm
 
@@ -199,15 +205,29 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> dict:
     start = time.monotonic()
     ema = None
     step = 0
+    if progress:
+        limit = f" or {cfg.minutes:g} minutes, whichever comes first" if cfg.minutes > 0 else ""
+        print(f"pretrain-demo: training for at most {cfg.steps} steps{limit}", flush=True)
+    # The bar counts the fraction of the budget spent (steps or time, whichever is further),
+    # so it always ends at 100% and its ETA is never later than the time budget.
     bar = tqdm(
-        total=cfg.steps, desc="pretrain-demo", unit="step", disable=not progress, dynamic_ncols=True
+        total=100,
+        desc="pretrain-demo",
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}",
+        disable=not progress,
+        dynamic_ncols=True,
+        mininterval=0.5 if _interactive() else 15.0,
     )
+    shown = 0
     while step < cfg.steps:
         elapsed = time.monotonic() - start
         if elapsed >= budget:
             break
         # Schedule by whichever runs out first, the step count or the time budget.
         done_frac = max(step / cfg.steps, elapsed / budget)
+        if int(done_frac * 100) > shown:
+            bar.update(int(done_frac * 100) - shown)
+            shown = int(done_frac * 100)
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * max(0.05, 1.0 - done_frac)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -219,10 +239,13 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> dict:
         step += 1
         value = loss.item()
         ema = value if ema is None else 0.95 * ema + 0.05 * value
-        bar.update(1)
         if step % 10 == 0 or step == cfg.steps:
-            bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr:.1e}")
+            bar.set_postfix(step=f"{step}/{cfg.steps}", loss=f"{ema:.4f}", lr=f"{lr:.1e}")
+    bar.update(100 - shown)
     bar.close()
+    if progress:
+        why = "step limit" if step >= cfg.steps else "time budget"
+        print(f"pretrain-demo: stopped at step {step} ({why} reached)", flush=True)
     train_seconds = time.monotonic() - start
     model.eval()
     acc = marker_accuracy(model, markers, cfg.eval_examples, cfg.seed + 7919, cfg.eval_marker)

@@ -1,0 +1,144 @@
+"""What every demo recipe shares: the cache layout, log lines, and the MPT training steps.
+
+The training steps are the trainer's own stages, run in this process
+(``trainer.cli.main``): ``teach`` (one prompt-tuning teacher per task, each initialised from
+its task's text: ``--init-texts`` / ``instruction.txt``), then ``distill`` (the MPT shared
+prompt and rank-one factors, from the closed-form rank-one fit of the teachers,
+``--factor-init fit``), whose artifacts become ``<cache>/artifacts``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class DemoPaths:
+    """``<cache>/``: backbone/ (T5 demo only), data/, runs/, artifacts/, store/, demo.json."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.backbone = root / "backbone"
+        self.data = root / "data"
+        self.runs = root / "runs"
+        self.teach = self.runs / "teach"
+        self.distill = self.runs / "distill"
+        self.artifacts = root / "artifacts"
+        self.store = root / "store"
+        self.manifest = root / "demo.json"
+
+
+_START = time.monotonic()
+
+
+def log(msg: str) -> None:
+    """One progress line, with the minutes since the demo started."""
+    elapsed = time.monotonic() - _START
+    print(f"[rankone demo {int(elapsed // 60):d}:{int(elapsed % 60):02d}] {msg}", flush=True)
+
+
+def run_trainer(stage: str, *args: str) -> None:
+    """One trainer stage, in this process (``python -m trainer STAGE ...`` without the start-up)."""
+    from trainer.cli import main as trainer_main
+
+    log(f"$ rankone train {stage} " + " ".join(args))
+    rc = trainer_main([stage, *args])
+    if rc:
+        raise SystemExit(f"rankone demo: trainer {stage} failed (exit {rc})")
+
+
+@dataclass
+class TrainingPlan:
+    """The trainer options of the demo's teach and distill stages."""
+
+    model: str
+    tasks: list[str]
+    prompt_length: int
+    batch_size: int
+    teach_steps: int
+    teach_lr: float
+    distill_steps: int
+    distill_lr: float
+    max_input_length: int
+    max_target_length: int
+    eval_limit: int
+    seed: int = 0
+    progress: bool = True
+    lambda_hid: float = 1.0
+
+
+def train_prompts(paths: DemoPaths, plan: TrainingPlan, teach_extra: list[str]) -> None:
+    """teach (all tasks, one run) → distill from the rank-one fit → ``<cache>/artifacts``."""
+    common = [
+        "--model", plan.model,
+        "--data-dir", str(paths.data),
+        "--tasks", *plan.tasks,
+        "--prompt-length", str(plan.prompt_length),
+        "--batch-size", str(plan.batch_size),
+        "--max-input-length", str(plan.max_input_length),
+        "--max-target-length", str(plan.max_target_length),
+        "--seed", str(plan.seed),
+        "--device", "cpu",
+        "--eval-limit", str(plan.eval_limit),
+        "--progress" if plan.progress else "--no-progress",
+    ]  # fmt: skip
+    shutil.rmtree(paths.runs, ignore_errors=True)
+    log(
+        f"teach: {len(plan.tasks)} teacher prompt(s), {plan.teach_steps} steps each "
+        f"({len(plan.tasks) * plan.teach_steps} steps in all)"
+    )
+    run_trainer(
+        "teach", *common,
+        "--lr", str(plan.teach_lr),
+        "--steps", str(plan.teach_steps),
+        "--out", str(paths.teach),
+        *teach_extra,
+    )  # fmt: skip
+    log(f"distill: the MPT shared prompt + rank-one factors, {plan.distill_steps} steps")
+    run_trainer(
+        "distill", *common,
+        "--lr", str(plan.distill_lr),
+        "--steps", str(plan.distill_steps),
+        "--teachers", str(paths.teach),
+        "--factor-init", "fit",
+        "--lambda-hid", str(plan.lambda_hid),
+        "--out", str(paths.distill),
+    )  # fmt: skip
+    tmp = paths.artifacts.with_name("artifacts.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for sub in ("shared", "tasks"):
+        shutil.copytree(paths.distill / sub, tmp / sub)
+    shutil.rmtree(paths.artifacts, ignore_errors=True)
+    tmp.rename(paths.artifacts)
+
+
+def read_manifest(paths: DemoPaths) -> dict[str, Any] | None:
+    if not paths.manifest.exists():
+        return None
+    try:
+        manifest: dict[str, Any] = json.loads(paths.manifest.read_text())
+    except ValueError:
+        return None
+    return manifest
+
+
+def reset_stale_cache(paths: DemoPaths, backbone: str, version: int, *, rebuild: bool) -> None:
+    """Start over on --rebuild, or when the cache holds another backbone or recipe version."""
+    manifest = read_manifest(paths)
+    if rebuild and paths.root.exists():
+        log(f"--rebuild: removing {paths.root}")
+        shutil.rmtree(paths.root)
+    elif manifest is not None:
+        recipe = manifest.get("recipe", {})
+        if recipe.get("backbone", "t5-demo") != backbone or recipe.get("version") != version:
+            log(
+                f"the cache in {paths.root} holds another demo build "
+                f"({recipe.get('backbone', 't5-demo')}, recipe v{recipe.get('version')}); "
+                f"rebuilding it for {backbone} (v{version})"
+            )
+            shutil.rmtree(paths.root)
+    paths.root.mkdir(parents=True, exist_ok=True)
