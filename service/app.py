@@ -67,7 +67,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             "replace and delete tasks; set RANKONE_ADMIN_KEYS"
         )
     state.ready, state.draining = False, False
-    backbone = load_backbone(settings.model, device=settings.device, dtype=settings.dtype)
+    backbone = load_backbone(
+        settings.model,
+        device=settings.device,
+        dtype=settings.dtype,
+        gguf_cache_dir=settings.gguf_cache_dir or None,
+    )
     log.info(
         "backbone loaded",
         extra={"model": backbone.name, "kind": backbone.kind, "fingerprint": backbone.fingerprint},

@@ -9,6 +9,7 @@ from service.settings import Settings, SettingsError, load_settings
 
 _FLAGS = {
     "model": str,
+    "gguf_cache_dir": str,
     "device": str,
     "dtype": str,
     "redis_url": str,

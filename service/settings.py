@@ -24,7 +24,12 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
-    model: str = Field("", description="backbone: a local model directory or a hub id")
+    model: str = Field(
+        "", description="backbone: a local model directory, a .gguf file or a hub id"
+    )
+    gguf_cache_dir: str = Field(
+        "", description="cache of converted .gguf backbones; empty → ~/.cache/rankone/gguf"
+    )
     device: str = Field("cpu", description="torch device of the backbone: cpu, cuda, cuda:1, mps")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="model dtype")
     redis_url: str = Field("", description="Redis URL of the factor store; empty → embedded store")
@@ -92,7 +97,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _model_given(self) -> Settings:
         if not self.model:
-            raise ValueError("RANKONE_MODEL is required: a local model directory or a hub id")
+            raise ValueError(
+                "RANKONE_MODEL is required: a local model directory, a .gguf file or a hub id"
+            )
         return self
 
 

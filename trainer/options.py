@@ -32,7 +32,8 @@ class DataOptions:
     REQUIRED: ClassVar[tuple[str, ...]] = ("model", "data_dir", "out")
 
     model: str | None = None
-    """Backbone: a local Hugging Face model directory (or hub id when a hub is reachable)."""
+    """Backbone: a local Hugging Face model directory, a .gguf file (converted once into a
+    cache, $RANKONE_GGUF_CACHE_DIR) or a hub id when a hub is reachable."""
     data_dir: Path | None = None
     """Data folder, one sub-folder per task: <data-dir>/<task>/{train,validation,test}.jsonl, each line {"input": ..., "target": ...}."""
     tasks: list[str] = field(default_factory=list)
