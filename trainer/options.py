@@ -142,18 +142,29 @@ class TrainOptions(DataOptions):
 class TeachOptions(TrainOptions):
     """Plain prompt tuning (Lester et al. 2021): one prompt per source task, the teachers."""
 
-    init: Literal["vocab", "random", "text"] = "vocab"
-    """Prompt init: vocab (embeddings of random vocabulary tokens), random (uniform ±--init-scale), text (embeddings of --init-text, repeated)."""
+    init: Literal["auto", "vocab", "random", "text"] = "auto"
+    """Prompt init: text (the input embeddings of the task's instruction, repeated or cut to L rows: Lester et al.'s text init; needs a text per task), vocab (embeddings of random vocabulary tokens), random (uniform ±--init-scale), auto (text for tasks with an init text, vocab for the others)."""
     init_scale: float = 0.5
     """Half-width of the uniform random init."""
     init_text: str | None = None
-    """Text whose token embeddings initialise the prompt (--init text)."""
+    """Instruction whose token embeddings initialise every task's prompt, e.g. 'Classify the sentiment of the review.'"""
+    init_texts: Path | None = None
+    """JSON or YAML file mapping task → instruction, for per-task text init (tasks it does not name use <data-dir>/<task>/instruction.txt if present)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _positive(init_scale=self.init_scale)
-        if self.init == "text" and not self.init_text:
-            raise TrainerError("--init text needs --init-text 'some words'")
+        if self.init_text is not None and not self.init_text.strip():
+            raise TrainerError("--init-text is empty; give the instruction's words")
+        if self.init_text and self.init_texts is not None:
+            raise TrainerError(
+                "--init-text and --init-texts both given: use --init-text for one text for "
+                "every task, or --init-texts FILE for one text per task"
+            )
+        if self.init in ("vocab", "random") and (self.init_text or self.init_texts):
+            raise TrainerError(
+                f"--init {self.init} ignores --init-text/--init-texts; drop them or use --init text"
+            )
 
 
 FactorInit = Literal["ones", "peft"]

@@ -16,6 +16,7 @@ from trainer.config import options_dict
 from trainer.data import discover_tasks, few_shot, load_split, tokenize
 from trainer.distributed import Dist, init_distributed
 from trainer.errors import TrainerError
+from trainer.init_text import text_init_rows
 from trainer.loop import TaskData
 from trainer.options import DataOptions, TrainOptions
 
@@ -90,15 +91,12 @@ def init_prompt(
     text: str | None = None,
 ) -> Tensor:
     """A fresh prompt [L, d]: random vocabulary embeddings, uniform noise, or a text's embeddings."""
-    model: Any = backbone.model
-    table = model.get_input_embeddings().weight.detach().float().cpu()  # [V, d]
     if kind == "random":
         return (torch.rand(length, backbone.dim, generator=generator) * 2 - 1) * scale
     if kind == "text":
-        ids = backbone.tokenizer(text or "", add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise TrainerError(f"--init-text {text!r} has no tokens")
-        return table[torch.tensor(ids).repeat(length // len(ids) + 1)[:length]].clone()
+        return text_init_rows(backbone, text or "", length)
+    model: Any = backbone.model
+    table = model.get_input_embeddings().weight.detach().float().cpu()  # [V, d]
     # Lester et al. sample from the 5,000 most frequent tokens; without frequencies, the first
     # 5,000 ids (BPE vocabularies put frequent merges early) stand in.
     ids = torch.randint(0, min(5000, table.shape[0]), (length,), generator=generator)

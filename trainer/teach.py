@@ -12,6 +12,7 @@ import torch
 from prompts import identity_factors
 from trainer.bank import PromptBank
 from trainer.data import stable_seed
+from trainer.init_text import init_kinds, resolve_init_texts
 from trainer.loop import student_ce, train
 from trainer.options import TeachOptions
 from trainer.plots import plot_losses
@@ -29,22 +30,37 @@ def teacher_id(task: str) -> str:
     return f"pt-{task}"
 
 
+def describe_init(kind: str, text: str | None) -> str:
+    if kind != "text" or text is None:
+        return kind
+    return f"text {text[:60] + '...' if len(text) > 60 else text!r}"
+
+
 def run(opts: TeachOptions) -> int:
     ctx, backbone = start(opts)
     assert opts.out is not None
     opts.out.mkdir(parents=True, exist_ok=True)
     tasks = load_tasks(opts, backbone)
+    texts = resolve_init_texts(
+        [t.name for t in tasks],
+        text=opts.init_text,
+        mapping_file=opts.init_texts,
+        data_dir=opts.data_dir,
+    )
+    kinds = init_kinds(opts.init, texts)
     metrics, history, artifacts = {}, {}, []
     for task in tasks:
         generator = torch.Generator().manual_seed(stable_seed(opts.seed, "teach", task.name))
         prompt = init_prompt(
-            opts.init,
+            kinds[task.name],
             opts.prompt_length,
             backbone,
             generator,
             scale=opts.init_scale,
-            text=opts.init_text,
+            text=texts[task.name],
         )  # [L, d]
+        if ctx.main:
+            print(f"[teach-{task.name}] init: {describe_init(kinds[task.name], texts[task.name])}")
         u, v = identity_factors(opts.prompt_length, backbone.dim)  # [L, 1], [1, d]
         bank = PromptBank(
             {teacher_id(task.name): prompt},
@@ -69,6 +85,8 @@ def run(opts: TeachOptions) -> int:
             return 0
         history[task.name] = result.history
         metrics[task.name] = {
+            "init": kinds[task.name],
+            "init_text": texts[task.name] if kinds[task.name] == "text" else None,
             "train_examples": len(task.train),
             "best_step": result.best_step,
             "best_val_loss": result.best_val_loss,
@@ -76,7 +94,13 @@ def run(opts: TeachOptions) -> int:
             "final_train_loss": result.history[-1]["loss"] if result.history else None,
         }
         if ctx.main:
-            meta = {"stage": "teach", "task": task.name, "method": "prompt-tuning"}
+            meta = {
+                "stage": "teach",
+                "task": task.name,
+                "method": "prompt-tuning",
+                "init": kinds[task.name],
+                **({"init_text": texts[task.name]} if kinds[task.name] == "text" else {}),
+            }
             shared, factors = bank.export(backbone.fingerprint, meta)
             artifacts += save_artifacts(opts.out, shared, factors)
         write_rank_digest(opts.out, f"teach-{task.name}", bank, ctx)

@@ -163,7 +163,7 @@ def test_config_file_with_command_line_overrides(tmp_path: Path) -> None:
     assert (opts.steps, opts.lr, opts.tasks, opts.factor_init) == (9, 0.1, ["a", "b"], "peft")
     assert opts.teachers == Path("t")
     (tmp_path / "run.json").write_text(
-        '{"model": "m", "data_dir": "d", "out": "o", "init": "text"}'
+        '{"model": "m", "data_dir": "d", "out": "o", "init": "random", "init_text": "hi"}'
     )
     with pytest.raises(TrainerError, match="--init-text"):
         parse_options(TeachOptions, ["--config", str(tmp_path / "run.json")], "x", "")
