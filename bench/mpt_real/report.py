@@ -169,7 +169,7 @@ def write_report(bench: Bench, out: Path, command: str, seconds: float) -> None:
         "ablations": ablations(bench, chosen),
         "lr_sweep_val_loss": sweep_losses(bench),
         "lr_chosen": chosen,
-        "preset": {k: v for k, v in vars(bench.preset).items()},
+        "preset": {**vars(bench.preset), "ablations": bench.preset.ablations},
         "goal": goal(results),
         "sources": SOURCES,
         "targets": TARGETS,
@@ -254,11 +254,12 @@ def markdown(report: dict[str, Any]) -> str:
         + " | source val loss | source EM mean |",
         "|---|---:|" + "---:|" * len(TARGETS) + "---:|---:|",
     ]
+    init = {"ones": "factor init ones (U@V = 1)", "peft": "PEFT factor init (std 0.02)"}
     names = {
-        "main": "MPT (CE + KL + hidden MSE, PEFT factor init)",
+        "main": f"MPT: CE + KL + hidden MSE, {init[pre['factor_init']]}",
         "no_distill": "no distillation (decomposition only, CE)",
         "no_hidden": "no hidden-state loss (CE + KL)",
-        "ones": "factor init ones (U@V = 1)",
+        **init,
     }
     for variant, a in report["ablations"].items():
         cells = (
