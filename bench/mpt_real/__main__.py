@@ -6,10 +6,10 @@ Runs the grid in priority order, so a run cut short by its budget has the most i
 cells first (rerun the same command to continue; finished units are kept in --work):
 
 1. source teachers (text-init PT per source task) and MPT source training (distill);
-2. k = 32, seed 0: none, text, and the main methods (pt, mpt_factors, mpt_paper) at each
-   learning rate of the sweep (all at the first point, then all at the next); per method the
-   learning rate with the lowest mean validation loss is kept;
-3. full data, seed 0, the main methods at their chosen lr;
+2. k = 32 and full data, seed 0: none, text, and the main methods (pt, mpt_factors,
+   mpt_paper) at the prior lr (the sweep's first point); then k = 32 at the sweep's other
+   points; per method the lr with the lowest mean validation loss is kept;
+3. full data, seed 0, the main methods at their chosen lr (if it is not the prior);
 4. k = 32, seed 0: the sweep of pt_random, lora and mpt_mt;
 5. ablations at k = 32, seed 0 (MPT factors-only from sources trained without distillation,
    without the hidden-state loss, with the ones factor init);
@@ -61,13 +61,19 @@ def run_grid(bench: Bench, write: callable) -> None:  # type: ignore[valid-type]
     write()
     for method in ("none", "text"):
         bench.baseline(method)
-    for point in range(max(len(p.lrs[m]) for m in MAIN)):  # every method at the prior lr first
+    for method in MAIN:  # every main method at the prior lr (the sweep's first point) first,
+        cell(bench, method, sweep, 0, p.lrs[method][0])
+    write()
+    for method in MAIN:  # and with full data, so that a short run has both goal settings
+        cell(bench, method, "full", 0, choose_lrs(bench)[method])
+    write()
+    for point in range(1, max(len(p.lrs[m]) for m in MAIN)):  # then the rest of the sweep
         for method in MAIN:
             if point < len(p.lrs[method]):
                 cell(bench, method, sweep, 0, p.lrs[method][point])
         write()
     chosen = choose_lrs(bench)
-    for method in MAIN:
+    for method in MAIN:  # full data at the chosen lr (no-op where the prior was chosen)
         cell(bench, method, "full", 0, chosen[method])
     write()
     for point in range(max(len(p.lrs[m]) for m in OTHERS)):
