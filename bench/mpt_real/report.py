@@ -285,9 +285,12 @@ def markdown(report: dict[str, Any]) -> str:
     for m, losses in report["lr_sweep_val_loss"].items():
         cells = ["–" if v is None else f"{v:.3f}" for v in losses.values()]
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {report['lr_chosen'][m]:g} |")
+    notes = Path(__file__).with_name("NOTES.md")
     lines += [
         "",
         "(LoRA's sweep points are its own learning rates, listed in the preset.)",
+        "",
+        *([notes.read_text().rstrip(), ""] if notes.exists() else []),
         "",
         "![loss curves](mpt_real_loss.png)",
         "",
