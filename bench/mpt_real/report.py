@@ -15,7 +15,17 @@ from bench.mpt_real.harness import PROMPT_METHODS, Bench
 from bench.mpt_real.tasks import SOURCES, TARGETS, documentation
 
 SETTINGS = ("8", "32", "full")
-ORDER = ["none", "text", "pt", "pt_random", "mpt_factors", "mpt_paper", "mpt_mt", "lora"]
+ORDER = [
+    "none",
+    "text",
+    "text_lenient",
+    "pt",
+    "pt_random",
+    "mpt_factors",
+    "mpt_paper",
+    "mpt_mt",
+    "lora",
+]
 
 
 def sweep_losses(bench: Bench) -> dict[str, dict[str, float | None]]:
@@ -73,7 +83,7 @@ def summarize(per_seed: list[dict[str, float]]) -> dict[str, Any]:
 def collect(bench: Bench, chosen: dict[str, float]) -> dict[str, dict[str, Any]]:
     p = bench.preset
     results: dict[str, dict[str, Any]] = {k: {} for k in SETTINGS}
-    for method in ("none", "text"):
+    for method in ("none", "text", "text_lenient"):
         record = bench.record(f"{method}-all")
         if record:
             for k in SETTINGS:
@@ -125,6 +135,7 @@ def params_per_task(bench: Bench) -> dict[str, int]:
     out = {
         "none": 0,
         "text": 0,
+        "text_lenient": 0,
         "pt": L * d,
         "pt_random": L * d,
         "mpt_factors": (L + d) * r,
