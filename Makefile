@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU torch wheel lives in a local wheel store on these machines; elsewhere PyPI is used.
 PIP_FLAGS ?= $(shell [ -d /opt/wheels ] && echo --find-links /opt/wheels)
 
-.PHONY: install system-deps test lint format demo serve bench deploy-check clean
+.PHONY: install system-deps test lint format demo serve bench deploy-check compose-test clean
 
 install: $(STAMP)
 
@@ -51,6 +51,11 @@ bench: $(STAMP) system-deps
 # Engine-free deployment checks: compose resolves, hadolint, clean-venv install + imports.
 deploy-check: $(STAMP)
 	PY=$(PY) bash docker/check.sh
+
+# The stack for real (root; needs no venv): Debian base image by debootstrap, CPU images built
+# offline, `docker-compose up` driven through the proxy's port, then taken down (docker/README.md).
+compose-test:
+	bash docker/compose-test.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

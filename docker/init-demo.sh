@@ -16,7 +16,9 @@ fi
 
 echo "init: building the demo backbone and prompts into $demo_dir (offline, a few minutes on CPU)"
 mkdir -p "$demo_dir"
-rankone demo --no-serve --cache-dir "$demo_dir"
+# RANKONE_DEMO_ARGS: extra `rankone demo` options, split on spaces (e.g. a smaller budget).
+# shellcheck disable=SC2086
+rankone demo --no-serve --cache-dir "$demo_dir" ${RANKONE_DEMO_ARGS:-}
 for required in "$demo_dir/backbone" "$demo_dir/artifacts"; do
     if [ ! -d "$required" ]; then
         echo "init: 'rankone demo' finished but $required is missing" >&2

@@ -29,7 +29,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from prompts.errors import ArtifactError, BackboneMismatchError
+from prompts.errors import ArtifactError, BackboneMismatchError, InvalidNameError
 
 FORMAT = "rankone/1"
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -46,7 +46,7 @@ def check_name(name: str, what: str = "name") -> str:
     """Names of tasks and shared prompts: ``^[a-z0-9][a-z0-9._-]{0,63}$`` and no ``..``."""
     # fullmatch, not match: ``$`` alone would accept a trailing newline ("qa\n").
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
-        raise ArtifactError(
+        raise InvalidNameError(
             f"invalid {what} {name!r}: use 1-64 characters of a-z, 0-9, '.', '_', '-', "
             "starting with a letter or digit, without '..'"
         )

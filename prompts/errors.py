@@ -11,3 +11,7 @@ class ArtifactError(RankoneError):
 
 class BackboneMismatchError(ArtifactError):
     """An artifact was trained on another backbone than the one it is used with."""
+
+
+class InvalidNameError(ArtifactError):
+    """A task name or shared-prompt id that breaks the naming rule (``check_name``)."""

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prompts.backbone import backbone_fingerprint, backbone_kind
+from prompts.backbone import backbone_fingerprint, backbone_kind, is_gguf_path
 from prompts.errors import RankoneError
 
 GGUF_MAGIC = b"GGUF"
@@ -153,6 +153,17 @@ def check_gguf_file(path: Path) -> dict[str, Any]:
         raise RankoneError(f"transformers cannot load {str(path)!r}: {e}") from None
     config: dict[str, Any] = parsed["config"]
     return config
+
+
+def check_model_source(source: str | Path) -> None:
+    """Fail fast (``RankoneError``) if ``source`` is a file that is not a loadable GGUF file.
+
+    Directories and hub ids pass untouched (they are checked when loaded); cheap enough for a
+    CLI to call before it starts a server.
+    """
+    path = Path(source).expanduser()
+    if is_gguf_path(source) or path.is_file():
+        check_gguf_file(path)
 
 
 def converted_copy(path: str | Path, cache_dir: str | Path | None = None) -> Path:

@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from prompts.backbone import load_backbone, resolve_dtype
-from service.api import admin, errors, generate, openai, ops
+from service.api import admin, chat, errors, generate, openai, ops
 from service.api.middleware import ServiceMiddleware
 from service.engine.factory import build_engine
 from service.handlers.generation import GenerationHandler
@@ -67,7 +67,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             "replace and delete tasks; set RANKONE_ADMIN_KEYS"
         )
     state.ready, state.draining = False, False
-    backbone = load_backbone(
+    # `rankone serve` loads it before uvicorn starts, to report a bad RANKONE_MODEL cleanly
+    backbone = getattr(state, "preloaded_backbone", None) or load_backbone(
         settings.model,
         device=settings.device,
         dtype=settings.dtype,
@@ -111,7 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     errors.install(app)
     app.add_middleware(ServiceMiddleware)
-    for module in (ops, admin, generate, openai):
+    for module in (ops, admin, generate, openai, chat):
         app.include_router(module.router)
     return app
 

@@ -1,54 +1,61 @@
-"""``rankone serve``: run the HTTP server. Flags override ``RANKONE_*`` environment settings."""
+"""``rankone serve``: run the HTTP server. Flags override ``RANKONE_*`` environment settings.
+
+The flags are generated from ``Settings`` (one ``--flag`` per field), so every setting is
+both an environment variable and a flag and the two cannot drift apart.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import types
+import typing
+from typing import Any
 
-from service.settings import Settings, SettingsError, load_settings
+from pydantic.fields import FieldInfo
 
-_FLAGS = {
-    "model": str,
-    "gguf_cache_dir": str,
-    "device": str,
-    "dtype": str,
-    "redis_url": str,
-    "data_dir": str,
-    "seed_dir": str,
-    "engine": str,
-    "max_batch_size": int,
-    "max_batch_tokens": int,
-    "max_wait_ms": float,
-    "max_input_tokens": int,
-    "max_new_tokens_limit": int,
-    "queue_size": int,
-    "request_timeout_s": float,
-    "device_cache_bytes": int,
-    "max_rank": int,
-    "max_body_bytes": int,
-    "client_keys": str,
-    "admin_keys": str,
-    "log_level": str,
-    "log_format": str,
-    "host": str,
-    "port": int,
-}
+from prompts.errors import RankoneError
+from service.settings import ENV_PREFIX, Settings, SettingsError, load_settings
+
+
+def _flag_kind(field: FieldInfo) -> dict[str, Any]:
+    """argparse keyword arguments for one settings field (pydantic validates the value)."""
+    annotation = field.annotation
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(annotation) is typing.Literal:
+        choices = ",".join(str(c) for c in typing.get_args(annotation))
+        return {"type": str, "metavar": f"{{{choices}}}"}
+    if annotation in (int, float):
+        return {"type": annotation}
+    return {"type": str}  # str, and comma-separated lists (client_keys, admin_keys)
+
+
+def _default(field: FieldInfo) -> str:
+    value = field.get_default(call_default_factory=True)
+    if value in ("", [], None):
+        return ""
+    return f"; default {','.join(value) if isinstance(value, list) else value}"
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rankone serve",
         description="Serve many tasks from one frozen transformer. Every option can also be set "
-        "as an environment variable RANKONE_<OPTION> (e.g. RANKONE_REDIS_URL).",
+        f"as an environment variable {ENV_PREFIX}<OPTION> (e.g. {ENV_PREFIX}REDIS_URL); a flag "
+        "wins over the environment.",
     )
-    fields = Settings.model_fields
-    for name, kind in _FLAGS.items():
+    for name, field in Settings.model_fields.items():
         p.add_argument(
             f"--{name.replace('_', '-')}",
             dest=name,
-            type=kind,
             default=None,
-            help=f"{fields[name].description or ''} [env RANKONE_{name.upper()}]",
+            help=f"{field.description or ''} [env {ENV_PREFIX}{name.upper()}{_default(field)}]",
+            **_flag_kind(field),
         )
     return p
 
@@ -61,6 +68,22 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as e:
         print(f"rankone serve: {e}", file=sys.stderr)
         return 2
+    from prompts.backbone import load_backbone
+
+    try:
+        backbone = load_backbone(
+            settings.model,
+            device=settings.device,
+            dtype=settings.dtype,
+            gguf_cache_dir=settings.gguf_cache_dir or None,
+        )
+    except RankoneError as e:
+        print(
+            f"rankone serve: {ENV_PREFIX}MODEL (--model) = {settings.model!r}: {e}\n"
+            "  expected a local model directory, a .gguf file or a hub id",
+            file=sys.stderr,
+        )
+        return 2
     import uvicorn
 
     from service.app import create_app
@@ -69,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
     app.state.logging_ready = True
+    app.state.preloaded_backbone = backbone
     uvicorn.run(
         app,
         host=settings.host,

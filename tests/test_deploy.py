@@ -86,7 +86,9 @@ def test_service_builds_the_service_image_and_checks_readiness(services: dict[st
     assert "/readyz" in " ".join(service["healthcheck"]["test"])
     assert "ports" not in service, "a fixed host port breaks `--scale service=N`"
     assert service["expose"] == ["8000"]
-    assert services["proxy"]["ports"] == ["${RANKONE_HOST_PORT:-8000}:8000"]
+    assert services["proxy"]["ports"] == [
+        "${RANKONE_BIND_ADDRESS:-0.0.0.0}:${RANKONE_HOST_PORT:-8000}:8000"
+    ]
 
 
 def test_admin_key_is_required(services: dict[str, Any]) -> None:
@@ -128,7 +130,8 @@ def test_cpu_override_drops_the_gpu_and_builds_cpu_images(compose: dict[str, Any
 
 def test_env_example_lists_every_variable_compose_uses() -> None:
     text = "\n".join(
-        (ROOT / name).read_text() for name in ("docker-compose.yml", "docker-compose.cpu.yml")
+        (ROOT / name).read_text()
+        for name in ("docker-compose.yml", "docker-compose.cpu.yml", "docker-compose.local.yml")
     )
     used = set(re.findall(r"\b(RANKONE_[A-Z0-9_]+)\b", text))
     missing = used - env_example_names()

@@ -30,6 +30,7 @@ from trainer.options import AdaptOptions
 from trainer.plots import plot_losses
 from trainer.setup import (
     check_prompt_fits,
+    check_sequence_fits,
     load_tasks,
     save_artifacts,
     start,
@@ -94,6 +95,9 @@ def run(opts: AdaptOptions) -> int:
     ctx, backbone = start(opts)
     assert opts.out is not None and opts.source is not None
     source = load_source(opts.source, opts.shared_id, backbone)
+    # L is the source's (--prompt-length does not apply): run.json and the checks say so
+    opts.prompt_length = source.shared.length
+    check_sequence_fits(backbone, opts.prompt_length, opts)
     tasks = load_tasks(opts, backbone)
     opts.out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(stable_seed(opts.seed, "adapt"))

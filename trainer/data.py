@@ -4,7 +4,12 @@ Layout: ``<data_dir>/<task>/{train,validation,test}.jsonl``, one example per lin
 
     {"input": "sentiment: i loved it", "target": "positive"}
 
-Extra keys are ignored. ``train.jsonl`` is required for training stages; ``validation.jsonl``
+or, for chat backbones, a conversation whose last message is the assistant's reply (the target)::
+
+    {"messages": [{"role": "user", "content": "i loved it"}, {"role": "assistant", "content": "positive"}]}
+
+A conversation's input is rendered by the tokenizer's chat template (prompts/chat.py), the rule
+``/v1/chat/completions`` uses, so a prompt trained on it serves unchanged. Extra keys are ignored. ``train.jsonl`` is required for training stages; ``validation.jsonl``
 is optional (evaluation during training is skipped without it); ``test.jsonl`` is what
 ``evaluate`` reads by default.
 """
@@ -19,6 +24,8 @@ from typing import Any
 
 import torch
 
+from prompts.chat import chat_input_ids, split_chat_example
+from prompts.errors import RankoneError
 from trainer.errors import TrainerError
 
 
@@ -26,6 +33,7 @@ from trainer.errors import TrainerError
 class Example:
     input: str
     target: str
+    messages: tuple[dict[str, str], ...] | None = None  # a chat example's context; input is ""
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,9 @@ def read_jsonl(path: Path) -> list[Example]:
                     f"{path}:{number}: not valid JSON ({e.msg}); expected "
                     '{"input": "...", "target": "..."}'
                 ) from None
+            if isinstance(record, dict) and "messages" in record:
+                examples.append(_chat_example(record["messages"], f"{path}:{number}"))
+                continue
             if (
                 not isinstance(record, dict)
                 or not isinstance(record.get("input"), str)
@@ -65,6 +76,16 @@ def read_jsonl(path: Path) -> list[Example]:
     if not examples:
         raise TrainerError(f"{path}: the task has no examples (the file is empty)")
     return examples
+
+
+def _chat_example(messages: Any, where: str) -> Example:
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise TrainerError(f'{where}: "messages" must be a list of {{"role", "content"}} objects')
+    try:
+        context, target = split_chat_example(messages)
+    except RankoneError as e:
+        raise TrainerError(f"{where}: {e}") from None
+    return Example("", target, tuple(context))
 
 
 def discover_tasks(data_dir: Path, tasks: list[str], split: str = "train") -> list[str]:
@@ -110,10 +131,18 @@ def tokenize(
     Seq2seq: both get the tokenizer's special tokens (T5: a trailing EOS). Decoder-only: the
     input as the tokenizer encodes a prompt, the target without special tokens plus EOS, so the
     model learns to stop. Decoder-only inputs are truncated from the left (the end of a prompt
-    is what the target follows).
+    is what the target follows). A chat example's input is its rendered conversation.
     """
+    if not examples:  # e.g. a task without validation.jsonl: tokenizers refuse an empty batch
+        return []
     eos = tokenizer.eos_token_id
     inputs = tokenizer([e.input for e in examples], add_special_tokens=True)["input_ids"]
+    for i, example in enumerate(examples):
+        if example.messages is not None:
+            try:
+                inputs[i] = chat_input_ids(tokenizer, example.messages)
+            except RankoneError as e:
+                raise TrainerError(f"chat example {i}: {e}") from None
     targets = tokenizer([e.target for e in examples], add_special_tokens=not causal)["input_ids"]
     out = []
     for ids, tgt in zip(inputs, targets, strict=True):

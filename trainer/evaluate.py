@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from torch import Tensor
+from tqdm import tqdm
 
 from prompts import Backbone, compose_prompt, load_artifact_dir
 from trainer.data import discover_tasks, load_split, tokenize
@@ -96,21 +97,22 @@ def run(opts: EvaluateOptions) -> int:
         data[task] = ([t.input_ids for t in tokens], [e.target for e in examples])
     results: dict[str, dict[str, dict[str, float]]] = {}
     samples: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for method, prompts in methods.items():
+    for method in methods:
         results[method], samples[method] = {}, {}
-        for task in tasks:
-            if prompts is not None and task not in prompts:
-                continue  # this artifact set has no prompt for the task
-            inputs, targets = data[task]
-            preds = predict(backbone, None if prompts is None else prompts[task], inputs, opts)
-            results[method][task] = {**score(preds, targets), "examples": len(targets)}
-            samples[method][task] = [
-                {"prediction": p, "target": t} for p, t in zip(preds[:5], targets[:5], strict=False)
-            ]
-            print(
-                f"{method:>12} {task:<20} "
-                + "  ".join(f"{m}={results[method][task][m]:.1f}" for m in METRICS)
-            )
+    # a task an artifact set has no prompt for is skipped for it
+    pairs = [(m, t) for m, p in methods.items() for t in tasks if p is None or t in p]
+    for method, task in tqdm(pairs, desc="evaluate", disable=not opts.progress):
+        prompts = methods[method]
+        inputs, targets = data[task]
+        preds = predict(backbone, None if prompts is None else prompts[task], inputs, opts)
+        results[method][task] = {**score(preds, targets), "examples": len(targets)}
+        samples[method][task] = [
+            {"prediction": p, "target": t} for p, t in zip(preds[:5], targets[:5], strict=False)
+        ]
+        tqdm.write(
+            f"{method:>12} {task:<20} "
+            + "  ".join(f"{m}={results[method][task][m]:.1f}" for m in METRICS)
+        )
     opts.out.mkdir(parents=True, exist_ok=True)
     (opts.out / "eval.json").write_text(
         json.dumps({"split": opts.split, "results": results, "samples": samples}, indent=2) + "\n"

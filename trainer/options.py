@@ -72,7 +72,7 @@ class TrainOptions(DataOptions):
     """Options shared by the training stages."""
 
     prompt_length: int = 20
-    """L: soft-prompt rows prepended to the input (the paper uses 100)."""
+    """L: soft-prompt rows prepended to the input (the paper uses 100; adapt takes its source's L)."""
     rank: int = 1
     """r: rank of each task's factors U [L, r], V [r, d]."""
     steps: int = 300
@@ -245,6 +245,8 @@ class EvaluateOptions(DataOptions):
     """Greedy decoding length limit."""
     batch_size: int = 16
     """Examples per generation batch."""
+    progress: bool = True
+    """Show a tqdm progress bar over (method, task) pairs (--no-progress to hide it)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

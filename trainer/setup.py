@@ -18,7 +18,7 @@ from trainer.distributed import Dist, init_distributed
 from trainer.errors import TrainerError
 from trainer.init_text import text_init_rows
 from trainer.loop import TaskData
-from trainer.options import DataOptions, TrainOptions
+from trainer.options import AdaptOptions, DataOptions, TrainOptions
 
 
 def start(opts: DataOptions) -> tuple[Dist, Backbone]:
@@ -27,8 +27,8 @@ def start(opts: DataOptions) -> tuple[Dist, Backbone]:
     torch.manual_seed(opts.seed)
     assert opts.model is not None
     backbone = load_backbone(opts.model, device=ctx.device)
-    if isinstance(opts, TrainOptions):
-        check_sequence_fits(backbone, opts.prompt_length, opts)
+    if isinstance(opts, TrainOptions) and not isinstance(opts, AdaptOptions):
+        check_sequence_fits(backbone, opts.prompt_length, opts)  # adapt: L of its source
     return ctx, backbone
 
 

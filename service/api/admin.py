@@ -11,16 +11,16 @@ from service.protocol.generate import (
     SharedPromptCreate,
     SharedPromptInfo,
     SharedPromptList,
-    TaskBody,
     TaskCreate,
     TaskInfo,
     TaskPage,
+    TaskReplace,
 )
 
 router = APIRouter(prefix="/v1", dependencies=[AdminAuth], tags=["registry"])
 
 
-@router.post("/shared-prompts", status_code=201)
+@router.post("/shared-prompts", status_code=201, response_model_exclude_none=True)
 async def register_shared(
     body: SharedPromptCreate, registry: RegistryDep, response: Response
 ) -> SharedPromptInfo:
@@ -29,24 +29,27 @@ async def register_shared(
     return info
 
 
-@router.put("/shared-prompts/{shared_id}")
+@router.put("/shared-prompts/{shared_id}", response_model_exclude_none=True)
 async def replace_shared(
     shared_id: str, body: SharedPromptCreate, registry: RegistryDep
 ) -> SharedPromptInfo:
+    own_id = {"id": shared_id} if body.prompt is not None and body.id is None else {}
     info, _ = await registry.register_shared(
-        body.model_copy(update={"replace": True}), expected_id=shared_id
+        body.model_copy(update={"replace": True, **own_id}), expected_id=shared_id
     )
     return info
 
 
-@router.get("/shared-prompts")
+@router.get("/shared-prompts", response_model_exclude_none=True)
 async def list_shared(registry: RegistryDep) -> SharedPromptList:
     return SharedPromptList(shared_prompts=await registry.list_shared())
 
 
-@router.get("/shared-prompts/{shared_id}")
-async def get_shared(shared_id: str, registry: RegistryDep) -> SharedPromptInfo:
-    return await registry.get_shared(shared_id)
+@router.get("/shared-prompts/{shared_id}", response_model_exclude_none=True)
+async def get_shared(
+    shared_id: str, registry: RegistryDep, include_blob: bool = False
+) -> SharedPromptInfo:
+    return await registry.get_shared(shared_id, include_blob=include_blob)
 
 
 @router.post("/tasks", status_code=201)
@@ -55,7 +58,7 @@ async def create_task(body: TaskCreate, registry: RegistryDep) -> TaskInfo:
 
 
 @router.put("/tasks/{name}")
-async def replace_task(name: str, body: TaskBody, registry: RegistryDep) -> TaskInfo:
+async def replace_task(name: str, body: TaskReplace, registry: RegistryDep) -> TaskInfo:
     return await registry.replace_task(name, body)
 
 

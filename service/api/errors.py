@@ -1,7 +1,8 @@
 """Every error as ``{"error": {"code", "message"}}`` with the right status.
 
 Mapping: ApiError → its status; RequestValidationError → 422 (field: problem; ...);
-malformed JSON → 400; BackboneMismatchError → 409 (the artifact is valid, it conflicts with
+malformed JSON → 400; a body not sent as JSON → 422 saying so; InvalidNameError → 422
+invalid_name; BackboneMismatchError → 409 (the artifact is valid, it conflicts with
 the served backbone); other ArtifactError → 422; NotFoundError → 404; ConflictError → 409;
 UnknownSharedError → 422; StoreError → 503; QueueFullError → 429 + Retry-After; EngineClosedError → 503;
 anything else → 500, logged with the request id.
@@ -18,7 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from prompts.errors import ArtifactError, BackboneMismatchError
+from prompts.errors import ArtifactError, BackboneMismatchError, InvalidNameError
 from service.engine.base import EngineClosedError, QueueFullError
 from service.errors import ApiError
 from service.logging import request_id_var
@@ -35,8 +36,24 @@ def error_response(
     )
 
 
-def describe_validation(exc: RequestValidationError) -> tuple[int, str, str]:
+_NOT_AN_OBJECT = ("model_attributes_type", "dict_type", "model_type")
+
+
+def describe_validation(
+    exc: RequestValidationError, content_type: str = "application/json"
+) -> tuple[int, str, str]:
     problems = []
+    if "json" not in content_type.lower() and any(
+        tuple(err.get("loc", ())) == ("body",) and err.get("type") in _NOT_AN_OBJECT
+        for err in exc.errors()
+    ):
+        got = content_type or "no Content-Type"
+        return (
+            422,
+            "invalid_request",
+            f"the body must be a JSON object sent with 'Content-Type: application/json' "
+            f"(got {got})",
+        )
     for err in exc.errors():
         if err.get("type") == "json_invalid":
             ctx = err.get("ctx") or {}
@@ -54,6 +71,8 @@ def _status_for(exc: Exception) -> tuple[int, str, str, dict[str, str] | None]:
     if isinstance(exc, ValidationError):  # parameters merged with stored task defaults
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         return 422, "invalid_request", problems, None
+    if isinstance(exc, InvalidNameError):
+        return 422, "invalid_name", str(exc), None
     if isinstance(exc, BackboneMismatchError):
         return 409, "backbone_mismatch", str(exc), None
     if isinstance(exc, ArtifactError):
@@ -87,7 +106,8 @@ def to_response(exc: Exception) -> JSONResponse:
 def install(app: FastAPI) -> None:
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return error_response(*describe_validation(exc))
+        content_type = request.headers.get("content-type", "")
+        return error_response(*describe_validation(exc, content_type))
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -77,6 +77,9 @@ class GenerationHandler:
 
     def tokenize(self, text: str) -> list[int]:
         ids: list[int] = self.backbone.tokenizer(text)["input_ids"]
+        return self.check_length(ids)
+
+    def check_length(self, ids: list[int]) -> list[int]:
         limit = self.settings.max_input_tokens
         if len(ids) > limit:
             raise ApiError(
@@ -87,6 +90,18 @@ class GenerationHandler:
     async def prepare(
         self, task_name: str, inputs: list[str], params: GenerationParameters
     ) -> Prepared:
+        return await self.prepare_encoded(
+            task_name, lambda: [self.tokenize(text) for text in inputs], params
+        )
+
+    async def prepare_encoded(
+        self,
+        task_name: str,
+        encode: Callable[[], list[list[int]]],
+        params: GenerationParameters,
+    ) -> Prepared:
+        """One request per token-id list that ``encode`` returns (run on the tokenizer thread;
+        it checks the input limit itself, see ``check_length``)."""
         check_name(task_name, "task name")
         # the task's default parameters come with its factors, from the store's device cache
         task, defaults = await self.store.resolve_with_defaults(task_name)
@@ -94,12 +109,10 @@ class GenerationHandler:
         sampling = self._sampling(merged)
         base = request_id_var.get()
         loop = asyncio.get_running_loop()
-        token_ids = await loop.run_in_executor(
-            self._tokenizer_thread, lambda: [self.tokenize(text) for text in inputs]
-        )
+        token_ids = await loop.run_in_executor(self._tokenizer_thread, encode)
         requests = [
             GenerationRequest(
-                request_id=f"{base}-{i}" if len(inputs) > 1 else base,
+                request_id=f"{base}-{i}" if len(token_ids) > 1 else base,
                 task=task,
                 input_ids=ids,
                 params=sampling,

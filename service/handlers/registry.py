@@ -13,13 +13,16 @@ from typing import Any
 import torch
 
 from prompts.artifacts import (
+    SharedPrompt,
     TaskFactors,
+    check_backbone,
     check_name,
     check_task_fits,
     decode_shared,
     decode_task,
     from_base64,
     to_base64,
+    validate_shared,
     validate_task,
 )
 from prompts.backbone import Backbone
@@ -30,26 +33,49 @@ from service.protocol.generate import (
     TaskBody,
     TaskInfo,
     TaskPage,
+    TaskReplace,
 )
 from service.settings import Settings
-from service.store.base import NotFoundError, Record
+from service.store.base import ConflictError, NotFoundError, Record
+
+# Fields of a task body that PUT keeps from the previous version when the body leaves them out.
+_KEPT_ON_REPLACE = ("description", "metadata", "parameters")
 
 
-def _matrix(name: str, rows: list[list[float]]) -> torch.Tensor:
+def _matrix(name: str, rows: list[Any], *, flat_as: str = "") -> torch.Tensor:
+    """A [n, m] float tensor from JSON rows; a flat list is a ``column`` [n, 1] or ``row``
+    [1, m] (rank-one factors: u [L] and v [d])."""
     try:
         t = torch.tensor(rows, dtype=torch.float32)
     except (ValueError, TypeError) as e:
         raise ArtifactError(f"{name} must be a rectangular matrix of numbers: {e}") from None
+    if t.dim() == 1 and flat_as:
+        t = t.unsqueeze(1) if flat_as == "column" else t.unsqueeze(0)
     if t.dim() != 2:
-        raise ArtifactError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+        raise ArtifactError(f"{name} must be 2-D, got shape {list(t.shape)}")
     return t
+
+
+def _header(blob: bytes) -> dict[str, Any]:
+    size = int.from_bytes(blob[:8], "little")
+    header: dict[str, Any] = json.loads(blob[8 : 8 + size])
+    return header
 
 
 def _shapes(blob: bytes) -> dict[str, list[int]]:
     """Tensor shapes from a safetensors header, without reading the tensors."""
-    size = int.from_bytes(blob[:8], "little")
-    header = json.loads(blob[8 : 8 + size])
-    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+    return {k: v["shape"] for k, v in _header(blob).items() if k != "__metadata__"}
+
+
+def _check_shapes(tf: TaskFactors, sp: SharedPrompt) -> None:
+    """One clear line when JSON factors do not fit: what u and v must be for ``sp``."""
+    r = tf.rank
+    if tf.length != sp.length or tf.dim != sp.dim or tf.v.shape[0] != r:
+        raise ArtifactError(
+            f"task {tf.name!r}: u {list(tf.u.shape)} and v {list(tf.v.shape)} do not fit shared "
+            f"prompt {sp.id!r}: expected u [L, r] = [{sp.length}, {r}] and v [r, d] = "
+            f"[{r}, {sp.dim}] (rank one may also be flat lists of {sp.length} and {sp.dim} numbers)"
+        )
 
 
 def shared_info(record: Record) -> SharedPromptInfo:
@@ -59,7 +85,11 @@ def shared_info(record: Record) -> SharedPromptInfo:
         version=record.version,
         length=length,
         dim=dim,
-        backbone=str(record.meta.get("backbone", "")),
+        # seeded records keep their fingerprint in the blob only
+        backbone=str(
+            record.meta.get("backbone")
+            or _header(record.blob).get("__metadata__", {}).get("backbone", "")
+        ),
         description=str(record.meta.get("description", "")),
         metadata=dict(record.meta.get("metadata", {})),
         created=record.created,
@@ -100,9 +130,9 @@ class RegistryHandler:
     async def register_shared(
         self, body: SharedPromptCreate, *, expected_id: str | None = None
     ) -> tuple[SharedPromptInfo, bool]:
-        sp = decode_shared(from_base64(body.blob), backbone=self.backbone.fingerprint)
+        sp = self._shared_from(body)
         if expected_id is not None and sp.id != expected_id:
-            raise ArtifactError(f"the blob's id is {sp.id!r}, but the URL says {expected_id!r}")
+            raise ArtifactError(f"the body's id is {sp.id!r}, but the URL says {expected_id!r}")
         if sp.dim != self.backbone.dim:
             raise ArtifactError(
                 f"shared prompt {sp.id!r} has width d={sp.dim}, but the backbone's "
@@ -114,13 +144,40 @@ class RegistryHandler:
                 f"{self.settings.max_prompt_length}"
             )
         meta = {"description": body.description, "metadata": body.metadata, "backbone": sp.backbone}
-        record = await self.store.register_shared(sp, meta, replace=body.replace)
+        try:
+            record = await self.store.register_shared(sp, meta, replace=body.replace)
+        except ConflictError as e:
+            if body.replace or "already exists" not in str(e):
+                raise
+            raise ConflictError(
+                f"shared prompt {sp.id!r} already exists: replace it with "
+                f'PUT /v1/shared-prompts/{sp.id} (or "replace": true)'
+            ) from None
         return shared_info(record), record.version == 1
 
-    async def get_shared(self, shared_id: str) -> SharedPromptInfo:
+    def _shared_from(self, body: SharedPromptCreate) -> SharedPrompt:
+        fp = self.backbone.fingerprint
+        if body.blob is not None:
+            return decode_shared(from_base64(body.blob), backbone=fp)
+        assert body.prompt is not None
+        if body.id is None:
+            raise ArtifactError("id is required with prompt: the shared prompt's id")
+        sp = SharedPrompt(
+            id=check_name(body.id, "shared prompt id"),
+            prompt=_matrix("prompt", body.prompt),
+            backbone=body.backbone or fp,
+        )
+        validate_shared(sp)
+        check_backbone(sp.backbone, fp, f"shared prompt {sp.id!r}")
+        return sp
+
+    async def get_shared(self, shared_id: str, *, include_blob: bool = False) -> SharedPromptInfo:
         check_name(shared_id, "shared prompt id")
         record, _ = await self.store.get_shared(shared_id)
-        return shared_info(record)
+        info = shared_info(record)
+        if include_blob:
+            info.blob = to_base64(record.blob)
+        return info
 
     async def list_shared(self) -> list[SharedPromptInfo]:
         return [shared_info(r) for r in await self.store.list_shared()]
@@ -143,11 +200,10 @@ class RegistryHandler:
             tf = TaskFactors(
                 name=name,
                 shared=check_name(body.shared, "shared prompt id"),
-                u=_matrix("u", body.u),
-                v=_matrix("v", body.v),
+                u=_matrix("u", body.u, flat_as="column"),
+                v=_matrix("v", body.v, flat_as="row"),
                 backbone=fp,
             )
-        validate_task(tf, max_rank=self.settings.max_rank)
         try:
             _, sp = await self.store.get_shared(tf.shared)
         except NotFoundError:
@@ -155,6 +211,9 @@ class RegistryHandler:
                 f"unknown shared prompt {tf.shared!r}: register it first with "
                 "POST /v1/shared-prompts"
             ) from None
+        if body.factors is None:
+            _check_shapes(tf, sp)
+        validate_task(tf, max_rank=self.settings.max_rank)
         check_task_fits(tf, sp)
         meta = {
             "description": body.description,
@@ -165,10 +224,26 @@ class RegistryHandler:
 
     async def create_task(self, name: str, body: TaskBody) -> TaskInfo:
         tf, meta = await self._factors(name, body)
-        return task_info(await self.store.create_task(tf, meta))
+        try:
+            return task_info(await self.store.create_task(tf, meta))
+        except ConflictError as e:
+            if "already exists" not in str(e):
+                raise
+            raise ConflictError(
+                f"task {name!r} already exists: replace it (a new version) with "
+                f"PUT /v1/tasks/{name}, same body without the name"
+            ) from None
 
-    async def replace_task(self, name: str, body: TaskBody) -> TaskInfo:
+    async def replace_task(self, name: str, body: TaskReplace) -> TaskInfo:
+        """A new version of ``name``; description, metadata and parameters the body leaves
+        out are kept from the previous version."""
+        if body.name is not None and body.name != name:
+            raise ArtifactError(f"the body's name is {body.name!r}, but the URL says {name!r}")
         tf, meta = await self._factors(name, body)
+        kept = [f for f in _KEPT_ON_REPLACE if f not in body.model_fields_set]
+        if kept:
+            record, _ = await self.store.get_task(name)
+            meta.update({f: record.meta[f] for f in kept if f in record.meta})
         return task_info(await self.store.replace_task(tf, meta))
 
     async def delete_task(self, name: str) -> None:

@@ -54,16 +54,40 @@ class GenerationParameters(BaseModel):
 
 # --- registry -----------------------------------------------------------------------------
 
+Matrix = list[list[float]]
+# Rank-one factors may also be flat: u [L] → [L, 1], v [d] → [1, d].
+Factor = list[list[float]] | list[float]
+
 
 class SharedPromptCreate(BaseModel):
+    """A shared prompt: ``blob`` (a trainer's safetensors file, base64), or ``id`` + ``prompt``
+    [L, d] as JSON numbers (``backbone`` then defaults to the server's fingerprint)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    blob: str = Field(
-        default=..., min_length=1, description="base64 of the safetensors shared-prompt blob"
+    blob: str | None = Field(
+        default=None, min_length=1, description="base64 of the safetensors shared-prompt blob"
+    )
+    id: str | None = Field(
+        default=None, description="shared prompt id (with prompt; PUT takes it from the URL)"
+    )
+    prompt: Matrix | None = Field(default=None, description="[L, d] shared prompt (with id)")
+    backbone: str | None = Field(
+        default=None,
+        description="backbone fingerprint the prompt was trained on (with prompt); omitted → "
+        "the server's own; another one is refused (409)",
     )
     replace: bool = Field(default=False, description="replace an existing shared prompt of that id")
     description: str = Field(default="", max_length=2000)
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SharedPromptCreate:
+        if (self.blob is None) == (self.prompt is None):
+            raise ValueError("give either blob (base64 safetensors) or id and prompt ([L, d])")
+        if self.blob is not None and (self.id is not None or self.backbone is not None):
+            raise ValueError("id and backbone come from the blob; give them only with prompt")
+        return self
 
 
 class SharedPromptInfo(BaseModel):
@@ -76,26 +100,25 @@ class SharedPromptInfo(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     created: str = ""
     updated: str = ""
+    blob: str | None = Field(default=None, description="base64 blob (with include_blob=true)")
 
 
 class SharedPromptList(BaseModel):
     shared_prompts: list[SharedPromptInfo]
 
 
-Matrix = list[list[float]]
-
-
 class TaskBody(BaseModel):
-    """A task's factors — ``u`` [L, r] and ``v`` [r, d] as JSON numbers, or ``factors`` as a
-    base64 task blob — plus its description, metadata and default generation parameters."""
+    """A task's factors — ``u`` [L, r] and ``v`` [r, d] as JSON numbers (rank one: also flat,
+    ``u`` [L] and ``v`` [d]), or ``factors`` as a base64 task blob — plus its description,
+    metadata and default generation parameters."""
 
     model_config = ConfigDict(extra="forbid")
 
     shared: str | None = Field(
         default=None, description="shared prompt id (taken from the blob if absent)"
     )
-    u: Matrix | None = Field(default=None, description="[L, r] task column factors")
-    v: Matrix | None = Field(default=None, description="[r, d] task row factors")
+    u: Factor | None = Field(default=None, description="[L, r] task column factors (or [L])")
+    v: Factor | None = Field(default=None, description="[r, d] task row factors (or [d])")
     factors: str | None = Field(
         default=None, min_length=1, description="base64 safetensors task blob"
     )
@@ -119,6 +142,14 @@ class TaskBody(BaseModel):
 
 class TaskCreate(TaskBody):
     name: str = Field(default=..., description="task name: ^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+class TaskReplace(TaskBody):
+    """The body of ``PUT /v1/tasks/{name}``: the POST body, ``name`` optional (it must then
+    be the URL's). ``description``, ``metadata`` and ``parameters`` left out keep the
+    previous version's values; given ones replace them (``"parameters": {}`` clears)."""
+
+    name: str | None = Field(default=None, description="must equal the name in the URL")
 
 
 class TaskInfo(BaseModel):
