@@ -67,6 +67,7 @@ def run_grid(bench: Bench, write: callable) -> None:  # type: ignore[valid-type]
     for method in MAIN:  # and with full data, so that a short run has both goal settings
         cell(bench, method, "full", 0, choose_lrs(bench)[method])
     bench.baseline("text_lenient")
+    bench.teachers_on_sources()
     write()
     for point in range(1, max(len(p.lrs[m]) for m in MAIN)):  # then the rest of the sweep
         for method in MAIN:

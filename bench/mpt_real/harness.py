@@ -199,6 +199,14 @@ class Bench:
 
         return self.unit(f"src-teach-{task}", run)
 
+    def teachers_on_sources(self) -> dict[str, Any]:
+        """The teachers' own test exact match on their source tasks (what distill aims at)."""
+
+        def run() -> dict[str, Any]:
+            return {"source_em": self.score_dir(self.teachers, SOURCES)}
+
+        return self.unit("src-teachers-eval", run)
+
     def distill(self, variant: str) -> Path:
         p = self.preset
         out = self.work / "src" / f"distill-{variant}"

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.mpt_real.harness import PROMPT_METHODS, Bench
+from bench.mpt_real.lora import TARGET_MODULES
 from bench.mpt_real.tasks import SOURCES, TARGETS, documentation
 
 SETTINGS = ("8", "32", "full")
@@ -104,6 +105,17 @@ def ablations(bench: Bench, chosen: dict[str, float]) -> dict[str, Any]:
     p = bench.preset
     lr = chosen["mpt_factors"]
     out: dict[str, Any] = {}
+    teachers = bench.record("src-teachers-eval")
+    if teachers:
+        out["teachers"] = {
+            "target_mean": None,
+            "per_task": None,
+            "source_val_loss": statistics.mean(
+                r["val_loss"] for t in SOURCES if (r := bench.record(f"src-teach-{t}"))
+            ),
+            "source_em_mean": round(statistics.mean(teachers["source_em"].values()), 2),
+            "source_em": teachers["source_em"],
+        }
     for variant in ["main", *p.ablations]:
         scores = _scores(_cell(bench, "mpt_factors", p.sweep_setting, 0, lr, variant))
         source = bench.record(f"src-distill-{variant}")
@@ -124,13 +136,10 @@ def ablations(bench: Bench, chosen: dict[str, float]) -> dict[str, Any]:
 def params_per_task(bench: Bench) -> dict[str, int]:
     p = bench.preset
     L, r, d = p.prompt_length, p.rank, bench.backbone.dim
-    lora = next(
-        (
-            rec["trained_parameters"]
-            for f in sorted(bench.units.glob("lora-*.json"))
-            if (rec := json.loads(f.read_text())).get("trained_parameters")
-        ),
-        None,
+    lora = sum(
+        p.lora_rank * (m.in_features + m.out_features)
+        for name, m in bench.backbone.model.named_modules()
+        if name.split(".")[-1] in TARGET_MODULES and hasattr(m, "in_features")
     )
     out = {
         "none": 0,
@@ -142,8 +151,7 @@ def params_per_task(bench: Bench) -> dict[str, int]:
         "mpt_paper": L * d + (L + d) * r,
         "mpt_mt": L * d // len(TARGETS) + (L + d) * r,
     }
-    if lora is not None:
-        out["lora"] = int(lora)
+    out["lora"] = int(lora)
     return out
 
 
@@ -168,13 +176,18 @@ def goal(results: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def backbone_label(model: str) -> str:
+    name = Path(model).name
+    return f"SmolLM2-135M-Instruct ({name})" if "smollm2" in name.lower() else name
+
+
 def write_report(bench: Bench, out: Path, command: str, seconds: float) -> None:
     from bench.offline_bench import machine
 
     chosen = choose_lrs(bench)
     results = collect(bench, chosen)
     report = {
-        "backbone": bench.backbone.name,
+        "backbone": backbone_label(bench.model),
         "results": results,
         "params_per_task": params_per_task(bench),
         "ablations": ablations(bench, chosen),
@@ -270,6 +283,7 @@ def markdown(report: dict[str, Any]) -> str:
         "main": f"MPT: CE + KL + hidden MSE, {init[pre['factor_init']]}",
         "no_distill": "no distillation (decomposition only, CE)",
         "no_hidden": "no hidden-state loss (CE + KL)",
+        "teachers": "(the source teachers themselves: text-init PT per source)",
         **init,
     }
     for variant, a in report["ablations"].items():
