@@ -66,14 +66,14 @@ def run_grid(bench: Bench, write: callable) -> None:  # type: ignore[valid-type]
     write()
     for method in MAIN:  # and with full data, so that a short run has both goal settings
         cell(bench, method, "full", 0, choose_lrs(bench)[method])
-    bench.baseline("text_lenient")
-    bench.teachers_on_sources()
     write()
     for point in range(1, max(len(p.lrs[m]) for m in MAIN)):  # then the rest of the sweep
         for method in MAIN:
             if point < len(p.lrs[method]):
                 cell(bench, method, sweep, 0, p.lrs[method][point])
         write()
+    bench.baseline("text_lenient")
+    bench.teachers_on_sources()
     chosen = choose_lrs(bench)
     for method in MAIN:  # full data at the chosen lr (no-op where the prior was chosen)
         cell(bench, method, "full", 0, chosen[method])
