@@ -147,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         preset, args.model, work, None if args.budget_minutes is None else args.budget_minutes * 60
     )
     command = "python -m bench.mpt_real " + shlex.join(argv if argv is not None else sys.argv[1:])
+    saved = work / "command.txt"  # --report-only names the command that produced the units
+    if args.report_only and saved.exists():
+        command = saved.read_text().strip()
+    elif not args.report_only:
+        saved.write_text(command + "\n")
     start = time.monotonic()
 
     def write() -> None:
