@@ -34,7 +34,10 @@ class Change:
             verb = {CREATE: "created", REPLACE: "replaced"}[self.action]
         what = "shared prompt" if self.kind == "shared" else "task"
         version = f" (version {self.version})" if self.version is not None else ""
-        return f"{verb:<10} {what} {self.name}{version}"
+        note = ""
+        if self.kind == "shared" and self.action == REPLACE:
+            note = ": every task over it composes with the new prompt"
+        return f"{verb:<10} {what} {self.name}{version}{note}"
 
 
 @dataclass

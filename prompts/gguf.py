@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -32,8 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from prompts.backbone import backbone_fingerprint, backbone_kind, is_gguf_path
+from prompts.backbone import backbone_fingerprint, backbone_kind
 from prompts.errors import RankoneError
+from prompts.gguf_header import GGUFHeader, read_header
 
 GGUF_MAGIC = b"GGUF"
 CACHE_ENV = "RANKONE_GGUF_CACHE_DIR"
@@ -113,57 +115,66 @@ def _check_magic(path: Path) -> None:
         )
 
 
-def check_gguf_file(path: Path) -> dict[str, Any]:
-    """Check that ``path`` is a complete GGUF file transformers can load; return its config.
+def check_gguf_file(path: Path) -> GGUFHeader:
+    """Check that ``path`` is a complete GGUF file transformers can load; return its header.
 
-    Reads the header and the tensor directory only (fast). Raises ``RankoneError`` for a
-    missing file, a file that is not GGUF, a truncated one, an architecture transformers has no
-    GGUF mapping for, or a tensor type that cannot be dequantized.
+    Walks the header and the tensor directory only (well under a second). Raises
+    ``RankoneError`` for a missing file, a file that is not GGUF, a truncated one, a tensor type
+    that cannot be dequantized, or an architecture transformers has no GGUF mapping for.
     """
     _check_magic(path)
-    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf import GGMLQuantizationType
+    from gguf.constants import GGML_QUANT_SIZES
     from gguf.quants import _type_traits
 
+    header = read_header(path)
     size = path.stat().st_size
-    try:
-        reader = GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError, IndexError, struct errors, ...
-        raise RankoneError(
-            f"{str(path)!r} is a damaged GGUF file, truncated or corrupt ({size} bytes; the "
-            f"reader failed with: {e}); download or write it again"
-        ) from None
-    for tensor in reader.tensors:
-        if tensor.data_offset + tensor.n_bytes > size:
-            raise RankoneError(
-                f"{str(path)!r} is truncated: tensor {tensor.name!r} ends at byte "
-                f"{tensor.data_offset + tensor.n_bytes} but the file has {size} bytes"
-            )
     readable = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, *_type_traits}
-    bad = sorted({t.tensor_type.name for t in reader.tensors if t.tensor_type not in readable})
+    bad = set()
+    for tensor in header.tensors:
+        try:
+            qtype = GGMLQuantizationType(tensor.type_id)
+        except ValueError:
+            raise RankoneError(
+                f"{str(path)!r} is a corrupt GGUF file: tensor {tensor.name!r} has the unknown "
+                f"type id {tensor.type_id}"
+            ) from None
+        if qtype not in readable:
+            bad.add(qtype.name)
+            continue
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        end = header.data_start + tensor.offset + math.prod(tensor.shape) // block * type_size
+        if end > size:
+            raise RankoneError(
+                f"{str(path)!r} is truncated: tensor {tensor.name!r} ends at byte {end} but the "
+                f"file has {size} bytes; download or write it again"
+            )
     if bad:
         raise RankoneError(
-            f"{str(path)!r} holds tensors of type {', '.join(bad)}, which cannot be "
+            f"{str(path)!r} holds tensors of type {', '.join(sorted(bad))}, which cannot be "
             "dequantized; use a file quantized as F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0 or a K-quant"
         )
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    try:
-        parsed = load_gguf_checkpoint(str(path), return_tensors=False)
-    except (ValueError, KeyError, IndexError) as e:
-        raise RankoneError(f"transformers cannot load {str(path)!r}: {e}") from None
-    config: dict[str, Any] = parsed["config"]
-    return config
+    _check_architecture(path, header.architecture)
+    return header
 
 
-def check_model_source(source: str | Path) -> None:
-    """Fail fast (``RankoneError``) if ``source`` is a file that is not a loadable GGUF file.
+# Architectures transformers renames before its support check (see load_gguf_checkpoint).
+_RENAMED_ARCHITECTURES = ("t5", "qwen2moe", "qwen3moe", "gpt-oss", "gpt_oss", "minimax-m2")
 
-    Directories and hub ids pass untouched (they are checked when loaded); cheap enough for a
-    CLI to call before it starts a server.
-    """
-    path = Path(source).expanduser()
-    if is_gguf_path(source) or path.is_file():
-        check_gguf_file(path)
+
+def _check_architecture(path: Path, architecture: str) -> None:
+    import transformers
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    if architecture in GGUF_SUPPORTED_ARCHITECTURES or any(
+        name in architecture for name in _RENAMED_ARCHITECTURES
+    ):
+        return
+    raise RankoneError(
+        f"transformers {transformers.__version__} cannot load {str(path)!r}: its GGUF loader does "
+        f"not support architecture {architecture!r} (it supports "
+        f"{', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))})"
+    )
 
 
 def converted_copy(path: str | Path, cache_dir: str | Path | None = None) -> Path:

@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from prompts.backbone import load_backbone, resolve_dtype
-from service.api import admin, chat, errors, generate, openai, ops
+from service.api import admin, chat, docs, errors, generate, openai, ops
 from service.api.middleware import ServiceMiddleware
 from service.engine.factory import build_engine
 from service.handlers.generation import GenerationHandler
@@ -107,12 +107,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """An app for ``settings``; with None, settings are read from the environment at start."""
-    app = FastAPI(title="rankone", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="rankone",
+        version="0.1.0",
+        lifespan=lifespan,
+        # served by service/api/docs.py, which can close them (RANKONE_DOCS_OPEN=false)
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.settings = settings
     app.state.metrics = Metrics()
     errors.install(app)
     app.add_middleware(ServiceMiddleware)
-    for module in (ops, admin, generate, openai, chat):
+    for module in (ops, admin, generate, openai, chat, docs):
         app.include_router(module.router)
     return app
 

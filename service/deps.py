@@ -1,12 +1,20 @@
-"""Dependencies of the routes: resources from ``app.state`` and the two auth checks."""
+"""Dependencies of the routes: resources from ``app.state`` and the auth checks.
+
+``ClientCaller`` / ``AdminCaller`` authenticate the request (401 / 403) and hand the route a
+``service.auth.Caller``; a route then calls ``caller.check(task_name)`` for each task name it
+touches (403 outside a scoped key's patterns) and ``caller.allows`` to filter listings.
+``ClientAuth`` / ``AdminAuth`` are the same checks for a router's ``dependencies=[...]``
+(FastAPI runs a dependency once per request, so a route may use both).
+"""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.auth import Role, authorize
+from service.auth import Caller, Role, authenticate, parse_entries
 from service.handlers.generation import GenerationHandler
 from service.handlers.registry import RegistryHandler
 from service.metrics import Metrics
@@ -38,20 +46,32 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 RegistryDep = Annotated[RegistryHandler, Depends(get_registry)]
 GenerationDep = Annotated[GenerationHandler, Depends(get_generation)]
 StateDep = Annotated[Any, Depends(get_state)]
-AuthHeader = Annotated[str | None, Header(alias="Authorization", include_in_schema=False)]
+
+# Declares the bearer scheme in the OpenAPI document; missing / wrong keys are ours to answer.
+_bearer = HTTPBearer(auto_error=False, description="a client or admin API key")
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-def require_client(settings: SettingsDep, authorization: AuthHeader = None) -> None:
-    authorize(
-        authorization, Role.CLIENT, client_keys=settings.client_keys, admin_keys=settings.admin_keys
+def caller_of(
+    settings: Settings, credentials: HTTPAuthorizationCredentials | None, role: Role
+) -> Caller:
+    return authenticate(
+        credentials.credentials if credentials is not None else None,
+        role,
+        client_keys=parse_entries(tuple(settings.client_keys)),
+        admin_keys=parse_entries(tuple(settings.admin_keys)),
     )
 
 
-def require_admin(settings: SettingsDep, authorization: AuthHeader = None) -> None:
-    authorize(
-        authorization, Role.ADMIN, client_keys=settings.client_keys, admin_keys=settings.admin_keys
-    )
+def client_caller(settings: SettingsDep, credentials: Credentials) -> Caller:
+    return caller_of(settings, credentials, Role.CLIENT)
 
 
-ClientAuth = Depends(require_client)
-AdminAuth = Depends(require_admin)
+def admin_caller(settings: SettingsDep, credentials: Credentials) -> Caller:
+    return caller_of(settings, credentials, Role.ADMIN)
+
+
+ClientCaller = Annotated[Caller, Depends(client_caller)]
+AdminCaller = Annotated[Caller, Depends(admin_caller)]
+ClientAuth = Depends(client_caller)
+AdminAuth = Depends(admin_caller)

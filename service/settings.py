@@ -11,6 +11,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "RANKONE_"
+SECRET_FIELDS = ("client_keys", "admin_keys")  # never echoed in error messages
 
 
 def _split_keys(value: object) -> object:
@@ -56,10 +57,19 @@ class Settings(BaseSettings):
     max_prompt_length: int = Field(1024, ge=1, description="longest accepted shared prompt L")
     max_body_bytes: int = Field(16 * 2**20, ge=1024, description="largest request body")
     client_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="comma-separated client API keys; empty → open"
+        default_factory=list,
+        description="comma-separated client API keys, each KEY or KEY:PATTERN|PATTERN (scoped "
+        "to task names matching a glob, e.g. sk-a:team-a-*); empty → open",
     )
     admin_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="comma-separated admin API keys; empty → open (warned)"
+        default_factory=list,
+        description="comma-separated admin API keys, each KEY or KEY:PATTERN|PATTERN (writes "
+        "only matching tasks); empty → open (warned)",
+    )
+    docs_open: bool = Field(
+        True,
+        description="serve /docs, /redoc and /openapi.json without a key; false → they need a "
+        "client or admin key whenever keys are configured",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO")
     log_format: Literal["json", "text"] = Field("json", description="log line format")
@@ -70,6 +80,15 @@ class Settings(BaseSettings):
     @classmethod
     def _keys(cls, value: object) -> object:
         return _split_keys(value)
+
+    @field_validator("client_keys", "admin_keys")
+    @classmethod
+    def _key_entries(cls, value: list[str]) -> list[str]:
+        from service.auth import parse_entry
+
+        for entry in value:
+            parse_entry(entry)
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -113,7 +132,8 @@ def describe(error: ValidationError) -> str:
         loc = [str(p) for p in item.get("loc", ()) if p != "__root__"]
         var = f"{ENV_PREFIX}{loc[0].upper()}" if loc else "settings"
         got = item.get("input")
-        shown = f" (got {got!r})" if loc and not isinstance(got, dict) else ""
+        secret = bool(loc) and loc[0] in SECRET_FIELDS
+        shown = f" (got {got!r})" if loc and not isinstance(got, dict) and not secret else ""
         msg = str(item.get("msg", "invalid")).removeprefix("Value error, ")
         lines.append(f"{var}: {msg}{shown}")
     return "invalid settings:\n  " + "\n  ".join(lines)

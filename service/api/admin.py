@@ -1,12 +1,19 @@
-"""Registry routes (admin key): shared prompts and tasks."""
+"""Registry routes (admin key): shared prompts and tasks.
+
+A scoped admin key (``KEY:team-a-*``) reads and writes only the tasks its patterns match, and
+writes only the shared prompts whose id matches; every admin key may read shared prompts.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Path, Query, Response
+from pydantic import BaseModel, ConfigDict, Field
 
-from service.deps import AdminAuth, RegistryDep
+from prompts.artifacts import NAME_PATTERN
+from service.api.responses import BODY, KEYED, errors
+from service.deps import AdminCaller, RegistryDep
 from service.protocol.generate import (
     SharedPromptCreate,
     SharedPromptInfo,
@@ -16,67 +23,117 @@ from service.protocol.generate import (
     TaskPage,
     TaskReplace,
 )
+from service.store.factor_store import MAX_OFFSET, MAX_PAGE
 
-router = APIRouter(prefix="/v1", dependencies=[AdminAuth], tags=["registry"])
+router = APIRouter(prefix="/v1", tags=["registry"])
+
+# Names are checked by the handlers (422 invalid_name, with the rule), not by a path pattern.
+Name = Annotated[str, Path(description=f"task name: {NAME_PATTERN.pattern}")]
+SharedId = Annotated[str, Path(description=f"shared prompt id: {NAME_PATTERN.pattern}")]
 
 
-@router.post("/shared-prompts", status_code=201, response_model_exclude_none=True)
+@router.post(
+    "/shared-prompts",
+    status_code=201,
+    response_model_exclude_none=True,
+    responses=errors(*KEYED, *BODY, 409),
+)
 async def register_shared(
-    body: SharedPromptCreate, registry: RegistryDep, response: Response
+    body: SharedPromptCreate, registry: RegistryDep, caller: AdminCaller, response: Response
 ) -> SharedPromptInfo:
-    info, created = await registry.register_shared(body)
+    info, created = await registry.register_shared(body, caller=caller)
     response.status_code = 201 if created else 200
     return info
 
 
-@router.put("/shared-prompts/{shared_id}", response_model_exclude_none=True)
+@router.put(
+    "/shared-prompts/{shared_id}",
+    response_model_exclude_none=True,
+    responses=errors(*KEYED, *BODY, 409),
+)
 async def replace_shared(
-    shared_id: str, body: SharedPromptCreate, registry: RegistryDep
+    shared_id: SharedId, body: SharedPromptCreate, registry: RegistryDep, caller: AdminCaller
 ) -> SharedPromptInfo:
+    caller.check(shared_id, "shared prompt")
     own_id = {"id": shared_id} if body.prompt is not None and body.id is None else {}
     info, _ = await registry.register_shared(
-        body.model_copy(update={"replace": True, **own_id}), expected_id=shared_id
+        body.model_copy(update={"replace": True, **own_id}), expected_id=shared_id, caller=caller
     )
     return info
 
 
-@router.get("/shared-prompts", response_model_exclude_none=True)
-async def list_shared(registry: RegistryDep) -> SharedPromptList:
+@router.get("/shared-prompts", response_model_exclude_none=True, responses=errors(*KEYED))
+async def list_shared(registry: RegistryDep, caller: AdminCaller) -> SharedPromptList:
     return SharedPromptList(shared_prompts=await registry.list_shared())
 
 
-@router.get("/shared-prompts/{shared_id}", response_model_exclude_none=True)
+class SharedQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_blob: bool = Field(False, description="also return the base64 safetensors blob")
+
+
+@router.get(
+    "/shared-prompts/{shared_id}",
+    response_model_exclude_none=True,
+    responses=errors(*KEYED, 404, 422),
+)
 async def get_shared(
-    shared_id: str, registry: RegistryDep, include_blob: bool = False
+    shared_id: SharedId,
+    registry: RegistryDep,
+    caller: AdminCaller,
+    query: Annotated[SharedQuery, Query()],
 ) -> SharedPromptInfo:
-    return await registry.get_shared(shared_id, include_blob=include_blob)
+    return await registry.get_shared(shared_id, include_blob=query.include_blob)
 
 
-@router.post("/tasks", status_code=201)
-async def create_task(body: TaskCreate, registry: RegistryDep) -> TaskInfo:
+@router.post("/tasks", status_code=201, responses=errors(*KEYED, *BODY, 409))
+async def create_task(body: TaskCreate, registry: RegistryDep, caller: AdminCaller) -> TaskInfo:
+    caller.check(body.name)
     return await registry.create_task(body.name, body)
 
 
-@router.put("/tasks/{name}")
-async def replace_task(name: str, body: TaskReplace, registry: RegistryDep) -> TaskInfo:
+@router.put("/tasks/{name}", responses=errors(*KEYED, *BODY, 404, 409))
+async def replace_task(
+    name: Name, body: TaskReplace, registry: RegistryDep, caller: AdminCaller
+) -> TaskInfo:
+    caller.check(name)
     return await registry.replace_task(name, body)
 
 
-@router.delete("/tasks/{name}", status_code=204)
-async def delete_task(name: str, registry: RegistryDep) -> Response:
+@router.delete(
+    "/tasks/{name}", status_code=204, response_class=Response, responses=errors(*KEYED, 404, 422)
+)
+async def delete_task(name: Name, registry: RegistryDep, caller: AdminCaller) -> Response:
+    caller.check(name)
     await registry.delete_task(name)
     return Response(status_code=204)
 
 
-@router.get("/tasks", response_model_exclude_none=True)
+class PageQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt parameter is an error, not ignored
+
+    offset: int = Field(0, ge=0, le=MAX_OFFSET, description="index of the first task")
+    limit: int = Field(100, ge=1, le=MAX_PAGE, description="tasks per page")
+
+
+class TaskQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_factors: bool = Field(False, description="also return u, v and the base64 blob")
+
+
+@router.get("/tasks", responses=errors(*KEYED, 422))
 async def list_tasks(
-    registry: RegistryDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    registry: RegistryDep, caller: AdminCaller, query: Annotated[PageQuery, Query()]
 ) -> TaskPage:
-    return await registry.list_tasks(offset, limit)
+    allowed = caller.allows if caller.scoped else None
+    return await registry.list_tasks(query.offset, query.limit, allowed=allowed)
 
 
-@router.get("/tasks/{name}", response_model_exclude_none=True)
-async def get_task(name: str, registry: RegistryDep, include_factors: bool = False) -> TaskInfo:
-    return await registry.get_task(name, include_factors=include_factors)
+@router.get("/tasks/{name}", response_model_exclude_none=True, responses=errors(*KEYED, 404, 422))
+async def get_task(
+    name: Name, registry: RegistryDep, caller: AdminCaller, query: Annotated[TaskQuery, Query()]
+) -> TaskInfo:
+    caller.check(name)
+    return await registry.get_task(name, include_factors=query.include_factors)

@@ -15,7 +15,8 @@ from fastapi import APIRouter, Depends
 from sse_starlette import EventSourceResponse
 
 from service.api.errors import to_response
-from service.deps import ClientAuth, GenerationDep
+from service.api.responses import GENERATION, errors
+from service.deps import ClientCaller, GenerationDep
 from service.engine.base import GenerationResult, StreamDelta
 from service.handlers.chat import (
     ChatHandler,
@@ -33,7 +34,7 @@ from service.protocol.chat import (
 )
 from service.protocol.generate import Usage
 
-router = APIRouter(prefix="/v1", dependencies=[ClientAuth], tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"])
 
 
 def get_chat(generation: GenerationDep) -> ChatHandler:
@@ -49,20 +50,15 @@ ChatDep = Annotated[ChatHandler, Depends(get_chat)]
     responses={
         200: {
             "description": "the completion; with stream=true, chat.completion.chunk events",
-            "content": {"text/event-stream": {}},
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
         },
-        400: {"description": "malformed JSON, or a backbone without a chat template"},
-        401: {"description": "missing or wrong client key"},
-        404: {"description": "unknown task (model)"},
-        422: {"description": "invalid request, conversation or parameters over the limits"},
-        429: {"description": "the queue is full (Retry-After)"},
-        503: {"description": "store unavailable or server shutting down"},
-        504: {"description": "past the request deadline"},
+        **errors(*GENERATION),
     },
 )
 async def chat_completions(
-    body: ChatCompletionRequest, handler: ChatDep
+    body: ChatCompletionRequest, handler: ChatDep, caller: ClientCaller
 ) -> ChatCompletionResponse | EventSourceResponse:
+    caller.check(body.model)
     prepared = await handler.prepare(body)
     created, cid = int(time.time()), chat_completion_id()
     if body.stream:

@@ -4,8 +4,9 @@ Mapping: ApiError → its status; RequestValidationError → 422 (field: problem
 malformed JSON → 400; a body not sent as JSON → 422 saying so; InvalidNameError → 422
 invalid_name; BackboneMismatchError → 409 (the artifact is valid, it conflicts with
 the served backbone); other ArtifactError → 422; NotFoundError → 404; ConflictError → 409;
-UnknownSharedError → 422; StoreError → 503; QueueFullError → 429 + Retry-After; EngineClosedError → 503;
-anything else → 500, logged with the request id.
+UnknownSharedError → 422; StoreError → 503; QueueFullError → 429 + Retry-After (from the
+engine's measured drain rate); NonFiniteLogitsError → 422 (that request alone failed);
+EngineClosedError → 503; anything else → 500, logged with the request id.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prompts.errors import ArtifactError, BackboneMismatchError, InvalidNameError
 from service.engine.base import EngineClosedError, QueueFullError
+from service.engine.sampling import NonFiniteLogitsError
 from service.errors import ApiError
 from service.logging import request_id_var
 from service.store.base import ConflictError, NotFoundError, StoreError, UnknownSharedError
@@ -88,6 +90,8 @@ def _status_for(exc: Exception) -> tuple[int, str, str, dict[str, str] | None]:
     if isinstance(exc, QueueFullError):
         retry = str(max(1, math.ceil(exc.retry_after_s)))
         return 429, "queue_full", str(exc), {"Retry-After": retry}
+    if isinstance(exc, NonFiniteLogitsError):
+        return 422, "generation_failed", str(exc), None
     if isinstance(exc, EngineClosedError):
         return 503, "shutting_down", str(exc) or "the server is shutting down", None
     return 500, "internal_error", "internal server error", None

@@ -4,28 +4,39 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Path, Request
 from sse_starlette import EventSourceResponse
 
+from prompts.artifacts import NAME_PATTERN
 from service.api.errors import to_response
-from service.deps import ClientAuth, GenerationDep
+from service.api.responses import GENERATION, streaming
+from service.deps import ClientCaller, GenerationDep
 from service.engine.base import StreamDelta
 from service.handlers.generation import GenerationHandler, close_stream, outputs
 from service.protocol.generate import GenerateRequest, GenerateResponse, Output
 
-router = APIRouter(prefix="/v1", dependencies=[ClientAuth], tags=["generation"])
+router = APIRouter(prefix="/v1", tags=["generation"])
 
 
-@router.post("/tasks/{task}/generate", response_model=None)
+@router.post(
+    "/tasks/{task}/generate", response_model=GenerateResponse, responses=streaming(*GENERATION)
+)
 async def generate(
-    task: str, body: GenerateRequest, handler: GenerationDep
+    task: Annotated[str, Path(description=f"task name: {NAME_PATTERN.pattern}")],
+    body: GenerateRequest,
+    handler: GenerationDep,
+    caller: ClientCaller,
+    request: Request,
 ) -> GenerateResponse | EventSourceResponse:
-    prepared = await handler.prepare(task, body.input_list, body.parameters)
+    """Generate for one input or a list; ``"stream": true`` answers server-sent events
+    (``token`` events, then ``done`` with the whole output, or ``error``)."""
+    prepared = await handler.prepare(caller.check(task), body.input_list, body.parameters)
     if body.stream:
         first, stream = await handler.open_stream(prepared.requests[0])
         return EventSourceResponse(_events(handler, first, stream), ping=15)
-    results = await handler.run(prepared)
+    results = await handler.run(prepared, request.is_disconnected)
     outs, usage = outputs(results)
     return GenerateResponse(
         task=prepared.task.name,

@@ -10,11 +10,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from sse_starlette import EventSourceResponse
 
 from service.api.errors import to_response
-from service.deps import ClientAuth, GenerationDep, RegistryDep
+from service.api.responses import GENERATION, KEYED, errors, streaming
+from service.deps import ClientCaller, GenerationDep, RegistryDep
 from service.engine.base import StreamDelta
 from service.handlers.generation import close_stream, completion_id, outputs
 from service.protocol.openai import (
@@ -24,8 +25,9 @@ from service.protocol.openai import (
     ModelCard,
     ModelList,
 )
+from service.store.factor_store import MAX_PAGE
 
-router = APIRouter(prefix="/v1", dependencies=[ClientAuth], tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"])
 
 
 def _reason(engine_reason: str | None) -> Literal["stop", "length"] | None:
@@ -34,17 +36,19 @@ def _reason(engine_reason: str | None) -> Literal["stop", "length"] | None:
     return "length" if engine_reason == "length" else "stop"
 
 
-@router.post("/completions", response_model=None)
+@router.post("/completions", response_model=CompletionResponse, responses=streaming(*GENERATION))
 async def completions(
-    body: CompletionRequest, handler: GenerationDep
+    body: CompletionRequest, handler: GenerationDep, caller: ClientCaller, request: Request
 ) -> CompletionResponse | EventSourceResponse:
-    prepared = await handler.prepare(body.model, body.prompts, body.parameters())
+    """OpenAI completions; ``model`` is the task name. ``"stream": true`` answers SSE chunks
+    ending with ``data: [DONE]``."""
+    prepared = await handler.prepare(caller.check(body.model), body.prompts, body.parameters())
     created = int(time.time())
     cid = completion_id()
     if body.stream:
         first, stream = await handler.open_stream(prepared.requests[0])
         return EventSourceResponse(_chunks(cid, created, body.model, first, stream), ping=15)
-    results = await handler.run(prepared)
+    results = await handler.run(prepared, request.is_disconnected)
     outs, usage = outputs(results)
     choices = [
         CompletionChoice(text=o.text, index=i, finish_reason=_reason(o.finish_reason))
@@ -84,13 +88,18 @@ async def _chunks(
     yield {"data": "[DONE]"}
 
 
-@router.get("/models")
-async def models(registry: RegistryDep) -> ModelList:
+@router.get("/models", responses=errors(*KEYED))
+async def models(registry: RegistryDep, caller: ClientCaller) -> ModelList:
+    """The tasks this key may use, as OpenAI models."""
     cards: list[ModelCard] = []
     offset: int | None = 0
     while offset is not None:
-        page = await registry.list_tasks(offset, 1000)
-        cards += [ModelCard(id=t.name, created=_epoch(t.created)) for t in page.tasks]
+        page = await registry.list_tasks(offset, MAX_PAGE)
+        cards += [
+            ModelCard(id=t.name, created=_epoch(t.created))
+            for t in page.tasks
+            if caller.allows(t.name)
+        ]
         offset = page.next_offset
     return ModelList(data=cards)
 

@@ -5,20 +5,24 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from service.api.errors import error_response
-from service.deps import ClientAuth, MetricsDep, StateDep
+from service.api.responses import KEYED, errors
+from service.deps import ClientCaller, MetricsDep, StateDep
+from service.protocol.errors import Status
+
+METRICS = "Prometheus text exposition format"
 
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+@router.get("/healthz", responses=errors())
+async def healthz() -> Status:
+    return Status(status="ok")
 
 
-@router.get("/readyz")
+@router.get("/readyz", response_model=Status, responses=errors())
 async def readyz(state: StateDep) -> JSONResponse:
     if not getattr(state, "ready", False) or getattr(state, "draining", False):
         return error_response(503, "not_ready", "the server is starting or shutting down")
@@ -31,7 +35,14 @@ async def readyz(state: StateDep) -> JSONResponse:
     return JSONResponse({"status": "ready"})
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": METRICS},
+        **errors(),
+    },
+)
 async def metrics(metrics: MetricsDep, state: StateDep) -> Response:
     engine = getattr(state, "engine", None)
     if engine is not None:
@@ -41,8 +52,8 @@ async def metrics(metrics: MetricsDep, state: StateDep) -> Response:
     return Response(body, media_type=content_type)
 
 
-@router.get("/v1/info", dependencies=[ClientAuth])
-async def info(state: StateDep) -> dict[str, Any]:
+@router.get("/v1/info", responses=errors(*KEYED))
+async def info(state: StateDep, caller: ClientCaller) -> dict[str, Any]:
     s = state.settings
     bb = state.backbone
     return {
@@ -63,6 +74,7 @@ async def info(state: StateDep) -> dict[str, Any]:
             "max_rank": s.max_rank,
             "max_prompt_length": s.max_prompt_length,
             "max_body_bytes": s.max_body_bytes,
+            "max_positions": state.generation.positions,
             "request_timeout_s": s.request_timeout_s,
         },
         "store": getattr(state.store, "kind", "unknown"),

@@ -47,6 +47,11 @@ class ResolvedTask:
     v: Tensor  # [r, d]
 
 
+# Below this temperature sampling is greedy (vLLM's _SAMPLING_EPS): dividing logits by a
+# tinier temperature overflows them to inf, and the distribution is one-hot anyway.
+SAMPLING_EPS = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 64
@@ -59,7 +64,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < SAMPLING_EPS
 
 
 @dataclass

@@ -38,6 +38,7 @@ from service.engine.base import (
     StreamDelta,
 )
 from service.engine.decode import DecodeLoop, Row
+from service.engine.drain import DrainRate
 from service.engine.kv_layout import admission_count
 from service.engine.prefix_cache import PrefixCache
 
@@ -76,6 +77,7 @@ class ContinuousEngine(Engine):
         self.metrics = metrics
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.loop_core = DecodeLoop(backbone, prefix_cache=self.prefix_cache, seed=seed)
+        self.drain = DrainRate()
         self._waiting: deque[Row] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -139,9 +141,12 @@ class ContinuousEngine(Engine):
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
         def emit(delta: StreamDelta) -> None:
+            if delta.result is not None:
+                self._finished(delta.result.finish_reason)
             loop.call_soon_threadsafe(queue.put_nowait, delta)
 
         def fail(exc: BaseException) -> None:
+            self._finished("error")
             loop.call_soon_threadsafe(queue.put_nowait, exc)
 
         row = Row(request=request, emit=emit, fail=fail)
@@ -163,6 +168,12 @@ class ContinuousEngine(Engine):
         finally:
             if not finished:
                 self._cancel(row)
+
+    def _finished(self, reason: str) -> None:
+        """A row left (any thread): count it by reason and in the drain rate."""
+        self.drain.record()
+        if self.metrics:
+            self.metrics.finish(reason)
 
     # -- cache invalidation ----------------------------------------------------------------
 
@@ -188,7 +199,8 @@ class ContinuousEngine(Engine):
             if self._closed:
                 raise EngineClosedError("the engine is shutting down and takes no new requests")
             if len(self._waiting) >= self.queue_size:
-                raise QueueFullError(len(self._waiting))
+                depth = len(self._waiting)
+                raise QueueFullError(depth, retry_after_s=self.drain.retry_after_s(depth))
             self._waiting.append(row)
             self._cond.notify()
         if self.metrics:
@@ -216,6 +228,7 @@ class ContinuousEngine(Engine):
                 admitted = self._take_admissible()
             try:
                 start = time.perf_counter()
+                generated_before = core.stats.generated  # admission chooses first tokens too
                 core.drop_cancelled()
                 if admitted:
                     core.admit(admitted)
@@ -223,15 +236,17 @@ class ContinuousEngine(Engine):
                         self.metrics.add_prompt_tokens(
                             sum(len(r.request.input_ids) for r in admitted)
                         )
-                generated_before = core.stats.generated
+                # The step's batch as it enters the step: rows that finish in it leave at its end.
+                tasks = len({r.request.task.name for r in core.rows})
                 batch = core.step()
-                if self.metrics and batch:
-                    self.metrics.observe_batch(batch, len({r.request.task.name for r in core.rows}))
-                    self.metrics.observe_step(time.perf_counter() - start)
+                if self.metrics:
                     self.metrics.add_tokens(core.stats.generated - generated_before)
+                    if batch:
+                        self.metrics.observe_batch(batch, tasks)
+                        self.metrics.observe_step(time.perf_counter() - start)
                     self.metrics.set_running(core.running)
                     self.metrics.set_queue_depth(len(self._waiting))
-            except Exception as exc:  # the model failed: fail the rows in flight, keep serving
+            except Exception as exc:  # a decode forward failed: no row is to blame, end them all
                 log.exception("engine step failed")
                 for row in admitted:
                     if not row.finished:

@@ -17,6 +17,7 @@ with ``"length"``, a closed stream or an aborted engine with ``"cancelled"``.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,7 +50,14 @@ from service.engine.kv_layout import (
     select_layers,
 )
 from service.engine.prefix_cache import PrefixCache, PromptPrefix
-from service.engine.sampling import choose_tokens, make_generator
+from service.engine.sampling import (
+    BAD_ROW,
+    NonFiniteLogitsError,
+    choose_tokens,
+    make_generator,
+)
+
+log = logging.getLogger("rankone.engine")
 
 
 @dataclass(eq=False)
@@ -218,16 +226,24 @@ class DecodeLoop:
             if not row.request.params.greedy:
                 row.generator = make_generator(row.request.params.seed, self.device, self.rng)
         start = time.perf_counter()
-        if self.seq2seq:
-            logits, state = self._prefill_seq2seq(rows)
-        elif self.prefix_cache is not None:
-            logits, state = self._prefill_cached(rows)
-        else:
-            logits, state = self._prefill_causal(rows)
+        try:
+            logits, state = self._prefill(rows)
+        except Exception as exc:  # the group ends alone; the running batch is untouched
+            log.exception("prefill failed for a group of %d", len(rows))
+            for row in rows:
+                self._fail(row, exc)
+            return
         self.stats.prefill_s += time.perf_counter() - start
         self.stats.prefills += 1
         self._merge(rows, state)
         self._choose_and_advance(logits, first_row=len(self.rows) - len(rows))
+
+    def _prefill(self, rows: Sequence[Row]) -> tuple[Tensor, dict[str, object]]:
+        if self.seq2seq:
+            return self._prefill_seq2seq(rows)
+        if self.prefix_cache is not None:
+            return self._prefill_cached(rows)
+        return self._prefill_causal(rows)
 
     def _finish_early(self, row: Row) -> bool:
         if row.cancelled:
@@ -235,19 +251,21 @@ class DecodeLoop:
             return True
         row.limit = row.request.params.max_new_tokens
         if self.max_positions is not None:
-            # Absolute-position models cannot go past their table: stop there ("length").
+            # Absolute-position models cannot go past their table. The last generated token
+            # is never fed back, so L + T + n - 1 positions serve n new tokens. The handler
+            # refuses what cannot fit (422); this guards direct callers of the engine.
             used = int(row.request.task.prompt.shape[0]) + len(row.request.input_ids)
-            if used >= self.max_positions:
-                row.finished = True
-                row.fail(
+            if used > self.max_positions:
+                self._fail(
+                    row,
                     ValueError(
                         f"prompt ({used - len(row.request.input_ids)} rows) + input "
                         f"({len(row.request.input_ids)} tokens) exceed the model's "
                         f"{self.max_positions} positions; shorten the input"
-                    )
+                    ),
                 )
                 return True
-            row.limit = min(row.limit, self.max_positions - used)
+            row.limit = min(row.limit, self.max_positions - used + 1)
         if row.limit <= 0:
             row.detok = IncrementalDetokenizer(self.tokenizer)
             self._finish(row, "length", "", [])
@@ -479,6 +497,9 @@ class DecodeLoop:
 
     def _advance(self, row: Row, token: int) -> None:
         assert row.detok is not None
+        if token == BAD_ROW:
+            self._fail(row, NonFiniteLogitsError(row.request.task.name))
+            return
         if token in self.eos_ids:
             self._finish(row, "stop", row.detok.flush(), [])
             return
@@ -502,6 +523,11 @@ class DecodeLoop:
             completion_tokens=len(row.generated),
         )
         row.emit(StreamDelta(text=text, token_ids=token_ids, result=result))
+
+    def _fail(self, row: Row, exc: BaseException) -> None:
+        """End one row with an error (its neighbours go on); it leaves at the next retire."""
+        row.finished = True
+        row.fail(exc)
 
     def drop_cancelled(self) -> None:
         """Free the rows whose consumers went away (finish reason ``cancelled``)."""

@@ -2,6 +2,12 @@
 
 Each row samples from its own ``torch.Generator``, so a seeded request draws the same tokens
 whatever its batch neighbours are (and however many of them there are).
+
+Fault isolation: a row whose logits are not usable (NaN, +inf, or nothing left to choose after
+its filters) never raises and never touches its neighbours: ``choose_tokens`` answers
+``BAD_ROW`` for it, and the engine ends that row alone with ``NonFiniteLogitsError``.
+Sampling itself never sees an invalid distribution (``torch.multinomial`` would raise on the
+CPU and trip a device-side assert on CUDA, taking every row down with it).
 """
 
 from __future__ import annotations
@@ -12,6 +18,31 @@ import torch
 from torch import Tensor
 
 from service.engine.base import SamplingParams
+
+BAD_ROW = -1  # the token id ``choose_tokens`` answers for a row whose logits are unusable
+
+
+class NonFiniteLogitsError(RuntimeError):
+    """One row's logits were not finite: its request ends alone with this error."""
+
+    def __init__(self, task: str) -> None:
+        super().__init__(
+            f"the model produced non-finite scores for this request (task {task!r}): the task's "
+            "factors or the sampling parameters push the backbone out of its numeric range"
+        )
+        self.task = task
+
+
+def unusable(logits: Tensor) -> Tensor:
+    """Which rows of ``logits`` [B, V] (or one row [V]) cannot be chosen from → bool [B] (or 0-d).
+
+    NaN or +inf anywhere, or no finite entry at all (everything masked to -inf).
+    """
+    return (
+        torch.isnan(logits).any(-1)
+        | torch.isposinf(logits).any(-1)
+        | ~torch.isfinite(logits).any(-1)
+    )
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
@@ -48,13 +79,16 @@ def filter_top_k_top_p(logits: Tensor, top_k: int, top_p: float) -> Tensor:
 def _next_token(
     logits: Tensor, params: SamplingParams, seen: Tensor, generator: torch.Generator | None
 ) -> Tensor:
-    """One row's next token from ``logits`` [V] (float32), as a 0-d tensor (no host sync)."""
+    """One row's next token from ``logits`` [V] (float32), as a 0-d tensor (no host sync);
+    ``BAD_ROW`` when the processed logits are unusable."""
     logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
-        return torch.argmax(logits)
+        return torch.where(unusable(logits), BAD_ROW, torch.argmax(logits))
     logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[0]
+    bad = unusable(logits)
+    # A bad row draws from a harmless stand-in so that multinomial never sees NaN / inf.
+    probs = torch.softmax(torch.where(bad, torch.zeros_like(logits), logits), dim=-1)
+    return torch.where(bad, BAD_ROW, torch.multinomial(probs, 1, generator=generator)[0])
 
 
 def choose_token(
@@ -70,7 +104,7 @@ def choose_tokens(
     seen: Sequence[Tensor],
     generators: Sequence[torch.Generator | None],
 ) -> list[int]:
-    """Next tokens for a batch: ``logits`` [B, V] → B ids.
+    """Next tokens for a batch: ``logits`` [B, V] → B ids, ``BAD_ROW`` for unusable rows.
 
     Rows that are plainly greedy share one argmax; the others go one by one (their filters and
     generators are per row). The ids are read back to the host once, for the whole batch.
@@ -78,16 +112,12 @@ def choose_tokens(
     if logits.shape[0] == 0:
         return []
     logits = logits.float()
+    out = torch.where(unusable(logits), BAD_ROW, torch.argmax(logits, dim=-1))  # [B]
     others = [b for b, p in enumerate(params) if not (p.greedy and p.repetition_penalty == 1.0)]
-    if not others:
-        return torch.argmax(logits, dim=-1).tolist()
-    chosen = torch.stack(
-        [_next_token(logits[b], params[b], seen[b], generators[b]) for b in others]
-    )  # [n]
-    if len(others) == len(params):
-        return chosen.tolist()
-    out = torch.argmax(logits, dim=-1)  # [B]
-    out[others] = chosen
+    if others:
+        out[others] = torch.stack(
+            [_next_token(logits[b], params[b], seen[b], generators[b]) for b in others]
+        )  # [n]
     return out.tolist()
 
 

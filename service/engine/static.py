@@ -24,6 +24,7 @@ from service.engine.base import (
     QueueFullError,
     StreamDelta,
 )
+from service.engine.drain import DrainRate
 from service.engine.static_batch import group_key, run_group
 from service.metrics import EngineMetrics
 
@@ -56,6 +57,7 @@ class StaticBatchEngine(Engine):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rankone-model")
         self._closed = False
         self._running = 0
+        self.drain = DrainRate()
 
     @property
     def queue_depth(self) -> int:
@@ -91,7 +93,8 @@ class StaticBatchEngine(Engine):
         try:
             self._queue.put_nowait(pending)
         except asyncio.QueueFull:
-            raise QueueFullError(self._queue.qsize(), retry_after_s=1.0) from None
+            depth = self._queue.qsize()
+            raise QueueFullError(depth, retry_after_s=self.drain.retry_after_s(depth)) from None
         self._report()
         try:
             return await asyncio.shield(pending.future)
@@ -140,48 +143,62 @@ class StaticBatchEngine(Engine):
                 groups.setdefault(group_key(pending.request), []).append(pending)
             try:
                 for group in groups.values():
-                    requests = [p.request for p in group if not p.future.done()]
-                    if not requests:
-                        continue
-                    started = time.perf_counter()
-                    try:
-                        results = await loop.run_in_executor(
-                            self._executor, run_group, self.backbone, requests
-                        )
-                    except Exception as e:  # a bad batch fails its rows, not the engine
-                        log.exception("generation failed for a batch of %d", len(requests))
-                        for p in group:
-                            if not p.future.done():
-                                p.future.set_exception(e)
-                        continue
-                    self._observe(requests, results, time.perf_counter() - started)
-                    live = [p for p in group if not p.future.done()]
-                    for p, result in zip(live, _align(group, requests, results), strict=True):
-                        p.future.set_result(result)
+                    await self._run_group(loop, group)
             finally:
                 self._running = 0
                 self._report()
 
+    async def _run_group(self, loop: asyncio.AbstractEventLoop, group: list[_Pending]) -> None:
+        """One ``generate`` call for ``group``; if it raises, each row runs alone, so that a
+        failure ends only the rows that fail by themselves."""
+        requests = [p.request for p in group if not p.future.done()]
+        if not requests:
+            return
+        started = time.perf_counter()
+        try:
+            results = await loop.run_in_executor(self._executor, run_group, self.backbone, requests)
+        except Exception as exc:
+            if len(requests) == 1:
+                log.exception("generation failed for request %s", requests[0].request_id)
+                results = [exc]
+            else:
+                log.warning("a batch of %d failed; running its rows alone", len(requests))
+                results = [await self._run_alone(loop, r) for r in requests]
+        self._observe(requests, results, time.perf_counter() - started)
+        by_request = {id(req): res for req, res in zip(requests, results, strict=True)}
+        for p in group:
+            result = by_request.get(id(p.request))
+            if result is None or p.future.done():
+                continue
+            if isinstance(result, Exception):
+                p.future.set_exception(result)
+            else:
+                p.future.set_result(result)
+
+    async def _run_alone(
+        self, loop: asyncio.AbstractEventLoop, request: GenerationRequest
+    ) -> GenerationResult | Exception:
+        try:
+            return (
+                await loop.run_in_executor(self._executor, run_group, self.backbone, [request])
+            )[0]
+        except Exception as exc:
+            log.exception("generation failed for request %s", request.request_id)
+            return exc
+
     def _observe(
-        self, requests: list[GenerationRequest], results: list[GenerationResult], seconds: float
+        self,
+        requests: list[GenerationRequest],
+        results: list[GenerationResult | Exception],
+        seconds: float,
     ) -> None:
+        self.drain.record(len(results))
         if self.metrics is None:
             return
+        done = [r for r in results if isinstance(r, GenerationResult)]
         self.metrics.observe_batch(len(requests), len({r.task.name for r in requests}))
         self.metrics.observe_step(seconds)
-        self.metrics.add_tokens(sum(r.completion_tokens for r in results))
-        self.metrics.add_prompt_tokens(sum(r.prompt_tokens for r in results))
+        self.metrics.add_tokens(sum(r.completion_tokens for r in done))
+        self.metrics.add_prompt_tokens(sum(len(r.input_ids) for r in requests))
         for r in results:
-            self.metrics.finish(r.finish_reason)
-
-
-def _align(
-    group: list[_Pending], requests: list[GenerationRequest], results: list[GenerationResult]
-) -> list[GenerationResult]:
-    """Results of the rows still waiting (some may have been cancelled while running)."""
-    by_request = {id(req): res for req, res in zip(requests, results, strict=True)}
-    return [
-        by_request[id(p.request)]
-        for p in group
-        if not p.future.done() and id(p.request) in by_request
-    ]
+            self.metrics.finish(r.finish_reason if isinstance(r, GenerationResult) else "error")

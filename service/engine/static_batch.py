@@ -7,11 +7,13 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from transformers import DynamicCache, EncoderDecoderCache, LogitsProcessorList
 
 from prompts.backbone import Backbone
 from prompts.compose import compose_prompts
 from prompts.inputs import prepend_prompts
 from service.engine.base import FinishReason, GenerationRequest, GenerationResult, SamplingParams
+from service.engine.sampling import NonFiniteLogitsError, unusable
 
 
 def group_key(request: GenerationRequest) -> Hashable:
@@ -111,13 +113,48 @@ def generate_kwargs(params: SamplingParams) -> dict[str, Any]:
     }
 
 
-def run_group(backbone: Backbone, requests: list[GenerationRequest]) -> list[GenerationResult]:
-    """One ``generate`` call for requests sharing a ``group_key``; runs in the model thread."""
+class NonFiniteGuard:
+    """A ``generate`` logits processor (run last, on the final scores) that isolates bad rows.
+
+    A row whose scores are unusable (NaN, +inf, or all -inf) is recorded in ``bad`` and gets a
+    one-hot score on ``stop_id`` instead, so the call neither raises in sampling nor keeps the
+    row running; the caller ends those rows with ``NonFiniteLogitsError``.
+    """
+
+    def __init__(self, batch: int, stop_id: int) -> None:
+        self.bad = [False] * batch
+        self.stop_id = stop_id
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:  # scores [B, V]
+        rows = unusable(scores)  # [B]
+        if not bool(rows.any()):
+            return scores
+        for b in rows.nonzero().flatten().tolist():
+            self.bad[b] = True
+        stand_in = torch.full_like(scores[0], float("-inf"))
+        stand_in[self.stop_id] = 0.0
+        return torch.where(rows[:, None], stand_in, scores)
+
+
+def run_group(
+    backbone: Backbone, requests: list[GenerationRequest]
+) -> list[GenerationResult | Exception]:
+    """One ``generate`` call for requests sharing a ``group_key``; runs in the model thread.
+
+    A row whose scores turn non-finite gets a ``NonFiniteLogitsError`` in its place; the other
+    rows of the call are unaffected (nothing crosses rows in a forward pass).
+    """
     tok = backbone.tokenizer
     device, dtype = backbone.device, backbone.dtype
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     eos = eos_ids(backbone)
     params = requests[0].params
+    guard = NonFiniteGuard(len(requests), min(eos) if eos else pad_id)
+    extra: dict[str, Any] = {}
+    if backbone.is_seq2seq:
+        # generate's own cache assumes as many decoder as encoder layers (IndexError on a T5
+        # with num_decoder_layers != num_layers); an empty cache of ours sizes itself.
+        extra["cache"] = EncoderDecoderCache(DynamicCache(), DynamicCache())
     with torch.inference_mode():
         ids, mask = pad_right([r.input_ids for r in requests], pad_id)
         ids, mask = ids.to(device), mask.to(device)
@@ -134,12 +171,17 @@ def run_group(backbone: Backbone, requests: list[GenerationRequest]) -> list[Gen
             num_beams=1,
             pad_token_id=pad_id,
             eos_token_id=sorted(eos) or None,
+            logits_processor=LogitsProcessorList([guard]),
             **generate_kwargs(params),
+            **extra,
         )
     if backbone.is_seq2seq:
         out = out[:, 1:]  # drop the decoder start token
-    results = []
+    results: list[GenerationResult | Exception] = []
     for b, r in enumerate(requests):
+        if guard.bad[b]:
+            results.append(NonFiniteLogitsError(r.task.name))
+            continue
         tokens, text, reason = trim(
             out[b].tolist(), r.params, eos, lambda t: tok.decode(t, skip_special_tokens=True)
         )

@@ -4,8 +4,9 @@ submit one engine request per input (concurrently), under the request deadline."
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,16 @@ from service.errors import ApiError
 from service.logging import request_id_var
 from service.protocol.generate import GenerationParameters, Output, Usage
 from service.settings import Settings
+
+Disconnected = Callable[[], Awaitable[bool]]
+DISCONNECT_POLL_S = 0.2
+
+
+class ClientGone(ApiError):
+    """The client closed the connection before its answer was ready (logged as 499)."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "client_closed", "the client closed the connection")
 
 
 @dataclass
@@ -55,6 +66,7 @@ class GenerationHandler:
         self.engine = engine
         self.backbone = backbone
         self.settings = settings
+        self.positions = position_table(backbone)
         # Long inputs tokenize off the event loop, one at a time (fast tokenizers are not
         # safe to call concurrently).
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="rankone-tokenize")
@@ -110,28 +122,76 @@ class GenerationHandler:
         base = request_id_var.get()
         loop = asyncio.get_running_loop()
         token_ids = await loop.run_in_executor(self._tokenizer_thread, encode)
+        explicit = params.max_new_tokens is not None
         requests = [
             GenerationRequest(
                 request_id=f"{base}-{i}" if len(token_ids) > 1 else base,
                 task=task,
                 input_ids=ids,
-                params=sampling,
+                params=self._fit_positions(task, ids, sampling, explicit=explicit),
             )
             for i, ids in enumerate(token_ids)
         ]
         return Prepared(task, requests)
 
-    async def run(self, prepared: Prepared) -> list[GenerationResult]:
-        """All inputs concurrently; if one fails (queue full, timeout) the rest are cancelled."""
-        jobs = [asyncio.ensure_future(self.engine.generate(r)) for r in prepared.requests]
-        try:
-            return list(
-                await asyncio.wait_for(asyncio.gather(*jobs), self.settings.request_timeout_s)
+    def _fit_positions(
+        self, task: ResolvedTask, ids: list[int], sampling: SamplingParams, *, explicit: bool
+    ) -> SamplingParams:
+        """Refuse (422, with the numbers) what cannot fit the model's position table; lower a
+        defaulted ``max_new_tokens`` to what fits. The last new token is never fed back, so
+        ``L + T + n - 1`` positions serve ``n`` new tokens."""
+        table = self.positions
+        if table is None:
+            return sampling
+        length, n = int(task.prompt.shape[0]), sampling.max_new_tokens
+        used = length + len(ids)
+        if used > table:
+            raise ApiError(
+                422,
+                "input_too_long",
+                f"the task's prompt ({length} rows) + the input ({len(ids)} tokens) take {used} "
+                f"positions; the model has {table}: shorten the input by {used - table} tokens",
             )
-        except TimeoutError:
-            raise self._timeout() from None
+        room = table - used + 1
+        if n <= room:
+            return sampling
+        if explicit:
+            raise ApiError(
+                422,
+                "max_new_tokens_too_large",
+                f"the task's prompt ({length} rows) + the input ({len(ids)} tokens) + "
+                f"max_new_tokens={n} need {used + n - 1} positions; the model has {table}: "
+                f"ask for at most {room} new tokens",
+            )
+        return dataclasses.replace(sampling, max_new_tokens=room)
+
+    async def run(
+        self, prepared: Prepared, disconnected: Disconnected | None = None
+    ) -> list[GenerationResult]:
+        """All inputs concurrently; if one fails (queue full, timeout) the rest are cancelled.
+
+        ``disconnected`` (the route passes its request's ``is_disconnected``) is polled while
+        the rows run: once the client has gone, its rows are cancelled (their batch slots are
+        freed at the next step) and ``ClientGone`` is raised.
+        """
+        jobs = [asyncio.ensure_future(self.engine.generate(r)) for r in prepared.requests]
+        gathered = asyncio.gather(*jobs)
+        gathered.add_done_callback(_retrieve)  # its error is read even when nobody awaits it
+        watcher = asyncio.ensure_future(_watch(disconnected)) if disconnected else None
+        waits: set[asyncio.Future[Any]] = {gathered}
+        if watcher is not None:
+            waits.add(watcher)
+        try:
+            done, _ = await asyncio.wait(
+                waits, timeout=self.settings.request_timeout_s, return_when="FIRST_COMPLETED"
+            )
+            if gathered in done:
+                return list(gathered.result())
+            if watcher is not None and watcher in done:
+                raise ClientGone()
+            raise self._timeout()
         finally:
-            for job in jobs:
+            for job in waits | set(jobs):
                 job.cancel()
 
     async def open_stream(
@@ -172,6 +232,30 @@ class GenerationHandler:
     def _timeout(self) -> ApiError:
         limit = self.settings.request_timeout_s
         return ApiError(504, "timeout", f"the request took longer than {limit:g} s")
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+async def _watch(disconnected: Disconnected | None) -> None:
+    """Return once ``disconnected()`` says the client went away."""
+    assert disconnected is not None
+    while not await disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_S)
+
+
+def position_table(backbone: Backbone) -> int | None:
+    """Rows of a decoder-only model's position table (None: seq2seq, or no such limit)."""
+    if backbone.is_seq2seq:
+        return None
+    config = backbone.model.config
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 async def close_stream(stream: AsyncIterator[StreamDelta]) -> None:

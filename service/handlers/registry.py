@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import torch
@@ -26,7 +28,9 @@ from prompts.artifacts import (
     validate_task,
 )
 from prompts.backbone import Backbone
+from prompts.compose import compose_prompt
 from prompts.errors import ArtifactError
+from service.auth import Caller
 from service.protocol.generate import (
     SharedPromptCreate,
     SharedPromptInfo,
@@ -37,6 +41,7 @@ from service.protocol.generate import (
 )
 from service.settings import Settings
 from service.store.base import ConflictError, NotFoundError, Record
+from service.store.factor_store import MAX_PAGE
 
 # Fields of a task body that PUT keeps from the previous version when the body leaves them out.
 _KEPT_ON_REPLACE = ("description", "metadata", "parameters")
@@ -121,16 +126,59 @@ def task_info(record: Record, factors: TaskFactors | None = None) -> TaskInfo:
     return info
 
 
+# A composed prompt row may be at most this many times the largest input-embedding row
+# (L2 norms). Trained prompts sit within a small multiple of the token embeddings; a row a
+# thousand times longer than any token the backbone has seen is garbage to it, and past this
+# the half-precision range (65504) is near for typical embedding norms.
+PROMPT_NORM_FACTOR = 1000.0
+
+
+def prompt_norm_bound(backbone: Backbone) -> float:
+    """``PROMPT_NORM_FACTOR`` × the largest row norm of the backbone's input embeddings."""
+    model: Any = backbone.model
+    weight = model.get_input_embeddings().weight  # [V, d]
+    with torch.no_grad():
+        largest = float(weight.float().norm(dim=-1).max())
+    return PROMPT_NORM_FACTOR * largest
+
+
+def check_composed(tf: TaskFactors, prompt: torch.Tensor, bound: float, dtype: torch.dtype) -> None:
+    """The task prompt ``P ⊙ (U @ V)`` [L, d] must be finite (in the model's dtype too) and its
+    rows no longer than ``bound``: factors that are each finite can still overflow together."""
+    with torch.no_grad():
+        composed = compose_prompt(
+            prompt.float(), tf.u.float().to(prompt.device), tf.v.float().to(prompt.device)
+        )
+        finite = bool(torch.isfinite(composed).all()) and bool(
+            torch.isfinite(composed.to(dtype)).all()
+        )
+        largest = float(composed.norm(dim=-1).max()) if finite else math.inf
+    if not finite or largest > bound:
+        shown = "not finite" if not finite else f"{largest:.4g}"
+        raise ArtifactError(
+            f"task {tf.name!r}: the composed prompt P ⊙ (u @ v) has a row norm of {shown}; "
+            f"this backbone accepts at most {bound:.4g} ({PROMPT_NORM_FACTOR:g} × its largest "
+            "input-embedding norm): scale u and v down"
+        )
+
+
 class RegistryHandler:
     def __init__(self, store: Any, backbone: Backbone, settings: Settings) -> None:
         self.store = store
         self.backbone = backbone
         self.settings = settings
+        self.prompt_norm_bound = prompt_norm_bound(backbone)
 
     async def register_shared(
-        self, body: SharedPromptCreate, *, expected_id: str | None = None
+        self,
+        body: SharedPromptCreate,
+        *,
+        expected_id: str | None = None,
+        caller: Caller | None = None,
     ) -> tuple[SharedPromptInfo, bool]:
         sp = self._shared_from(body)
+        if caller is not None:
+            caller.check(sp.id, "shared prompt")
         if expected_id is not None and sp.id != expected_id:
             raise ArtifactError(f"the body's id is {sp.id!r}, but the URL says {expected_id!r}")
         if sp.dim != self.backbone.dim:
@@ -215,6 +263,7 @@ class RegistryHandler:
             _check_shapes(tf, sp)
         validate_task(tf, max_rank=self.settings.max_rank)
         check_task_fits(tf, sp)
+        check_composed(tf, sp.prompt, self.prompt_norm_bound, self.backbone.dtype)
         meta = {
             "description": body.description,
             "metadata": body.metadata,
@@ -253,12 +302,33 @@ class RegistryHandler:
         record, tf = await self.store.get_task(check_name(name, "task name"))
         return task_info(record, tf if include_factors else None)
 
-    async def list_tasks(self, offset: int, limit: int) -> TaskPage:
-        page = await self.store.list_tasks(offset, limit)
+    async def list_tasks(
+        self, offset: int, limit: int, *, allowed: Callable[[str], bool] | None = None
+    ) -> TaskPage:
+        """A page of tasks; with ``allowed`` (a scoped key's filter), a page of those it allows.
+
+        A filtered listing walks the whole index (the store pages by position, not by pattern):
+        fine for thousands of tasks, a cost to know of at 100,000.
+        """
+        if allowed is None:
+            page = await self.store.list_tasks(offset, limit)
+            records, total, next_offset = page.records, page.total, page.next_offset
+        else:
+            matching = [r async for r in self._all_records() if allowed(r.name)]
+            records, total = matching[offset : offset + limit], len(matching)
+            next_offset = offset + limit if offset + limit < total else None
         return TaskPage(
-            tasks=[task_info(r) for r in page.records],
-            total=page.total,
+            tasks=[task_info(r) for r in records],
+            total=total,
             offset=offset,
             limit=limit,
-            next_offset=page.next_offset,
+            next_offset=next_offset,
         )
+
+    async def _all_records(self) -> AsyncIterator[Record]:
+        offset: int | None = 0
+        while offset is not None:
+            page = await self.store.list_tasks(offset, MAX_PAGE)
+            for record in page.records:
+                yield record
+            offset = page.next_offset

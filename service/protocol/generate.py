@@ -2,30 +2,53 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from service.engine.base import SamplingParams
+from service.engine.base import SAMPLING_EPS, SamplingParams
+from service.protocol.metadata import check_json
 
 MAX_STOP = 8
 MAX_BATCH_INPUTS = 64
+MIN_REPETITION_PENALTY = 0.01
+Metadata = Annotated[dict[str, Any], AfterValidator(check_json)]
+# Request bodies are strict: "5" is not 5, 0 is not false, true is not a number. A client
+# that sends the wrong type learns it (422) instead of getting a guess.
+STRICT = ConfigDict(extra="forbid", strict=True)
 
 
 class GenerationParameters(BaseModel):
     """Sampling parameters; unset fields fall back to the task's defaults, then the server's."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
-    max_new_tokens: int | None = Field(default=None, ge=1, description="tokens to generate at most")
-    temperature: float | None = Field(default=None, ge=0, le=100, description="0 → greedy")
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_new_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="tokens to generate at most (default: the task's, else the server's, "
+        "lowered to what fits the model's positions)",
+    )
+    temperature: float | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        allow_inf_nan=False,
+        description=f"0 → greedy; below {SAMPLING_EPS:g} sampling is greedy too",
+    )
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(default=None, ge=0, description="0 → off")
     seed: int | None = Field(
         default=None, ge=0, le=2**63 - 1, description="per-request sampling seed"
     )
     stop: str | list[str] | None = Field(default=None, description=f"up to {MAX_STOP} stop strings")
-    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+    repetition_penalty: float | None = Field(
+        default=None,
+        ge=MIN_REPETITION_PENALTY,
+        le=10,
+        allow_inf_nan=False,
+        description="1 → off; logits of seen tokens are divided (>1 discourages repeats)",
+    )
 
     @model_validator(mode="after")
     def _stops(self) -> GenerationParameters:
@@ -63,7 +86,7 @@ class SharedPromptCreate(BaseModel):
     """A shared prompt: ``blob`` (a trainer's safetensors file, base64), or ``id`` + ``prompt``
     [L, d] as JSON numbers (``backbone`` then defaults to the server's fingerprint)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     blob: str | None = Field(
         default=None, min_length=1, description="base64 of the safetensors shared-prompt blob"
@@ -79,7 +102,9 @@ class SharedPromptCreate(BaseModel):
     )
     replace: bool = Field(default=False, description="replace an existing shared prompt of that id")
     description: str = Field(default="", max_length=2000)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(
+        default_factory=dict, description="free JSON: at most 8 levels, 16 KiB, finite numbers"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> SharedPromptCreate:
@@ -112,7 +137,7 @@ class TaskBody(BaseModel):
     ``u`` [L] and ``v`` [d]), or ``factors`` as a base64 task blob — plus its description,
     metadata and default generation parameters."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     shared: str | None = Field(
         default=None, description="shared prompt id (taken from the blob if absent)"
@@ -123,7 +148,9 @@ class TaskBody(BaseModel):
         default=None, min_length=1, description="base64 safetensors task blob"
     )
     description: str = Field(default="", max_length=2000)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(
+        default_factory=dict, description="free JSON: at most 8 levels, 16 KiB, finite numbers"
+    )
     parameters: GenerationParameters | None = Field(default=None, description="default parameters")
 
     @model_validator(mode="after")
@@ -181,7 +208,7 @@ class TaskPage(BaseModel):
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     inputs: str | list[str] = Field(
         default=..., description="one input, or a list (one request each)"

@@ -10,13 +10,14 @@ from service.protocol.generate import MAX_BATCH_INPUTS, GenerationParameters, Us
 
 
 class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Unknown OpenAI fields are ignored (clients send many); known ones are strictly typed.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str = Field(default=..., description="the task name")
     prompt: str | list[str]
     max_tokens: int | None = Field(default=16, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     n: int = Field(default=1, description="only 1 is supported")
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0)

@@ -59,6 +59,8 @@ from service.store.factor_cache import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_PAGE = 1000
+# Largest page offset: exact in JSON numbers, and offset + limit stays inside Redis's int64.
+MAX_OFFSET = 2**53
 
 
 def _check_meta(meta: dict[str, Any]) -> None:
@@ -255,9 +257,10 @@ class FactorStore:
         return record, decode_task(record.blob, max_rank=self.max_rank)
 
     async def list_tasks(self, offset: int = 0, limit: int = 100) -> Page:
-        if offset < 0 or not 1 <= limit <= MAX_PAGE:
+        if not 0 <= offset <= MAX_OFFSET or not 1 <= limit <= MAX_PAGE:
             raise ValueError(
-                f"page offset must be >= 0 and limit in [1, {MAX_PAGE}], got offset={offset}, "
+                f"page offset must be in [0, {MAX_OFFSET}] and limit in [1, {MAX_PAGE}], got "
+                f"offset={offset}, "
                 f"limit={limit}"
             )
         return await self._backend(self.backend.list_tasks(offset=offset, limit=limit))

@@ -16,10 +16,10 @@ L = 6
 
 
 def write_artifacts(
-    root: Path, bb: Backbone, sid: str, tasks: dict[str, int], fp: str = ""
+    root: Path, bb: Backbone, sid: str, tasks: dict[str, int], fp: str = "", shared_seed: int = 7
 ) -> Path:
     """A trainer-like output: ``shared/<sid>`` and one task per (name, seed)."""
-    g = torch.Generator().manual_seed(7)
+    g = torch.Generator().manual_seed(shared_seed)
     fingerprint = fp or bb.fingerprint
     save_shared(root, SharedPrompt(sid, torch.randn(L, bb.dim, generator=g), fingerprint))
     for name, seed in tasks.items():
@@ -57,6 +57,12 @@ def test_push_creates_then_leaves_unchanged_then_replaces(
     assert "replaced   task push-b (version 2)" in last and "unchanged  task push-a" in last
     with Client(server.url, CLIENT_KEY) as c:
         assert c.generate("push-b", "abc", max_new_tokens=2).version == 2
+
+    write_artifacts(tmp_path / "run", t5, "push-sp", {"push-b": 99}, shared_seed=8)
+    assert run_push(server, str(out)) == 0
+    shared = capsys.readouterr().out
+    assert "replaced   shared prompt push-sp (version 2): every task over it" in shared
+    assert ": 0 new, 1 replaced, 2 unchanged" in shared
 
 
 def test_push_refusals(

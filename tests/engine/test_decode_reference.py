@@ -156,8 +156,28 @@ def test_absolute_position_limit_ends_with_length_or_refuses(
         loop.step()
     used = 5 + len(fits.request.input_ids)
     assert sink.result.finish_reason in ("length", "stop")
-    assert len(sink.result.token_ids) <= 20 - used
+    # The last new token is never fed back: L + T + n - 1 positions serve n tokens.
+    assert len(sink.result.token_ids) <= 20 - used + 1
     assert len(errors) == 1 and "positions" in str(errors[0])
+
+
+def test_every_position_of_the_table_is_used(backbones: dict[str, Backbone]) -> None:
+    """The real GPT-2 table (n_positions rows): a row runs up to its last position, no further
+    (one more would raise IndexError in the position embedding)."""
+    backbone = backbones["gpt2"]
+    task = make_tasks(backbone)[0]
+    loop = DecodeLoop(backbone)
+    table = backbone.model.config.n_positions
+    assert loop.max_positions == table
+    loop.eos_ids = set()  # run to the limit, whatever the random model says
+    r, sink = row(request(backbone, task, TEXTS[3], max_new_tokens=10 * table))
+    loop.admit([r])
+    while loop.running:
+        loop.step()
+    used = task.prompt.shape[0] + len(r.request.input_ids)
+    assert sink.result is not None
+    assert sink.result.finish_reason == "length"
+    assert len(sink.result.token_ids) == table - used + 1
 
 
 @pytest.mark.parametrize("kind", ["t5", "llama"])

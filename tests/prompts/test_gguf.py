@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 import sys
 import time
 from pathlib import Path
@@ -190,16 +191,21 @@ def test_truncated_file(tiny_gguf: dict[str, Path], tmp_path: Path, keep: float)
         (lambda p: p.write_text("not a model"), "is not a GGUF file"),
         (lambda p: p.write_bytes(b"PK\x03\x04" + bytes(100)), "is not a GGUF file"),
         (lambda p: None, "does not exist"),
+        (lambda p: p.write_bytes(b"GGUF" + struct.pack("<IQQ", 1, 0, 0)), "GGUF version 1"),
+        (
+            lambda p: p.write_bytes(b"GGUF" + struct.pack("<IQQQI", 3, 0, 1, 0, 99)),
+            "unknown metadata value type",
+        ),
         (
             lambda p: _write_gguf(p, "rwkv99", np.zeros((4, 4), np.float32)),
-            "architecture rwkv99 is not supported",
+            "not support architecture 'rwkv99'",
         ),
         (
             lambda p: _write_gguf(p, "llama", np.zeros((4, 4), np.float64)),
             "type F64, which cannot be dequantized",
         ),
     ],
-    ids=["text", "zip", "missing", "architecture", "quant-type"],
+    ids=["text", "zip", "missing", "version", "value-type", "architecture", "quant-type"],
 )
 def test_clear_errors(tmp_path: Path, make, message: str) -> None:  # type: ignore[no-untyped-def]
     path = tmp_path / "model.gguf"
@@ -215,9 +221,13 @@ def test_any_plain_file_goes_through_the_gguf_check(tmp_path: Path) -> None:
         load_backbone(path)
 
 
-def test_check_gguf_file_returns_the_config(tiny_gguf: dict[str, Path]) -> None:
-    config = check_gguf_file(tiny_gguf["F32"])
-    assert config["model_type"] == "llama" and config["hidden_size"] == 64
+def test_check_gguf_file_returns_the_header(tiny_gguf: dict[str, Path]) -> None:
+    header = check_gguf_file(tiny_gguf["F32"])
+    assert header.architecture == "llama" and header.version == 3
+    assert header.metadata["llama.embedding_length"] == 64
+    assert header.metadata["tokenizer.ggml.tokens"] == 300  # arrays: their length
+    names = {t.name for t in header.tensors}
+    assert "token_embd.weight" in names and "output.weight" not in names  # tied
 
 
 def test_smollm2_path_is_found_without_importing_the_package() -> None:
