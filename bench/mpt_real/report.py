@@ -316,7 +316,10 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append("|---|" + "---:|" * (len(next(iter(report["lr_sweep_val_loss"].values()))) + 1))
     for m, losses in report["lr_sweep_val_loss"].items():
         cells = ["–" if v is None else f"{v:.3f}" for v in losses.values()]
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {report['lr_chosen'][m]:g} |")
+        picked = (
+            f"{report['lr_chosen'][m]:g}" if any(v is not None for v in losses.values()) else "–"
+        )
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {picked} |")
     notes = Path(__file__).with_name("NOTES.md")
     lines += [
         "",
