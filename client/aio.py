@@ -9,6 +9,7 @@ import httpx
 
 from client.core import client_config, generate_path, json_of, raise_for_error
 from client.errors import TransportError
+from client.fine_tuning import AsyncFiles, AsyncFineTuning
 from client.payloads import generate_body
 from client.sse import SSEDecoder
 from client.tasks import AsyncSharedPrompts, AsyncTasks
@@ -29,6 +30,8 @@ class AsyncClient:
         self._http = httpx.AsyncClient(**client_config(base_url, key, timeout), transport=transport)
         self.tasks = AsyncTasks(self)
         self.shared_prompts = AsyncSharedPrompts(self)
+        self.files = AsyncFiles(self)
+        self.fine_tuning = AsyncFineTuning(self)
 
     @property
     def base_url(self) -> str:

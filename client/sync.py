@@ -10,6 +10,7 @@ import httpx
 
 from client.core import client_config, generate_path, json_of, raise_for_error
 from client.errors import TransportError
+from client.fine_tuning import Files, FineTuning
 from client.payloads import generate_body
 from client.sse import SSEDecoder
 from client.tasks import SharedPrompts, Tasks
@@ -25,7 +26,8 @@ class Client:
 
     ``client.tasks`` / ``client.shared_prompts``: the registry (admin key);
     ``client.generate`` / ``client.stream``: generation (client key);
-    ``client.push(dir)``: upload a trainer output directory.
+    ``client.push(dir)``: upload a trainer output directory;
+    ``client.files`` / ``client.fine_tuning``: fine-tuning files, jobs, the worker protocol.
     """
 
     def __init__(
@@ -39,6 +41,8 @@ class Client:
         self._http = httpx.Client(**client_config(base_url, key, timeout), transport=transport)
         self.tasks = Tasks(self)
         self.shared_prompts = SharedPrompts(self)
+        self.files = Files(self)
+        self.fine_tuning = FineTuning(self)
 
     @property
     def base_url(self) -> str:

@@ -47,6 +47,7 @@ cleanup() {
     exit "$rc"
 }
 trap cleanup EXIT
+trap 'exit 143' TERM INT  # a signal still runs cleanup (stops the dockerd it started)
 
 # ---- 1. packages --------------------------------------------------------------------------
 missing=()

@@ -39,16 +39,19 @@ ROOT = Path(__file__).resolve().parent.parent
 PROJECT = "rankonecomposetest"
 DOCKER = os.environ.get("DOCKER", "/usr/bin/docker")
 # The real demo code path on a small budget: a backbone pretrained for seconds, few steps.
-DEMO_ARGS = "--pretrain-minutes 0.4 --teach-steps 4 --distill-steps 4"
+DEMO_ARGS = "--pretrain-minutes 1 --teach-steps 4 --distill-steps 4"
 PROBES = ["dcba", "hello", "qwerty"]
 # The test's own settings on top of the repo's files. One torch thread per container: on a
 # small shared CI machine, torch's default (one per core, in each of 3 containers) spins its
-# threads against each other and runs many times slower.
+# threads against each other and runs several times slower. The demo's small T5 backbone
+# (`rankone demo --backbone t5-demo`, chosen by RANKONE_DEMO_BACKBONE) builds in a couple of
+# minutes; the default SmolLM2 demo would take far longer on this budget.
 TEST_OVERRIDE = """\
 services:
   init:
     environment:
       OMP_NUM_THREADS: "1"
+      RANKONE_DEMO_BACKBONE: t5-demo
   service:
     environment:
       OMP_NUM_THREADS: "1"
@@ -273,6 +276,8 @@ class Driver:
     # -- steps --
 
     def up(self) -> None:
+        # A clean slate: a run killed half way (CI timeout) may have left the project behind.
+        self.s.compose("down", "-v", "--remove-orphans", timeout=300)
         t0 = time.monotonic()
         self.s.compose("up", "-d", "--no-build", timeout=1800)
         init = self.s.containers("init")

@@ -16,16 +16,47 @@ from typing import Any
 from fastapi import FastAPI
 
 from prompts.backbone import load_backbone, resolve_dtype
-from service.api import admin, chat, docs, errors, generate, openai, ops
+from prompts.chat import has_chat_template
+from service.api import admin, chat, docs, errors, files, fine_tuning, generate, openai, ops
 from service.api.middleware import ServiceMiddleware
 from service.engine.factory import build_engine
 from service.handlers.generation import GenerationHandler
 from service.handlers.registry import RegistryHandler
+from service.jobs.base import JobBackend
+from service.jobs.handler import FineTuningHandler
+from service.jobs.local_worker import LocalWorker
 from service.logging import setup_logging
 from service.metrics import Metrics
 from service.settings import Settings, load_settings
 
 log = logging.getLogger("rankone.app")
+
+
+def build_fine_tuning(
+    settings: Settings, registry: RegistryHandler, backbone: Any
+) -> tuple[FineTuningHandler, LocalWorker | None]:
+    """The job handler over Redis or the data directory; in embedded mode, its local worker."""
+    backend: JobBackend
+    if settings.redis_url:
+        from service.jobs.redis_backend import RedisJobBackend
+
+        backend = RedisJobBackend(settings.redis_url)
+    else:
+        from service.jobs.embedded import EmbeddedJobBackend
+
+        backend = EmbeddedJobBackend(settings.data_dir)
+    worker = None
+    if not settings.redis_url and settings.finetune_worker == "auto":
+        worker = LocalWorker(settings)
+    chat = has_chat_template(backbone.tokenizer)
+    handler = FineTuningHandler(
+        backend,
+        registry,
+        settings,
+        chat_template=chat,
+        on_queued=worker.ensure_running if worker is not None else None,
+    )
+    return handler, worker
 
 
 def build_store(settings: Settings, fingerprint: str, dim: int, metrics: Metrics) -> Any:
@@ -82,6 +113,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     store = build_store(settings, backbone.fingerprint, backbone.dim, metrics)
     await store.start()
     engine = None
+    jobs: FineTuningHandler | None = None
+    local_worker: LocalWorker | None = None
     try:
         if settings.seed_dir:
             await store.seed_from_dir(Path(settings.seed_dir))
@@ -92,11 +125,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.backbone, state.store, state.engine = backbone, store, engine
         state.registry = RegistryHandler(store, backbone, settings)
         state.generation = GenerationHandler(store, engine, backbone, settings)
+        jobs, local_worker = build_fine_tuning(settings, state.registry, backbone)
+        await jobs.start()
+        state.fine_tuning = jobs
         state.ready = True
         log.info("ready", extra={"engine": settings.engine, "store": store.kind})
         yield
     finally:
         state.ready, state.draining = False, True
+        if local_worker is not None:
+            await local_worker.stop()
+        if jobs is not None:
+            await jobs.close()
         if engine is not None:
             await engine.shutdown(drain_timeout_s=settings.request_timeout_s)
         if getattr(state, "generation", None) is not None:
@@ -120,7 +160,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     errors.install(app)
     app.add_middleware(ServiceMiddleware)
-    for module in (ops, admin, generate, openai, chat, docs):
+    for module in (ops, admin, generate, openai, chat, files, fine_tuning, docs):
         app.include_router(module.router)
     return app
 

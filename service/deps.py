@@ -17,6 +17,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from service.auth import Caller, Role, authenticate, parse_entries
 from service.handlers.generation import GenerationHandler
 from service.handlers.registry import RegistryHandler
+from service.jobs.handler import FineTuningHandler
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -37,6 +38,10 @@ def get_generation(request: Request) -> GenerationHandler:
     return request.app.state.generation  # type: ignore[no-any-return]
 
 
+def get_fine_tuning(request: Request) -> FineTuningHandler:
+    return request.app.state.fine_tuning  # type: ignore[no-any-return]
+
+
 def get_state(request: Request) -> Any:
     return request.app.state
 
@@ -45,6 +50,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 RegistryDep = Annotated[RegistryHandler, Depends(get_registry)]
 GenerationDep = Annotated[GenerationHandler, Depends(get_generation)]
+FineTuningDep = Annotated[FineTuningHandler, Depends(get_fine_tuning)]
 StateDep = Annotated[Any, Depends(get_state)]
 
 # Declares the bearer scheme in the OpenAPI document; missing / wrong keys are ours to answer.

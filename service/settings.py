@@ -71,6 +71,27 @@ class Settings(BaseSettings):
         description="serve /docs, /redoc and /openapi.json without a key; false → they need a "
         "client or admin key whenever keys are configured",
     )
+    finetune_max_file_bytes: int = Field(
+        8 * 2**20, ge=1024, description="largest accepted fine-tuning file (bytes)"
+    )
+    finetune_max_examples: int = Field(
+        50_000, ge=1, description="most examples in a fine-tuning file / job"
+    )
+    finetune_max_steps: int = Field(5000, ge=1, description="most optimizer steps per job")
+    finetune_base_lr: float = Field(
+        0.3, gt=0, description="learning rate of a job with learning_rate_multiplier 1"
+    )
+    finetune_lease_s: float = Field(
+        30.0, gt=0, le=3600, description="job lease a worker must renew (seconds)"
+    )
+    finetune_max_attempts: int = Field(
+        3, ge=1, le=100, description="lease expiries before a job fails"
+    )
+    finetune_job_timeout_s: float = Field(3600.0, gt=0, description="per-job training time limit")
+    finetune_worker: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: in embedded mode, start one `rankone worker` child at the first job",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO")
     log_format: Literal["json", "text"] = Field("json", description="log line format")
     host: str = Field("127.0.0.1", description="bind address")

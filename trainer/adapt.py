@@ -24,8 +24,9 @@ from torch import Tensor
 from prompts import Backbone, SharedPrompt, TaskFactors, check_name, load_artifact_dir, shared_path
 from trainer.bank import PromptBank, ones_factors, peft_factors
 from trainer.data import stable_seed
+from trainer.distributed import Dist
 from trainer.errors import TrainerError
-from trainer.loop import TaskData, student_ce, train
+from trainer.loop import StepHook, TaskData, student_ce, train
 from trainer.options import AdaptOptions
 from trainer.plots import plot_losses
 from trainer.setup import (
@@ -93,6 +94,13 @@ def initial_factors(
 
 def run(opts: AdaptOptions) -> int:
     ctx, backbone = start(opts)
+    return adapt(opts, ctx, backbone)
+
+
+def adapt(
+    opts: AdaptOptions, ctx: Dist, backbone: Backbone, *, on_step: StepHook | None = None
+) -> int:
+    """The stage on an already loaded backbone (``rankone worker`` keeps one loaded)."""
     assert opts.out is not None and opts.source is not None
     source = load_source(opts.source, opts.shared_id, backbone)
     # L is the source's (--prompt-length does not apply): run.json and the checks say so
@@ -131,7 +139,8 @@ def run(opts: AdaptOptions) -> int:
             train_shared=train_shared,
             train_factors=True,
         ).to(ctx.device)
-        result = train(backbone, bank, group, student_ce(backbone, bank), opts, ctx, label=label)
+        objective = student_ce(backbone, bank)
+        result = train(backbone, bank, group, objective, opts, ctx, label=label, on_step=on_step)
         if result.stopped_early:
             print(
                 f"stopped after step {result.steps} of {opts.steps} (--stop-after); "

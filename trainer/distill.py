@@ -72,6 +72,9 @@ def distill_objective(
 
     def objective(batch: Batch) -> tuple[Tensor, dict[str, float]]:
         student = prompted_forward(backbone, bank(batch.task_index), batch, hidden=hidden)
+        if opts.lambda_kl == 0 and not hidden:  # decomposition only: no teacher forward
+            ce = cross_entropy(student)
+            return ce, {"ce": ce.item()}
         with torch.no_grad():
             teacher = prompted_forward(backbone, teachers[batch.task_index], batch, hidden=hidden)
         ce = cross_entropy(student)

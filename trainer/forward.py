@@ -9,6 +9,7 @@ Only the prompt receives gradients; the backbone is frozen.
 
 from __future__ import annotations
 
+import inspect
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -119,17 +120,25 @@ def prompted_forward(
     else:
         mask = batch.attention_mask
         positions = (mask.cumsum(-1) - 1).clamp_min(0) * mask
+    # Targets sit at the right end of every row (left padding), so only the last ``keep``
+    # positions need logits: the LM head over a 50K vocabulary at every position is a large
+    # share of a small model's step.
+    keep = _logits_to_keep(model, batch.labels)
+    extra = {} if keep is None else {"logits_to_keep": keep}
     out = model(
         inputs_embeds=embeds,
         attention_mask=mask,
         position_ids=positions,
         output_hidden_states=hidden,
         use_cache=False,
+        **extra,
     )
     pad = torch.full(
         (batch.labels.shape[0], length), IGNORE, dtype=torch.long, device=batch.labels.device
     )
     labels = torch.cat([pad, batch.labels], dim=1)[:, 1:]  # [B, L+T-1] next-token targets
+    if keep is not None:
+        labels = labels[:, labels.shape[1] - (keep - 1) :]  # [B, keep-1]
     select = labels != IGNORE
     logits = out.logits[:, :-1][select]
     states = None
@@ -137,6 +146,20 @@ def prompted_forward(
         token_mask = torch.cat([torch.zeros_like(pad), batch.attention_mask], dim=1).bool()
         states = out.hidden_states[-1][token_mask].float()
     return Output(logits.float(), labels[select], states)
+
+
+def _logits_to_keep(model: Any, labels: Tensor) -> int | None:
+    """How many trailing positions hold every target's logits (None: the model computes all).
+
+    The logit at position j predicts token j + 1, so targets starting at column ``first``
+    need the positions from ``first - 1`` on: ``T - first + 1`` of them.
+    """
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return None
+    has_target = (labels != IGNORE).any(0).nonzero()
+    if has_target.numel() == 0:
+        return None
+    return labels.shape[1] - int(has_target[0]) + 1
 
 
 def cross_entropy(out: Output) -> Tensor:

@@ -33,6 +33,9 @@ from trainer.options import TrainOptions
 
 # (batch on device) → (loss to minimise, named scalars to log)
 Objective = Callable[[Batch], tuple[Tensor, dict[str, float]]]
+# (step just finished, its log record or None) → None; may raise to stop the run (the worker:
+# a cancelled job, a lost lease, a time limit)
+StepHook = Callable[[int, dict[str, Any] | None], None]
 
 
 @dataclass
@@ -144,6 +147,7 @@ def train(
     ctx: Dist,
     *,
     label: str,
+    on_step: StepHook | None = None,
 ) -> TrainResult:
     """Train the bank's trainable parameters for ``opts.steps`` steps; keeps the best on validation.
 
@@ -288,6 +292,8 @@ def train(
                 _append_log(log_path, record)
         if opts.checkpoint_every and step % opts.checkpoint_every == 0:
             checkpoint()
+        if on_step is not None:
+            on_step(step, record)
     bar.close()
 
     if step < opts.steps:  # --stop-after: leave a checkpoint to resume from, export nothing

@@ -76,7 +76,9 @@ class ContinuousEngine(Engine):
         self.max_wait_s = max_wait_ms / 1000
         self.metrics = metrics
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
-        self.loop_core = DecodeLoop(backbone, prefix_cache=self.prefix_cache, seed=seed)
+        self.loop_core = DecodeLoop(
+            backbone, prefix_cache=self.prefix_cache, seed=seed, max_rows=max_batch_size
+        )
         self.drain = DrainRate()
         self._waiting: deque[Row] = deque()
         self._cond = threading.Condition()

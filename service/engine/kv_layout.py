@@ -1,11 +1,13 @@
-"""Pure bookkeeping for the running batch: padding, merging, trimming, positions, admission.
+"""Pure bookkeeping for batches: padding, merging, trimming, positions, admission.
 
-The running batch keeps every row's key/value cache in one tensor per layer,
-``[B, H, T, Dh]``, with an attention mask ``[B, T]`` (1 = a real position). Rows have different
-lengths, so shorter rows are *left*-padded with masked zero columns: the newest position of
-every row then sits in the last column, which is where the next step appends. Relative-position
+Per-layer keys/values are ``[B, H, T, Dh]`` with an attention mask ``[B, T]`` (1 = a real
+position). Rows have different lengths, so shorter rows are *left*-padded with masked zero
+columns: the newest position of every row then sits in the last column. Relative-position
 models (T5) see the same key-minus-query distances after a left shift, and absolute-position
 models get explicit per-row ``position_ids``, so padding never changes what a row computes.
+A group's prefill is built with these helpers; the running batch's self-attention cache lives
+in ``kv_cache.SlotKV`` (same left-aligned layout, preallocated), its seq2seq cross-attention
+cache is merged with ``merge_layers``.
 
 Everything here is a small function of tensors and ints, tested with plain parametrized cases.
 """
@@ -99,11 +101,6 @@ def leading_pad_columns(mask: Tensor) -> int:
         return 0
     pad = ~mask.bool().any(dim=0)  # [T] columns no row uses
     return int(pad.long().cumprod(dim=0).sum())  # length of the all-pad run at the start
-
-
-def select_layers(layers: Sequence[KV], keep: Tensor, drop_columns: int = 0) -> list[KV]:
-    """Keep batch rows ``keep`` [B'] and drop the first ``drop_columns`` time columns."""
-    return [(k[keep, :, drop_columns:], v[keep, :, drop_columns:]) for k, v in layers]
 
 
 def decode_positions(mask: Tensor) -> Tensor:

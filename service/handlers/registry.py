@@ -47,15 +47,12 @@ from service.store.factor_store import MAX_PAGE
 _KEPT_ON_REPLACE = ("description", "metadata", "parameters")
 
 
-def _matrix(name: str, rows: list[Any], *, flat_as: str = "") -> torch.Tensor:
-    """A [n, m] float tensor from JSON rows; a flat list is a ``column`` [n, 1] or ``row``
-    [1, m] (rank-one factors: u [L] and v [d])."""
+def _matrix(name: str, rows: list[Any]) -> torch.Tensor:
+    """A [n, m] float tensor from JSON rows (flat rank-one factors are made 2-D by the schema)."""
     try:
         t = torch.tensor(rows, dtype=torch.float32)
     except (ValueError, TypeError) as e:
         raise ArtifactError(f"{name} must be a rectangular matrix of numbers: {e}") from None
-    if t.dim() == 1 and flat_as:
-        t = t.unsqueeze(1) if flat_as == "column" else t.unsqueeze(0)
     if t.dim() != 2:
         raise ArtifactError(f"{name} must be 2-D, got shape {list(t.shape)}")
     return t
@@ -248,8 +245,8 @@ class RegistryHandler:
             tf = TaskFactors(
                 name=name,
                 shared=check_name(body.shared, "shared prompt id"),
-                u=_matrix("u", body.u, flat_as="column"),
-                v=_matrix("v", body.v, flat_as="row"),
+                u=_matrix("u", body.u),
+                v=_matrix("v", body.v),
                 backbone=fp,
             )
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.engine.base import SAMPLING_EPS, SamplingParams
 from service.protocol.metadata import check_json
@@ -78,8 +78,10 @@ class GenerationParameters(BaseModel):
 # --- registry -----------------------------------------------------------------------------
 
 Matrix = list[list[float]]
-# Rank-one factors may also be flat: u [L] → [L, 1], v [d] → [1, d].
-Factor = list[list[float]] | list[float]
+
+
+def _is_flat(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and not any(isinstance(x, list) for x in value)
 
 
 class SharedPromptCreate(BaseModel):
@@ -142,8 +144,12 @@ class TaskBody(BaseModel):
     shared: str | None = Field(
         default=None, description="shared prompt id (taken from the blob if absent)"
     )
-    u: Factor | None = Field(default=None, description="[L, r] task column factors (or [L])")
-    v: Factor | None = Field(default=None, description="[r, d] task row factors (or [d])")
+    u: Matrix | None = Field(
+        default=None, description="[L, r] task column factors (rank one: also a flat [L])"
+    )
+    v: Matrix | None = Field(
+        default=None, description="[r, d] task row factors (rank one: also a flat [d])"
+    )
     factors: str | None = Field(
         default=None, min_length=1, description="base64 safetensors task blob"
     )
@@ -152,6 +158,18 @@ class TaskBody(BaseModel):
         default_factory=dict, description="free JSON: at most 8 levels, 16 KiB, finite numbers"
     )
     parameters: GenerationParameters | None = Field(default=None, description="default parameters")
+
+    @field_validator("u", mode="before")
+    @classmethod
+    def _flat_u(cls, value: Any) -> Any:
+        """A flat u [L] is the column [L, 1] (one matrix type: errors name u.i.j, once)."""
+        return [[x] for x in value] if _is_flat(value) else value
+
+    @field_validator("v", mode="before")
+    @classmethod
+    def _flat_v(cls, value: Any) -> Any:
+        """A flat v [d] is the row [1, d]."""
+        return [value] if _is_flat(value) else value
 
     @model_validator(mode="after")
     def _one_source(self) -> TaskBody:

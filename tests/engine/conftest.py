@@ -104,7 +104,12 @@ def reference_generate(
 
 
 def reference_no_cache(
-    backbone: Backbone, task: ResolvedTask, ids: list[int], max_new_tokens: int
+    backbone: Backbone,
+    task: ResolvedTask,
+    ids: list[int],
+    max_new_tokens: int,
+    *,
+    stop_at_eos: bool = True,
 ) -> list[int]:
     """Ground truth: a full forward without cache over [prompt; input; tokens so far] per step."""
     prompt = compose_prompt(task.prompt, task.u, task.v)[None]
@@ -135,7 +140,7 @@ def reference_no_cache(
                 )
                 logits = backbone.model(inputs_embeds=emb, use_cache=False).logits
             nxt = int(logits[0, -1].argmax())
-            if nxt == eos:
+            if nxt == eos and stop_at_eos:
                 break
             tokens.append(nxt)
     return tokens

@@ -203,3 +203,29 @@ def test_half_precision_runs_in_the_model_dtype(tiny_model_dirs, kind: str) -> N
     if loop.prefix_cache is not None:  # decoder-only: the cached prompt KV is bfloat16 too
         prefix = loop.prefix_cache.get(tasks[0].name, tasks[0].version)
         assert prefix is not None and prefix.layers[0][0].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_long_generation_moves_the_cache_window_and_stays_exact(
+    backbones: dict[str, Backbone], kind: str
+) -> None:
+    """Past the first buffers' capacity the slot cache moves (reallocates) mid-decode."""
+    backbone = backbones[kind]
+    tasks = make_tasks(backbone)
+    loop = DecodeLoop(backbone, prefix_cache=PrefixCache(1 << 24))
+    loop.eos_ids = set()  # every row runs to its token limit
+    rows = [
+        row(request(backbone, tasks[i], TEXTS[i], f"r{i}", max_new_tokens=n))
+        for i, n in ((0, 300), (2, 40))
+    ]
+    loop.admit([rows[0][0]])
+    for _ in range(20):
+        loop.step()
+    loop.admit([rows[1][0]])
+    while loop.running:
+        loop.step()
+    assert loop.batch.kv.moves >= 2  # the first allocation and at least one move
+    for r, sink in rows:
+        req = r.request
+        expected = reference_no_cache(backbone, req.task, req.input_ids, r.limit, stop_at_eos=False)
+        assert sink.result.token_ids == expected, req.request_id

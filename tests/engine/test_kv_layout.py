@@ -14,7 +14,6 @@ from service.engine.kv_layout import (
     merge_masks,
     pad_sequences,
     prefill_positions,
-    select_layers,
 )
 
 
@@ -101,15 +100,6 @@ def test_merge_layers_refuses_layer_mismatch() -> None:
 )
 def test_leading_pad_columns(mask: torch.Tensor, expected: int) -> None:
     assert leading_pad_columns(mask) == expected
-
-
-@pytest.mark.parametrize(("keep", "drop"), [([], 0), ([1], 2), ([0, 2], 0)])
-def test_select_layers(keep: list[int], drop: int) -> None:
-    k = torch.arange(3 * 4, dtype=torch.float).reshape(3, 1, 4, 1)
-    ((ks, vs),) = select_layers([(k, k)], torch.tensor(keep, dtype=torch.long), drop)
-    assert ks.shape == (len(keep), 1, 4 - drop, 1)
-    assert torch.equal(ks, k[keep][:, :, drop:])
-    assert torch.equal(vs, ks)
 
 
 @pytest.mark.parametrize(

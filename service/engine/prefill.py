@@ -1,0 +1,261 @@
+"""Prefill of newly admitted rows, as one group, apart from the running batch.
+
+The group's forward runs on its own (a fresh ``DynamicCache`` over the new rows only), so its
+cost depends on the new rows alone; ``RunningBatch.admit`` then writes the result into free
+cache slots. Three paths:
+
+- seq2seq: the encoder over right-padded ``[P; x]``, then the first decoder step;
+- decoder-only without prefix cache: one forward over left-padded ``[pads; P; x]``;
+- decoder-only with prefix cache: each task prompt's KV comes from ``PrefixCache`` (computed
+  once per task version) and only the input tokens are prefilled, at positions ``L, L+1, ..``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache, EncoderDecoderCache
+
+from prompts.backbone import Backbone
+from prompts.compose import compose_prompts
+from prompts.inputs import position_ids_from_mask
+from service.engine.base import ResolvedTask
+from service.engine.kv_layout import (
+    KV,
+    decode_positions,
+    left_pad,
+    pad_sequences,
+    prefill_positions,
+)
+from service.engine.prefix_cache import PrefixCache, PromptPrefix
+from service.engine.rows import LoopStats, Row
+
+
+@dataclass
+class Prefill:
+    """What a group's prefill hands to the running batch (b new rows)."""
+
+    logits: Tensor  # [b, V] next-token logits
+    layers: list[KV]  # per layer [b, H, T, Dh], left-padded
+    mask: Tensor  # [b, T] 1 = real position
+    positions: Tensor | None = None  # [b] next position id (decoder-only)
+    cross: list[KV] | None = None  # seq2seq: per layer [b, H, S, Dh]
+    enc_states: Tensor | None = None  # seq2seq: [b, S, d]
+    enc_mask: Tensor | None = None  # seq2seq: [b, S]
+
+
+def cache_layers(cache: Any) -> list[KV]:
+    """A ``DynamicCache``'s per-layer (keys, values)."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def compose_rows(tasks: Sequence[ResolvedTask]) -> list[Tensor]:
+    """Each task's composed prompt [L_t, d], computed in one ``compose_prompts`` op per shape.
+
+    Rows are grouped by (L, r) (one group in the common case); within a group the distinct
+    shared prompts are stacked [S, L, d] and indexed per row.
+    """
+    out: list[Tensor | None] = [None] * len(tasks)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, task in enumerate(tasks):
+        groups.setdefault((int(task.prompt.shape[0]), int(task.u.shape[1])), []).append(i)
+    for members in groups.values():
+        shared_ids: dict[str, int] = {}
+        shared: list[Tensor] = []
+        index: list[int] = []
+        for i in members:
+            task = tasks[i]
+            if task.shared_id not in shared_ids:
+                shared_ids[task.shared_id] = len(shared)
+                shared.append(task.prompt)
+            index.append(shared_ids[task.shared_id])
+        device = shared[0].device
+        prompts = compose_prompts(
+            torch.stack(shared),  # [S, L, d]
+            torch.tensor(index, dtype=torch.long, device=device),  # [B]
+            torch.stack([tasks[i].u for i in members]),  # [B, L, r]
+            torch.stack([tasks[i].v for i in members]),  # [B, r, d]
+        )  # [B, L, d]
+        for j, i in enumerate(members):
+            out[i] = prompts[j]
+    return [p for p in out if p is not None]
+
+
+class Prefiller:
+    """Runs a group's prefill over the backbone (one thread: the model's)."""
+
+    def __init__(
+        self, backbone: Backbone, prefix_cache: PrefixCache | None, stats: LoopStats
+    ) -> None:
+        self.backbone = backbone
+        self.model: Any = backbone.model
+        self.device = backbone.device
+        self.dtype = backbone.dtype
+        self.seq2seq = backbone.is_seq2seq
+        # Seq2seq encoders are bidirectional: a prompt's states depend on the input.
+        self.prefix_cache = None if self.seq2seq else prefix_cache
+        self.stats = stats
+
+    def __call__(self, rows: Sequence[Row]) -> Prefill:
+        if self.seq2seq:
+            return self._seq2seq(rows)
+        if self.prefix_cache is not None:
+            return self._cached(rows)
+        return self._causal(rows)
+
+    def _compose(self, tasks: Sequence[ResolvedTask]) -> list[Tensor]:
+        start = time.perf_counter()
+        prompts = [p.to(self.dtype) for p in compose_rows(tasks)]
+        self.stats.compose_s += time.perf_counter() - start
+        return prompts
+
+    def _embed_rows(self, rows: Sequence[Row], prompts: Sequence[Tensor]) -> list[Tensor]:
+        """Per row ``[P; x]`` embeddings [L + T, d]."""
+        out = []
+        for row, prompt in zip(rows, prompts, strict=True):
+            ids = torch.tensor(row.request.input_ids, dtype=torch.long, device=self.device)
+            out.append(torch.cat([prompt, self.backbone.embed(ids[None])[0].to(self.dtype)]))
+        return out
+
+    def _seq2seq(self, rows: Sequence[Row]) -> Prefill:
+        prompts = self._compose([r.request.task for r in rows])
+        embeds, enc_mask = pad_sequences(self._embed_rows(rows, prompts), side="right")  # [B, S, d]
+        encoder = self.model.get_encoder()
+        enc_states = encoder(inputs_embeds=embeds, attention_mask=enc_mask).last_hidden_state
+        start_id = self.model.config.decoder_start_token_id
+        first = torch.full((len(rows), 1), int(start_id), dtype=torch.long, device=self.device)
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        out = self.model(
+            encoder_outputs=(enc_states,),
+            attention_mask=enc_mask,
+            decoder_input_ids=first,
+            cache=cache,
+            use_cache=True,
+        )
+        return Prefill(
+            logits=out.logits[:, -1],
+            layers=cache_layers(cache.self_attention_cache),
+            mask=torch.ones(len(rows), 1, dtype=torch.long, device=self.device),
+            cross=cache_layers(cache.cross_attention_cache),
+            enc_states=enc_states,
+            enc_mask=enc_mask,
+        )
+
+    def _causal(self, rows: Sequence[Row]) -> Prefill:
+        """No prefix cache: one forward over left-padded ``[pads; P; x]`` (the reference layout)."""
+        prompts = self._compose([r.request.task for r in rows])
+        embeds, mask = pad_sequences(self._embed_rows(rows, prompts), side="left")  # [B, N, d]
+        cache = DynamicCache()
+        out = self.model(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return Prefill(out.logits[:, -1], cache_layers(cache), mask, decode_positions(mask))
+
+    def _compute_prefixes(
+        self, tasks: Sequence[ResolvedTask], prompts: Sequence[Tensor]
+    ) -> list[PromptPrefix]:
+        """The prompts' KV, one forward per prompt length, each put in the cache.
+
+        ``prompts``: per task [L, d]. Tasks of one length share a forward over [m, L, d]: a
+        burst of new tasks costs a few large GEMMs, not one small forward per task.
+        """
+        assert self.prefix_cache is not None
+        out: list[PromptPrefix | None] = [None] * len(tasks)
+        groups: dict[int, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            groups.setdefault(int(prompt.shape[0]), []).append(i)
+        for length, members in groups.items():
+            cache = DynamicCache()
+            logits = self.model(
+                inputs_embeds=torch.stack([prompts[i] for i in members]),  # [m, L, d]
+                attention_mask=torch.ones(
+                    len(members), length, dtype=torch.long, device=self.device
+                ),
+                position_ids=torch.arange(length, device=self.device)[None].expand(
+                    len(members), length
+                ),
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1]  # [m, V]
+            layers = cache_layers(cache)
+            for j, i in enumerate(members):
+                # Clones: a cached prefix must not keep its whole group's tensors alive.
+                prefix = PromptPrefix(
+                    tuple((k[j : j + 1].clone(), v[j : j + 1].clone()) for k, v in layers),
+                    logits[j].clone(),
+                )
+                self.prefix_cache.put(tasks[i].name, tasks[i].version, prefix)
+                out[i] = prefix
+        return [p for p in out if p is not None]
+
+    def _prefixes(self, tasks: Sequence[ResolvedTask]) -> list[PromptPrefix]:
+        """Each task's prompt prefix: one cache lookup per distinct (task, version)."""
+        assert self.prefix_cache is not None
+        # We keep our own refs, so a prefix evicted (tiny budget) by a later put is still used
+        # here rather than recomputed.
+        found: dict[tuple[str, int], PromptPrefix] = {}
+        missing: dict[tuple[str, int], ResolvedTask] = {}
+        for task in tasks:
+            key = (task.name, task.version)
+            if key in found or key in missing:
+                continue
+            cached = self.prefix_cache.get(task.name, task.version)
+            if cached is None:
+                missing[key] = task
+            else:
+                found[key] = cached
+        if missing:
+            new = list(missing.values())
+            computed = self._compute_prefixes(new, self._compose(new))
+            found.update(zip(missing, computed, strict=True))
+        return [found[(t.name, t.version)] for t in tasks]
+
+    def _cached(self, rows: Sequence[Row]) -> Prefill:
+        """Reuse each task's prompt KV; prefill only the inputs, at positions L, L+1, ..."""
+        prefixes = self._prefixes([r.request.task for r in rows])
+        longest = max(p.length for p in prefixes)
+        layers: list[KV] = [
+            (
+                torch.cat([left_pad(p.layers[i][0], longest, 2) for p in prefixes]),
+                torch.cat([left_pad(p.layers[i][1], longest, 2) for p in prefixes]),
+            )
+            for i in range(len(prefixes[0].layers))
+        ]  # per layer [B, H, Lmax, Dh]
+        prefix_mask, _ = pad_sequences(
+            [torch.ones(p.length, dtype=torch.long, device=self.device) for p in prefixes],
+            side="left",
+            length=longest,
+        )  # [B, Lmax]
+        lengths = torch.tensor([p.length for p in prefixes], device=self.device)  # [B]
+        ids = [
+            torch.tensor(r.request.input_ids, dtype=torch.long, device=self.device) for r in rows
+        ]
+        input_ids, input_mask = pad_sequences(ids, side="left")  # [B, T]
+        last_logits = torch.stack([p.last_logits for p in prefixes])  # [B, V]
+        if input_ids.shape[1] == 0:
+            return Prefill(last_logits, layers, prefix_mask, decode_positions(prefix_mask))
+        cache = DynamicCache(layers)
+        mask = torch.cat([prefix_mask, input_mask], dim=1)  # [B, Lmax + T]
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=prefill_positions(lengths, input_mask),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        logits = out.logits[:, -1]
+        empty = torch.tensor([len(i) == 0 for i in ids], device=self.device)
+        logits = torch.where(empty[:, None], last_logits.to(logits.dtype), logits)
+        return Prefill(logits, cache_layers(cache), mask, decode_positions(mask))

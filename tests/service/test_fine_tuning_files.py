@@ -1,0 +1,77 @@
+"""``validate_jsonl``: the upload check of fine-tuning files, as a pure function."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from service.errors import ApiError
+from service.jobs.handler import resolve_steps
+from service.jobs.validation import FileLimits, validate_jsonl
+from service.protocol.fine_tuning import Hyperparameters
+
+CHAT = FileLimits(max_bytes=10_000, max_lines=20, chat_template=True)
+
+
+def lines(*rows: Any) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+
+
+def turn(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content}
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (lines({"input": "a", "target": "b"}), ("text", 1)),
+        (lines({"input": "", "target": "b", "extra": 1}) + b"\n  \n", ("text", 1)),
+        (lines({"messages": [turn("user", "hi"), turn("assistant", "yo")]}), ("chat", 1)),
+        (
+            lines(
+                {
+                    "messages": [
+                        turn("system", "be brief"),
+                        turn("user", "q"),
+                        turn("assistant", "a"),
+                    ]
+                },
+                {"messages": [turn("user", "q2"), turn("assistant", "a2")]},
+            ),
+            ("chat", 2),
+        ),
+    ],
+)
+def test_valid_files(content: bytes, expected: tuple[str, int]) -> None:
+    assert validate_jsonl(content, CHAT) == expected
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (lines({"messages": [turn("user", "q"), turn("user", "again")]}), "final assistant"),
+        (lines({"messages": [turn("user", "q"), turn("assistant", "  ")]}), "empty"),
+        (lines({"messages": "hello"}), '"messages" must be a list'),
+        (lines({"messages": [turn("user", "q"), {"role": "assistant", "content": 3}]}), "content"),
+        (lines(*[{"input": "a", "target": "b"}] * 3) + b"{bad\n" * 12, "and 2 more"),
+    ],
+)
+def test_bad_chat_and_many_errors(content: bytes, needle: str) -> None:
+    with pytest.raises(ApiError) as err:
+        validate_jsonl(content, CHAT)
+    assert err.value.status == 422 and needle in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("hp", "examples", "expected"),
+    [
+        ({}, 20, (100, 8, 34)),  # auto: batch 8, enough epochs for 100 steps
+        ({"n_epochs": 2, "batch_size": 4}, 10, (6, 4, 2)),
+        ({"steps": 7, "batch_size": 3}, 10, (7, 3, 2)),
+        ({"batch_size": "auto"}, 3, (100, 3, 100)),
+    ],
+)
+def test_resolve_steps(hp: dict[str, Any], examples: int, expected: tuple[int, int, int]) -> None:
+    assert resolve_steps(Hyperparameters(**hp), examples, 500) == expected
