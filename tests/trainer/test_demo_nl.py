@@ -166,7 +166,11 @@ def test_shortened_build_on_a_tiny_llama(tiny_chat_llama: Path, tmp_path: Path, 
     assert run["metrics"]["city"]["init_text"] == NL_TASKS["city"].instruction
     assert json.loads((paths.distill / "run.json").read_text())["config"]["factor_init"] == "fit"
     art = load_artifact_dir(paths.artifacts)
-    assert set(art.tasks) == {"sentiment", "city"} and len(art.shared) == 1
+    # The MPT tasks over one shared prompt, and their teachers served beside them as <task>-pt.
+    assert set(art.tasks) == {"sentiment", "city", "sentiment-pt", "city-pt"}
+    assert {art.tasks[t].shared for t in ("sentiment", "city")} == {"mpt"}
+    assert art.tasks["city-pt"].shared == "pt-city" and len(art.shared) == 3
+    assert art.tasks["city-pt"].meta["teacher_of"] == "city"
     assert all(tf.u.shape == (4, 1) for tf in art.tasks.values())
     assert set(manifest["test_exact_match"]) == {"sentiment", "city"}
     assert manifest["model"] == str(tiny_chat_llama)

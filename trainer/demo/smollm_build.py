@@ -108,6 +108,28 @@ def build_prompts(paths: DemoPaths, recipe: SmolRecipe, model: str) -> None:
         lambda_hid=0.0,
     )
     train_prompts(paths, plan, ["--init", "text"])
+    serve_teachers(paths)
+
+
+def serve_teachers(paths: DemoPaths) -> list[str]:
+    """The teachers join the served artifacts as ``<task>-pt`` (each its own shared prompt with
+    identity factors): the plain prompt-tuning baseline, served next to the MPT task it was
+    distilled into, so the demo shows both (bench/results/demo_accuracy.md compares them)."""
+    from dataclasses import replace
+
+    from prompts import load_artifact_dir
+    from prompts.artifacts import save_shared, save_task
+
+    teachers = load_artifact_dir(paths.teach)
+    for sp in teachers.shared.values():
+        save_shared(paths.artifacts, sp)
+    names = []
+    for tf in teachers.tasks.values():
+        served = replace(tf, name=f"{tf.name}-pt", meta={**tf.meta, "teacher_of": tf.name})
+        save_task(paths.artifacts, served)
+        names.append(served.name)
+    log(f"teachers served beside the MPT tasks as {', '.join(sorted(names))}")
+    return names
 
 
 def check_prompts(paths: DemoPaths, recipe: SmolRecipe, model: str) -> dict[str, float]:
