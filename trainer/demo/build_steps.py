@@ -70,6 +70,25 @@ class TrainingPlan:
     progress: bool = True
     lambda_hid: float = 1.0
 
+    @classmethod
+    def from_recipe(cls, recipe: Any, model: str, **options: Any) -> TrainingPlan:
+        """The plan of a demo recipe (T5Recipe, SmolRecipe): the fields they share, plus the
+        backbone-specific ``options`` (sequence lengths, loss weights)."""
+        return cls(
+            model=model,
+            tasks=recipe.tasks,
+            prompt_length=recipe.prompt_length,
+            batch_size=recipe.batch_size,
+            teach_steps=recipe.teach_steps,
+            teach_lr=recipe.teach_lr,
+            distill_steps=recipe.distill_steps,
+            distill_lr=recipe.distill_lr,
+            eval_limit=recipe.n_val,
+            seed=recipe.seed,
+            progress=recipe.progress,
+            **options,
+        )
+
 
 def train_prompts(paths: DemoPaths, plan: TrainingPlan, teach_extra: list[str]) -> None:
     """teach (all tasks, one run) → distill from the rank-one fit → ``<cache>/artifacts``."""

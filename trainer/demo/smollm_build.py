@@ -86,23 +86,14 @@ def build_prompts(paths: DemoPaths, recipe: SmolRecipe, model: str) -> None:
         log(f"prompts: cached in {paths.artifacts}")
         return
     log("step 2/3: training the MPT prompts (teach from the instructions, then distill)")
-    plan = TrainingPlan(
-        model=model,
-        tasks=recipe.tasks,
-        prompt_length=recipe.prompt_length,
-        batch_size=recipe.batch_size,
-        teach_steps=recipe.teach_steps,
-        teach_lr=recipe.teach_lr,
-        distill_steps=recipe.distill_steps,
-        distill_lr=recipe.distill_lr,
+    plan = TrainingPlan.from_recipe(
+        recipe,
+        model,
         # The rendered conversation: SmolLM2's default system prompt and the turn markers add
         # 30 tokens to the input (an input of 5 tokens renders to 35); 64 keeps every demo
         # input whole (left truncation would cut the system prompt the server renders).
         max_input_length=64,
         max_target_length=16,
-        eval_limit=recipe.n_val,
-        seed=recipe.seed,
-        progress=recipe.progress,
         # The last hidden states of a 30-layer decoder are large; their MSE would drown the
         # KL that carries the teachers' behaviour, so the demo distills on CE + KL only.
         lambda_hid=0.0,

@@ -102,20 +102,8 @@ def build_prompts(paths: DemoPaths, recipe: T5Recipe) -> None:
     log("step 3/3: training the MPT prompts (teach, then distill) on the frozen backbone")
     texts = paths.root / "init_texts.json"
     texts.write_text(json.dumps(marker_texts(paths, recipe.tasks), indent=2) + "\n")
-    plan = TrainingPlan(
-        model=str(paths.backbone),
-        tasks=recipe.tasks,
-        prompt_length=recipe.prompt_length,
-        batch_size=recipe.batch_size,
-        teach_steps=recipe.teach_steps,
-        teach_lr=recipe.teach_lr,
-        distill_steps=recipe.distill_steps,
-        distill_lr=recipe.distill_lr,
-        max_input_length=256,
-        max_target_length=32,
-        eval_limit=recipe.n_val,
-        seed=recipe.seed,
-        progress=recipe.progress,
+    plan = TrainingPlan.from_recipe(
+        recipe, str(paths.backbone), max_input_length=256, max_target_length=32
     )
     train_prompts(paths, plan, ["--init-texts", str(texts)])
 
