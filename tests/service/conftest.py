@@ -54,6 +54,19 @@ def shared_prompt(
     return SharedPrompt(sid, prompt, backbone or bb.fingerprint)
 
 
+def write_overflowing_task(client: Any, backbone: Backbone, name: str = "poison") -> None:
+    """Store a task whose composed prompt overflows (u = v = 1e20) straight into the app's store,
+    behind the API's validation: the engine's isolation is what must stop it."""
+    tf = TaskFactors(
+        name,
+        "family",
+        torch.full((PROMPT_LENGTH, 1), 1e20),
+        torch.full((1, backbone.dim), 1e20),
+        backbone.fingerprint,
+    )
+    client.portal.call(client.app.state.store.create_task, tf, {})
+
+
 def shared_body(sp: SharedPrompt, **extra: Any) -> dict[str, Any]:
     return {"blob": to_base64(encode_shared(sp)), **extra}
 

@@ -8,17 +8,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from prompts import Backbone, TaskFactors
+from prompts import Backbone
 from service.app import create_app
 from service.engine.drain import MAX_RETRY_S, DrainRate
 from service.handlers.generation import ClientGone
 from service.protocol.generate import GenerationParameters
 from service.settings import Settings
-from tests.service.conftest import PROMPT_LENGTH, shared_body, shared_prompt, task_body
+from tests.service.conftest import (
+    shared_body,
+    shared_prompt,
+    task_body,
+    write_overflowing_task,
+)
 
 LIMIT = 400
 
@@ -56,15 +60,7 @@ def test_metrics_after_a_known_workload(client: TestClient, t5_backbone: Backbon
         "/v1/tasks/one/generate",
         json={"inputs": ["a b", "c d e", "f", "g h"], "parameters": {"max_new_tokens": 5}},
     ).json()
-    store = client.app.state.store  # type: ignore[attr-defined]
-    poison = TaskFactors(
-        "poison",
-        "family",
-        torch.full((PROMPT_LENGTH, 1), 1e20),
-        torch.full((1, t5_backbone.dim), 1e20),
-        t5_backbone.fingerprint,
-    )
-    client.portal.call(store.create_task, poison, {})  # type: ignore[attr-defined]
+    write_overflowing_task(client, t5_backbone)
     assert client.post("/v1/tasks/poison/generate", json={"inputs": "x"}).status_code == 422
     m = scrape(client)
     reasons = {r: m.get(f"rankone_finished_requests_total{{reason={r}}}", 0.0) for r in

@@ -15,7 +15,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from prompts import Backbone, TaskFactors
+from prompts import Backbone
 from service.app import create_app
 from service.settings import Settings
 from tests.service.conftest import (
@@ -27,6 +27,7 @@ from tests.service.conftest import (
     shared_body,
     shared_prompt,
     task_body,
+    write_overflowing_task,
 )
 
 LONG = 500  # prompt rows of the "long" family: 12 positions of GPT-2's 512 remain
@@ -258,15 +259,7 @@ def test_a_poisoned_task_fails_alone_and_innocent_requests_answer_200(
     """A task written behind the validation (straight into the store) whose composed prompt
     overflows: its requests get 422 generation_failed; concurrent requests of another task
     answer 200 with exactly their alone-result."""
-    store = client.app.state.store  # type: ignore[attr-defined]
-    poison = TaskFactors(
-        "poison",
-        "family",
-        torch.full((PROMPT_LENGTH, 1), 1e20),
-        torch.full((1, gpt2_backbone.dim), 1e20),
-        gpt2_backbone.fingerprint,
-    )
-    client.portal.call(store.create_task, poison, {})  # type: ignore[attr-defined]
+    write_overflowing_task(client, gpt2_backbone)
     texts = ["a b c", "the quick brown fox", "question: what is", "hello there"]
     alone = [generate(client, "base", {"inputs": t}).json()["texts"] for t in texts]
     calls = [("base", t) for t in texts] + [("poison", "a b c")] * 2
