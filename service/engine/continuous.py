@@ -128,7 +128,7 @@ class ContinuousEngine(Engine):
                 self._abort_all()
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        stream = self.stream(request)
+        stream = self.stream(request, streaming=False)
         try:
             async for delta in stream:
                 if delta.result is not None:
@@ -137,8 +137,11 @@ class ContinuousEngine(Engine):
             await stream.aclose()  # type: ignore[attr-defined]
         raise RuntimeError(f"request {request.request_id} ended without a result")
 
-    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
-        """Enqueue now (QueueFullError / EngineClosedError raise here) and stream its deltas."""
+    def stream(
+        self, request: GenerationRequest, *, streaming: bool = True
+    ) -> AsyncIterator[StreamDelta]:
+        """Enqueue now (QueueFullError / EngineClosedError raise here) and stream its deltas
+        (``streaming=False``: only the last one, which carries the result)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -151,7 +154,7 @@ class ContinuousEngine(Engine):
             self._finished("error")
             loop.call_soon_threadsafe(queue.put_nowait, exc)
 
-        row = Row(request=request, emit=emit, fail=fail)
+        row = Row(request=request, emit=emit, fail=fail, streaming=streaming)
         self._submit(row)
         return self._deltas(row, queue)
 

@@ -213,7 +213,7 @@ class DecodeLoop:
             self._finish(row, "stop", text, [token])
         elif len(row.generated) >= row.limit:
             self._finish(row, "length", text + row.detok.flush(), [token])
-        else:
+        elif row.streaming:
             row.emit(StreamDelta(text=text, token_ids=[token]))
 
     def _finish(self, row: Row, reason: FinishReason, text: str, token_ids: list[int]) -> None:
