@@ -16,7 +16,7 @@ from sse_starlette import EventSourceResponse
 
 from service.api.errors import to_response
 from service.api.responses import GENERATION, errors
-from service.deps import ClientCaller, GenerationDep
+from service.deps import ClientCaller, GenerationDep, until_disconnected
 from service.engine.base import GenerationResult, StreamDelta
 from service.handlers.chat import (
     ChatHandler,
@@ -66,7 +66,7 @@ async def chat_completions(
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = _chunks(cid, created, body.model, streams, include_usage)
         return EventSourceResponse(chunks, ping=15)
-    return await handler.complete(body, prepared, cid, created, request.is_disconnected)
+    return await handler.complete(body, prepared, cid, created, until_disconnected(request))
 
 
 async def _chunks(

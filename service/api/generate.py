@@ -12,7 +12,7 @@ from sse_starlette import EventSourceResponse
 from prompts.artifacts import NAME_PATTERN
 from service.api.errors import to_response
 from service.api.responses import GENERATION, streaming
-from service.deps import ClientCaller, GenerationDep
+from service.deps import ClientCaller, GenerationDep, until_disconnected
 from service.engine.base import StreamDelta
 from service.handlers.generation import GenerationHandler, close_stream, outputs
 from service.protocol.generate import GenerateRequest, GenerateResponse, Output
@@ -36,7 +36,7 @@ async def generate(
     if body.stream:
         first, stream = await handler.open_stream(prepared.requests[0])
         return EventSourceResponse(_events(handler, first, stream), ping=15)
-    results = await handler.run(prepared, request.is_disconnected)
+    results = await handler.run(prepared, until_disconnected(request))
     outs, usage = outputs(results)
     return GenerateResponse(
         task=prepared.task.name,

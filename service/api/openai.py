@@ -15,7 +15,7 @@ from sse_starlette import EventSourceResponse
 
 from service.api.errors import to_response
 from service.api.responses import GENERATION, KEYED, errors, streaming
-from service.deps import ClientCaller, GenerationDep, RegistryDep
+from service.deps import ClientCaller, GenerationDep, RegistryDep, until_disconnected
 from service.engine.base import StreamDelta
 from service.handlers.generation import close_stream, completion_id, outputs
 from service.protocol.openai import (
@@ -48,7 +48,7 @@ async def completions(
     if body.stream:
         first, stream = await handler.open_stream(prepared.requests[0])
         return EventSourceResponse(_chunks(cid, created, body.model, first, stream), ping=15)
-    results = await handler.run(prepared, request.is_disconnected)
+    results = await handler.run(prepared, until_disconnected(request))
     outs, usage = outputs(results)
     choices = [
         CompletionChoice(text=o.text, index=i, finish_reason=_reason(o.finish_reason))

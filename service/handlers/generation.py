@@ -26,8 +26,8 @@ from service.logging import request_id_var
 from service.protocol.generate import GenerationParameters, Output, Usage
 from service.settings import Settings
 
-Disconnected = Callable[[], Awaitable[bool]]
-DISCONNECT_POLL_S = 0.2
+# Returns once the client has gone (the route passes ``service.deps.until_disconnected``).
+Disconnected = Callable[[], Awaitable[object]]
 
 
 class ClientGone(ApiError):
@@ -170,14 +170,14 @@ class GenerationHandler:
     ) -> list[GenerationResult]:
         """All inputs concurrently; if one fails (queue full, timeout) the rest are cancelled.
 
-        ``disconnected`` (the route passes its request's ``is_disconnected``) is polled while
+        ``disconnected`` (the route passes ``until_disconnected(request)``) is awaited while
         the rows run: once the client has gone, its rows are cancelled (their batch slots are
         freed at the next step) and ``ClientGone`` is raised.
         """
         jobs = [asyncio.ensure_future(self.engine.generate(r)) for r in prepared.requests]
         gathered = asyncio.gather(*jobs)
         gathered.add_done_callback(_retrieve)  # its error is read even when nobody awaits it
-        watcher = asyncio.ensure_future(_watch(disconnected)) if disconnected else None
+        watcher = asyncio.ensure_future(disconnected()) if disconnected else None
         waits: set[asyncio.Future[Any]] = {gathered}
         if watcher is not None:
             waits.add(watcher)
@@ -237,13 +237,6 @@ class GenerationHandler:
 def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
-
-
-async def _watch(disconnected: Disconnected | None) -> None:
-    """Return once ``disconnected()`` says the client went away."""
-    assert disconnected is not None
-    while not await disconnected():
-        await asyncio.sleep(DISCONNECT_POLL_S)
 
 
 def position_table(backbone: Backbone) -> int | None:

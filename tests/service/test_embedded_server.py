@@ -3,11 +3,13 @@ serves through the same routes."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from fastapi.testclient import TestClient
 
 from prompts import Backbone
@@ -121,3 +123,52 @@ def test_seed_dir_and_continuous_engine(
             ) as s:
                 events = [line for line in s.iter_lines() if line.startswith("event:")]
             assert events[-1] == "event: done"
+
+
+def test_a_client_that_hangs_up_frees_its_rows(
+    server_factory: Any, tiny_t5_dir: Path, tmp_path: Path, t5_backbone: Backbone
+) -> None:
+    """Through uvicorn: a non-streaming request whose client closes the connection is
+    cancelled (the server waits for the ASGI ``http.disconnect``, no polling), long before its
+    rows reach their token limit."""
+    env = server_env(
+        tiny_t5_dir, data_dir=tmp_path / "store", max_new_tokens_limit=100_000, max_batch_size=4
+    )
+    server = server_factory(env)
+    r = httpx.post(
+        f"{server.url}/v1/shared-prompts",
+        json=shared_body(shared_prompt(t5_backbone)),
+        headers=ADMIN,
+    )
+    assert r.status_code == 201, r.text
+    body = task_body(t5_backbone, "long", seed=3)
+    assert httpx.post(f"{server.url}/v1/tasks", json=body, headers=ADMIN).status_code == 201
+    limit = 50_000  # T5's relative positions have no table to run out of
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+        httpx.post(
+            f"{server.url}/v1/tasks/long/generate",
+            headers=CLIENT,
+            timeout=httpx.Timeout(10.0, read=1.5),
+            json={
+                "inputs": ["a", "b c", "d e f", "g"],
+                "parameters": {"max_new_tokens": limit},
+            },
+        )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        metrics = _metrics(server.url)
+        if metrics.get("rankone_running_requests", 1) == 0:
+            break
+        time.sleep(0.2)
+    assert metrics.get("rankone_running_requests") == 0
+    assert metrics['rankone_finished_requests_total{reason="cancelled"}'] == 4
+    assert metrics["rankone_generated_tokens_total"] < 4 * limit / 10
+
+
+def _metrics(url: str) -> dict[str, float]:
+    out = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
