@@ -27,21 +27,22 @@ from tests.service.conftest import (
 )
 
 
+def register(url: str, backbone: Backbone, task: str) -> None:
+    """The shared prompt ``family`` and one task over it (factors of seed 3), through HTTP."""
+    r = httpx.post(
+        f"{url}/v1/shared-prompts", json=shared_body(shared_prompt(backbone)), headers=ADMIN
+    )
+    assert r.status_code == 201, r.text
+    r = httpx.post(f"{url}/v1/tasks", json=task_body(backbone, task, seed=3), headers=ADMIN)
+    assert r.status_code == 201, r.text
+
+
 def test_embedded_store_survives_restart(
     server_factory: Any, tiny_t5_dir: Path, tmp_path: Path, t5_backbone: Backbone
 ) -> None:
     env = server_env(tiny_t5_dir, data_dir=tmp_path / "store")
     first = server_factory(env)
-    r = httpx.post(
-        f"{first.url}/v1/shared-prompts",
-        json=shared_body(shared_prompt(t5_backbone)),
-        headers=ADMIN,
-    )
-    assert r.status_code == 201, r.text
-    r = httpx.post(
-        f"{first.url}/v1/tasks", json=task_body(t5_backbone, "kept", seed=3), headers=ADMIN
-    )
-    assert r.status_code == 201, r.text
+    register(first.url, t5_backbone, "kept")
     first.stop()
     second = server_factory(env)
     info = httpx.get(f"{second.url}/v1/tasks/kept", headers=ADMIN).json()
@@ -135,14 +136,7 @@ def test_a_client_that_hangs_up_frees_its_rows(
         tiny_t5_dir, data_dir=tmp_path / "store", max_new_tokens_limit=100_000, max_batch_size=4
     )
     server = server_factory(env)
-    r = httpx.post(
-        f"{server.url}/v1/shared-prompts",
-        json=shared_body(shared_prompt(t5_backbone)),
-        headers=ADMIN,
-    )
-    assert r.status_code == 201, r.text
-    body = task_body(t5_backbone, "long", seed=3)
-    assert httpx.post(f"{server.url}/v1/tasks", json=body, headers=ADMIN).status_code == 201
+    register(server.url, t5_backbone, "long")
     limit = 50_000  # T5's relative positions have no table to run out of
     with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
         httpx.post(
