@@ -122,14 +122,19 @@ class RedisBackend(FactorBackend):
         self._client = Redis(connection_pool=self._pool)
         # Writes never retry: a write whose reply was lost may have been applied, and running
         # it again would turn a successful create into a 409 or a delete into a 404.
+        # What a write does instead is PING first (on a connection idle for over a
+        # millisecond: in practice every write, which are rare admin calls) and reconnect once
+        # if that PING fails, since a PING is safe to repeat: after a Redis restart, however
+        # soon, a write then reconnects instead of failing on a pooled stale socket.
         self._write_pool = BlockingConnectionPool.from_url(
             url,
             max_connections=max(2, pool_size // 4),
             timeout=pool_timeout_s,
             retry=Retry(NoBackoff(), 0),
-            health_check_interval=30,
+            health_check_interval=0.001,
             **timeouts,
         )
+        self._write_pool.connection_class = _reconnecting_ping(self._write_pool.connection_class)
         self._writer = Redis(connection_pool=self._write_pool)
         # The subscription never reconnects behind our back: a reconnect must emit 'reset'.
         self._sub_client = Redis.from_url(
@@ -382,3 +387,24 @@ def _record(kind: Literal["shared", "task"], name: str, fields: dict[Any, Any]) 
         created=fields.get(b"created", b"").decode(),
         updated=fields.get(b"updated", b"").decode(),
     )
+
+
+def _reconnecting_ping(base: type[Any]) -> type[Any]:
+    """``base`` (the URL's connection class) whose health check reconnects once when its PING
+    fails, whatever the command's own retry policy (none, for writes)."""
+
+    class ReconnectingPing(base):  # type: ignore[misc, valid-type]
+        async def check_health(self) -> None:
+            if not self.health_check_interval:
+                return
+            if asyncio.get_running_loop().time() <= self.next_health_check:
+                return
+            try:
+                await self._send_ping()
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                await self.disconnect()
+                await self.connect()  # raises if Redis is really down
+                await self._send_ping()
+
+    ReconnectingPing.__name__ = f"ReconnectingPing{base.__name__}"
+    return ReconnectingPing

@@ -257,3 +257,13 @@ def test_redis_down_is_503_and_not_ready(
         assert "rankone_store_errors_total 0.0" not in httpx.get(f"{url}/metrics").text
     finally:
         redis_server.start()
+    # Back up: the first write succeeds although every pooled write connection is stale (a
+    # write is never retried, so the PING before it is what reconnects).
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{url}/readyz", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, "not ready again after Redis came back"
+        time.sleep(0.2)
+    r = httpx.post(
+        f"{url}/v1/tasks", json=task_body(t5_backbone, "back", seed=2), headers=ADMIN, timeout=30
+    )
+    assert r.status_code == 201, r.text
