@@ -50,7 +50,8 @@ def machine() -> str:
 
     return (
         f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} logical CPUs "
-        f"(shared with other jobs), torch {torch.__version__} CPU, Python "
+        f"(1-minute load average {os.getloadavg()[0]:.1f} when written), torch "
+        f"{torch.__version__} CPU, Python "
         f"{platform.python_version()}"
     )
 

@@ -145,8 +145,8 @@ NOTES = [
     "they had taken ~25 % longer.",
     "- What is left is the model itself: the linear layers and the tied lm_head "
     "([32, 576] x [576, 49152]) and SDPA, plus a fixed cost per step: "
-    "`bench/step_rows.py` (engine_step_rows.md) times a step at 1 row at about half of one "
-    "at 32 rows, and reading every weight once takes ~10 ms, so that half is the per-kernel "
+    "`bench/step_rows.py` (engine_step_rows.md) times a step at 1 row at a third to a half of "
+    "one at 32 rows, and reading every weight once takes 10-20 ms, so that half is the per-kernel "
     "cost of 30 layers of HF modules (Python, ~600 kernel launches), not memory bandwidth.",
     "- Where a goal is missed, why: that fixed cost. The cached-prefix TTFT prefills 16 "
     "tokens in one forward that pays it in full, so it cannot fall to 16/116 of the uncached "
@@ -154,7 +154,7 @@ NOTES = [
     "answer is back, the server keeps 32 rows busy while a `generate` batch runs until its "
     "longest answer (about half of its row-steps useful): 1.2-1.3x. With one burst of 32 "
     "requests and nothing after it (`--requests 32`) it is 1.0: dropping a finished row saves "
-    "~1.6 ms of a ~110 ms step here. What would move both is a decode step without the fixed "
+    "~2-3 ms of a 110-140 ms step here. What would move both is a decode step without the fixed "
     "cost: a captured CUDA graph on a GPU; on a CPU, `torch.compile` or a lean fused "
     "forward (fused QKV and gate-up weights), which gives up bit-equality with the HF "
     "forward that the correctness tests compare against.",
