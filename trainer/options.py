@@ -227,12 +227,22 @@ class AdaptOptions(TrainOptions):
     """Init of U, V: source (average of the source tasks' factors), ones or peft."""
     factor_noise: float = 0.0
     """Noise std added to the ones init."""
+    lr: float | None = None  # type: ignore[assignment]
+    """Peak learning rate (default: 0.3 in factors-only mode, 0.1 in paper and multi-target mode, where P trains too: each the best of bench/mpt_real's validation sweep on SmolLM2)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.train_shared and self.mode == "factors-only":
             self.mode = "paper"
+        if self.lr is None:
+            self.lr = ADAPT_LR[self.mode]
         _non_negative(factor_noise=self.factor_noise)
+
+
+# adapt's default lr per mode: what bench/mpt_real chose on validation loss from {0.3, 0.1}
+# (bench/results/mpt_real.md: factors-only 1.53 vs 1.93 at 0.3; paper 1.20 vs 1.68 and
+# multi-target 1.53 vs 1.98 at 0.1).
+ADAPT_LR = {"factors-only": 0.3, "paper": 0.1, "multi-target": 0.1}
 
 
 @dataclass

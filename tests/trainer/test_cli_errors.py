@@ -14,7 +14,7 @@ from tests.trainer.conftest import FAST
 from trainer.cli import main
 from trainer.config import parse_options
 from trainer.errors import TrainerError
-from trainer.options import DistillOptions, TeachOptions
+from trainer.options import AdaptOptions, DistillOptions, TeachOptions
 
 
 def fails(capsys: pytest.CaptureFixture[str], *argv: object) -> str:
@@ -167,6 +167,25 @@ def test_config_file_with_command_line_overrides(tmp_path: Path) -> None:
     )
     with pytest.raises(TrainerError, match="--init-text"):
         parse_options(TeachOptions, ["--config", str(tmp_path / "run.json")], "x", "")
+
+
+@pytest.mark.parametrize(
+    ("args", "lr"),
+    [
+        ([], 0.3),
+        (["--train-shared"], 0.1),
+        (["--mode", "paper"], 0.1),
+        (["--mode", "multi-target"], 0.1),
+        (["--train-shared", "--lr", "0.05"], 0.05),
+        (["--lr", "0.2"], 0.2),
+    ],
+)
+def test_adapt_lr_defaults_to_what_the_benchmark_chose_per_mode(args: list[str], lr: float) -> None:
+    base = ["--model", "m", "--data-dir", "d", "--out", "o", "--source", "s", "--tasks", "t"]
+    opts = parse_options(AdaptOptions, [*base, *args], "x", "")
+    assert opts.lr == lr
+    with pytest.raises(TrainerError, match="--lr"):
+        parse_options(AdaptOptions, [*base, *args, "--lr", "0"], "x", "")
 
 
 def test_command_line_error_has_no_traceback(capsys, tmp_path: Path) -> None:
