@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from server_bench import length_spread  # noqa: E402
+from server_bench import length_spread
 
 
 def test_even_answers_leave_generate_nothing_to_waste() -> None:
