@@ -276,13 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--teach-steps",
         type=int,
         default=None,
-        help="prompt-tuning steps per teacher (default: smollm2 12, t5-demo 20)",
+        help="prompt-tuning steps per teacher (default: smollm2 20, t5-demo 20)",
     )
     p.add_argument(
         "--distill-steps",
         type=int,
         default=None,
-        help="MPT source-training steps (default: smollm2 40, t5-demo 30)",
+        help="MPT source-training steps (default: smollm2 100, t5-demo 30)",
     )
     p.add_argument(
         "--no-progress", action="store_true", help="no progress bars (the log lines remain)"
