@@ -140,9 +140,9 @@ NOTES = [
     "- Serving overhead removed: a non-streaming request's row emits only its final delta "
     "(it used to wake the event loop once per token: 32 wake-ups per decode step at batch "
     "32), and disconnects are awaited through the ASGI `http.disconnect` instead of polled "
-    "five times a second per request. With both, the server's decode steps took as long as "
-    "the same rows' steps in-process (7.6 s vs 8.1-8.6 s for one 32-request burst), where "
-    "they had taken ~25 % longer.",
+    "five times a second per request. In a by-hand trace of the server's decode steps (one "
+    "32-request burst; no bench/ command records it) they went from 10.3 s to 7.6 s, level "
+    "with the same rows' steps in-process (8.1-8.6 s).",
     "- What is left is the model itself: the linear layers and the tied lm_head "
     "([32, 576] x [576, 49152]) and SDPA, plus a fixed cost per step: "
     "`bench/step_rows.py` (engine_step_rows.md) times a step at 1 row at a third to a half of "

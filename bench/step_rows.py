@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine_bench import RESULTS, machine
+from engine_bench import RESULTS, machine, weights_read
 from real_figures import endless_loop, real_tasks, rows_for
 
 
@@ -41,14 +41,7 @@ def main() -> None:
     model = args.model or str(smollm2_gguf_path())
     backbone = load_backbone(model)
     tasks = real_tasks(backbone, 32, 20)
-    weights = [p.detach() for p in backbone.model.parameters()]
-    reads = []
-    for _ in range(3):  # every weight read once (median of 3: the first pass is cold)
-        start = time.perf_counter()
-        for w in weights:
-            w.sum()
-        reads.append(time.perf_counter() - start)
-    read_ms = statistics.median(reads) * 1e3
+    read_ms = weights_read(backbone)["weights_read_ms"]
     by_rows = {}
     for n in args.rows:
         loop = endless_loop(backbone)

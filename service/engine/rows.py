@@ -26,8 +26,8 @@ class Row:
     failed: bool = False  # ended with an error: its cache slot may hold non-finite numbers
     limit: int = 0  # new tokens allowed: max_new_tokens, or fewer where positions run out
     # False: only the final delta (with the result) is emitted. A non-streaming request then
-    # costs the serving thread one wake-up in all, not one per token: on a small CPU those
-    # wake-ups, 32 per decode step at batch 32, took ~25 % of the step from the model.
+    # costs the serving thread one wake-up in all, not one per token (32 per decode step at
+    # batch 32), which on a small CPU takes time from the model thread.
     streaming: bool = True
 
     @property

@@ -229,3 +229,23 @@ def test_long_generation_moves_the_cache_window_and_stays_exact(
         req = r.request
         expected = reference_no_cache(backbone, req.task, req.input_ids, r.limit, stop_at_eos=False)
         assert sink.result.token_ids == expected, req.request_id
+
+
+def test_a_non_streaming_row_emits_only_its_result(backbones: dict[str, Backbone]) -> None:
+    """``streaming=False`` (a non-streaming request): one delta, the last, with the same result
+    as the streaming row beside it, whose deltas add up to that text."""
+    backbone = backbones["llama"]
+    task = make_tasks(backbone)[0]
+    loop = DecodeLoop(backbone)
+    loop.eos_ids = set()  # both run to their limit
+    quiet, quiet_sink = row(request(backbone, task, TEXTS[0], "q", max_new_tokens=6))
+    quiet.streaming = False
+    loud, loud_sink = row(request(backbone, task, TEXTS[0], "l", max_new_tokens=6))
+    loop.admit([quiet, loud])
+    while loop.running:
+        loop.step()
+    assert len(quiet_sink.deltas) == 1
+    assert len(loud_sink.deltas) == 6
+    assert quiet_sink.result is not None and loud_sink.result is not None
+    assert quiet_sink.result.token_ids == loud_sink.result.token_ids
+    assert quiet_sink.result.text == "".join(d.text for d in loud_sink.deltas)
