@@ -325,7 +325,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def length_spread(lengths: list[int], batch: int) -> dict[str, float]:
     """How unevenly the answers end, which is what continuous batching can win on: the answer
     lengths' min / median / max, and ``bare_busy``: the share of ``generate``'s row-steps that
-    produce a useful token (each batch of ``batch`` runs as long as its longest answer)."""
+    produce a useful token (each batch of ``batch`` runs as long as its longest answer), and
+    ``bound`` = 1 / ``bare_busy``: what ``server_over_bare`` reaches if a step costs the same at
+    any row count (on this CPU it does, within ~2×) and no slot ever waits for a request."""
     busy = total = 0
     for lo in range(0, len(lengths), batch):
         chunk = lengths[lo : lo + batch]
@@ -336,6 +338,7 @@ def length_spread(lengths: list[int], batch: int) -> dict[str, float]:
         "median": statistics.median(lengths),
         "max": max(lengths),
         "bare_busy": busy / max(total, 1),
+        "bound": total / max(busy, 1),
     }
 
 
@@ -381,7 +384,9 @@ def write_report(results: dict[str, Any], args: argparse.Namespace) -> None:
                 f"{spread['min']} / {spread['median']:g} / {spread['max']}; of bare "
                 f"`generate`'s row-steps {spread['bare_busy']:.0%} produce a useful token (a "
                 "batch runs until its longest answer ends), which bounds what dropping finished "
-                "rows can win.",
+                f"rows can win: ≤ {spread['bound']:.2f}× when a step costs the same at any row "
+                "count. The server also drains: the last answers of a closed loop run in a "
+                "shrinking batch.",
                 "",
                 f"Pairs (bare then server, each a ratio): {', '.join(f'{r:.2f}' for r in ratios)}"
                 " — the machine's speed drifts by up to ±30 % between runs; the median is the figure.",

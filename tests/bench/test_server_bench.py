@@ -14,13 +14,14 @@ from server_bench import length_spread
 
 def test_even_answers_leave_generate_nothing_to_waste() -> None:
     spread = length_spread([8, 8, 8, 8], batch=4)
-    assert spread == {"min": 8, "median": 8, "max": 8, "bare_busy": 1.0}
+    assert spread == {"min": 8, "median": 8, "max": 8, "bare_busy": 1.0, "bound": 1.0}
 
 
 def test_one_long_answer_makes_each_batch_run_as_long_as_it() -> None:
     # Two batches of 2: (2, 10) runs 10 steps on 2 rows, (4, 4) runs 4 steps.
     spread = length_spread([2, 10, 4, 4], batch=2)
     assert spread["bare_busy"] == pytest.approx((2 + 10 + 4 + 4) / (2 * 10 + 2 * 4))
+    assert spread["bound"] == pytest.approx(1 / spread["bare_busy"])
     assert (spread["min"], spread["median"], spread["max"]) == (2, 4, 10)
 
 
