@@ -146,9 +146,9 @@ NOTES = [
     "- What is left is the model itself: the linear layers and the tied lm_head "
     "([32, 576] x [576, 49152]) and SDPA, plus a fixed cost per step: "
     "`bench/step_rows.py` (engine_step_rows.md) times a step at 1 row at a third to a half of "
-    "one at 32 rows, and the torch profiler puts 73-84 % of every step in `aten::mm`: the fixed "
-    "part is the small-batch GEMMs streaming 513 MB of weights from memory at ~7-15 GB/s, well "
-    "below a plain read's (10-20 ms), not Python or kernel launches.",
+    "one at 32 rows, and the torch profiler puts 72-85 % of every step in `aten::mm`: the fixed "
+    "part is the small-batch GEMMs streaming 513 MB of weights (8.9 GB/s at 1 row, against 28 "
+    "GB/s for a plain read of them), not Python or kernel launches.",
     "- Where a goal is missed, why: that fixed cost. The cached-prefix TTFT prefills 16 "
     "tokens in one forward that pays it in full, so it cannot fall to 16/116 of the uncached "
     "forward. `server_over_bare`: with 32 clients each sending its next question when its "

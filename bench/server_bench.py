@@ -326,8 +326,8 @@ def length_spread(lengths: list[int], batch: int) -> dict[str, float]:
     """How unevenly the answers end, which is what continuous batching can win on: the answer
     lengths' min / median / max, and ``bare_busy``: the share of ``generate``'s row-steps that
     produce a useful token (each batch of ``batch`` runs as long as its longest answer), and
-    ``bound`` = 1 / ``bare_busy``: what ``server_over_bare`` reaches if a step costs the same at
-    any row count (on this CPU it does, within ~2×) and no slot ever waits for a request."""
+    ``bound`` = 1 / ``bare_busy``: what ``server_over_bare`` would reach if a step cost the same
+    at any row count and no slot ever waited for a request."""
     busy = total = 0
     for lo in range(0, len(lengths), batch):
         chunk = lengths[lo : lo + batch]

@@ -74,6 +74,9 @@ def main() -> None:
         print(f"rows {n}: {by_rows[str(n)]:.0f} ms/step, mm {mm_share[str(n)]:.0%}", flush=True)
     lo, hi = min(args.rows), max(args.rows)
     per_row = (by_rows[str(hi)] - by_rows[str(lo)]) / (hi - lo)
+    # The rate at which the fewest-row step's matrix products get through the weights.
+    gemm_gbs = weights_mb * 2**20 / 1e9 / (by_rows[str(lo)] / 1e3 * mm_share[str(lo)])
+    read_gbs = weights_mb * 2**20 / 1e9 / (read_ms / 1e3)
     results = {
         "command": "python3 " + " ".join(["bench/step_rows.py", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -84,6 +87,8 @@ def main() -> None:
         "per_added_row_ms": per_row,
         "fixed_share_at_max": by_rows[str(lo)] / by_rows[str(hi)],
         "weights_read_ms": read_ms,
+        "gemm_weights_gbs_at_min_rows": gemm_gbs,
+        "read_weights_gbs": read_gbs,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "engine_step_rows.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -101,9 +106,9 @@ Machine: {", ".join(f"{k} {v}" for k, v in results["machine"].items())}
 
 A step at {lo} row(s) costs {results["fixed_share_at_max"]:.0%} of one at {hi}; each added row
 costs {per_row:.1f} ms. At {lo} row(s) the matrix products take
-{mm_share[str(lo)]:.0%} of the step: the fixed part is the GEMMs streaming the weights, at far
-less than the {weights_mb:.0f} MB / {read_ms:.0f} ms of a plain read, not Python or kernel
-launches. On this CPU, dropping a finished row saves little, and what continuous batching wins
+{mm_share[str(lo)]:.0%} of the step: the fixed part is the GEMMs streaming the
+{weights_mb:.0f} MB of weights, at {gemm_gbs:.1f} GB/s against {read_gbs:.0f} GB/s for a plain
+read of them ({read_ms:.0f} ms), not Python or kernel launches. On this CPU, dropping a finished row saves little, and what continuous batching wins
 comes from putting the next request in its place.
 """
     )
