@@ -391,11 +391,31 @@ def _record(kind: Literal["shared", "task"], name: str, fields: dict[Any, Any]) 
 
 def _reconnecting_ping(base: type[Any]) -> type[Any]:
     """``base`` (the URL's connection class) whose health check reconnects once when its PING
-    fails, whatever the command's own retry policy (none, for writes)."""
+    fails, whatever the command's own retry policy (none, for writes).
+
+    No check runs during the connection's handshake: redis-py pipelines it (CLIENT SETINFO,
+    SELECT, then reads the replies), and a PING sent in between would read a handshake reply
+    as its own (on Redis < 7.2 SETINFO's error, failing the write)."""
 
     class ReconnectingPing(base):  # type: ignore[misc, valid-type]
+        _handshake = False
+
+        async def on_connect(self) -> None:  # redis-py < 6 connects through this
+            self._handshake = True
+            try:
+                await super().on_connect()
+            finally:
+                self._handshake = False
+
+        async def on_connect_check_health(self, check_health: bool = True) -> None:
+            self._handshake = True
+            try:
+                await super().on_connect_check_health(check_health=check_health)
+            finally:
+                self._handshake = False
+
         async def check_health(self) -> None:
-            if not self.health_check_interval:
+            if not self.health_check_interval or self._handshake:
                 return
             if asyncio.get_running_loop().time() <= self.next_health_check:
                 return

@@ -592,6 +592,34 @@ async def test_redis_connection_dropped_during_write(
         await fs.close()
 
 
+async def test_a_slow_handshake_does_not_health_check_into_its_own_replies(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new write connection pipelines its handshake (CLIENT SETINFO, SELECT) before reading
+    the replies; a health-check PING sent in between would read a handshake reply as its own
+    (on Redis < 7.2 the SETINFO error, failing the write). A slow machine makes the write
+    pool's 1 ms check interval elapse mid-handshake: every write must still succeed."""
+    backend = RedisBackend(redis_url)
+    conn_class = backend._write_pool.connection_class
+    send = conn_class.send_command
+
+    async def slow_send(self: Any, *args: Any, **kwargs: Any) -> None:
+        await asyncio.sleep(0.005)  # > the 1 ms health-check interval
+        await send(self, *args, **kwargs)
+
+    monkeypatch.setattr(conn_class, "send_command", slow_send)
+    fs = make_store(backend)
+    await fs.start()
+    try:
+        await fs.register_shared(shared(), {})
+        for i in range(3):
+            await backend._write_pool.disconnect()  # each write on a fresh handshake
+            await fs.create_task(task(f"t{i}", 1.0), {})
+        assert fs.store_errors == 0
+    finally:
+        await fs.close()
+
+
 # ---- embedded --------------------------------------------------------------------------
 
 
