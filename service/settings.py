@@ -40,6 +40,11 @@ class Settings(BaseSettings):
         "continuous", description="batching engine: continuous (default) or static (baseline)"
     )
     max_batch_size: int = Field(16, ge=1, le=4096, description="rows per forward pass")
+    fused_forward: bool = Field(
+        True,
+        description="prefill and decode Llama-family backbones with the engine's fused forward "
+        "(false: the HF forward)",
+    )
     max_batch_tokens: int = Field(8192, ge=1, description="input tokens per admitted batch")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="wait to fill a batch (ms)")
     max_input_tokens: int = Field(512, ge=1, description="longest accepted input, in tokens")

@@ -79,4 +79,5 @@ async def info(state: StateDep, caller: ClientCaller) -> dict[str, Any]:
         },
         "store": getattr(state.store, "kind", "unknown"),
         "engine": s.engine,
+        "forward": getattr(getattr(state, "engine", None), "forward_kind", "hf"),
     }

@@ -61,6 +61,7 @@ class ContinuousEngine(Engine):
         metrics: Any = None,
         max_wait_ms: float = 0.0,
         seed: int = 0,
+        fused_forward: bool = True,
     ) -> None:
         if max_batch_size < 1 or max_batch_tokens < 1 or queue_size < 1:
             raise ValueError(
@@ -77,7 +78,11 @@ class ContinuousEngine(Engine):
         self.metrics = metrics
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.loop_core = DecodeLoop(
-            backbone, prefix_cache=self.prefix_cache, seed=seed, max_rows=max_batch_size
+            backbone,
+            prefix_cache=self.prefix_cache,
+            seed=seed,
+            max_rows=max_batch_size,
+            fused=fused_forward,
         )
         self.drain = DrainRate()
         self._waiting: deque[Row] = deque()
@@ -97,6 +102,11 @@ class ContinuousEngine(Engine):
     @property
     def running(self) -> int:
         return self.loop_core.running
+
+    @property
+    def forward_kind(self) -> str:
+        """``fused`` (``fused_llama.FusedLlama``) or ``hf`` (the model's own forward)."""
+        return "hf" if self.loop_core.batch.fused is None else "fused"
 
     async def start(self) -> None:
         if self._thread is not None:

@@ -23,6 +23,7 @@ from torch import Tensor
 from prompts.backbone import Backbone
 from service.engine.base import FinishReason, GenerationResult, StreamDelta
 from service.engine.detok import IncrementalDetokenizer
+from service.engine.fused_llama import FusedLlama
 from service.engine.prefill import Prefiller, compose_rows
 from service.engine.prefix_cache import PrefixCache
 from service.engine.rows import LoopStats, Row
@@ -61,18 +62,26 @@ class DecodeLoop:
         prefix_cache: PrefixCache | None = None,
         seed: int = 0,
         max_rows: int = 0,
+        fused: bool = True,
     ) -> None:
-        """``max_rows``: cache slots to allocate up front (the engine's max batch size)."""
+        """``max_rows``: cache slots to allocate up front (the engine's max batch size);
+        ``fused``: run ``fused_llama.FusedLlama`` where it covers the model (else HF's forward)."""
         self.backbone = backbone
         self.model: Any = backbone.model
         self.tokenizer = backbone.tokenizer
         self.seq2seq = backbone.is_seq2seq
         self.device = backbone.device
         self.stats = LoopStats()
-        self.prefill = Prefiller(backbone, prefix_cache, self.stats)
+        self.fused = FusedLlama.build(self.model) if fused else None
+        self.prefill = Prefiller(backbone, prefix_cache, self.stats, self.fused)
         self.prefix_cache = self.prefill.prefix_cache
         self.batch = RunningBatch(
-            self.model, _decoder_layers(self.model), self.device, backbone.dtype, max_rows=max_rows
+            self.model,
+            _decoder_layers(self.model),
+            self.device,
+            backbone.dtype,
+            max_rows=max_rows,
+            fused=self.fused,
         )
         self.eos_ids = self._eos_ids()
         self.special_ids = frozenset(int(i) for i in self.tokenizer.all_special_ids)

@@ -33,6 +33,7 @@ def build_engine(name: str, backbone: Backbone, settings: Any, metrics: EngineMe
             max_wait_ms=settings.max_wait_ms,
             queue_size=settings.queue_size,
             prefix_cache_bytes=settings.prefix_cache_bytes,
+            fused_forward=settings.fused_forward,
             metrics=metrics,
         )
     raise ValueError(f"unknown engine {name!r}; use one of {ENGINES}")

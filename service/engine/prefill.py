@@ -8,6 +8,9 @@ cache slots. Three paths:
 - decoder-only without prefix cache: one forward over left-padded ``[pads; P; x]``;
 - decoder-only with prefix cache: each task prompt's KV comes from ``PrefixCache`` (computed
   once per task version) and only the input tokens are prefilled, at positions ``L, L+1, ..``.
+
+Decoder-only forwards run ``fused_llama.FusedLlama`` where it covers the backbone, else the HF
+forward with a fresh ``DynamicCache``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from prompts.backbone import Backbone
 from prompts.compose import compose_prompts
 from prompts.inputs import position_ids_from_mask
 from service.engine.base import ResolvedTask
+from service.engine.fused_llama import FusedLlama
 from service.engine.kv_layout import (
     KV,
     decode_positions,
@@ -90,9 +94,15 @@ class Prefiller:
     """Runs a group's prefill over the backbone (one thread: the model's)."""
 
     def __init__(
-        self, backbone: Backbone, prefix_cache: PrefixCache | None, stats: LoopStats
+        self,
+        backbone: Backbone,
+        prefix_cache: PrefixCache | None,
+        stats: LoopStats,
+        fused: FusedLlama | None = None,
     ) -> None:
+        """``fused``: the forward to run where it covers the model (else the HF forward)."""
         self.backbone = backbone
+        self.fused = fused
         self.model: Any = backbone.model
         self.device = backbone.device
         self.dtype = backbone.dtype
@@ -122,6 +132,32 @@ class Prefiller:
             out.append(torch.cat([prompt, self.backbone.embed(ids[None])[0].to(self.dtype)]))
         return out
 
+    def _forward(
+        self,
+        mask: Tensor,
+        positions: Tensor,
+        *,
+        embeds: Tensor | None = None,
+        ids: Tensor | None = None,
+        past: list[KV] | None = None,
+    ) -> tuple[Tensor, list[KV]]:
+        """A decoder-only forward over ``embeds`` [B, T, d] or ``ids`` [B, T] after ``past``
+        (per layer [B, H, P, Dh]), ``mask`` [B, P + T]: last logits [B, V], per-layer KV."""
+        if self.fused is not None:
+            x = embeds if embeds is not None else self.fused.embed(ids)
+            return self.fused.prefill(x, positions, mask, past)
+        cache = DynamicCache(past) if past is not None else DynamicCache()
+        out = self.model(
+            input_ids=ids,
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1], cache_layers(cache)
+
     def _seq2seq(self, rows: Sequence[Row]) -> Prefill:
         prompts = self._compose([r.request.task for r in rows])
         embeds, enc_mask = pad_sequences(self._embed_rows(rows, prompts), side="right")  # [B, S, d]
@@ -150,16 +186,8 @@ class Prefiller:
         """No prefix cache: one forward over left-padded ``[pads; P; x]`` (the reference layout)."""
         prompts = self._compose([r.request.task for r in rows])
         embeds, mask = pad_sequences(self._embed_rows(rows, prompts), side="left")  # [B, N, d]
-        cache = DynamicCache()
-        out = self.model(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            position_ids=position_ids_from_mask(mask),
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return Prefill(out.logits[:, -1], cache_layers(cache), mask, decode_positions(mask))
+        logits, layers = self._forward(mask, position_ids_from_mask(mask), embeds=embeds)
+        return Prefill(logits, layers, mask, decode_positions(mask))
 
     def _compute_prefixes(
         self, tasks: Sequence[ResolvedTask], prompts: Sequence[Tensor]
@@ -175,20 +203,12 @@ class Prefiller:
         for i, prompt in enumerate(prompts):
             groups.setdefault(int(prompt.shape[0]), []).append(i)
         for length, members in groups.items():
-            cache = DynamicCache()
-            logits = self.model(
-                inputs_embeds=torch.stack([prompts[i] for i in members]),  # [m, L, d]
-                attention_mask=torch.ones(
-                    len(members), length, dtype=torch.long, device=self.device
-                ),
-                position_ids=torch.arange(length, device=self.device)[None].expand(
-                    len(members), length
-                ),
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits[:, -1]  # [m, V]
-            layers = cache_layers(cache)
+            m = len(members)
+            logits, layers = self._forward(
+                torch.ones(m, length, dtype=torch.long, device=self.device),
+                torch.arange(length, device=self.device)[None].expand(m, length),
+                embeds=torch.stack([prompts[i] for i in members]),  # [m, L, d]
+            )  # logits [m, V]
             for j, i in enumerate(members):
                 # Clones: a cached prefix must not keep its whole group's tensors alive.
                 prefix = PromptPrefix(
@@ -245,17 +265,10 @@ class Prefiller:
         last_logits = torch.stack([p.last_logits for p in prefixes])  # [B, V]
         if input_ids.shape[1] == 0:
             return Prefill(last_logits, layers, prefix_mask, decode_positions(prefix_mask))
-        cache = DynamicCache(layers)
         mask = torch.cat([prefix_mask, input_mask], dim=1)  # [B, Lmax + T]
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=prefill_positions(lengths, input_mask),
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
+        logits, layers = self._forward(
+            mask, prefill_positions(lengths, input_mask), ids=input_ids, past=layers
         )
-        logits = out.logits[:, -1]
         empty = torch.tensor([len(i) == 0 for i in ids], device=self.device)
         logits = torch.where(empty[:, None], last_logits.to(logits.dtype), logits)
-        return Prefill(logits, cache_layers(cache), mask, decode_positions(mask))
+        return Prefill(logits, layers, mask, decode_positions(mask))

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache, EncoderDecoderCache
 
+from service.engine.fused_llama import FusedLlama
 from service.engine.kv_cache import SlotCache, SlotKV
 from service.engine.kv_layout import KV, leading_pad_columns, left_pad, merge_layers, merge_masks
 from service.engine.prefill import Prefill
@@ -42,7 +43,9 @@ class RunningBatch:
         dtype: torch.dtype,
         *,
         max_rows: int = 0,
+        fused: FusedLlama | None = None,
     ) -> None:
+        """``fused``: the forward of decode steps (None: the HF model's own)."""
         self.model = model
         self.device = device
         self.dtype = dtype
@@ -57,6 +60,7 @@ class RunningBatch:
         self.cache: SlotCache | EncoderDecoderCache = SlotCache(self.kv)
         # Bool masks are what SDPA takes directly; other kernels add a float mask.
         self.bool_mask = getattr(model.config, "_attn_implementation", "eager") == "sdpa"
+        self.fused = fused
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -107,6 +111,17 @@ class RunningBatch:
         """One decode step of the model for every row: next-token logits [n, V]."""
         self.kv.open_column()
         mask = self.step_mask()
+        if self.fused is not None:
+            logits = self.fused.step(self.last, self.positions, self.kv, mask)
+        else:
+            logits = self.hf_forward(mask)
+        self.kv.close_column()
+        if not self.seq2seq:
+            self.positions += 1
+        return logits
+
+    def hf_forward(self, mask: Tensor) -> Tensor:
+        """The step through the HF model's own forward (the open column is written)."""
         if self.seq2seq:
             out = self.model(
                 encoder_outputs=(self.enc_states,),
@@ -124,8 +139,6 @@ class RunningBatch:
                 cache=self.cache,
                 use_cache=True,
             )
-            self.positions += 1
-        self.kv.close_column()
         return out.logits[:, -1]
 
     # -- retirement ------------------------------------------------------------------------

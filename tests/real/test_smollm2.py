@@ -108,6 +108,7 @@ def test_server_reports_the_gguf_backbone(served: ServerProcess, smollm2: Backbo
     info = httpx.get(f"{served.url}/v1/info", headers=CLIENT).json()
     assert info["backbone"]["fingerprint"] == smollm2.fingerprint
     assert info["backbone"]["d"] == 576
+    assert info["forward"] == "fused"  # SmolLM2 is a Llama: the engine's fused forward
 
 
 def test_mixed_task_chat_batch_equals_generate_alone(

@@ -110,7 +110,8 @@ def test_seed_dir_and_continuous_engine(
             log_level="WARNING",
         )
         with TestClient(create_app(settings)) as c:
-            assert c.get("/v1/info").json()["engine"] == engine
+            info = c.get("/v1/info").json()
+            assert info["engine"] == engine and info["forward"] == "hf"  # T5: not fused
             r = c.post(
                 "/v1/tasks/seeded/generate",
                 json={"inputs": ["hello there", "a"], "parameters": {"max_new_tokens": 6}},
@@ -166,3 +167,22 @@ def _metrics(url: str) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
     return out
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_forward_setting_picks_the_forward(
+    tiny_llama_dir: Path, tmp_path: Path, fused: bool
+) -> None:
+    """A Llama backbone runs the fused forward unless RANKONE_FUSED_FORWARD is false."""
+    settings = Settings(
+        model=str(tiny_llama_dir), data_dir=str(tmp_path), fused_forward=fused, log_level="WARNING"
+    )
+    with TestClient(create_app(settings)) as c:
+        assert c.get("/v1/info").json()["forward"] == ("fused" if fused else "hf")
+        c.post("/v1/shared-prompts", json=shared_body(shared_prompt(c.app.state.backbone)))
+        r = c.post("/v1/tasks", json=task_body(c.app.state.backbone, "t", seed=3))
+        assert r.status_code == 201, r.text
+        r = c.post(
+            "/v1/tasks/t/generate", json={"inputs": ["hello"], "parameters": {"max_new_tokens": 4}}
+        )
+        assert r.status_code == 200 and len(r.json()["texts"]) == 1, r.text

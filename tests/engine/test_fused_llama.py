@@ -1,0 +1,179 @@
+"""The fused Llama forward computes what the HF forward computes: decode steps on the running
+batch's slot cache, prefills with and without a cached prompt prefix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from prompts import Backbone, load_backbone
+from service.engine.decode import DecodeLoop
+from service.engine.fused_llama import FusedLlama, _fuse
+from service.engine.prefill import Prefiller
+from service.engine.prefix_cache import PrefixCache
+from service.engine.rows import LoopStats
+from tests.engine.conftest import TEXTS, make_tasks, reference_generate, request, row
+from tests.engine.test_decode_reference import run_schedule
+from tests.tiny_models import build_tiny_llama
+
+
+def _tiny_llama(**overrides: object) -> LlamaForCausalLM:
+    torch.manual_seed(3)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=0.3,
+        **overrides,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def _compare_steps(loop: DecodeLoop, steps: int) -> None:
+    """Step ``loop`` with the fused kernel; before each step, check it against the HF forward."""
+    batch = loop.batch
+    assert batch.fused is not None
+    for _ in range(steps):
+        with torch.inference_mode():
+            batch.kv.open_column()
+            mask = batch.step_mask()
+            expected = batch.hf_forward(mask)  # writes the open column too: same numbers
+            got = batch.fused.step(batch.last, batch.positions, batch.kv, mask)
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(got, expected, rtol=0, atol=2e-5 * scale)
+        assert torch.equal(got.argmax(-1), expected.argmax(-1))
+        loop.step()  # the step proper (rewrites the same column with the fused numbers)
+
+
+@pytest.mark.parametrize("bool_mask", [True, False])
+def test_fused_step_equals_hf_forward_on_a_mixed_batch(
+    backbones: dict[str, Backbone], bool_mask: bool
+) -> None:
+    backbone = backbones["llama"]
+    tasks = make_tasks(backbone)
+    loop = DecodeLoop(backbone, prefix_cache=PrefixCache(1 << 24))
+    loop.batch.bool_mask = bool_mask  # False: the additive float mask of non-SDPA kernels
+    rows = [
+        row(request(backbone, tasks[i], TEXTS[i], f"r{i}", max_new_tokens=50)) for i in range(4)
+    ]
+    loop.admit([r for r, _ in rows[:2]])  # two rows, then two more of other lengths join
+    _compare_steps(loop, 3)
+    loop.admit([r for r, _ in rows[2:]])
+    _compare_steps(loop, 5)
+    assert loop.running == 4
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_fused_prefill_equals_hf_forward(backbones: dict[str, Backbone], cached: bool) -> None:
+    """Left-padded groups of different lengths, with and without a cached prompt prefix."""
+    backbone = backbones["llama"]
+    tasks = make_tasks(backbone)
+    fused = FusedLlama.build(backbone.model)
+    assert fused is not None
+    out = []
+    for kernel in (fused, None):
+        prefix = PrefixCache(1 << 24) if cached else None
+        prefill = Prefiller(backbone, prefix, LoopStats(), kernel)
+        rows = [row(request(backbone, tasks[i], TEXTS[i], f"r{i}"))[0] for i in range(4)]
+        with torch.inference_mode():
+            prefill(rows[:1])  # a first group fills the prefix cache for task 0
+            out.append(prefill(rows))
+    got, expected = out
+    assert torch.equal(got.mask, expected.mask)
+    scale = float(expected.logits.abs().max())
+    torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=2e-5 * scale)
+    assert torch.equal(got.logits.argmax(-1), expected.logits.argmax(-1))
+    real = got.mask.bool()[:, None, :, None]  # padding columns hold whatever; nothing reads them
+    assert len(got.layers) == len(expected.layers)
+    for (k1, v1), (k2, v2) in zip(got.layers, expected.layers, strict=True):
+        assert k1.shape == k2.shape and v1.shape == v2.shape
+        torch.testing.assert_close(k1 * real, k2 * real, rtol=0, atol=1e-4 * float(k2.abs().max()))
+        torch.testing.assert_close(v1 * real, v2 * real, rtol=0, atol=1e-4 * float(v2.abs().max()))
+        assert torch.isfinite(k1).all() and torch.isfinite(v1).all()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_mixed_batch_matches_generate_with_either_kernel(
+    backbones: dict[str, Backbone], fused: bool
+) -> None:
+    backbone = backbones["llama"]
+    loop = DecodeLoop(backbone, prefix_cache=PrefixCache(1 << 24), fused=fused)
+    assert (loop.batch.fused is not None) == fused
+    for req, sink in run_schedule(backbone, loop):
+        expected = reference_generate(backbone, req.task, req.input_ids, req.params.max_new_tokens)
+        assert sink.result is not None and sink.result.token_ids == expected, req.request_id
+
+
+def test_fusing_shares_the_weights_and_keeps_the_hf_forward_exact() -> None:
+    model = _tiny_llama()
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+    params = sum(p.numel() for p in model.parameters())
+    decoder = FusedLlama.build(model)
+    assert decoder is not None and FusedLlama.build(model) is decoder  # fused once per model
+    attn = model.model.layers[0].self_attn
+    qkv = decoder.layers[0].qkv
+    assert attn.q_proj.weight.data_ptr() == qkv.data_ptr()  # a view: no weight stored twice
+    assert attn.v_proj.weight.data_ptr() == qkv[-attn.v_proj.weight.shape[0] :].data_ptr()
+    assert sum(p.numel() for p in model.parameters()) == params
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=ids).logits, before)
+
+
+def test_biased_llama_fused_step_equals_hf_forward(tmp_path: Path) -> None:
+    """Llama variants with attention/MLP biases (the fused step adds them in the GEMMs)."""
+    backbone = load_backbone(build_tiny_llama(tmp_path / "llama"))
+    model = backbone.model
+    with torch.no_grad():  # give the same model biases: attention_bias / mlp_bias variants
+        for layer in model.model.layers:
+            for lin in (
+                layer.self_attn.q_proj,
+                layer.self_attn.k_proj,
+                layer.self_attn.v_proj,
+                layer.self_attn.o_proj,
+                layer.mlp.gate_proj,
+                layer.mlp.up_proj,
+                layer.mlp.down_proj,
+            ):
+                lin.bias = torch.nn.Parameter(torch.randn(lin.out_features) * 0.5)
+    tasks = make_tasks(backbone)
+    loop = DecodeLoop(backbone)
+    rows = [
+        row(request(backbone, tasks[i], TEXTS[i], f"r{i}", max_new_tokens=40)) for i in range(3)
+    ]
+    loop.admit([r for r, _ in rows])
+    assert loop.batch.fused is not None and loop.batch.fused.layers[0].qkv_bias is not None
+    _compare_steps(loop, 6)
+
+
+def test_fusing_refuses_a_partial_bias() -> None:
+    model = _tiny_llama()
+    attn = model.model.layers[0].self_attn
+    attn.q_proj.bias = torch.nn.Parameter(torch.zeros(attn.q_proj.out_features))
+    with pytest.raises(ValueError, match="all have a bias or none"):
+        _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+
+
+@pytest.mark.parametrize(
+    ("kind", "overrides", "covered"),
+    [
+        ("t5", {}, False),
+        ("gpt2", {}, False),
+        ("llama", {}, True),
+        ("llama", {"pretraining_tp": 2}, False),
+        ("llama", {"hidden_act": "gelu"}, False),
+    ],
+)
+def test_what_the_fused_step_covers(
+    backbones: dict[str, Backbone], kind: str, overrides: dict[str, object], covered: bool
+) -> None:
+    model = _tiny_llama(**overrides) if overrides else backbones[kind].model
+    assert (FusedLlama.build(model) is not None) == covered
