@@ -77,9 +77,10 @@ def rows_for(
 PREFIXES = PrefixCache(1 << 31)  # shared by the figures' loops: each prompt prefilled once
 
 
-def endless_loop(backbone: Backbone, max_rows: int = 64) -> DecodeLoop:
-    """A decode loop with a prefix cache whose rows ignore EOS (fixed token counts)."""
-    loop = DecodeLoop(backbone, prefix_cache=PREFIXES, max_rows=max_rows)
+def endless_loop(backbone: Backbone, max_rows: int = 64, *, fused: bool = True) -> DecodeLoop:
+    """A decode loop with a prefix cache whose rows ignore EOS (fixed token counts);
+    ``fused``: the engine's fused forward where it covers the backbone (its default)."""
+    loop = DecodeLoop(backbone, prefix_cache=PREFIXES, max_rows=max_rows, fused=fused)
     loop.eos_ids = set()
     return loop
 

@@ -11,10 +11,13 @@ Run: ``python3 bench/server_bench.py``.
 
 ``--real [--model PATH]``: the same comparison on a real decoder-only backbone (default:
 SmolLM2-135M-Instruct from its GGUF file, loaded by server and bench through ``load_backbone``):
-96 questions over 32 tasks through ``POST /v1/chat/completions`` (the chat template, as an
+192 questions over 32 tasks through ``POST /v1/chat/completions`` (the chat template, as an
 instruct model is used) from 32 concurrent clients, each sending its next question when its
 answer is back (a closed loop, 32 in flight), vs ``generate`` over the same rendered
-conversations in batches of 32; greedy with EOS, up to 128 new tokens. A ``generate`` batch
+conversations in batches of 32; greedy with EOS, up to 128 new tokens. Six questions per
+client, so that the run is mostly steady state: a closed loop ends in a drain, its last answers
+decoding in a shrinking batch (with three per client, 96 questions, the drain was a third of
+the run). A ``generate`` batch
 runs until its longest answer ends; the server fills a finished row's slot with the next
 request. Throughput counts useful tokens (up to EOS) on both sides; the answer lengths are
 recorded (``spread``). Writes engine_server_real.{md,json}.
@@ -413,8 +416,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     if args.real:
-        # The real-model comparison: 32 clients over 32 tasks, three questions each.
-        defaults = {"requests": 96, "concurrency": 32, "new_tokens": 128}
+        # The real-model comparison: 32 clients over 32 tasks, six questions each.
+        defaults = {"requests": 192, "concurrency": 32, "new_tokens": 128}
         for key, value in defaults.items():
             if getattr(args, key) == parser.get_default(key):
                 setattr(args, key, value)

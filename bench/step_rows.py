@@ -1,11 +1,14 @@
-"""What a decode step costs by the number of rows in it (the real backbone, fp32).
+"""What a decode step costs by the number of rows in it (the real backbone, fp32), with the
+engine's fused forward and with the HF forward.
 
 Continuous batching wins over ``generate`` by the rows it drops (finished) and the rows it
 adds (the next requests). What dropping a row saves depends on how the step's time splits
 between a part that grows with the rows (the FLOPs) and a part that does not: this measures the
 split, and with the torch profiler the share of each step spent in matrix products (``aten::mm``:
 at 1 row they stream every weight from memory, far below the rate of a plain read, which
-``weights_read_ms`` gives).
+``weights_read_ms`` gives). Each row count's two forwards (``service/engine/fused_llama.py``
+and the HF model's own, as ``generate`` runs it) step in alternation over the same rows, so
+``hf_over_fused`` is a ratio measured in one run.
 
     python3 bench/step_rows.py [--model PATH] [--threads 2]
 
@@ -58,20 +61,30 @@ def main() -> None:
     read = weights_read(backbone)
     read_ms, weights_mb = read["weights_read_ms"], read["weights_mb"]
     by_rows: dict[str, float] = {}
+    hf_by_rows: dict[str, float] = {}
     mm_share: dict[str, float] = {}
     for n in args.rows:
-        loop = endless_loop(backbone)
-        loop.admit(rows_for(tasks, n, 40, 10_000))  # 20 prompt rows + 40 inputs: ~60 positions
-        for _ in range(3):
-            loop.step()
-        times = []
+        loops = {}
+        for fused in (True, False):
+            loop = endless_loop(backbone, fused=fused)
+            loop.admit(rows_for(tasks, n, 40, 10_000))  # 20 prompt rows + 40 inputs: ~60 positions
+            for _ in range(3):
+                loop.step()
+            loops[fused] = loop
+        times: dict[bool, list[float]] = {True: [], False: []}
         for _ in range(args.steps):
-            start = time.perf_counter()
-            loop.step()
-            times.append(time.perf_counter() - start)
-        by_rows[str(n)] = statistics.median(times) * 1e3
-        mm_share[str(n)] = gemm_share(loop)
-        print(f"rows {n}: {by_rows[str(n)]:.0f} ms/step, mm {mm_share[str(n)]:.0%}", flush=True)
+            for fused, loop in loops.items():
+                start = time.perf_counter()
+                loop.step()
+                times[fused].append(time.perf_counter() - start)
+        by_rows[str(n)] = statistics.median(times[True]) * 1e3
+        hf_by_rows[str(n)] = statistics.median(times[False]) * 1e3
+        mm_share[str(n)] = gemm_share(loops[True])
+        print(
+            f"rows {n}: {by_rows[str(n)]:.0f} ms/step (HF forward {hf_by_rows[str(n)]:.0f}), "
+            f"mm {mm_share[str(n)]:.0%}",
+            flush=True,
+        )
     lo, hi = min(args.rows), max(args.rows)
     per_row = (by_rows[str(hi)] - by_rows[str(lo)]) / (hi - lo)
     # The rate at which the fewest-row step's matrix products get through the weights.
@@ -83,6 +96,8 @@ def main() -> None:
         "machine": machine(),
         "model": model,
         "step_ms_by_rows": by_rows,
+        "hf_step_ms_by_rows": hf_by_rows,
+        "hf_over_fused_by_rows": {n: hf_by_rows[n] / by_rows[n] for n in by_rows},
         "gemm_share_by_rows": mm_share,
         "per_added_row_ms": per_row,
         "fixed_share_at_max": by_rows[str(lo)] / by_rows[str(hi)],
@@ -92,7 +107,10 @@ def main() -> None:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "engine_step_rows.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = "\n".join(f"| {n} | {ms:.0f} | {mm_share[n]:.0%} |" for n, ms in by_rows.items())
+    table = "\n".join(
+        f"| {n} | {ms:.0f} | {mm_share[n]:.0%} | {hf_by_rows[n]:.0f} | {hf_by_rows[n] / ms:.2f} |"
+        for n, ms in by_rows.items()
+    )
     (RESULTS / "engine_step_rows.md").write_text(
         f"""# Decode step time by rows (real backbone, fp32)
 
@@ -100,9 +118,12 @@ Command: `{results["command"]}` — {results["date"]}
 
 Machine: {", ".join(f"{k} {v}" for k, v in results["machine"].items())}
 
-| rows | ms / step | share in `aten::mm` |
-|---|---|---|
+| rows | ms / step | share in `aten::mm` | HF forward: ms / step | HF / fused |
+|---|---|---|---|---|
 {table}
+
+(ms / step and the `aten::mm` share: the engine's fused forward, `service/engine/fused_llama.py`;
+the HF forward is the model's own, as `generate` runs it, stepping the same rows in alternation.)
 
 A step at {lo} row(s) costs {results["fixed_share_at_max"]:.0%} of one at {hi}; each added row
 costs {per_row:.1f} ms. At {lo} row(s) the matrix products take

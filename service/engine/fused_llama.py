@@ -70,9 +70,12 @@ def _fuse(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
 
 def _product(weight: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
     """``x @ weightᵀ`` (+ bias) computed weight-major: [n, d] -> [n, N] (a transposed view)."""
-    xt = x.contiguous().t()  # [d, n] with unit stride along n: MKL's fast few-column path
+    one = x.shape[0] == 1
+    if one:  # a single column goes to a GEMV that reads the weights at half the GEMM's rate
+        x = x.expand(2, -1)
+    xt = x.contiguous().t()  # [d, n] with unit stride along n: the BLAS's fast few-column path
     out = torch.mm(weight, xt) if bias is None else torch.addmm(bias, weight, xt)
-    return out.t()
+    return out[:, :1].t() if one else out.t()
 
 
 def _rms_norm(h: Tensor, weight: Tensor, eps: float) -> Tensor:

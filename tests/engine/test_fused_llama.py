@@ -52,10 +52,11 @@ def _compare_steps(loop: DecodeLoop, steps: int) -> None:
         loop.step()  # the step proper (rewrites the same column with the fused numbers)
 
 
-@pytest.mark.parametrize("bool_mask", [True, False])
+@pytest.mark.parametrize(("bool_mask", "first"), [(True, 2), (False, 2), (True, 1)])
 def test_fused_step_equals_hf_forward_on_a_mixed_batch(
-    backbones: dict[str, Backbone], bool_mask: bool
+    backbones: dict[str, Backbone], bool_mask: bool, first: int
 ) -> None:
+    """``first`` rows step alone, then the others join (1: the single-column product path)."""
     backbone = backbones["llama"]
     tasks = make_tasks(backbone)
     loop = DecodeLoop(backbone, prefix_cache=PrefixCache(1 << 24))
@@ -63,9 +64,9 @@ def test_fused_step_equals_hf_forward_on_a_mixed_batch(
     rows = [
         row(request(backbone, tasks[i], TEXTS[i], f"r{i}", max_new_tokens=50)) for i in range(4)
     ]
-    loop.admit([r for r, _ in rows[:2]])  # two rows, then two more of other lengths join
+    loop.admit([r for r, _ in rows[:first]])  # then the others, of other lengths, join
     _compare_steps(loop, 3)
-    loop.admit([r for r, _ in rows[2:]])
+    loop.admit([r for r, _ in rows[first:]])
     _compare_steps(loop, 5)
     assert loop.running == 4
 
