@@ -190,6 +190,38 @@ def useful_tokens(tokens: list[int], eos_ids: set[int]) -> int:
     return len(tokens)
 
 
+def engine_counters(url: str) -> dict[str, float]:
+    """The server's engine counters from ``/metrics``: busy seconds by phase, decode steps and
+    the rows they carried."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0.0, "step_rows": 0.0}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for s in family.samples:
+            if s.name == "rankone_engine_busy_seconds_total":
+                out[f"{s.labels['phase']}_s"] = s.value
+            elif s.name == "rankone_batch_size_count":
+                out["steps"] = s.value
+            elif s.name == "rankone_batch_size_sum":
+                out["step_rows"] = s.value
+    return out
+
+
+def engine_usage(before: dict[str, float], after: dict[str, float], wall_s: float) -> dict:
+    """Where the server's run went: the model thread's prefill and decode shares of the wall
+    time (the rest: waiting for requests, HTTP, the event loop), and rows per decode step."""
+    d = {k: after[k] - before[k] for k in before}
+    return {
+        "wall_s": wall_s,
+        "prefill_share": d["prefill_s"] / wall_s,
+        "decode_share": d["decode_s"] / wall_s,
+        "idle_share": max(0.0, 1 - (d["prefill_s"] + d["decode_s"]) / wall_s),
+        "decode_steps": d["steps"],
+        "rows_per_step": d["step_rows"] / max(d["steps"], 1),
+        "decode_step_ms": 1e3 * d["decode_s"] / max(d["steps"], 1),
+    }
+
+
 async def through_server(
     url: str, texts: list[str], tasks: int, concurrency: int, new_tokens: int, chat: bool = False
 ) -> tuple[float, list[int]]:
@@ -294,16 +326,19 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             asyncio.run(through_server(url, texts[:2], args.tasks, 2, 2, args.real))  # warm-up
             bare(backbone, prompt, tasks, texts[:2], args.batch, 2)
             ratios, server_rates, bare_rates = [], [], []
+            usage: list[dict[str, float]] = []
             lengths: dict[str, list[int]] = {}
             for _ in range(args.repeats):
                 s, counts = bare(backbone, prompt, tasks, texts, args.batch, args.new_tokens)
                 bare_rates.append(sum(counts) / s)
                 lengths["bare"] = counts
+                before = engine_counters(url)
                 s, counts = asyncio.run(
                     through_server(
                         url, texts, args.tasks, args.concurrency, args.new_tokens, args.real
                     )
                 )
+                usage.append(engine_usage(before, engine_counters(url), s))
                 server_rates.append(sum(counts) / s)
                 lengths["server"] = counts
                 ratios.append(server_rates[-1] / bare_rates[-1])
@@ -322,6 +357,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "pairs": ratios,
         "lengths": lengths,
         "spread": length_spread(lengths["server"], args.batch),
+        # the pair whose ratio is the median's
+        "engine": usage[ratios.index(statistics.median_low(ratios))],
     }
 
 

@@ -20,6 +20,8 @@ from prompts.chat import has_chat_template
 from service.api import admin, chat, docs, errors, files, fine_tuning, generate, openai, ops
 from service.api.middleware import ServiceMiddleware
 from service.engine.factory import build_engine
+from service.engine.threads import release as release_threads
+from service.engine.threads import reserve_for_model
 from service.handlers.generation import GenerationHandler
 from service.handlers.registry import RegistryHandler
 from service.jobs.base import JobBackend
@@ -98,6 +100,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             "replace and delete tasks; set RANKONE_ADMIN_KEYS"
         )
     state.ready, state.draining = False, False
+    reserve_for_model()  # the event loop runs torch single-threaded; the model thread gets them
     # `rankone serve` loads it before uvicorn starts, to report a bad RANKONE_MODEL cleanly
     backbone = getattr(state, "preloaded_backbone", None) or load_backbone(
         settings.model,
@@ -142,6 +145,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if getattr(state, "generation", None) is not None:
             state.generation.close()
         await store.close()
+        release_threads()
         log.info("stopped")
 
 

@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rankone serve: {e}", file=sys.stderr)
         return 2
     from prompts.backbone import load_backbone
+    from service.engine.threads import reserve_for_model
 
+    reserve_for_model()  # this thread serves HTTP: torch's threads go to the model thread
     try:
         backbone = load_backbone(
             settings.model,

@@ -49,6 +49,12 @@ class EngineMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.busy_seconds = Counter(
+            "rankone_engine_busy_seconds",
+            "Seconds the engine's model thread spent prefilling admitted rows and decoding",
+            ["phase"],
+            registry=registry,
+        )
         self.queue_depth = Gauge("rankone_queue_depth", "Requests waiting", registry=registry)
         self.running = Gauge(
             "rankone_running_requests", "Requests in the running batch", registry=registry
@@ -66,6 +72,10 @@ class EngineMetrics:
 
     def observe_step(self, seconds: float) -> None:
         self.step_seconds.observe(seconds)
+
+    def add_busy(self, phase: str, seconds: float) -> None:
+        """``phase``: ``prefill`` (admission) or ``decode`` (decode steps)."""
+        self.busy_seconds.labels(phase=phase).inc(seconds)
 
     def add_tokens(self, n: int) -> None:
         self.generated_tokens.inc(n)

@@ -40,6 +40,13 @@ class Settings(BaseSettings):
         "continuous", description="batching engine: continuous (default) or static (baseline)"
     )
     max_batch_size: int = Field(16, ge=1, le=4096, description="rows per forward pass")
+    threads: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="torch threads of the model thread (0: torch's default, the cores or "
+        "OMP_NUM_THREADS); other threads run torch single-threaded",
+    )
     fused_forward: bool = Field(
         True,
         description="prefill and decode Llama-family backbones with the engine's fused forward "

@@ -41,6 +41,7 @@ from service.engine.decode import DecodeLoop, Row
 from service.engine.drain import DrainRate
 from service.engine.kv_layout import admission_count
 from service.engine.prefix_cache import PrefixCache
+from service.engine.threads import enter_model_thread
 
 log = logging.getLogger("rankone.engine")
 
@@ -62,13 +63,16 @@ class ContinuousEngine(Engine):
         max_wait_ms: float = 0.0,
         seed: int = 0,
         fused_forward: bool = True,
+        threads: int = 0,
     ) -> None:
+        """``threads``: torch threads of the model thread (0: leave torch's setting)."""
         if max_batch_size < 1 or max_batch_tokens < 1 or queue_size < 1:
             raise ValueError(
                 f"max_batch_size, max_batch_tokens and queue_size must be >= 1; got "
                 f"{max_batch_size}, {max_batch_tokens}, {queue_size}"
             )
         self.backbone = backbone
+        self.threads = threads
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.queue_size = queue_size
@@ -229,6 +233,7 @@ class ContinuousEngine(Engine):
     # -- the model thread --------------------------------------------------------------------
 
     def _run(self) -> None:
+        enter_model_thread(self.threads)
         core = self.loop_core
         while True:
             with self._cond:
@@ -251,12 +256,15 @@ class ContinuousEngine(Engine):
                         self.metrics.add_prompt_tokens(
                             sum(len(r.request.input_ids) for r in admitted)
                         )
+                        self.metrics.add_busy("prefill", time.perf_counter() - start)
                 # The step's batch as it enters the step: rows that finish in it leave at its end.
                 tasks = len({r.request.task.name for r in core.rows})
+                decode_start = time.perf_counter()
                 batch = core.step()
                 if self.metrics:
                     self.metrics.add_tokens(core.stats.generated - generated_before)
                     if batch:
+                        self.metrics.add_busy("decode", time.perf_counter() - decode_start)
                         self.metrics.observe_batch(batch, tasks)
                         self.metrics.observe_step(time.perf_counter() - start)
                     self.metrics.set_running(core.running)

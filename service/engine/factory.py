@@ -6,13 +6,15 @@ from typing import Any
 
 from prompts.backbone import Backbone
 from service.engine.base import Engine
+from service.engine.threads import model_thread_count
 from service.metrics import EngineMetrics
 
 ENGINES = ("continuous", "static")
 
 
 def build_engine(name: str, backbone: Backbone, settings: Any, metrics: EngineMetrics) -> Engine:
-    """``settings``: the server Settings (batch limits, wait time, queue size)."""
+    """``settings``: the server Settings (batch limits, wait time, queue size, threads)."""
+    threads = model_thread_count(settings.threads)
     if name == "static":
         from service.engine.static import StaticBatchEngine
 
@@ -22,6 +24,7 @@ def build_engine(name: str, backbone: Backbone, settings: Any, metrics: EngineMe
             max_wait_ms=settings.max_wait_ms,
             queue_size=settings.queue_size,
             metrics=metrics,
+            threads=threads,
         )
     if name == "continuous":
         from service.engine.continuous import ContinuousEngine
@@ -34,6 +37,7 @@ def build_engine(name: str, backbone: Backbone, settings: Any, metrics: EngineMe
             queue_size=settings.queue_size,
             prefix_cache_bytes=settings.prefix_cache_bytes,
             fused_forward=settings.fused_forward,
+            threads=threads,
             metrics=metrics,
         )
     raise ValueError(f"unknown engine {name!r}; use one of {ENGINES}")

@@ -26,6 +26,7 @@ from service.engine.base import (
 )
 from service.engine.drain import DrainRate
 from service.engine.static_batch import group_key, run_group
+from service.engine.threads import enter_model_thread
 from service.metrics import EngineMetrics
 
 log = logging.getLogger("rankone.engine")
@@ -46,7 +47,9 @@ class StaticBatchEngine(Engine):
         max_wait_ms: float = 5.0,
         queue_size: int = 256,
         metrics: EngineMetrics | None = None,
+        threads: int = 0,
     ) -> None:
+        """``threads``: torch threads of the model thread (0: leave torch's setting)."""
         self.backbone = backbone
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000
@@ -54,7 +57,12 @@ class StaticBatchEngine(Engine):
         self._queue: asyncio.Queue[_Pending] | None = None
         self._queue_size = queue_size
         self._worker: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rankone-model")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="rankone-model",
+            initializer=enter_model_thread,
+            initargs=(threads,),
+        )
         self._closed = False
         self._running = 0
         self.drain = DrainRate()

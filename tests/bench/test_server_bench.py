@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from server_bench import length_spread
+from server_bench import engine_usage, length_spread
 
 
 def test_even_answers_leave_generate_nothing_to_waste() -> None:
@@ -28,3 +28,14 @@ def test_one_long_answer_makes_each_batch_run_as_long_as_it() -> None:
 def test_a_last_partial_batch_counts_its_own_rows_only() -> None:
     spread = length_spread([5, 5, 1], batch=2)
     assert spread["bare_busy"] == pytest.approx(11 / (2 * 5 + 1 * 1))
+
+
+def test_engine_usage_splits_the_wall_time_by_phase() -> None:
+    before = {"prefill_s": 1.0, "decode_s": 2.0, "steps": 10.0, "step_rows": 100.0}
+    after = {"prefill_s": 3.0, "decode_s": 7.0, "steps": 60.0, "step_rows": 1100.0}
+    usage = engine_usage(before, after, wall_s=10.0)
+    assert usage["prefill_share"] == pytest.approx(0.2)
+    assert usage["decode_share"] == pytest.approx(0.5)
+    assert usage["idle_share"] == pytest.approx(0.3)
+    assert usage["rows_per_step"] == pytest.approx(20.0)
+    assert usage["decode_step_ms"] == pytest.approx(100.0)

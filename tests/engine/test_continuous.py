@@ -234,3 +234,43 @@ def test_idle_engine_gathers_a_burst_into_one_prefill(backbones: dict[str, Backb
         return engine.loop_core.stats.prefills
 
     assert run(main()) == 1
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_model_thread_takes_the_torch_threads(
+    backbones: dict[str, Backbone], threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine's model thread runs torch on ``threads``; a server's event-loop thread runs
+    it single-threaded (``reserve_for_model``) and gets its count back on ``release``."""
+    import torch
+
+    from service.engine import threads as model_threads
+
+    backbone = backbones["llama"]
+    seen: list[int] = []
+
+    async def main() -> None:
+        engine = await started(backbone, threads=threads)
+        step = engine.loop_core.step
+
+        def recording_step() -> int:
+            seen.append(torch.get_num_threads())
+            return step()
+
+        monkeypatch.setattr(engine.loop_core, "step", recording_step)
+        await engine.generate(
+            request(backbone, make_tasks(backbone)[0], TEXTS[0], max_new_tokens=3)
+        )
+        await engine.shutdown()
+
+    monkeypatch.setattr(model_threads, "_default", None)
+    before = torch.get_num_threads()
+    try:
+        assert model_threads.reserve_for_model() == before
+        assert torch.get_num_threads() == 1 and model_threads.model_thread_count() == before
+        run(main())
+        assert seen and set(seen) == {threads}
+        assert torch.get_num_threads() == 1  # the model thread's setting is its own
+    finally:
+        model_threads.release()
+    assert torch.get_num_threads() == before

@@ -74,6 +74,10 @@ def test_metrics_after_a_known_workload(client: TestClient, t5_backbone: Backbon
     # the step in which the last rows finish counts its task too (never 0 tasks).
     assert m["rankone_batch_tasks_count"] > 0
     assert m["rankone_batch_tasks_sum"] == m["rankone_batch_tasks_count"]
+    # The model thread's time by phase: decode steps are part of the steps' time.
+    decode = m["rankone_engine_busy_seconds_total{phase=decode}"]
+    assert m["rankone_engine_busy_seconds_total{phase=prefill}"] > 0 and decode > 0
+    assert decode <= m["rankone_engine_step_seconds_sum"]
 
 
 def test_a_client_that_went_away_frees_its_rows(client: TestClient) -> None:
