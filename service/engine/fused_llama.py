@@ -68,14 +68,19 @@ def _fuse(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
     return weight, None if bias is None else bias[:, None]
 
 
-def _product(weight: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
-    """``x @ weightᵀ`` (+ bias) computed weight-major: [n, d] -> [n, N] (a transposed view)."""
+def _product_t(weight: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
+    """``(x @ weightᵀ)ᵀ`` (+ bias) computed weight-major: [n, d] -> [N, n], contiguous."""
     one = x.shape[0] == 1
     if one:  # a single column goes to a GEMV that reads the weights at half the GEMM's rate
         x = x.expand(2, -1)
     xt = x.contiguous().t()  # [d, n] with unit stride along n: the BLAS's fast few-column path
     out = torch.mm(weight, xt) if bias is None else torch.addmm(bias, weight, xt)
-    return out[:, :1].t() if one else out.t()
+    return out[:, :1] if one else out
+
+
+def _product(weight: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
+    """``x @ weightᵀ`` (+ bias): [n, d] -> [n, N] (a transposed view of ``_product_t``)."""
+    return _product_t(weight, bias, x).t()
 
 
 def _rms_norm(h: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -262,7 +267,9 @@ class FusedLlama:
                     scale=self.scaling,
                 ).transpose(1, 2)  # [B, T, H, Dh]
             h = h + _product(layer.o, layer.o_bias, out.reshape(b * t, nq))
-            a = _product(layer.gate_up, layer.gate_up_bias, _rms_norm(h, layer.norm2, layer.eps2))
-            inter = a.shape[1] // 2
-            h = h + _product(layer.down, layer.down_bias, F.silu(a[:, :inter]) * a[:, inter:])
+            # gate/up as [2 I, rows]: the activation runs over contiguous halves
+            a = _product_t(layer.gate_up, layer.gate_up_bias, _rms_norm(h, layer.norm2, layer.eps2))
+            inter = a.shape[0] // 2
+            act = F.silu(a[:inter]).mul_(a[inter:])  # [I, rows]
+            h = h + _product(layer.down, layer.down_bias, act.t())
         return h.reshape(b, t, d)

@@ -7,7 +7,10 @@ cache slots. Three paths:
 - seq2seq: the encoder over right-padded ``[P; x]``, then the first decoder step;
 - decoder-only without prefix cache: one forward over left-padded ``[pads; P; x]``;
 - decoder-only with prefix cache: each task prompt's KV comes from ``PrefixCache`` (computed
-  once per task version) and only the input tokens are prefilled, at positions ``L, L+1, ..``.
+  once per task version) and only the input tokens are prefilled, at positions ``L, L+1, ..``;
+  where the input starts with the first ``j`` tokens of the task's latest input (a chat
+  template's system turn), their columns come from the cache too and the prefill starts at
+  ``L + j``.
 
 Decoder-only forwards run ``fused_llama.FusedLlama`` where it covers the backbone, else the HF
 forward with a fresh ``DynamicCache``.
@@ -242,33 +245,84 @@ class Prefiller:
         return [found[(t.name, t.version)] for t in tasks]
 
     def _cached(self, rows: Sequence[Row]) -> Prefill:
-        """Reuse each task's prompt KV; prefill only the inputs, at positions L, L+1, ..."""
-        prefixes = self._prefixes([r.request.task for r in rows])
-        longest = max(p.length for p in prefixes)
+        """Reuse each task's prompt KV, and the first tokens of its latest input where the new
+        input starts with them; prefill only the rest of the input, after them."""
+        assert self.prefix_cache is not None
+        tasks = [r.request.task for r in rows]
+        prompts = self._prefixes(tasks)
+        inputs = [list(r.request.input_ids) for r in rows]
+        pasts: list[tuple[KV, ...]] = []  # per row: per layer [1, H, P_b, Dh]
+        skip: list[int] = []  # per row: input tokens already in its past
+        for task, prompt, x in zip(tasks, prompts, inputs, strict=True):
+            latest = self.prefix_cache.get_input(task.name, task.version)
+            j = 0
+            if latest is not None and latest.length - len(latest.tokens) == prompt.length:
+                j = common_prefix(latest.tokens, x, limit=len(x) - 1)  # >= 1 token to prefill
+            if j > 0:
+                cols = prompt.length + j
+                pasts.append(tuple((k[:, :, :cols], v[:, :, :cols]) for k, v in latest.layers))
+            else:
+                pasts.append(prompt.layers)
+            skip.append(j)
+        past_lengths = [int(p[0][0].shape[2]) for p in pasts]
+        longest = max(past_lengths)
         layers: list[KV] = [
             (
-                torch.cat([left_pad(p.layers[i][0], longest, 2) for p in prefixes]),
-                torch.cat([left_pad(p.layers[i][1], longest, 2) for p in prefixes]),
+                torch.cat([left_pad(p[i][0], longest, 2) for p in pasts]),
+                torch.cat([left_pad(p[i][1], longest, 2) for p in pasts]),
             )
-            for i in range(len(prefixes[0].layers))
-        ]  # per layer [B, H, Lmax, Dh]
+            for i in range(len(pasts[0]))
+        ]  # per layer [B, H, Pmax, Dh]
         prefix_mask, _ = pad_sequences(
-            [torch.ones(p.length, dtype=torch.long, device=self.device) for p in prefixes],
+            [torch.ones(n, dtype=torch.long, device=self.device) for n in past_lengths],
             side="left",
             length=longest,
-        )  # [B, Lmax]
-        lengths = torch.tensor([p.length for p in prefixes], device=self.device)  # [B]
+        )  # [B, Pmax]
+        lengths = torch.tensor(past_lengths, device=self.device)  # [B]
         ids = [
-            torch.tensor(r.request.input_ids, dtype=torch.long, device=self.device) for r in rows
+            torch.tensor(x[j:], dtype=torch.long, device=self.device)
+            for x, j in zip(inputs, skip, strict=True)
         ]
         input_ids, input_mask = pad_sequences(ids, side="left")  # [B, T]
-        last_logits = torch.stack([p.last_logits for p in prefixes])  # [B, V]
+        last_logits = torch.stack([p.last_logits for p in prompts])  # [B, V]
         if input_ids.shape[1] == 0:
             return Prefill(last_logits, layers, prefix_mask, decode_positions(prefix_mask))
-        mask = torch.cat([prefix_mask, input_mask], dim=1)  # [B, Lmax + T]
+        mask = torch.cat([prefix_mask, input_mask], dim=1)  # [B, Pmax + T]
         logits, layers = self._forward(
             mask, prefill_positions(lengths, input_mask), ids=input_ids, past=layers
         )
-        empty = torch.tensor([len(i) == 0 for i in ids], device=self.device)
+        empty = torch.tensor([len(x) == 0 for x in inputs], device=self.device)
         logits = torch.where(empty[:, None], last_logits.to(logits.dtype), logits)
+        self.stats.input_tokens_reused += sum(skip)
+        self._keep_inputs(tasks, inputs, layers, mask)
         return Prefill(logits, layers, mask, decode_positions(mask))
+
+    def _keep_inputs(
+        self,
+        tasks: Sequence[ResolvedTask],
+        inputs: Sequence[list[int]],
+        layers: list[KV],
+        mask: Tensor,
+    ) -> None:
+        """Each task's prompt + its latest input, for the next request that starts alike."""
+        assert self.prefix_cache is not None
+        for b, (task, x) in enumerate(zip(tasks, inputs, strict=True)):
+            if not x:
+                continue
+            real = mask[b].nonzero().squeeze(1)  # the row's columns: prompt, then input
+            kept = tuple(
+                (k[b : b + 1].index_select(2, real), v[b : b + 1].index_select(2, real))
+                for k, v in layers
+            )
+            prefix = PromptPrefix(kept, layers[0][0].new_zeros(0), tokens=tuple(x))
+            self.prefix_cache.put_input(task.name, task.version, prefix)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int], *, limit: int) -> int:
+    """How many leading tokens ``a`` and ``b`` share, at most ``limit`` (0 if negative)."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if n >= limit or x != y:
+            break
+        n += 1
+    return n

@@ -5,6 +5,13 @@ a decoder-only model attends causally, so their keys and values do not depend on
 the engine computes them once per (task name, version), keeps them in a bytes-bounded LRU on
 the model's device, and prefills only the input tokens after them (positions ``L ..``).
 
+The same holds for the input's first tokens: the keys/values of prompt + ``x[:j]`` depend on
+those tokens only. So the cache also keeps, per task, the prompt + the whole input of its
+latest request (``put_input``), and a new request whose input starts with the same ``j``
+tokens (a chat template's system turn, a shared instruction) reuses the first ``L + j``
+columns and prefills only the rest: one entry per task, reused up to the longest common
+prefix.
+
 Seq2seq backbones cannot use this: their encoder is bidirectional, so the prompt rows' encoder
 states depend on the input and must be recomputed for every request.
 """
@@ -19,15 +26,18 @@ from torch import Tensor
 from service.engine.kv_layout import KV
 from service.store.device_cache import DeviceCache
 
-PrefixKey = tuple[str, int]  # (task name, version)
+PrefixKey = tuple[str, int, str]  # (task name, version, "prompt" | "input")
 
 
 @dataclass(frozen=True)
 class PromptPrefix:
-    """One task prompt's cache: per layer keys/values [1, H, L, Dh], and the logits after it."""
+    """One task prompt's cache: per layer keys/values [1, H, L + len(tokens), Dh], and the
+    logits after them. ``tokens``: the input tokens whose columns follow the prompt's (none for
+    the prompt alone)."""
 
     layers: tuple[KV, ...]
     last_logits: Tensor  # [V] next-token logits after the prompt (used for an empty input)
+    tokens: tuple[int, ...] = ()
 
     @property
     def length(self) -> int:
@@ -53,14 +63,27 @@ class PrefixCache:
         self._lock = threading.Lock()
 
     def get(self, name: str, version: int) -> PromptPrefix | None:
+        """The task prompt's prefix."""
         with self._lock:
-            return self._cache.get((name, version))
+            return self._cache.get((name, version, "prompt"))
 
     def put(self, name: str, version: int, prefix: PromptPrefix) -> None:
+        self._put((name, version, "prompt"), prefix)
+
+    def get_input(self, name: str, version: int) -> PromptPrefix | None:
+        """The prompt + the input of the task's latest request (``prefix.tokens``)."""
+        with self._lock:
+            return self._cache.get((name, version, "input"))
+
+    def put_input(self, name: str, version: int, prefix: PromptPrefix) -> None:
+        self._put((name, version, "input"), prefix)
+
+    def _put(self, key: PrefixKey, prefix: PromptPrefix) -> None:
+        name, version, _ = key
         with self._lock:
             # Older versions of the task can never be asked for again.
-            self._cache.drop(lambda key, _: key[0] == name and key[1] != version)
-            self._cache.put((name, version), prefix, prefix.nbytes)
+            self._cache.drop(lambda k, _: k[0] == name and k[1] != version)
+            self._cache.put(key, prefix, prefix.nbytes)
 
     def invalidate(self, name: str | None = None) -> int:
         """Forget one task's prefixes (any version), or all of them when ``name`` is None."""

@@ -54,3 +54,4 @@ class LoopStats:
     decode_steps: int = 0
     prefills: int = 0
     generated: int = 0
+    input_tokens_reused: int = 0  # input tokens whose KV came from the prefix cache

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from prompts import Backbone
@@ -84,8 +86,62 @@ def test_cached_prefix_equals_no_cache_path(backbones: dict[str, Backbone], kind
         loop = DecodeLoop(backbone, prefix_cache=prefix_cache)
         results[mode] = [s.result.token_ids for _, s in run_schedule(backbone, loop)]
     assert results["cached"] == results["plain"]
-    assert len(cache) == 4  # one prefix per task, computed once
+    tasks = make_tasks(backbone)
+    assert all(cache.get(t.name, t.version) is not None for t in tasks)  # one prompt prefix each
+    assert len(cache) == 8  # and each task's latest input
     assert cache.hits > 0
+
+
+SYSTEM = "system: answer in one word. user: "
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_inputs_that_start_alike_reuse_the_cached_columns(
+    backbones: dict[str, Backbone], kind: str
+) -> None:
+    """A task's next input starting with its latest input's first tokens (a chat template's
+    system turn) prefills only the rest, and decodes as with no cache at all; in one group too,
+    where rows reuse different lengths (an identical input keeps one token to prefill)."""
+    backbone = backbones[kind]
+    tasks = make_tasks(backbone)
+    texts = [SYSTEM + "what is red", SYSTEM + "the quick fox", SYSTEM + "what is red"]
+    cache = PrefixCache(1 << 24)
+    loop = DecodeLoop(backbone, prefix_cache=cache)
+    plain = DecodeLoop(backbone, prefix_cache=None)
+    first = row(request(backbone, tasks[0], texts[0], "a", max_new_tokens=6))
+    loop.admit([first[0]])
+    assert loop.stats.input_tokens_reused == 0
+    latest = cache.get_input(tasks[0].name, tasks[0].version)
+    assert latest is not None and list(latest.tokens) == first[0].request.input_ids
+    group = [
+        row(request(backbone, tasks[0], text, f"g{i}", max_new_tokens=6))
+        for i, text in enumerate(texts[1:])
+    ] + [row(request(backbone, tasks[1], texts[1], "other", max_new_tokens=6))]
+    loop.admit([r for r, _ in group])
+    shared = len(backbone.tokenizer(SYSTEM)["input_ids"]) - 1  # the last may merge onward
+    same = len(first[0].request.input_ids) - 1  # the identical input: all but its last token
+    assert loop.stats.input_tokens_reused >= shared + same
+    while loop.running:
+        loop.step()
+    for r, sink in [first, *group]:
+        ref, ref_sink = row(request(backbone, r.request.task, "", "ref", max_new_tokens=6))
+        ref.request.input_ids = list(r.request.input_ids)
+        plain.admit([ref])
+        while plain.running:
+            plain.step()
+        assert sink.result.token_ids == ref_sink.result.token_ids, r.request.request_id
+
+
+def test_a_new_version_does_not_reuse_the_old_inputs(backbones: dict[str, Backbone]) -> None:
+    backbone = backbones["llama"]
+    task = make_tasks(backbone)[0]
+    cache = PrefixCache(1 << 24)
+    loop = DecodeLoop(backbone, prefix_cache=cache)
+    loop.admit([row(request(backbone, task, SYSTEM + "a", max_new_tokens=1))[0]])
+    newer = dataclasses.replace(task, version=task.version + 1, u=task.u * 2)
+    loop.admit([row(request(backbone, newer, SYSTEM + "b", max_new_tokens=1))[0]])
+    assert loop.stats.input_tokens_reused == 0
+    assert cache.get_input(task.name, task.version) is None  # dropped with its version
 
 
 def test_prefix_invalidation_recomputes(backbones: dict[str, Backbone]) -> None:
@@ -94,8 +150,8 @@ def test_prefix_invalidation_recomputes(backbones: dict[str, Backbone]) -> None:
     loop = DecodeLoop(backbone, prefix_cache=cache)
     tasks = make_tasks(backbone)
     loop.admit([row(request(backbone, tasks[0], TEXTS[0], max_new_tokens=2))[0]])
-    assert len(cache) == 1
-    assert cache.invalidate("task-0") == 1
+    assert len(cache) == 2  # the prompt's prefix and the latest input
+    assert cache.invalidate("task-0") == 2
     assert len(cache) == 0
     while loop.running:
         loop.step()
