@@ -90,6 +90,27 @@ def _rms_norm(h: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * x.to(h.dtype)
 
 
+def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A bool mask (True = attend) as an additive bias: 0 where True, -inf where False."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+        ~mask, float("-inf")
+    )
+
+
+def _decode_attention(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor | None) -> Tensor:
+    """Softmax attention of ``q`` [B, H_kv, g, Dh] (pre-scaled) over ``keys``/``values``
+    [B, H_kv, W, Dh] with an additive ``bias`` [B, 1, 1, W]: [B, H_kv, g, Dh].
+
+    Two batched products and a softmax: at one query per row this runs in about two thirds of
+    the time of CPU SDPA over the same views (its math path, taken here, also rescales the keys).
+    Every row attends to its own new column, so no row is fully masked.
+    """
+    scores = torch.matmul(q, keys.transpose(-1, -2))  # [B, H_kv, g, W]
+    if bias is not None:
+        scores = scores + bias
+    return torch.matmul(scores.softmax(-1), values)
+
+
 def _repeat_kv(x: Tensor, group: int) -> Tensor:
     """[B, H_kv, W, Dh] -> [B, H_kv * group, W, Dh], each KV head repeated for its group."""
     if group == 1:
@@ -241,23 +262,23 @@ class FusedLlama:
         nq, nkv = heads * dh, kv_heads * dh
         group = heads // kv_heads
         h = x.reshape(b * t, d)  # the products' rows: every (row, position)
+        bias = None
+        q_cos, q_sin = cos, sin
+        if t == 1:  # the decode step's mask as one additive bias for every layer, and the
+            # attention's scale folded into the queries' rotation (no per-layer op)
+            bias = mask if mask.is_floating_point() else _additive(mask, x.dtype)
+            q_cos, q_sin = cos * self.scaling, sin * self.scaling
         for i, layer in enumerate(self.layers):
             qkv = _product(layer.qkv, layer.qkv_bias, _rms_norm(h, layer.norm1, layer.eps1))
             qkv = qkv.reshape(b, t, -1)
             q = qkv[..., :nq].reshape(b, t, heads, dh).transpose(1, 2)  # [B, H, T, Dh]
             k = qkv[..., nq : nq + nkv].reshape(b, t, kv_heads, dh).transpose(1, 2)
             v = qkv[..., nq + nkv :].reshape(b, t, kv_heads, dh).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
+            q = q * q_cos + _rotate_half(q) * q_sin
             k = k * cos + _rotate_half(k) * sin
             keys, values = attend(i, k, v)  # [B, H_kv, W, Dh], this call's columns included
             if t == 1:  # one query per row: a group's heads attend as queries of one KV head
-                out = F.scaled_dot_product_attention(
-                    q.reshape(b, kv_heads, group, dh),
-                    keys,
-                    values,
-                    attn_mask=mask,
-                    scale=self.scaling,
-                )  # [B, H_kv, group, Dh]
+                out = _decode_attention(q.reshape(b, kv_heads, group, dh), keys, values, bias)
             else:  # each query head over its KV head's keys (HF's repeat_kv)
                 out = F.scaled_dot_product_attention(
                     q,
