@@ -287,11 +287,20 @@ def bench_latency(backbone: Backbone, args: argparse.Namespace) -> dict[str, Any
 
 
 def bench_ttft(backbone: Backbone, args: argparse.Namespace) -> dict[str, Any]:
-    tasks = make_tasks(backbone, 1, args.ttft_prompt_len)
-    inputs = make_inputs(1, args.ttft_input_len, 250, seed=6)
-    req = requests(tasks, inputs, 1)[0]
+    """Time to first token of one request with and without the prompt's cached prefix.
 
-    def first_token(loop: DecodeLoop) -> float:
+    Every request has a fresh input, starting with a token no earlier input started with: the
+    prefix cache also reuses the columns of a task's latest input for one that starts alike,
+    and ``ttft_shared_start_ms`` measures that apart (an input whose first 3/4 are the
+    previous input's)."""
+    tasks = make_tasks(backbone, 1, args.ttft_prompt_len)
+    inputs = make_inputs(2 * args.ttft_repeats + 2, args.ttft_input_len, 250, seed=6)
+    for k, ids in enumerate(inputs):
+        ids[0] = 3 + k  # distinct first tokens: no two inputs share a start
+    fresh = iter(inputs)
+
+    def first_token(loop: DecodeLoop, ids: list[int]) -> float:
+        req = requests(tasks, [ids], 1)[0]
         row = Row(request=req, emit=lambda d: None)
         start = time.perf_counter()
         loop.admit([row])  # max_new_tokens = 1: the row finishes at its first token
@@ -299,12 +308,15 @@ def bench_ttft(backbone: Backbone, args: argparse.Namespace) -> dict[str, Any]:
 
     cached = DecodeLoop(backbone, prefix_cache=PrefixCache(1 << 30))
     plain = DecodeLoop(backbone, prefix_cache=None)
-    cold = first_token(cached)  # computes and stores the prefix
-    first_token(plain)
-    with_cache, without = [], []
+    cold = first_token(cached, next(fresh))  # computes and stores the prefix
+    first_token(plain, next(fresh))
+    with_cache, without, shared = [], [], []
+    keep = 3 * args.ttft_input_len // 4
     for _ in range(args.ttft_repeats):
-        with_cache.append(first_token(cached))
-        without.append(first_token(plain))
+        ids = next(fresh)
+        with_cache.append(first_token(cached, ids))
+        without.append(first_token(plain, next(fresh)))
+        shared.append(first_token(cached, ids[:keep] + [2] * (len(ids) - keep)))
     hit, miss = statistics.median(with_cache), statistics.median(without)
     return {
         **weights_read(backbone),
@@ -313,6 +325,7 @@ def bench_ttft(backbone: Backbone, args: argparse.Namespace) -> dict[str, Any]:
         "ttft_cached_ms": hit * 1e3,
         "ttft_uncached_ms": miss * 1e3,
         "ttft_cold_ms": cold * 1e3,
+        "ttft_shared_start_ms": statistics.median(shared) * 1e3,
         "speedup": miss / hit,
     }
 

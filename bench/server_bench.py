@@ -428,12 +428,27 @@ def write_report(results: dict[str, Any], args: argparse.Namespace) -> None:
                 "count. The server also drains: the last answers of a closed loop run in a "
                 "shrinking batch.",
                 "",
+                *usage_lines(results.get("engine")),
                 f"Pairs (bare then server, each a ratio): {', '.join(f'{r:.2f}' for r in ratios)}"
                 " — the machine's speed drifts by up to ±30 % between runs; the median is the figure.",
                 "",
             ]
         )
     )
+
+
+def usage_lines(usage: dict[str, float] | None) -> list[str]:
+    """Where the server's run went (``engine_usage`` of the median pair), as report lines."""
+    if not usage:
+        return []
+    return [
+        f"The server's model thread (`rankone_engine_busy_seconds_total` from `/metrics`, "
+        f"median pair): {usage['decode_share']:.0%} of the run decoding, "
+        f"{usage['prefill_share']:.0%} prefilling admitted rows, {usage['idle_share']:.0%} "
+        f"idle; {usage['decode_steps']:.0f} decode steps of {usage['rows_per_step']:.1f} rows "
+        f"on average, {usage['decode_step_ms']:.0f} ms each.",
+        "",
+    ]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

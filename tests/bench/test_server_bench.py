@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from server_bench import engine_usage, length_spread
+from server_bench import engine_usage, length_spread, usage_lines
 
 
 def test_even_answers_leave_generate_nothing_to_waste() -> None:
@@ -39,3 +39,15 @@ def test_engine_usage_splits_the_wall_time_by_phase() -> None:
     assert usage["idle_share"] == pytest.approx(0.3)
     assert usage["rows_per_step"] == pytest.approx(20.0)
     assert usage["decode_step_ms"] == pytest.approx(100.0)
+
+
+def test_usage_lines_report_the_split_or_nothing() -> None:
+    usage = engine_usage(
+        {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0.0, "step_rows": 0.0},
+        {"prefill_s": 1.0, "decode_s": 8.0, "steps": 40.0, "step_rows": 1000.0},
+        wall_s=10.0,
+    )
+    text = usage_lines(usage)[0]
+    assert "80% of the run decoding" in text and "10% prefilling" in text and "10% idle" in text
+    assert "40 decode steps of 25.0 rows" in text and "200 ms each" in text
+    assert usage_lines(None) == []
