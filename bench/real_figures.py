@@ -264,14 +264,15 @@ def bench_profile(backbone: Backbone, args: Any) -> dict[str, Any]:
         for _ in range(steps):
             loop.step()
     profiled = (time.perf_counter() - start) / steps
-    groups = {"matmul (linear layers, lm_head)": 0.0, "attention (SDPA)": 0.0}
+    linear, attention = "matmul (linear layers, lm_head)", "attention (bmm, softmax, SDPA)"
+    groups = {linear: 0.0, attention: 0.0}
     other: dict[str, float] = {}
     for event in prof.key_averages():
         seconds = event.self_cpu_time_total / 1e6 / steps
-        if event.key in ("aten::mm", "aten::addmm", "aten::bmm"):
-            groups["matmul (linear layers, lm_head)"] += seconds
-        elif "scaled_dot_product" in event.key:
-            groups["attention (SDPA)"] += seconds
+        if event.key in ("aten::mm", "aten::addmm"):
+            groups[linear] += seconds
+        elif event.key in ("aten::bmm", "aten::_softmax") or "scaled_dot_product" in event.key:
+            groups[attention] += seconds
         else:
             other[event.key] = other.get(event.key, 0.0) + seconds
     top = dict(sorted(other.items(), key=lambda kv: -kv[1])[:8])

@@ -161,12 +161,15 @@ NOTES = [
     "server's event-loop thread now runs torch single-threaded and the model thread takes the "
     "threads. The server figure's note gives the server's own decode step time "
     "(`rankone_engine_busy_seconds_total`, scraped from `/metrics` around the run).",
+    "- The fused forward's decode attention is two batched products and a softmax over an "
+    "additive mask built once per step, the scale folded into the queries' rotation: CPU SDPA "
+    "took its math path over these views and rescaled the keys in every layer.",
     "- The prefix cache keeps each task's latest input after its prompt; a new input that starts "
     "alike (SmolLM2's chat template puts 24 system-turn tokens before a short question's ~13) "
     "reuses those columns and prefills only the rest.",
     "- What is left is the model itself: the products of the linear layers and the tied "
-    "lm_head, which the profile puts at most of a step, and SDPA. At 32 rows the products run "
-    "near the decode-shaped GEMM's rate; at 1-16 rows they are bound by reading the 513 MB "
+    "lm_head, which the profile puts at most of a step, and the attention. At 32 rows the "
+    "products run near the decode-shaped GEMM's rate; at 1-16 rows they are bound by reading the 513 MB "
     "of weights (engine_step_rows.md gives the rate at 1 row against a plain read's).",
     "- `server_over_bare`: a `generate` batch runs until its longest answer, so on this "
     "workload's answer lengths dropping finished rows alone wins at most the bound printed "
@@ -193,6 +196,7 @@ def profile_lines(p: dict[str, Any]) -> list[str]:
         f"## Where a decode step goes (batch 32, {p['cache_positions']} positions, torch "
         f"profiler, {step:.0f} ms/step profiled, {p['unprofiled_step_ms']:.0f} without)",
         "",
+        *([f"Re-measured apart: `{p['command']}` — {p['date']}.", ""] if "command" in p else []),
         "| part | ms / step | share |",
         "|---|---|---|",
     ]
@@ -203,7 +207,7 @@ def profile_lines(p: dict[str, Any]) -> list[str]:
         f"{p['other_ops_ms']:.1f} | {100 * p['other_ops_ms'] / step:.1f} % |"
     )
     lines.append(
-        f"| outside torch ops (Python: HF modules, sampling, detokenizer, bookkeeping; "
+        f"| outside torch ops (Python: the forward, sampling, detokenizer, bookkeeping; "
         f"profiler overhead included) | "
         f"{p['outside_ops_ms']:.1f} | {100 * p['outside_ops_ms'] / step:.1f} % |"
     )
