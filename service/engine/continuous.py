@@ -110,7 +110,7 @@ class ContinuousEngine(Engine):
     @property
     def forward_kind(self) -> str:
         """``fused`` (``fused_llama.FusedLlama``) or ``hf`` (the model's own forward)."""
-        return "hf" if self.loop_core.batch.fused is None else "fused"
+        return "hf" if self.loop_core.fused is None else "fused"
 
     async def start(self) -> None:
         if self._thread is not None:
@@ -249,6 +249,7 @@ class ContinuousEngine(Engine):
             try:
                 start = time.perf_counter()
                 generated_before = core.stats.generated  # admission chooses first tokens too
+                prefill_before, decode_before = core.stats.prefill_s, core.stats.decode_s
                 core.drop_cancelled()
                 if admitted:
                     core.admit(admitted)
@@ -256,15 +257,15 @@ class ContinuousEngine(Engine):
                         self.metrics.add_prompt_tokens(
                             sum(len(r.request.input_ids) for r in admitted)
                         )
-                        self.metrics.add_busy("prefill", time.perf_counter() - start)
                 # The step's batch as it enters the step: rows that finish in it leave at its end.
                 tasks = len({r.request.task.name for r in core.rows})
-                decode_start = time.perf_counter()
                 batch = core.step()
                 if self.metrics:
                     self.metrics.add_tokens(core.stats.generated - generated_before)
+                    # the loop's own clocks: its prefill forwards and its decode steps
+                    self.metrics.add_busy("prefill", core.stats.prefill_s - prefill_before)
+                    self.metrics.add_busy("decode", core.stats.decode_s - decode_before)
                     if batch:
-                        self.metrics.add_busy("decode", time.perf_counter() - decode_start)
                         self.metrics.observe_batch(batch, tasks)
                         self.metrics.observe_step(time.perf_counter() - start)
                     self.metrics.set_running(core.running)
