@@ -79,6 +79,66 @@ class Backbone:
         """Token embeddings [B, T, d] for ``input_ids`` [B, T]."""
         return input_embeddings(self.model)(input_ids)
 
+    # The backbone's facts, read from its config and tokenizer here and nowhere else.
+
+    @property
+    def max_positions(self) -> int | None:
+        """Rows of a decoder-only model's absolute position table: prompt rows + input tokens +
+        generated tokens must fit in them. None for seq2seq (relative positions in T5; BART's
+        encoder and decoder tables each hold far more than a request) or where the config
+        names no table."""
+        if self.is_seq2seq:
+            return None
+        config = _config(self.model)
+        for name in ("max_position_embeddings", "n_positions"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        """The tokens that end a generation: every id the generation config and the model
+        config name (a chat model's end-of-turn besides its end-of-text), else the
+        tokenizer's EOS. Both engines stop on exactly these."""
+        ids: set[int] = set()
+        for source in (getattr(self.model, "generation_config", None), _config(self.model)):
+            eos = getattr(source, "eos_token_id", None)
+            if eos is not None:
+                ids.update([int(eos)] if isinstance(eos, int) else (int(i) for i in eos))
+        if not ids and getattr(self.tokenizer, "eos_token_id", None) is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return frozenset(ids)
+
+    @property
+    def decoder_layers(self) -> int:
+        """Layers whose self-attention a decode step caches (a seq2seq model's decoder's)."""
+        config = _config(self.model)
+        if self.is_seq2seq:
+            n = getattr(config, "num_decoder_layers", None) or getattr(
+                config, "decoder_layers", None
+            )
+            return int(n or config.num_layers)
+        for name in ("num_hidden_layers", "n_layer", "num_layers"):
+            value = getattr(config, name, None)
+            if isinstance(value, int):
+                return value
+        raise RankoneError(f"cannot tell the number of layers of {type(self.model).__name__}")
+
+    @property
+    def chat_template(self) -> str | None:
+        """The tokenizer's chat template (None: the backbone cannot render a conversation)."""
+        from prompts.chat import has_chat_template
+
+        return str(self.tokenizer.chat_template) if has_chat_template(self.tokenizer) else None
+
+
+def _config(model: nn.Module) -> Any:
+    config = getattr(model, "config", None)
+    if config is None:
+        raise RankoneError(f"{type(model).__name__} has no Hugging Face config")
+    return config
+
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):

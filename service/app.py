@@ -16,7 +16,6 @@ from typing import Any
 from fastapi import FastAPI
 
 from prompts.backbone import load_backbone, resolve_dtype
-from prompts.chat import has_chat_template
 from service.api import admin, chat, docs, errors, files, fine_tuning, generate, openai, ops
 from service.api.middleware import ServiceMiddleware
 from service.engine.factory import build_engine
@@ -50,7 +49,7 @@ def build_fine_tuning(
     worker = None
     if not settings.redis_url and settings.finetune_worker == "auto":
         worker = LocalWorker(settings)
-    chat = has_chat_template(backbone.tokenizer)
+    chat = backbone.chat_template is not None
     handler = FineTuningHandler(
         backend,
         registry,

@@ -61,10 +61,9 @@ def load_tasks(
 
 def check_sequence_fits(backbone: Backbone, prompt_length: int, opts: DataOptions) -> None:
     """Decoder-only models see prompt + input + target in one sequence of bounded length."""
-    config: Any = backbone.model.config
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    limit = backbone.max_positions
     needed = prompt_length + opts.max_input_length + opts.max_target_length
-    if not backbone.is_seq2seq and limit and needed > limit:
+    if limit is not None and needed > limit:
         raise TrainerError(
             f"prompt length {prompt_length} + --max-input-length {opts.max_input_length} + "
             f"--max-target-length {opts.max_target_length} = {needed} positions, but "

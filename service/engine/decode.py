@@ -40,18 +40,6 @@ __all__ = ["DecodeLoop", "LoopStats", "Row", "compose_rows"]
 log = logging.getLogger("rankone.engine")
 
 
-def _decoder_layers(model: Any) -> int:
-    config = model.config
-    if getattr(config, "is_encoder_decoder", False):
-        n = getattr(config, "num_decoder_layers", None) or getattr(config, "decoder_layers", None)
-        return int(n or config.num_layers)
-    for name in ("num_hidden_layers", "n_layer", "num_layers"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    raise ValueError(f"cannot tell the number of layers of {type(model).__name__}")
-
-
 class DecodeLoop:
     """A running batch over one backbone. Not thread-safe: one thread calls it."""
 
@@ -77,35 +65,17 @@ class DecodeLoop:
         self.prefix_cache = self.prefill.prefix_cache
         self.batch = RunningBatch(
             self.model,
-            _decoder_layers(self.model),
+            backbone.decoder_layers,
             self.device,
             backbone.dtype,
             max_rows=max_rows,
             fused=self.fused,
         )
-        self.eos_ids = self._eos_ids()
+        # Copies of the backbone's facts: a bench or a test may run rows to their limit.
+        self.eos_ids: set[int] = set(backbone.eos_ids)
         self.special_ids = frozenset(int(i) for i in self.tokenizer.all_special_ids)
-        self.max_positions = None if self.seq2seq else self._max_positions()
+        self.max_positions = backbone.max_positions
         self.rng = torch.Generator().manual_seed(seed)
-
-    def _max_positions(self) -> int | None:
-        config = self.model.config
-        for name in ("max_position_embeddings", "n_positions"):
-            value = getattr(config, name, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        return None
-
-    def _eos_ids(self) -> set[int]:
-        ids: set[int] = set()
-        for source in (getattr(self.model, "generation_config", None), self.model.config):
-            eos = getattr(source, "eos_token_id", None)
-            if eos is None:
-                continue
-            ids.update([eos] if isinstance(eos, int) else list(eos))
-        if not ids and self.tokenizer.eos_token_id is not None:
-            ids.add(int(self.tokenizer.eos_token_id))
-        return ids
 
     @property
     def rows(self) -> list[Row]:

@@ -71,13 +71,6 @@ def batch_prompts(
     return compose_prompts(stacked, torch.tensor(index, device=device), u, v)
 
 
-def eos_ids(backbone: Backbone) -> set[int]:
-    found = getattr(backbone.model.generation_config, "eos_token_id", None)
-    if found is None:
-        found = backbone.tokenizer.eos_token_id
-    return set(found if isinstance(found, list) else [found] if found is not None else [])
-
-
 def trim(
     tokens: list[int], params: SamplingParams, eos: set[int], decode: Callable[[list[int]], str]
 ) -> tuple[list[int], str, FinishReason]:
@@ -147,7 +140,7 @@ def run_group(
     tok = backbone.tokenizer
     device, dtype = backbone.device, backbone.dtype
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    eos = eos_ids(backbone)
+    eos = set(backbone.eos_ids)
     params = requests[0].params
     guard = NonFiniteGuard(len(requests), min(eos) if eos else pad_id)
     extra: dict[str, Any] = {}

@@ -9,7 +9,7 @@ import dataclasses
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 
-from prompts.chat import chat_input_ids, has_chat_template
+from prompts.chat import chat_input_ids
 from prompts.errors import RankoneError
 from service.engine.base import GenerationResult, StreamDelta
 from service.errors import ApiError
@@ -56,7 +56,7 @@ class ChatHandler:
 
     async def prepare(self, body: ChatCompletionRequest) -> Prepared:
         """One engine request per choice; with a seed, choice ``i`` samples with ``seed + i``."""
-        if not has_chat_template(self.generation.backbone.tokenizer):
+        if self.generation.backbone.chat_template is None:
             raise ApiError(
                 400,
                 "no_chat_template",

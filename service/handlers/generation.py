@@ -66,7 +66,7 @@ class GenerationHandler:
         self.engine = engine
         self.backbone = backbone
         self.settings = settings
-        self.positions = position_table(backbone)
+        self.positions = backbone.max_positions
         # Long inputs tokenize off the event loop, one at a time (fast tokenizers are not
         # safe to call concurrently).
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="rankone-tokenize")
@@ -237,18 +237,6 @@ class GenerationHandler:
 def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
-
-
-def position_table(backbone: Backbone) -> int | None:
-    """Rows of a decoder-only model's position table (None: seq2seq, or no such limit)."""
-    if backbone.is_seq2seq:
-        return None
-    config = backbone.model.config
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 async def close_stream(stream: AsyncIterator[StreamDelta]) -> None:

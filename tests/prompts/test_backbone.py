@@ -70,3 +70,27 @@ def test_bad_dtype_name(name: str, tiny_gpt2_dir: Path) -> None:
 )
 def test_resolve_dtype(name: str | torch.dtype, dtype: torch.dtype) -> None:
     assert resolve_dtype(name) is dtype
+
+
+def test_the_backbone_carries_its_facts(tiny_model_dirs: dict[str, Path]) -> None:
+    t5, gpt2, llama = (load_backbone(tiny_model_dirs[k]) for k in ("t5", "gpt2", "llama"))
+    assert t5.max_positions is None  # relative positions: no table to run out of
+    assert gpt2.max_positions == gpt2.model.config.n_positions
+    assert llama.max_positions == llama.model.config.max_position_embeddings
+    assert t5.decoder_layers == t5.model.config.num_decoder_layers
+    assert gpt2.decoder_layers == gpt2.model.config.n_layer
+    assert llama.decoder_layers == llama.model.config.num_hidden_layers
+    assert gpt2.eos_ids == {gpt2.tokenizer.eos_token_id}
+    assert gpt2.chat_template is None
+
+
+def test_eos_ids_join_both_configs_else_the_tokenizer(tiny_gpt2_dir: Path) -> None:
+    """A chat model may name its end of turn in one config and its end of text in the other:
+    generation ends on either (what generate does with the union passed as eos_token_id)."""
+    backbone = load_backbone(tiny_gpt2_dir)
+    backbone.model.generation_config.eos_token_id = [7, 9]
+    backbone.model.config.eos_token_id = 3
+    assert backbone.eos_ids == {3, 7, 9}
+    backbone.model.generation_config.eos_token_id = None
+    backbone.model.config.eos_token_id = None
+    assert backbone.eos_ids == {backbone.tokenizer.eos_token_id}

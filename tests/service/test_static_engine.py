@@ -11,6 +11,7 @@ from prompts import Backbone, compose_prompt
 from service.engine.base import (
     EngineClosedError,
     GenerationRequest,
+    GenerationResult,
     ResolvedTask,
     SamplingParams,
 )
@@ -138,3 +139,27 @@ def test_seeded_sampling_is_reproducible(t5_backbone: Backbone) -> None:
     requests = [GenerationRequest(str(i), task, ids, params) for i in range(3)]
     results = asyncio.run(_run_all(t5_backbone, requests, Metrics()))
     assert len({tuple(r.token_ids) for r in results}) == 1
+
+
+def test_both_engines_stop_on_the_model_configs_eos(tiny_gpt2_dir) -> None:
+    """The EOS rule is the backbone's (``Backbone.eos_ids``), one for both engines: an id named
+    only by the model config (not the generation config) ends a row in each."""
+    from prompts import load_backbone
+    from service.engine.decode import DecodeLoop
+    from service.engine.static_batch import run_group
+    from tests.engine.conftest import row
+
+    bb = load_backbone(tiny_gpt2_dir)
+    task = _task(bb, "t", seed=1)
+    req = GenerationRequest("r", task, bb.tokenizer("the quick fox")["input_ids"])
+    first = run_group(bb, [req])[0]
+    assert isinstance(first, GenerationResult) and first.token_ids
+    bb.model.config.eos_token_id = first.token_ids[0]  # the row's first token now ends it
+    bb.model.generation_config.eos_token_id = bb.tokenizer.eos_token_id
+    static = run_group(bb, [req])[0]
+    loop = DecodeLoop(bb)
+    continuous, sink = row(req)
+    loop.admit([continuous])
+    for got in (static, sink.result):
+        assert isinstance(got, GenerationResult)
+        assert (got.finish_reason, got.token_ids) == ("stop", [])
