@@ -28,6 +28,7 @@ from prompts import Backbone
 from service.engine.base import GenerationRequest, ResolvedTask, SamplingParams
 from service.engine.decode import DecodeLoop, Row
 from service.engine.detok import IncrementalDetokenizer
+from service.engine.forwards import choose_forward
 from service.engine.kv_layout import merge_layers
 from service.engine.prefill import Prefill
 from service.engine.prefix_cache import PrefixCache
@@ -81,7 +82,8 @@ PREFIXES = PrefixCache(1 << 31)  # shared by the figures' loops: each prompt pre
 def endless_loop(backbone: Backbone, max_rows: int = 64, *, fused: bool = True) -> DecodeLoop:
     """A decode loop with a prefix cache whose rows ignore EOS (fixed token counts);
     ``fused``: the engine's fused forward where it covers the backbone (its default)."""
-    loop = DecodeLoop(backbone, prefix_cache=PREFIXES, max_rows=max_rows, fused=fused)
+    forward = choose_forward(backbone, fused=fused)
+    loop = DecodeLoop(backbone, prefix_cache=PREFIXES, max_rows=max_rows, forward=forward)
     loop.eos_ids = set()
     return loop
 

@@ -39,6 +39,7 @@ from service.engine.base import (
 )
 from service.engine.decode import DecodeLoop, Row
 from service.engine.drain import DrainRate
+from service.engine.forwards import choose_forward
 from service.engine.kv_layout import admission_count
 from service.engine.prefix_cache import PrefixCache
 from service.engine.threads import enter_model_thread
@@ -86,7 +87,7 @@ class ContinuousEngine(Engine):
             prefix_cache=self.prefix_cache,
             seed=seed,
             max_rows=max_batch_size,
-            fused=fused_forward,
+            forward=choose_forward(backbone, fused=fused_forward),  # chosen once, here
         )
         self.drain = DrainRate()
         self._waiting: deque[Row] = deque()
@@ -109,8 +110,8 @@ class ContinuousEngine(Engine):
 
     @property
     def forward_kind(self) -> str:
-        """``fused`` (``fused_llama.FusedLlama``) or ``hf`` (the model's own forward)."""
-        return "hf" if self.loop_core.fused is None else "fused"
+        """The forward that runs the backbone: ``fused`` or ``hf`` (``forward.Forward.kind``)."""
+        return self.loop_core.forward.kind
 
     async def start(self) -> None:
         if self._thread is not None:

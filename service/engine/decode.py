@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -23,7 +22,8 @@ from torch import Tensor
 from prompts.backbone import Backbone
 from service.engine.base import FinishReason, GenerationResult, StreamDelta
 from service.engine.detok import IncrementalDetokenizer
-from service.engine.fused_llama import FusedLlama
+from service.engine.forward import Forward
+from service.engine.forwards import choose_forward
 from service.engine.prefill import Prefiller, compose_rows
 from service.engine.prefix_cache import PrefixCache
 from service.engine.rows import LoopStats, Row
@@ -50,27 +50,19 @@ class DecodeLoop:
         prefix_cache: PrefixCache | None = None,
         seed: int = 0,
         max_rows: int = 0,
-        fused: bool = True,
+        forward: Forward | None = None,
     ) -> None:
         """``max_rows``: cache slots to allocate up front (the engine's max batch size);
-        ``fused``: run ``fused_llama.FusedLlama`` where it covers the model (else HF's forward)."""
+        ``forward``: what runs the backbone (default: ``forwards.choose_forward``'s choice)."""
         self.backbone = backbone
-        self.model: Any = backbone.model
         self.tokenizer = backbone.tokenizer
         self.seq2seq = backbone.is_seq2seq
         self.device = backbone.device
         self.stats = LoopStats()
-        self.fused = FusedLlama.build(self.model) if fused else None
-        self.prefill = Prefiller(backbone, prefix_cache, self.stats, self.fused)
+        self.forward = forward if forward is not None else choose_forward(backbone)
+        self.prefill = Prefiller(backbone, prefix_cache, self.stats, self.forward)
         self.prefix_cache = self.prefill.prefix_cache
-        self.batch = RunningBatch(
-            self.model,
-            backbone.decoder_layers,
-            self.device,
-            backbone.dtype,
-            max_rows=max_rows,
-            fused=self.fused,
-        )
+        self.batch = RunningBatch(backbone, self.forward, max_rows=max_rows)
         # Copies of the backbone's facts: a bench or a test may run rows to their limit.
         self.eos_ids: set[int] = set(backbone.eos_ids)
         self.special_ids = frozenset(int(i) for i in self.tokenizer.all_special_ids)
@@ -122,11 +114,14 @@ class DecodeLoop:
             self._finish(row, "cancelled", "", [])
             return True
         row.limit = row.request.params.max_new_tokens
+        used = int(row.request.task.prompt.shape[0]) + len(row.request.input_ids)
+        if used == 0:  # no prompt rows (the base model) and no input: nothing to continue
+            self._fail(row, ValueError("a request without prompt rows needs input tokens"))
+            return True
         if self.max_positions is not None:
             # Absolute-position models cannot go past their table. The last generated token
             # is never fed back, so L + T + n - 1 positions serve n new tokens. The handler
             # refuses what cannot fit (422); this guards direct callers of the engine.
-            used = int(row.request.task.prompt.shape[0]) + len(row.request.input_ids)
             if used > self.max_positions:
                 self._fail(
                     row,
@@ -154,7 +149,7 @@ class DecodeLoop:
             return 0
         start = time.perf_counter()
         n = len(self.batch)
-        self._choose_and_advance(self.batch.forward(), first_row=0)
+        self._choose_and_advance(self.batch.step(), first_row=0)
         self.stats.decode_s += time.perf_counter() - start
         self.stats.decode_steps += 1
         return n

@@ -22,9 +22,10 @@ module, SDPA with the same GQA handling), reading and writing the engine's cache
 (the products' reduction order differs), not bit for bit: a greedy token can flip only at a
 near tie.
 
+It is one implementation of the engine's forward seam (``forward.Forward``).
 ``FusedLlama.build`` returns ``None`` for what it does not cover (seq2seq, other
 architectures, sliding-window attention, tensor-parallel Llama, a non-SiLU MLP); the engine
-then runs the HF forward.
+then runs the HF forward (``forwards.choose_forward``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from service.engine.kv_cache import SlotKV
+from service.engine.forward import Forward, StepInputs
 from service.engine.kv_layout import KV
 
 log = logging.getLogger("rankone.engine")
@@ -161,13 +162,15 @@ def _unsupported(model: Any) -> str | None:
     return None
 
 
-class FusedLlama:
+class FusedLlama(Forward):
     """Decode steps and prefills of a Llama-family model (see module doc)."""
+
+    kind = "fused"
 
     def __init__(self, model: Any) -> None:
         config = model.config
         inner = model.model
-        self.embed: nn.Embedding = inner.embed_tokens
+        self.embed_tokens: nn.Embedding = inner.embed_tokens
         self.rotary = inner.rotary_emb
         self.norm = inner.norm.weight.detach()
         self.norm_eps = float(inner.norm.variance_epsilon)
@@ -213,29 +216,28 @@ class FusedLlama:
             _BUILT[model] = cls(model)
         return _BUILT[model]
 
-    def step(self, tokens: Tensor, positions: Tensor, kv: SlotKV, mask: Tensor) -> Tensor:
-        """A decode step: next-token logits [n, V] for ``tokens`` [n] at ``positions`` [n].
+    def embed(self, ids: Tensor) -> Tensor:
+        return self.embed_tokens(ids)
 
-        Writes each layer's new keys/values at ``kv``'s open column; ``mask`` [n, 1, 1, W + 1]
-        covers the window and that column (bool, or additive float).
-        """
-        h = self._layers(self.embed(tokens)[:, None], positions[:, None], mask, kv.write)
+    def step(self, inputs: StepInputs) -> Tensor:
+        """A decode step: next-token logits [n, V] for ``inputs.tokens`` [n] at their
+        positions [n]; each layer's new keys/values go to the slot cache's open column."""
+        x = self.embed_tokens(inputs.tokens)[:, None]
+        h = self._layers(x, inputs.positions[:, None], inputs.mask, inputs.kv.write)
         return self._logits(h[:, -1])
 
     def prefill(
-        self, x: Tensor, positions: Tensor, mask: Tensor, past: Sequence[KV] | None = None
+        self, embeds: Tensor, positions: Tensor, mask: Tensor, past: Sequence[KV] | None = None
     ) -> tuple[Tensor, list[KV]]:
-        """A prefill: next-token logits [B, V] after the last column, and per layer the keys/
-        values [B, H, P + T, Dh] of ``past`` (P columns, or none) extended by ``x``'s.
+        """See ``Forward.prefill``: ``embeds`` [B, T, d] after ``past`` (P columns, or none).
 
-        ``x`` [B, T, d] input embeddings at ``positions`` [B, T]; ``mask`` [B, P + T] 1 = a real
-        column (left padding). Each query attends causally to the real columns up to its own,
-        and always to itself (a padding query then stays finite; nothing reads it).
+        Each query attends causally to the real columns up to its own, and always to itself
+        (a padding query then stays finite; nothing reads it).
         """
-        t, width = int(x.shape[1]), int(mask.shape[1])
+        t, width = int(embeds.shape[1]), int(mask.shape[1])
         keys_ok = mask.bool()[:, None, None, :]  # [B, 1, 1, P + T]
-        col = torch.arange(width, device=x.device)
-        row = torch.arange(width - t, width, device=x.device)[:, None]  # query t's own column
+        col = torch.arange(width, device=embeds.device)
+        row = torch.arange(width - t, width, device=embeds.device)[:, None]  # query t's own column
         allowed = (keys_ok & (col <= row)) | (col == row)  # [B, 1, T, P + T]
         layers: list[KV] = []
 
@@ -246,7 +248,7 @@ class FusedLlama:
             layers.append((k, v))
             return k, v
 
-        h = self._layers(x, positions, allowed, attend)
+        h = self._layers(embeds, positions, allowed, attend)
         return self._logits(h[:, -1]), layers
 
     def _logits(self, h: Tensor) -> Tensor:

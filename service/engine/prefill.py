@@ -12,8 +12,8 @@ cache slots. Three paths:
   template's system turn), their columns come from the cache too and the prefill starts at
   ``L + j``.
 
-Decoder-only forwards run ``fused_llama.FusedLlama`` where it covers the backbone, else the HF
-forward with a fresh ``DynamicCache``.
+A task without prompt rows (L = 0: the base model) takes the same paths with an empty prefix.
+Every forward goes through the engine's ``forward.Forward``, whichever implementation it is.
 """
 
 from __future__ import annotations
@@ -21,17 +21,15 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache, EncoderDecoderCache
 
 from prompts.backbone import Backbone
 from prompts.compose import compose_prompts
 from prompts.inputs import position_ids_from_mask
 from service.engine.base import ResolvedTask
-from service.engine.fused_llama import FusedLlama
+from service.engine.forward import EncoderSide, Forward
 from service.engine.kv_layout import (
     KV,
     decode_positions,
@@ -51,14 +49,7 @@ class Prefill:
     layers: list[KV]  # per layer [b, H, T, Dh], left-padded
     mask: Tensor  # [b, T] 1 = real position
     positions: Tensor | None = None  # [b] next position id (decoder-only)
-    cross: list[KV] | None = None  # seq2seq: per layer [b, H, S, Dh]
-    enc_states: Tensor | None = None  # seq2seq: [b, S, d]
-    enc_mask: Tensor | None = None  # seq2seq: [b, S]
-
-
-def cache_layers(cache: Any) -> list[KV]:
-    """A ``DynamicCache``'s per-layer (keys, values)."""
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    encoder: EncoderSide | None = None  # seq2seq: encoder states, mask, cross-attention KV
 
 
 def compose_rows(tasks: Sequence[ResolvedTask]) -> list[Tensor]:
@@ -101,12 +92,10 @@ class Prefiller:
         backbone: Backbone,
         prefix_cache: PrefixCache | None,
         stats: LoopStats,
-        fused: FusedLlama | None = None,
+        forward: Forward,
     ) -> None:
-        """``fused``: the forward to run where it covers the model (else the HF forward)."""
         self.backbone = backbone
-        self.fused = fused
-        self.model: Any = backbone.model
+        self.forward = forward
         self.device = backbone.device
         self.dtype = backbone.dtype
         self.seq2seq = backbone.is_seq2seq
@@ -132,64 +121,25 @@ class Prefiller:
         out = []
         for row, prompt in zip(rows, prompts, strict=True):
             ids = torch.tensor(row.request.input_ids, dtype=torch.long, device=self.device)
-            out.append(torch.cat([prompt, self.backbone.embed(ids[None])[0].to(self.dtype)]))
+            out.append(torch.cat([prompt, self.forward.embed(ids[None])[0].to(self.dtype)]))
         return out
-
-    def _forward(
-        self,
-        mask: Tensor,
-        positions: Tensor,
-        *,
-        embeds: Tensor | None = None,
-        ids: Tensor | None = None,
-        past: list[KV] | None = None,
-    ) -> tuple[Tensor, list[KV]]:
-        """A decoder-only forward over ``embeds`` [B, T, d] or ``ids`` [B, T] after ``past``
-        (per layer [B, H, P, Dh]), ``mask`` [B, P + T]: last logits [B, V], per-layer KV."""
-        if self.fused is not None:
-            x = embeds if embeds is not None else self.fused.embed(ids)
-            return self.fused.prefill(x, positions, mask, past)
-        cache = DynamicCache(past) if past is not None else DynamicCache()
-        out = self.model(
-            input_ids=ids,
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return out.logits[:, -1], cache_layers(cache)
 
     def _seq2seq(self, rows: Sequence[Row]) -> Prefill:
         prompts = self._compose([r.request.task for r in rows])
         embeds, enc_mask = pad_sequences(self._embed_rows(rows, prompts), side="right")  # [B, S, d]
-        encoder = self.model.get_encoder()
-        enc_states = encoder(inputs_embeds=embeds, attention_mask=enc_mask).last_hidden_state
-        start_id = self.model.config.decoder_start_token_id
-        first = torch.full((len(rows), 1), int(start_id), dtype=torch.long, device=self.device)
-        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        out = self.model(
-            encoder_outputs=(enc_states,),
-            attention_mask=enc_mask,
-            decoder_input_ids=first,
-            cache=cache,
-            use_cache=True,
-        )
+        out = self.forward.prefill_seq2seq(embeds, enc_mask)
         return Prefill(
-            logits=out.logits[:, -1],
-            layers=cache_layers(cache.self_attention_cache),
+            logits=out.logits,
+            layers=out.layers,
             mask=torch.ones(len(rows), 1, dtype=torch.long, device=self.device),
-            cross=cache_layers(cache.cross_attention_cache),
-            enc_states=enc_states,
-            enc_mask=enc_mask,
+            encoder=out.encoder,
         )
 
     def _causal(self, rows: Sequence[Row]) -> Prefill:
         """No prefix cache: one forward over left-padded ``[pads; P; x]`` (the reference layout)."""
         prompts = self._compose([r.request.task for r in rows])
         embeds, mask = pad_sequences(self._embed_rows(rows, prompts), side="left")  # [B, N, d]
-        logits, layers = self._forward(mask, position_ids_from_mask(mask), embeds=embeds)
+        logits, layers = self.forward.prefill(embeds, position_ids_from_mask(mask), mask)
         return Prefill(logits, layers, mask, decode_positions(mask))
 
     def _compute_prefixes(
@@ -198,7 +148,8 @@ class Prefiller:
         """The prompts' KV, one forward per prompt length, each put in the cache.
 
         ``prompts``: per task [L, d]. Tasks of one length share a forward over [m, L, d]: a
-        burst of new tasks costs a few large GEMMs, not one small forward per task.
+        burst of new tasks costs a few large GEMMs, not one small forward per task. A task
+        without prompt rows (L = 0) has an empty prefix and no forward.
         """
         assert self.prefix_cache is not None
         out: list[PromptPrefix | None] = [None] * len(tasks)
@@ -206,11 +157,17 @@ class Prefiller:
         for i, prompt in enumerate(prompts):
             groups.setdefault(int(prompt.shape[0]), []).append(i)
         for length, members in groups.items():
+            if length == 0:
+                for i in members:
+                    empty = PromptPrefix((), torch.zeros(0, device=self.device))
+                    self.prefix_cache.put(tasks[i].name, tasks[i].version, empty)
+                    out[i] = empty
+                continue
             m = len(members)
-            logits, layers = self._forward(
-                torch.ones(m, length, dtype=torch.long, device=self.device),
+            logits, layers = self.forward.prefill(
+                torch.stack([prompts[i] for i in members]),  # [m, L, d]
                 torch.arange(length, device=self.device)[None].expand(m, length),
-                embeds=torch.stack([prompts[i] for i in members]),  # [m, L, d]
+                torch.ones(m, length, dtype=torch.long, device=self.device),
             )  # logits [m, V]
             for j, i in enumerate(members):
                 # Clones: a cached prefix must not keep its whole group's tensors alive.
@@ -258,21 +215,15 @@ class Prefiller:
             j = 0
             if latest is not None and latest.length - len(latest.tokens) == prompt.length:
                 j = common_prefix(latest.tokens, x, limit=len(x) - 1)  # >= 1 token to prefill
-            if j > 0:
+            if latest is not None and j > 0:
                 cols = prompt.length + j
                 pasts.append(tuple((k[:, :, :cols], v[:, :, :cols]) for k, v in latest.layers))
             else:
                 pasts.append(prompt.layers)
             skip.append(j)
-        past_lengths = [int(p[0][0].shape[2]) for p in pasts]
+        past_lengths = [int(p[0][0].shape[2]) if p else 0 for p in pasts]
         longest = max(past_lengths)
-        layers: list[KV] = [
-            (
-                torch.cat([left_pad(p[i][0], longest, 2) for p in pasts]),
-                torch.cat([left_pad(p[i][1], longest, 2) for p in pasts]),
-            )
-            for i in range(len(pasts[0]))
-        ]  # per layer [B, H, Pmax, Dh]
+        layers = _stack_pasts(pasts, longest)  # per layer [B, H, Pmax, Dh]; None: no past at all
         prefix_mask, _ = pad_sequences(
             [torch.ones(n, dtype=torch.long, device=self.device) for n in past_lengths],
             side="left",
@@ -284,15 +235,22 @@ class Prefiller:
             for x, j in zip(inputs, skip, strict=True)
         ]
         input_ids, input_mask = pad_sequences(ids, side="left")  # [B, T]
-        last_logits = torch.stack([p.last_logits for p in prompts])  # [B, V]
-        if input_ids.shape[1] == 0:
+        empty = [len(x) == 0 for x in inputs]  # such a row's next token follows its prompt
+        if all(empty):
+            assert layers is not None  # an empty input is refused without prompt rows
+            last_logits = torch.stack([p.last_logits for p in prompts])  # [B, V]
             return Prefill(last_logits, layers, prefix_mask, decode_positions(prefix_mask))
         mask = torch.cat([prefix_mask, input_mask], dim=1)  # [B, Pmax + T]
-        logits, layers = self._forward(
-            mask, prefill_positions(lengths, input_mask), ids=input_ids, past=layers
+        logits, layers = self.forward.prefill(
+            self.forward.embed(input_ids), prefill_positions(lengths, input_mask), mask, layers
         )
-        empty = torch.tensor([len(x) == 0 for x in inputs], device=self.device)
-        logits = torch.where(empty[:, None], last_logits.to(logits.dtype), logits)
+        if any(empty):
+            logits = torch.stack(
+                [
+                    p.last_logits.to(logits.dtype) if e else logits[b]
+                    for b, (p, e) in enumerate(zip(prompts, empty, strict=True))
+                ]
+            )
         self.stats.input_tokens_reused += sum(skip)
         self._keep_inputs(tasks, inputs, layers, mask)
         return Prefill(logits, layers, mask, decode_positions(mask))
@@ -316,6 +274,23 @@ class Prefiller:
             )
             prefix = PromptPrefix(kept, layers[0][0].new_zeros(0), tokens=tuple(x))
             self.prefix_cache.put_input(task.name, task.version, prefix)
+
+
+def _stack_pasts(pasts: Sequence[tuple[KV, ...]], longest: int) -> list[KV] | None:
+    """Per-row pasts (per layer [1, H, P_b, Dh]; none for a row without prompt rows) as one
+    left-padded past per layer [B, H, longest, Dh]; None when no row has a past."""
+    template = next((p for p in pasts if p), None)
+    if template is None:
+        return None
+    empty = tuple((k[:, :, :0], v[:, :, :0]) for k, v in template)
+    full = [p or empty for p in pasts]
+    return [
+        (
+            torch.cat([left_pad(p[i][0], longest, 2) for p in full]),
+            torch.cat([left_pad(p[i][1], longest, 2) for p in full]),
+        )
+        for i in range(len(template))
+    ]
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int], *, limit: int) -> int:

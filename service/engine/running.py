@@ -11,56 +11,35 @@ which happens per change of the batch, not per step.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache, EncoderDecoderCache
 
-from service.engine.fused_llama import FusedLlama
-from service.engine.kv_cache import SlotCache, SlotKV
-from service.engine.kv_layout import KV, leading_pad_columns, left_pad, merge_layers, merge_masks
+from prompts.backbone import Backbone
+from service.engine.forward import EncoderSide, Forward, StepInputs
+from service.engine.kv_cache import SlotKV
+from service.engine.kv_layout import leading_pad_columns, left_pad, merge_layers, merge_masks
 from service.engine.prefill import Prefill
 from service.engine.rows import Row
-
-
-def _cross_cache(layers: Sequence[KV]) -> DynamicCache:
-    """A ``DynamicCache`` holding exactly these per-layer tensors (no copy)."""
-    cache = DynamicCache([(k[:, :, :0], v[:, :, :0]) for k, v in layers])
-    for layer, (k, v) in zip(cache.layers, layers, strict=True):
-        layer.keys, layer.values = k, v
-    return cache
 
 
 class RunningBatch:
     """Rows in flight and their decode state (one thread: the model's)."""
 
-    def __init__(
-        self,
-        model: Any,
-        n_layers: int,
-        device: torch.device,
-        dtype: torch.dtype,
-        *,
-        max_rows: int = 0,
-        fused: FusedLlama | None = None,
-    ) -> None:
-        """``fused``: the forward of decode steps (None: the HF model's own)."""
-        self.model = model
-        self.device = device
-        self.dtype = dtype
-        self.seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
-        self.kv = SlotKV(n_layers, device, dtype, min_rows=max_rows)
+    def __init__(self, backbone: Backbone, forward: Forward, *, max_rows: int = 0) -> None:
+        """``forward``: what runs each decode step (see ``forward.Forward``)."""
+        self.forward = forward
+        self.device = backbone.device
+        self.dtype = backbone.dtype
+        self.seq2seq = backbone.is_seq2seq
+        self.kv = SlotKV(backbone.decoder_layers, self.device, self.dtype, min_rows=max_rows)
         self.rows: list[Row] = []
-        self.last = torch.zeros(0, dtype=torch.long, device=device)  # [n]
-        self.positions = torch.zeros(0, dtype=torch.long, device=device)  # [n] decoder-only
-        self.cross: list[KV] = []  # seq2seq: per layer [n, H, S, Dh]
-        self.enc_states: Tensor | None = None  # [n, S, d]
-        self.enc_mask: Tensor | None = None  # [n, S]
-        self.cache: SlotCache | EncoderDecoderCache = SlotCache(self.kv)
+        self.last = torch.zeros(0, dtype=torch.long, device=self.device)  # [n]
+        self.positions = torch.zeros(0, dtype=torch.long, device=self.device)  # [n] decoder-only
+        self.encoder: EncoderSide | None = None  # seq2seq: the rows' encoder side
         # Bool masks are what SDPA takes directly; other kernels add a float mask.
-        self.bool_mask = getattr(model.config, "_attn_implementation", "eager") == "sdpa"
-        self.fused = fused
+        config = getattr(backbone.model, "config", None)
+        self.bool_mask = getattr(config, "_attn_implementation", "eager") == "sdpa"
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -78,19 +57,18 @@ class RunningBatch:
         self.rows.extend(rows)
 
     def _admit_cross(self, prefill: Prefill) -> None:
-        assert prefill.cross is not None
-        assert prefill.enc_states is not None and prefill.enc_mask is not None
-        if self.enc_states is None or self.enc_mask is None or not self.rows:
-            self.cross = prefill.cross
-            self.enc_states, self.enc_mask = prefill.enc_states, prefill.enc_mask
-        else:
-            self.cross = merge_layers(self.cross, prefill.cross)
-            width = max(self.enc_states.shape[1], prefill.enc_states.shape[1])
-            self.enc_states = torch.cat(
-                [left_pad(self.enc_states, width, 1), left_pad(prefill.enc_states, width, 1)]
-            )
-            self.enc_mask = merge_masks(self.enc_mask, prefill.enc_mask)
-        self.cache = EncoderDecoderCache(SlotCache(self.kv), _cross_cache(self.cross))
+        new = prefill.encoder
+        assert new is not None
+        old = self.encoder
+        if old is None or not self.rows:
+            self.encoder = new
+            return
+        width = max(old.states.shape[1], new.states.shape[1])
+        self.encoder = EncoderSide(
+            states=torch.cat([left_pad(old.states, width, 1), left_pad(new.states, width, 1)]),
+            mask=merge_masks(old.mask, new.mask),
+            cross=merge_layers(old.cross, new.cross),
+        )
 
     def set_last(self, first_row: int, tokens: Sequence[int]) -> None:
         """The tokens rows ``first_row ..`` feed at the next step."""
@@ -107,39 +85,18 @@ class RunningBatch:
             ~mask, torch.finfo(self.dtype).min
         )
 
-    def forward(self) -> Tensor:
+    def step_inputs(self) -> StepInputs:
+        """The step's inputs (call after ``kv.open_column``)."""
+        return StepInputs(self.last, self.positions, self.kv, self.step_mask(), self.encoder)
+
+    def step(self) -> Tensor:
         """One decode step of the model for every row: next-token logits [n, V]."""
         self.kv.open_column()
-        mask = self.step_mask()
-        if self.fused is not None:
-            logits = self.fused.step(self.last, self.positions, self.kv, mask)
-        else:
-            logits = self.hf_forward(mask)
+        logits = self.forward.step(self.step_inputs())
         self.kv.close_column()
         if not self.seq2seq:
             self.positions += 1
         return logits
-
-    def hf_forward(self, mask: Tensor) -> Tensor:
-        """The step through the HF model's own forward (the open column is written)."""
-        if self.seq2seq:
-            out = self.model(
-                encoder_outputs=(self.enc_states,),
-                attention_mask=self.enc_mask,
-                decoder_input_ids=self.last[:, None],
-                decoder_attention_mask=mask,
-                cache=self.cache,
-                use_cache=True,
-            )
-        else:
-            out = self.model(
-                input_ids=self.last[:, None],
-                attention_mask=mask,
-                position_ids=self.positions[:, None],
-                cache=self.cache,
-                use_cache=True,
-            )
-        return out.logits[:, -1]
 
     # -- retirement ------------------------------------------------------------------------
 
@@ -159,13 +116,14 @@ class RunningBatch:
         if not self.seq2seq:
             self.positions = self.positions[index]
             return
-        assert self.enc_mask is not None and self.enc_states is not None
-        enc_mask = self.enc_mask[index]
+        assert self.encoder is not None
+        enc_mask = self.encoder.mask[index]
         drop = leading_pad_columns(enc_mask)
-        self.enc_mask = enc_mask[:, drop:]
-        self.enc_states = self.enc_states[index, drop:]
-        self.cross = [(k[index, :, drop:], v[index, :, drop:]) for k, v in self.cross]
-        self.cache = EncoderDecoderCache(SlotCache(self.kv), _cross_cache(self.cross))
+        self.encoder = EncoderSide(
+            states=self.encoder.states[index, drop:],
+            mask=enc_mask[:, drop:],
+            cross=[(k[index, :, drop:], v[index, :, drop:]) for k, v in self.encoder.cross],
+        )
 
     def clear(self) -> None:
         """No rows left: keep the slot buffers (their capacity), drop everything else."""
@@ -173,8 +131,7 @@ class RunningBatch:
         self.rows = []
         self.last = self.last[:0]
         self.positions = self.positions[:0]
-        self.cross, self.enc_states, self.enc_mask = [], None, None
-        self.cache = SlotCache(self.kv)
+        self.encoder = None
 
     def release(self) -> None:
         """Like ``clear``, and the slot buffers' memory goes back too (after an error)."""

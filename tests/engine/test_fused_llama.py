@@ -11,7 +11,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from prompts import Backbone, load_backbone
 from service.engine.decode import DecodeLoop
+from service.engine.forwards import choose_forward
 from service.engine.fused_llama import FusedLlama, _fuse
+from service.engine.hf_forward import HFForward
 from service.engine.prefill import Prefiller
 from service.engine.prefix_cache import PrefixCache
 from service.engine.rows import LoopStats
@@ -39,13 +41,13 @@ def _tiny_llama(**overrides: object) -> LlamaForCausalLM:
 def _compare_steps(loop: DecodeLoop, steps: int) -> None:
     """Step ``loop`` with the fused kernel; before each step, check it against the HF forward."""
     batch = loop.batch
-    assert batch.fused is not None
+    assert isinstance(batch.forward, FusedLlama)
+    hf = HFForward(loop.backbone)
     for _ in range(steps):
         with torch.inference_mode():
             batch.kv.open_column()
-            mask = batch.step_mask()
-            expected = batch.hf_forward(mask)  # writes the open column too: same numbers
-            got = batch.fused.step(batch.last, batch.positions, batch.kv, mask)
+            expected = hf.step(batch.step_inputs())  # writes the open column too: same numbers
+            got = batch.forward.step(batch.step_inputs())
         scale = float(expected.abs().max())
         torch.testing.assert_close(got, expected, rtol=0, atol=2e-5 * scale)
         assert torch.equal(got.argmax(-1), expected.argmax(-1))
@@ -79,7 +81,7 @@ def test_fused_prefill_equals_hf_forward(backbones: dict[str, Backbone], cached:
     fused = FusedLlama.build(backbone.model)
     assert fused is not None
     out = []
-    for kernel in (fused, None):
+    for kernel in (fused, HFForward(backbone)):
         prefix = PrefixCache(1 << 24) if cached else None
         prefill = Prefiller(backbone, prefix, LoopStats(), kernel)
         rows = [row(request(backbone, tasks[i], TEXTS[i], f"r{i}"))[0] for i in range(4)]
@@ -105,8 +107,9 @@ def test_mixed_batch_matches_generate_with_either_kernel(
     backbones: dict[str, Backbone], fused: bool
 ) -> None:
     backbone = backbones["llama"]
-    loop = DecodeLoop(backbone, prefix_cache=PrefixCache(1 << 24), fused=fused)
-    assert (loop.batch.fused is not None) == fused
+    forward = choose_forward(backbone, fused=fused)
+    loop = DecodeLoop(backbone, prefix_cache=PrefixCache(1 << 24), forward=forward)
+    assert (loop.batch.forward.kind == "fused") == fused
     for req, sink in run_schedule(backbone, loop):
         expected = reference_generate(backbone, req.task, req.input_ids, req.params.max_new_tokens)
         assert sink.result is not None and sink.result.token_ids == expected, req.request_id
@@ -151,7 +154,8 @@ def test_biased_llama_fused_step_equals_hf_forward(tmp_path: Path) -> None:
         row(request(backbone, tasks[i], TEXTS[i], f"r{i}", max_new_tokens=40)) for i in range(3)
     ]
     loop.admit([r for r, _ in rows])
-    assert loop.batch.fused is not None and loop.batch.fused.layers[0].qkv_bias is not None
+    fused = loop.batch.forward
+    assert isinstance(fused, FusedLlama) and fused.layers[0].qkv_bias is not None
     _compare_steps(loop, 6)
 
 
