@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from prompts.artifacts import NAME_PATTERN
 from service.api.responses import BODY, KEYED, errors
+from service.core.paging import MAX_OFFSET, MAX_PAGE
 from service.deps import AdminCaller, RegistryDep
 from service.protocol.generate import (
     SharedPromptCreate,
@@ -23,7 +24,6 @@ from service.protocol.generate import (
     TaskPage,
     TaskReplace,
 )
-from service.store.factor_store import MAX_OFFSET, MAX_PAGE
 
 router = APIRouter(prefix="/v1", tags=["registry"])
 

@@ -25,7 +25,6 @@ from service.protocol.openai import (
     ModelCard,
     ModelList,
 )
-from service.store.factor_store import MAX_PAGE
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -91,17 +90,8 @@ async def _chunks(
 @router.get("/models", responses=errors(*KEYED))
 async def models(registry: RegistryDep, caller: ClientCaller) -> ModelList:
     """The tasks this key may use, as OpenAI models."""
-    cards: list[ModelCard] = []
-    offset: int | None = 0
-    while offset is not None:
-        page = await registry.list_tasks(offset, MAX_PAGE)
-        cards += [
-            ModelCard(id=t.name, created=_epoch(t.created))
-            for t in page.tasks
-            if caller.allows(t.name)
-        ]
-        offset = page.next_offset
-    return ModelList(data=cards)
+    tasks = await registry.all_tasks(allowed=caller.allows)
+    return ModelList(data=[ModelCard(id=t.name, created=_epoch(t.created)) for t in tasks])
 
 
 def _epoch(stamp: str) -> int:

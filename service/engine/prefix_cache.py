@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from service.core.device_cache import DeviceCache
 from service.engine.kv_layout import KV
-from service.store.device_cache import DeviceCache
 
 PrefixKey = tuple[str, int, str]  # (task name, version, "prompt" | "input")
 

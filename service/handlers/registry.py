@@ -31,6 +31,7 @@ from prompts.backbone import Backbone
 from prompts.compose import compose_prompt
 from prompts.errors import ArtifactError
 from service.auth import Caller
+from service.core.paging import MAX_PAGE
 from service.protocol.generate import (
     SharedPromptCreate,
     SharedPromptInfo,
@@ -41,7 +42,6 @@ from service.protocol.generate import (
 )
 from service.settings import Settings
 from service.store.base import ConflictError, NotFoundError, Record
-from service.store.factor_store import MAX_PAGE
 
 # Fields of a task body that PUT keeps from the previous version when the body leaves them out.
 _KEPT_ON_REPLACE = ("description", "metadata", "parameters")
@@ -321,6 +321,12 @@ class RegistryHandler:
             limit=limit,
             next_offset=next_offset,
         )
+
+    async def all_tasks(self, *, allowed: Callable[[str], bool] | None = None) -> list[TaskInfo]:
+        """Every task (that ``allowed`` lets through), in name order: the store's pages walked."""
+        return [
+            task_info(r) async for r in self._all_records() if allowed is None or allowed(r.name)
+        ]
 
     async def _all_records(self) -> AsyncIterator[Record]:
         offset: int | None = 0

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import Tensor
 
-from service.store.device_cache import DeviceCache
+from service.core.device_cache import DeviceCache
 
 CacheKey = tuple[str, str]  # ("task", name) | ("shared", id)
 

@@ -34,7 +34,8 @@ from prompts.artifacts import (
     validate_task,
 )
 from prompts.errors import ArtifactError
-from service.engine.base import ResolvedTask
+from service.core.paging import MAX_OFFSET, MAX_PAGE
+from service.core.tasks import ResolvedTask
 from service.store.base import (
     ConflictError,
     EventHandler,
@@ -58,9 +59,6 @@ from service.store.factor_cache import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-MAX_PAGE = 1000
-# Largest page offset: exact in JSON numbers, and offset + limit stays inside Redis's int64.
-MAX_OFFSET = 2**53
 
 
 def _check_meta(meta: dict[str, Any]) -> None:

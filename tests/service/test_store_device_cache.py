@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.store.device_cache import DeviceCache
+from service.core.device_cache import DeviceCache
 
 
 @pytest.mark.parametrize(

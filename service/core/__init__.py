@@ -1,0 +1,1 @@
+"""Types and facts shared by the engine and the store, below both (neither imports the other)."""
