@@ -18,10 +18,11 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -29,12 +30,14 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from prompts.compose import compose_prompt
 from prompts.errors import ArtifactError, BackboneMismatchError, InvalidNameError
 
 FORMAT = "rankone/1"
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 MAX_RANK = 64
 MAX_PROMPT_LENGTH = 4096
+T = TypeVar("T")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -158,6 +161,34 @@ def check_task_fits(tf: TaskFactors, sp: SharedPrompt) -> None:
     check_backbone(tf.backbone, sp.backbone, f"task {tf.name!r}")
 
 
+# A composed prompt row may be at most this many times the largest input-embedding row
+# (L2 norms). Trained prompts sit within a small multiple of the token embeddings; a row a
+# thousand times longer than any token the backbone has seen is garbage to it, and past this
+# the half-precision range (65504) is near for typical embedding norms.
+PROMPT_NORM_FACTOR = 1000.0
+
+
+def check_composed(tf: TaskFactors, prompt: Tensor, bound: float, dtype: torch.dtype) -> None:
+    """The task prompt ``P ⊙ (U @ V)`` [L, d] must be finite (in the model's ``dtype`` too) and
+    its rows no longer than ``bound``: factors that are each finite can still overflow together.
+    """
+    with torch.no_grad():
+        composed = compose_prompt(
+            prompt.float(), tf.u.float().to(prompt.device), tf.v.float().to(prompt.device)
+        )
+        finite = bool(torch.isfinite(composed).all()) and bool(
+            torch.isfinite(composed.to(dtype)).all()
+        )
+        largest = float(composed.norm(dim=-1).max()) if finite and composed.numel() else 0.0
+    if not finite or largest > bound:
+        shown = "not finite" if not finite else f"{largest:.4g}"
+        raise ArtifactError(
+            f"task {tf.name!r}: the composed prompt P ⊙ (u @ v) has a row norm of {shown}; "
+            f"this backbone accepts at most {bound:.4g} ({PROMPT_NORM_FACTOR:g} × its largest "
+            "input-embedding norm): scale u and v down"
+        )
+
+
 def check_backbone(found: str, expected: str | None, what: str) -> None:
     if expected is not None and found != expected:
         raise BackboneMismatchError(
@@ -182,7 +213,7 @@ def _save_canonical(tensors: dict[str, Tensor], metadata: dict[str, str]) -> byt
     """
     blob = st_save(tensors, metadata=metadata)
     header_len = int.from_bytes(blob[:8], "little")
-    header = json.loads(blob[8 : 8 + header_len])
+    header = read_header(blob)
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text + blob[8 + header_len :]
@@ -217,12 +248,15 @@ def encode_task(tf: TaskFactors, *, max_rank: int = MAX_RANK) -> bytes:
     return _save_canonical(tensors, metadata)
 
 
-def _read_blob(
-    data: bytes, kind: str, tensors: tuple[str, ...]
-) -> tuple[dict[str, Tensor], dict[str, str]]:
+def read_header(data: bytes) -> dict[str, Any]:
+    """The JSON header of a safetensors blob, read without touching the tensors: per tensor
+    its ``dtype``, ``shape`` and ``data_offsets``, and the ``__metadata__`` strings.
+
+    The one reader of the header in rankone's torch side (``client/artifacts.py`` keeps its own
+    copy: the client must import without torch or safetensors).
+    """
     if not isinstance(data, bytes | bytearray | memoryview) or len(data) < 8:
         raise ArtifactError(f"not a safetensors blob: {len(data) if data else 0} bytes")
-    data = bytes(data)
     header_len = int.from_bytes(data[:8], "little")
     if header_len <= 0 or 8 + header_len > len(data):
         raise ArtifactError(
@@ -230,9 +264,31 @@ def _read_blob(
             f"blob has {len(data) - 8}"
         )
     try:
-        header = json.loads(data[8 : 8 + header_len])
-        loaded = st_load(data)
-    except (SafetensorError, ValueError, UnicodeDecodeError) as e:
+        header = json.loads(bytes(data[8 : 8 + header_len]))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"corrupt safetensors blob: {e}") from e
+    if not isinstance(header, dict):
+        raise ArtifactError("corrupt safetensors blob: its header is not a JSON object")
+    return header
+
+
+def blob_shapes(data: bytes) -> dict[str, list[int]]:
+    """Each tensor's shape, from the header alone (``{"u": [L, r], "v": [r, d]}``)."""
+    return {k: list(v["shape"]) for k, v in read_header(data).items() if k != "__metadata__"}
+
+
+def blob_metadata(data: bytes) -> dict[str, str]:
+    """The blob's ``__metadata__`` (format, kind, id or name, backbone, created, meta)."""
+    return dict(read_header(data).get("__metadata__") or {})
+
+
+def _read_blob(
+    data: bytes, kind: str, tensors: tuple[str, ...]
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    header = read_header(data)
+    try:
+        loaded = st_load(bytes(data))
+    except (SafetensorError, ValueError) as e:
         raise ArtifactError(f"corrupt safetensors blob: {e}") from e
     metadata = header.get("__metadata__") or {}
     fmt = metadata.get("format")
@@ -263,17 +319,36 @@ def _meta_from(metadata: dict[str, str]) -> dict[str, Any]:
     return meta
 
 
-def decode_shared(data: bytes, *, backbone: str | None = None) -> SharedPrompt:
-    """Read and validate a shared-prompt blob; refuse it if made for another ``backbone``."""
+def parse_shared(data: bytes) -> SharedPrompt:
+    """A shared-prompt blob read as one (format, kind, tensors, metadata fields), its values
+    not yet validated: for a writer whose one gate validates (the server's store)."""
     tensors, metadata = _read_blob(data, "shared", ("prompt",))
-    sp = SharedPrompt(
+    return SharedPrompt(
         id=metadata["id"],
         prompt=tensors["prompt"],
         backbone=metadata["backbone"],
         created=metadata["created"],
         meta=_meta_from(metadata),
     )
-    validate_shared(sp)
+
+
+def parse_task(data: bytes) -> TaskFactors:
+    """A task blob read as one, its values not yet validated (see ``parse_shared``)."""
+    tensors, metadata = _read_blob(data, "task", ("u", "v"))
+    return TaskFactors(
+        name=metadata["name"],
+        shared=metadata["shared"],
+        u=tensors["u"],
+        v=tensors["v"],
+        backbone=metadata["backbone"],
+        created=metadata["created"],
+        meta=_meta_from(metadata),
+    )
+
+
+def decode_shared(data: bytes, *, backbone: str | None = None) -> SharedPrompt:
+    """Read and validate a shared-prompt blob; refuse it if made for another ``backbone``."""
+    sp = validate_shared(parse_shared(data))
     check_backbone(sp.backbone, backbone, f"shared prompt {sp.id!r}")
     return sp
 
@@ -286,17 +361,7 @@ def decode_task(
     max_rank: int = MAX_RANK,
 ) -> TaskFactors:
     """Read and validate a task blob; with ``shared`` given, check the factors fit it."""
-    tensors, metadata = _read_blob(data, "task", ("u", "v"))
-    tf = TaskFactors(
-        name=metadata["name"],
-        shared=metadata["shared"],
-        u=tensors["u"],
-        v=tensors["v"],
-        backbone=metadata["backbone"],
-        created=metadata["created"],
-        meta=_meta_from(metadata),
-    )
-    validate_task(tf, max_rank=max_rank)
+    tf = validate_task(parse_task(data), max_rank=max_rank)
     check_backbone(tf.backbone, backbone, f"task {tf.name!r}")
     if shared is not None:
         check_task_fits(tf, shared)
@@ -403,30 +468,42 @@ def _check_file_name(path: Path, name: str, what: str) -> None:
         )
 
 
-def load_artifact_dir(root: Path, *, backbone: str | None = None) -> ArtifactDir:
+def load_artifact_dir(
+    root: Path, *, backbone: str | None = None, validate: bool = True
+) -> ArtifactDir:
     """Every artifact under ``root/shared`` and ``root/tasks``, validated and cross-checked.
 
     Refuses (``ArtifactError``) a file that does not decode, one made for another ``backbone``,
     a file whose name is not its artifact's id or name, and a task whose shared prompt is
-    missing or does not fit it.
+    missing or does not fit it. ``validate=False`` reads each file as its kind of artifact and
+    checks names and references only: for a writer whose one gate validates the values (the
+    server's store, seeding from a directory).
     """
     root = Path(root)
     if not root.is_dir():
         raise ArtifactError(f"artifact directory {root} does not exist")
     shared: dict[str, SharedPrompt] = {}
     for path in sorted((root / "shared").glob("*.safetensors")):
-        sp = load_shared(path, backbone=backbone)
+        sp = load_shared(path, backbone=backbone) if validate else _parse_file(path, parse_shared)
         _check_file_name(path, sp.id, "shared prompt id")
         shared[sp.id] = sp
     tasks: dict[str, TaskFactors] = {}
     for path in sorted((root / "tasks").glob("*.safetensors")):
-        tf = load_task(path, backbone=backbone)
+        tf = load_task(path, backbone=backbone) if validate else _parse_file(path, parse_task)
         _check_file_name(path, tf.name, "task name")
         if tf.shared not in shared:
             raise ArtifactError(
                 f"{path}: task {tf.name!r} needs shared prompt {tf.shared!r}, "
                 f"which is not in {root / 'shared'}"
             )
-        check_task_fits(tf, shared[tf.shared])
+        if validate:
+            check_task_fits(tf, shared[tf.shared])
         tasks[tf.name] = tf
     return ArtifactDir(shared=shared, tasks=tasks)
+
+
+def _parse_file(path: Path, parse: Callable[[bytes], T]) -> T:
+    try:
+        return parse(_read_file(path))
+    except ArtifactError as e:
+        raise type(e)(f"{path}: {e}") from e

@@ -193,6 +193,17 @@ def backbone_fingerprint(model: nn.Module) -> str:
     return f"{arch.get('model_type', 'model')}-{digest.hexdigest()[:16]}"
 
 
+def prompt_norm_bound(backbone: Backbone) -> float:
+    """The longest composed prompt row a task may have on ``backbone``:
+    ``PROMPT_NORM_FACTOR`` × the largest row norm of its input embeddings."""
+    from prompts.artifacts import PROMPT_NORM_FACTOR
+
+    weight = _embedding_weight(backbone.model)  # [V, d]
+    with torch.no_grad():
+        largest = float(weight.float().norm(dim=-1).max())
+    return PROMPT_NORM_FACTOR * largest
+
+
 def freeze(model: nn.Module) -> nn.Module:
     model.eval()
     for p in model.parameters():

@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from prompts.backbone import load_backbone, resolve_dtype
+from prompts.backbone import Backbone, load_backbone, prompt_norm_bound, resolve_dtype
 from service.api import admin, chat, docs, errors, files, fine_tuning, generate, openai, ops
 from service.api.middleware import ServiceMiddleware
 from service.engine.factory import build_engine
@@ -60,7 +60,7 @@ def build_fine_tuning(
     return handler, worker
 
 
-def build_store(settings: Settings, fingerprint: str, dim: int, metrics: Metrics) -> Any:
+def build_store(settings: Settings, backbone: Backbone, metrics: Metrics) -> Any:
     from service.store.factor_store import FactorStore
 
     backend: Any
@@ -74,13 +74,14 @@ def build_store(settings: Settings, fingerprint: str, dim: int, metrics: Metrics
         backend = EmbeddedBackend(settings.data_dir)
     return FactorStore(
         backend,
-        backbone_fingerprint=fingerprint,
-        dim=dim,
+        backbone_fingerprint=backbone.fingerprint,
+        dim=backbone.dim,
         device=settings.device,
         dtype=resolve_dtype(settings.dtype),
         cache_bytes=settings.device_cache_bytes,
         max_rank=settings.max_rank,
         max_prompt_length=settings.max_prompt_length,
+        prompt_norm_bound=prompt_norm_bound(backbone),
         on_store_error=lambda _: metrics.store_errors.inc(),
     )
 
@@ -112,7 +113,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         extra={"model": backbone.name, "kind": backbone.kind, "fingerprint": backbone.fingerprint},
     )
     metrics: Metrics = state.metrics
-    store = build_store(settings, backbone.fingerprint, backbone.dim, metrics)
+    store = build_store(settings, backbone, metrics)
     await store.start()
     engine = None
     jobs: FineTuningHandler | None = None

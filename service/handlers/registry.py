@@ -1,14 +1,15 @@
-"""The registry handler: validate uploads against the backbone, then write through the store.
+"""The registry handler: turn request bodies into artifacts and write them through the store.
 
-Everything is checked before the store is touched, so a bad upload never replaces a good
-version: bad base64 / blob / shape / NaN → 422, wrong backbone → 409, unknown shared → 422.
+The checks of a write (names, rank, finite values, backbone fingerprint, fit to the shared
+prompt, the composed rows' norm bound) are the store's write gate
+(``FactorStore._gate_task``), which every writer passes: this handler, seeding and fine-tuning
+results alike. A refused write changes nothing: bad base64 / blob / shape / NaN → 422, wrong
+backbone → 409, unknown shared → 422.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -17,18 +18,15 @@ import torch
 from prompts.artifacts import (
     SharedPrompt,
     TaskFactors,
-    check_backbone,
+    blob_metadata,
+    blob_shapes,
     check_name,
-    check_task_fits,
-    decode_shared,
-    decode_task,
     from_base64,
+    parse_shared,
+    parse_task,
     to_base64,
-    validate_shared,
-    validate_task,
 )
 from prompts.backbone import Backbone
-from prompts.compose import compose_prompt
 from prompts.errors import ArtifactError
 from service.auth import Caller
 from service.core.paging import MAX_PAGE
@@ -41,7 +39,7 @@ from service.protocol.generate import (
     TaskReplace,
 )
 from service.settings import Settings
-from service.store.base import ConflictError, NotFoundError, Record
+from service.store.base import ConflictError, Record
 
 # Fields of a task body that PUT keeps from the previous version when the body leaves them out.
 _KEPT_ON_REPLACE = ("description", "metadata", "parameters")
@@ -58,40 +56,15 @@ def _matrix(name: str, rows: list[Any]) -> torch.Tensor:
     return t
 
 
-def _header(blob: bytes) -> dict[str, Any]:
-    size = int.from_bytes(blob[:8], "little")
-    header: dict[str, Any] = json.loads(blob[8 : 8 + size])
-    return header
-
-
-def _shapes(blob: bytes) -> dict[str, list[int]]:
-    """Tensor shapes from a safetensors header, without reading the tensors."""
-    return {k: v["shape"] for k, v in _header(blob).items() if k != "__metadata__"}
-
-
-def _check_shapes(tf: TaskFactors, sp: SharedPrompt) -> None:
-    """One clear line when JSON factors do not fit: what u and v must be for ``sp``."""
-    r = tf.rank
-    if tf.length != sp.length or tf.dim != sp.dim or tf.v.shape[0] != r:
-        raise ArtifactError(
-            f"task {tf.name!r}: u {list(tf.u.shape)} and v {list(tf.v.shape)} do not fit shared "
-            f"prompt {sp.id!r}: expected u [L, r] = [{sp.length}, {r}] and v [r, d] = "
-            f"[{r}, {sp.dim}] (rank one may also be flat lists of {sp.length} and {sp.dim} numbers)"
-        )
-
-
 def shared_info(record: Record) -> SharedPromptInfo:
-    length, dim = _shapes(record.blob)["prompt"]
+    length, dim = blob_shapes(record.blob)["prompt"]
     return SharedPromptInfo(
         id=record.name,
         version=record.version,
         length=length,
         dim=dim,
         # seeded records keep their fingerprint in the blob only
-        backbone=str(
-            record.meta.get("backbone")
-            or _header(record.blob).get("__metadata__", {}).get("backbone", "")
-        ),
+        backbone=str(record.meta.get("backbone") or blob_metadata(record.blob).get("backbone", "")),
         description=str(record.meta.get("description", "")),
         metadata=dict(record.meta.get("metadata", {})),
         created=record.created,
@@ -100,7 +73,7 @@ def shared_info(record: Record) -> SharedPromptInfo:
 
 
 def task_info(record: Record, factors: TaskFactors | None = None) -> TaskInfo:
-    shapes = _shapes(record.blob)
+    shapes = blob_shapes(record.blob)
     length, rank = shapes["u"]
     dim = shapes["v"][1]
     info = TaskInfo(
@@ -123,48 +96,11 @@ def task_info(record: Record, factors: TaskFactors | None = None) -> TaskInfo:
     return info
 
 
-# A composed prompt row may be at most this many times the largest input-embedding row
-# (L2 norms). Trained prompts sit within a small multiple of the token embeddings; a row a
-# thousand times longer than any token the backbone has seen is garbage to it, and past this
-# the half-precision range (65504) is near for typical embedding norms.
-PROMPT_NORM_FACTOR = 1000.0
-
-
-def prompt_norm_bound(backbone: Backbone) -> float:
-    """``PROMPT_NORM_FACTOR`` × the largest row norm of the backbone's input embeddings."""
-    model: Any = backbone.model
-    weight = model.get_input_embeddings().weight  # [V, d]
-    with torch.no_grad():
-        largest = float(weight.float().norm(dim=-1).max())
-    return PROMPT_NORM_FACTOR * largest
-
-
-def check_composed(tf: TaskFactors, prompt: torch.Tensor, bound: float, dtype: torch.dtype) -> None:
-    """The task prompt ``P ⊙ (U @ V)`` [L, d] must be finite (in the model's dtype too) and its
-    rows no longer than ``bound``: factors that are each finite can still overflow together."""
-    with torch.no_grad():
-        composed = compose_prompt(
-            prompt.float(), tf.u.float().to(prompt.device), tf.v.float().to(prompt.device)
-        )
-        finite = bool(torch.isfinite(composed).all()) and bool(
-            torch.isfinite(composed.to(dtype)).all()
-        )
-        largest = float(composed.norm(dim=-1).max()) if finite else math.inf
-    if not finite or largest > bound:
-        shown = "not finite" if not finite else f"{largest:.4g}"
-        raise ArtifactError(
-            f"task {tf.name!r}: the composed prompt P ⊙ (u @ v) has a row norm of {shown}; "
-            f"this backbone accepts at most {bound:.4g} ({PROMPT_NORM_FACTOR:g} × its largest "
-            "input-embedding norm): scale u and v down"
-        )
-
-
 class RegistryHandler:
     def __init__(self, store: Any, backbone: Backbone, settings: Settings) -> None:
         self.store = store
         self.backbone = backbone
         self.settings = settings
-        self.prompt_norm_bound = prompt_norm_bound(backbone)
 
     async def register_shared(
         self,
@@ -178,16 +114,6 @@ class RegistryHandler:
             caller.check(sp.id, "shared prompt")
         if expected_id is not None and sp.id != expected_id:
             raise ArtifactError(f"the body's id is {sp.id!r}, but the URL says {expected_id!r}")
-        if sp.dim != self.backbone.dim:
-            raise ArtifactError(
-                f"shared prompt {sp.id!r} has width d={sp.dim}, but the backbone's "
-                f"embedding width is {self.backbone.dim}"
-            )
-        if sp.length > self.settings.max_prompt_length:
-            raise ArtifactError(
-                f"shared prompt {sp.id!r} has length {sp.length}, over the limit "
-                f"{self.settings.max_prompt_length}"
-            )
         meta = {"description": body.description, "metadata": body.metadata, "backbone": sp.backbone}
         try:
             record = await self.store.register_shared(sp, meta, replace=body.replace)
@@ -201,20 +127,16 @@ class RegistryHandler:
         return shared_info(record), record.version == 1
 
     def _shared_from(self, body: SharedPromptCreate) -> SharedPrompt:
-        fp = self.backbone.fingerprint
         if body.blob is not None:
-            return decode_shared(from_base64(body.blob), backbone=fp)
+            return parse_shared(from_base64(body.blob))
         assert body.prompt is not None
         if body.id is None:
             raise ArtifactError("id is required with prompt: the shared prompt's id")
-        sp = SharedPrompt(
+        return SharedPrompt(
             id=check_name(body.id, "shared prompt id"),
             prompt=_matrix("prompt", body.prompt),
-            backbone=body.backbone or fp,
+            backbone=body.backbone or self.backbone.fingerprint,
         )
-        validate_shared(sp)
-        check_backbone(sp.backbone, fp, f"shared prompt {sp.id!r}")
-        return sp
 
     async def get_shared(self, shared_id: str, *, include_blob: bool = False) -> SharedPromptInfo:
         check_name(shared_id, "shared prompt id")
@@ -227,13 +149,10 @@ class RegistryHandler:
     async def list_shared(self) -> list[SharedPromptInfo]:
         return [shared_info(r) for r in await self.store.list_shared()]
 
-    async def _factors(self, name: str, body: TaskBody) -> tuple[TaskFactors, dict[str, Any]]:
-        check_name(name, "task name")
-        fp = self.backbone.fingerprint
+    def _factors(self, name: str, body: TaskBody) -> tuple[TaskFactors, dict[str, Any]]:
+        """The task artifact a body describes (a blob, or JSON ``u``/``v``) and its meta."""
         if body.factors is not None:
-            tf = decode_task(
-                from_base64(body.factors), backbone=fp, max_rank=self.settings.max_rank
-            )
+            tf = parse_task(from_base64(body.factors))
             if body.shared is not None and body.shared != tf.shared:
                 raise ArtifactError(
                     f"the blob's shared prompt is {tf.shared!r}, but the request "
@@ -244,23 +163,11 @@ class RegistryHandler:
             assert body.u is not None and body.v is not None and body.shared is not None
             tf = TaskFactors(
                 name=name,
-                shared=check_name(body.shared, "shared prompt id"),
+                shared=body.shared,
                 u=_matrix("u", body.u),
                 v=_matrix("v", body.v),
-                backbone=fp,
+                backbone=self.backbone.fingerprint,
             )
-        try:
-            _, sp = await self.store.get_shared(tf.shared)
-        except NotFoundError:
-            raise ArtifactError(
-                f"unknown shared prompt {tf.shared!r}: register it first with "
-                "POST /v1/shared-prompts"
-            ) from None
-        if body.factors is None:
-            _check_shapes(tf, sp)
-        validate_task(tf, max_rank=self.settings.max_rank)
-        check_task_fits(tf, sp)
-        check_composed(tf, sp.prompt, self.prompt_norm_bound, self.backbone.dtype)
         meta = {
             "description": body.description,
             "metadata": body.metadata,
@@ -269,7 +176,7 @@ class RegistryHandler:
         return tf, meta
 
     async def create_task(self, name: str, body: TaskBody) -> TaskInfo:
-        tf, meta = await self._factors(name, body)
+        tf, meta = self._factors(name, body)
         try:
             return task_info(await self.store.create_task(tf, meta))
         except ConflictError as e:
@@ -285,10 +192,10 @@ class RegistryHandler:
         out are kept from the previous version."""
         if body.name is not None and body.name != name:
             raise ArtifactError(f"the body's name is {body.name!r}, but the URL says {name!r}")
-        tf, meta = await self._factors(name, body)
+        tf, meta = self._factors(name, body)
         kept = [f for f in _KEPT_ON_REPLACE if f not in body.model_fields_set]
         if kept:
-            record, _ = await self.store.get_task(name)
+            record = await self.store.get_task_record(name)
             meta.update({f: record.meta[f] for f in kept if f in record.meta})
         return task_info(await self.store.replace_task(tf, meta))
 

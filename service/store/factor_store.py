@@ -1,9 +1,13 @@
 """FactorStore: the one object the HTTP layer and the engine use for prompts and factors.
 
 Tiers: a ``FactorCache`` of decoded tensors on the model's device → a ``FactorBackend``
-(Redis, shared by replicas, or the embedded directory store). Writes are validated here
-(names, shapes, backbone fingerprint, rank, finite values) before anything reaches the
-backend, so a refused write leaves nothing behind.
+(Redis, shared by replicas, or the embedded directory store).
+
+The write gate: every write — an HTTP upload, ``RANKONE_SEED_DIR`` seeding, a fine-tuning
+job's result — passes ``_gate_shared`` / ``_gate_task`` once, before anything reaches the
+backend, so a refused write leaves nothing behind. A task is checked against its shared prompt
+as this server holds it (the cached tensor): name, rank, finite values, backbone fingerprint,
+fit to [L, d], and the composed rows' norm bound (``prompts.artifacts.check_composed``).
 
 Cache keys: ``("task", name)`` → the task's ``u``/``v`` with its version, and
 ``("shared", id)`` → the shared prompt, so 10,000 tasks over one ``P`` hold ``P`` once. A task
@@ -15,23 +19,27 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from torch import Tensor
 
 from prompts.artifacts import (
     SharedPrompt,
     TaskFactors,
     check_backbone,
+    check_composed,
     check_name,
     decode_shared,
     decode_task,
     encode_shared,
     encode_task,
     load_artifact_dir,
-    validate_task,
+    shared_path,
+    task_path,
 )
 from prompts.errors import ArtifactError
 from service.core.paging import MAX_OFFSET, MAX_PAGE
@@ -82,8 +90,11 @@ class FactorStore:
         cache_bytes: int,
         max_rank: int = 64,
         max_prompt_length: int = 1024,
+        prompt_norm_bound: float = math.inf,
         on_store_error: Callable[[StoreError], None] | None = None,
     ) -> None:
+        """``prompt_norm_bound``: the longest composed prompt row a task may have
+        (``prompts.backbone.prompt_norm_bound`` of the served backbone)."""
         self.backend = backend
         self.backbone_fingerprint = backbone_fingerprint
         self.dim = dim
@@ -91,6 +102,7 @@ class FactorStore:
         self.dtype = dtype
         self.max_rank = max_rank
         self.max_prompt_length = max_prompt_length
+        self.prompt_norm_bound = prompt_norm_bound
         self.on_store_error = on_store_error
         self.store_errors = 0
         self.resets = 0  # 'reset' events seen (start, and every re-subscription)
@@ -146,7 +158,14 @@ class FactorStore:
 
     # ---- shared prompts ----------------------------------------------------------------
 
+    def _gate_shared(self, sp: SharedPrompt) -> bytes:
+        """The one check of a shared-prompt write; returns the blob to store."""
+        blob = encode_shared(sp)  # validates name, provenance, finite values, shape
+        self._check_shared(sp)
+        return blob
+
     def _check_shared(self, sp: SharedPrompt) -> None:
+        """What this server serves: its backbone, its width d, its length limit."""
         check_backbone(sp.backbone, self.backbone_fingerprint, f"shared prompt {sp.id!r}")
         if sp.dim != self.dim:
             raise ArtifactError(
@@ -164,8 +183,11 @@ class FactorStore:
     ) -> Record:
         """Create a shared prompt (ConflictError if it exists), or with ``replace`` create or
         replace it; a replacement must keep [L, d], since registered tasks depend on it."""
-        blob = encode_shared(sp)  # validates name, finiteness, shape
-        self._check_shared(sp)
+        return await self._put_shared(sp, self._gate_shared(sp), meta, replace=replace)
+
+    async def _put_shared(
+        self, sp: SharedPrompt, blob: bytes, meta: dict[str, Any], *, replace: bool
+    ) -> Record:
         _check_meta(meta)
         if replace:
             try:
@@ -204,42 +226,48 @@ class FactorStore:
 
     # ---- tasks -------------------------------------------------------------------------
 
-    async def _check_task(self, tf: TaskFactors) -> None:
-        validate_task(tf, max_rank=self.max_rank)  # name, rank, finite values
+    async def _gate_task(self, tf: TaskFactors, prompt: Tensor | None = None) -> bytes:
+        """The one check of a task write; returns the blob to store.
+
+        ``prompt`` [L, d]: the shared prompt to check against; by default the registered one,
+        as this server holds it (cached).
+        """
+        blob = encode_task(tf, max_rank=self.max_rank)  # validates name, rank, finite values
         check_backbone(tf.backbone, self.backbone_fingerprint, f"task {tf.name!r}")
-        try:
-            shared = await self._shared_entry(tf.shared)
-        except NotFoundError as e:
-            raise UnknownSharedError(
-                f"task {tf.name!r} refers to shared prompt {tf.shared!r}, which is not "
-                "registered: register the shared prompt first"
-            ) from e
-        length, dim = shared.prompt.shape
+        if prompt is None:
+            try:
+                prompt = (await self._shared_entry(tf.shared)).prompt
+            except NotFoundError as e:
+                raise UnknownSharedError(
+                    f"task {tf.name!r} refers to shared prompt {tf.shared!r}, which is not "
+                    "registered: register the shared prompt first"
+                ) from e
+        length, dim = prompt.shape
         if tf.length != length or tf.dim != dim:
+            r = tf.rank
             raise ArtifactError(
-                f"task {tf.name!r}: factors u {tuple(tf.u.shape)}, v {tuple(tf.v.shape)} do not "
-                f"fit shared prompt {tf.shared!r} of shape [L={length}, d={dim}] "
-                f"(expected u [{length}, r] and v [r, {dim}])"
+                f"task {tf.name!r}: factors u {list(tf.u.shape)} and v {list(tf.v.shape)} do not "
+                f"fit shared prompt {tf.shared!r} of shape [L={length}, d={dim}]: expected "
+                f"u [L, r] = [{length}, {r}] and v [r, d] = [{r}, {dim}] (at rank one, u and v "
+                f"may also be flat lists of {length} and {dim} numbers)"
             )
+        check_composed(tf, prompt, self.prompt_norm_bound, self.dtype)
+        return blob
 
     async def create_task(self, tf: TaskFactors, meta: dict[str, Any]) -> Record:
         """Register a new task (ConflictError if the name exists)."""
-        await self._check_task(tf)
-        _check_meta(meta)
-        blob = encode_task(tf, max_rank=self.max_rank)
-        record = await self._backend(
-            self.backend.put_task(tf.name, blob, tf.shared, meta, create=True)
-        )
-        self._cache.invalidate("task", tf.name)
-        return record
+        return await self._put_task(tf, await self._gate_task(tf), meta, create=True)
 
     async def replace_task(self, tf: TaskFactors, meta: dict[str, Any]) -> Record:
         """Replace a task's factors (NotFoundError if absent); its version goes up by one."""
-        await self._check_task(tf)
+        return await self._put_task(tf, await self._gate_task(tf), meta, create=False)
+
+    async def _put_task(
+        self, tf: TaskFactors, blob: bytes, meta: dict[str, Any], *, create: bool
+    ) -> Record:
         _check_meta(meta)
-        blob = encode_task(tf, max_rank=self.max_rank)
         record = await self._backend(
-            self.backend.put_task(tf.name, blob, tf.shared, meta, create=False)
+            self.backend.put_task(tf.name, blob, tf.shared, meta, create=create)
         )
         self._cache.invalidate("task", tf.name)
         return record
@@ -250,9 +278,13 @@ class FactorStore:
         self._cache.invalidate("task", name)
 
     async def get_task(self, name: str) -> tuple[Record, TaskFactors]:
-        check_name(name, "task name")
-        record = await self._backend(self.backend.get_task(name))
+        record = await self.get_task_record(name)
         return record, decode_task(record.blob, max_rank=self.max_rank)
+
+    async def get_task_record(self, name: str) -> Record:
+        """The stored record alone (its blob not decoded)."""
+        check_name(name, "task name")
+        return await self._backend(self.backend.get_task(name))
 
     async def list_tasks(self, offset: int = 0, limit: int = 100) -> Page:
         if not 0 <= offset <= MAX_OFFSET or not 1 <= limit <= MAX_PAGE:
@@ -306,31 +338,54 @@ class FactorStore:
     async def seed_from_dir(self, path: str | Path, *, overwrite: bool = False) -> tuple[int, int]:
         """Register the trainer's artifacts under ``path``; returns (shared, tasks) written.
 
-        Records that already exist are left alone unless ``overwrite``.
+        Every artifact passes the write gate before anything is written, so a directory with
+        one refused file seeds nothing. Records that already exist are left alone unless
+        ``overwrite``.
         """
-        found = await asyncio.to_thread(
-            load_artifact_dir, Path(path), backbone=self.backbone_fingerprint
-        )
+        root = Path(path)
+        found = await asyncio.to_thread(load_artifact_dir, root, validate=False)
+        shared: list[tuple[SharedPrompt, bytes]] = []
+        tasks: list[tuple[TaskFactors, bytes]] = []
+        try:
+            for sp in found.shared.values():
+                where = shared_path(root, sp.id)
+                shared.append((sp, self._gate_shared(sp)))
+            for tf in found.tasks.values():
+                where = task_path(root, tf.name)
+                prompt = await self._seed_prompt(tf.shared, found.shared[tf.shared], overwrite)
+                tasks.append((tf, await self._gate_task(tf, prompt)))
+        except ArtifactError as e:
+            raise type(e)(f"{where}: {e}") from e
         n_shared = n_tasks = 0
-        for sp in found.shared.values():
+        for sp, blob in shared:
             try:
-                await self.register_shared(sp, dict(sp.meta), replace=overwrite)
+                await self._put_shared(sp, blob, dict(sp.meta), replace=overwrite)
                 n_shared += 1
             except ConflictError:
                 if overwrite:
                     raise
-        for tf in found.tasks.values():
+        for tf, blob in tasks:
             try:
                 if overwrite:
                     try:
-                        await self.replace_task(tf, dict(tf.meta))
+                        await self._put_task(tf, blob, dict(tf.meta), create=False)
                     except NotFoundError:
-                        await self.create_task(tf, dict(tf.meta))
+                        await self._put_task(tf, blob, dict(tf.meta), create=True)
                 else:
-                    await self.create_task(tf, dict(tf.meta))
+                    await self._put_task(tf, blob, dict(tf.meta), create=True)
                 n_tasks += 1
             except ConflictError:
                 if overwrite:
                     raise
         log.info("seeded %d shared prompts and %d tasks from %s", n_shared, n_tasks, path)
         return n_shared, n_tasks
+
+    async def _seed_prompt(self, shared_id: str, seeded: SharedPrompt, overwrite: bool) -> Tensor:
+        """The shared prompt a seeded task will compose with: the directory's, unless a
+        registered one is kept (no ``overwrite``)."""
+        if not overwrite:
+            try:
+                return (await self._shared_entry(shared_id)).prompt
+            except NotFoundError:
+                pass
+        return seeded.prompt

@@ -64,7 +64,8 @@ def write_overflowing_task(client: Any, backbone: Backbone, name: str = "poison"
         torch.full((1, backbone.dim), 1e20),
         backbone.fingerprint,
     )
-    client.portal.call(client.app.state.store.create_task, tf, {})
+    backend = client.app.state.store.backend  # not the store: its write gate would refuse it
+    client.portal.call(lambda: backend.put_task(name, encode_task(tf), "family", {}, create=True))
 
 
 def shared_body(sp: SharedPrompt, **extra: Any) -> dict[str, Any]:
