@@ -41,7 +41,11 @@ class LocalArtifact:
 
 
 def read_header(blob: bytes) -> dict[str, Any]:
-    """The JSON header of a safetensors blob (tensor entries + ``__metadata__``)."""
+    """The JSON header of a safetensors blob (tensor entries + ``__metadata__``).
+
+    A copy of ``prompts.artifacts.read_header`` on purpose: the client installs and imports
+    without torch or safetensors (``prompts`` needs both), and reads only this header.
+    """
     if len(blob) < 8:
         raise ArtifactReadError(f"not a safetensors blob: {len(blob)} bytes")
     size = int.from_bytes(blob[:8], "little")
