@@ -162,12 +162,12 @@ def bench_mixed(backbone: Backbone, args: argparse.Namespace) -> dict[str, Any]:
         ratios.append(pair["mixed"] / pair["single"])
     mixed_rate, single_rate = statistics.median(rates["mixed"]), statistics.median(rates["single"])
     # Composition alone for a batch of 32 distinct tasks vs one decode step of that batch.
-    from service.engine.decode import compose_rows
+    from service.core.tasks import compose_tasks
 
     times = []
     for _ in range(50):
         start = time.perf_counter()
-        compose_rows(tasks)
+        compose_tasks(tasks)
         times.append(time.perf_counter() - start)
     _, _, loop = run_batch(backbone, mixed)
     step_s = loop.stats.decode_s / max(loop.stats.decode_steps, 1)

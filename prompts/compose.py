@@ -7,6 +7,8 @@ A task's prompt is the shared prompt scaled element-wise by a rank-r product of 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -57,6 +59,42 @@ def compose_prompts(shared: Tensor, shared_index: Tensor, u: Tensor, v: Tensor) 
         # Rank one is an outer product: two broadcasts, no matmul kernel.
         return base * (u * v)  # [B, L, 1] * [B, 1, d] → [B, L, d]
     return base * torch.bmm(u, v)
+
+
+def compose_rows(
+    shared: Sequence[Tensor],
+    shared_index: Sequence[int],
+    u: Sequence[Tensor],
+    v: Sequence[Tensor],
+) -> list[Tensor]:
+    """Each row's task prompt [L_b, d], with one ``compose_prompts`` op per (L, r) group.
+
+    shared:       S tensors [L_s, d]  the shared prompts (each may be used by several rows)
+    shared_index: B ints              row b composes over ``shared[shared_index[b]]``
+    u, v:         B tensors           row b's factors [L_b, r_b] and [r_b, d]
+
+    Rows of one prompt length and rank (one group in the common case) are composed together
+    over the stack of the shared prompts they use. The trainer's prompt bank and the server's
+    engines compose batches through this function.
+    """
+    out: list[Tensor | None] = [None] * len(u)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for b, (ub, sb) in enumerate(zip(u, shared_index, strict=True)):
+        groups.setdefault((int(shared[sb].shape[0]), int(ub.shape[1])), []).append(b)
+    for members in groups.values():
+        used: dict[int, int] = {}  # shared index -> its place in this group's stack
+        for b in members:
+            used.setdefault(shared_index[b], len(used))
+        device = shared[shared_index[members[0]]].device
+        prompts = compose_prompts(
+            torch.stack([shared[s] for s in used]),  # [S', L, d]
+            torch.tensor([used[shared_index[b]] for b in members], device=device),  # [B']
+            torch.stack([u[b] for b in members]),  # [B', L, r]
+            torch.stack([v[b] for b in members]),  # [B', r, d]
+        )  # [B', L, d]
+        for j, b in enumerate(members):
+            out[b] = prompts[j]
+    return [p for p in out if p is not None]
 
 
 def identity_factors(

@@ -22,7 +22,12 @@ class PromptedInputs(NamedTuple):
 
 
 def prepend_prompts(
-    inputs_embeds: Tensor, attention_mask: Tensor, prompts: Tensor, *, causal: bool
+    inputs_embeds: Tensor,
+    attention_mask: Tensor,
+    prompts: Tensor,
+    *,
+    causal: bool,
+    prompt_mask: Tensor | None = None,
 ) -> PromptedInputs:
     """Put ``prompts`` [B, L, d] in front of ``inputs_embeds`` [B, T, d].
 
@@ -30,6 +35,9 @@ def prepend_prompts(
     prompt rows are always attended. For seq2seq the result is right-padded (prompt, tokens,
     then pads). For decoder-only it is left-padded (pads, then prompt, then tokens), with
     position ids counting real rows only (pads get position 0, they are masked anyway).
+
+    ``prompt_mask`` [B, L] (1 = a real prompt row, default all): rows whose tasks have prompts
+    of different lengths (L = 0 included) pad theirs to L; those pads move with the others.
     """
     if prompts.dim() != 3 or inputs_embeds.dim() != 3:
         raise ValueError(
@@ -41,9 +49,16 @@ def prepend_prompts(
             f"prompts {tuple(prompts.shape)} do not fit inputs_embeds {tuple(inputs_embeds.shape)}"
         )
     batch, length, _ = prompts.shape
-    prompt_mask = torch.ones(
-        batch, length, dtype=attention_mask.dtype, device=attention_mask.device
-    )
+    if prompt_mask is None:
+        prompt_mask = torch.ones(
+            batch, length, dtype=attention_mask.dtype, device=attention_mask.device
+        )
+    elif tuple(prompt_mask.shape) != (batch, length):
+        raise ValueError(
+            f"prompt_mask {tuple(prompt_mask.shape)} does not fit prompts {tuple(prompts.shape)}"
+        )
+    else:
+        prompt_mask = prompt_mask.to(attention_mask.dtype)
     embeds = torch.cat([prompts.to(inputs_embeds.dtype), inputs_embeds], dim=1)  # [B, L+T, d]
     mask = torch.cat([prompt_mask, attention_mask], dim=1)  # [B, L+T]
     # A stable sort on the mask moves every pad to one side while keeping the

@@ -7,7 +7,7 @@ Every stage is this one module with different parts frozen:
 - adapt factors-only: the served shared prompt frozen, the new tasks' U, V trained.
 - adapt paper / multi-target: a copy of the shared prompt and the new U, V trained.
 
-Task prompts are composed with ``prompts.compose_prompts``, the same op the server runs.
+Task prompts are composed with ``prompts.compose.compose_rows``, as the server composes them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import hashlib
 import torch
 from torch import Tensor, nn
 
-from prompts import SharedPrompt, TaskFactors, compose_prompts
+from prompts import SharedPrompt, TaskFactors
+from prompts.compose import compose_rows
 
 
 class PromptBank(nn.Module):
@@ -51,11 +52,13 @@ class PromptBank(nn.Module):
     def forward(self, task_index: Tensor) -> Tensor:
         """Prompts [B, L, d] for the rows' tasks ``task_index`` [B]."""
         rows = task_index.tolist()
-        shared = torch.stack(list(self.shared))  # [S, L, d]
-        shared_index = torch.tensor([self.task_shared[t] for t in rows], device=shared.device)
-        u = torch.stack([self.u[t] for t in rows])  # [B, L, r]
-        v = torch.stack([self.v[t] for t in rows])  # [B, r, d]
-        return compose_prompts(shared, shared_index, u, v)
+        prompts = compose_rows(
+            list(self.shared),
+            [self.task_shared[t] for t in rows],
+            [self.u[t] for t in rows],
+            [self.v[t] for t in rows],
+        )  # each [L, d]
+        return torch.stack(prompts)
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from prompts.compose import compose_rows
 
 
 @dataclass(frozen=True)
@@ -32,3 +35,18 @@ class ResolvedTask:
         return cls(
             name, 0, "", empty, empty[:, :1], torch.zeros(1, dim, device=device, dtype=dtype)
         )
+
+
+def compose_tasks(tasks: Sequence[ResolvedTask]) -> list[Tensor]:
+    """Each task's prompt [L_t, d] (``prompts.compose.compose_rows``): the one adapter from
+    resolved tasks to the composition, for both engines."""
+    slots: dict[int, int] = {}  # the shared prompt tensor's id -> its index
+    shared: list[Tensor] = []
+    index: list[int] = []
+    for task in tasks:
+        # By the tensor, not the id: two versions of one shared prompt may meet in a batch.
+        slot = slots.setdefault(id(task.prompt), len(shared))
+        if slot == len(shared):
+            shared.append(task.prompt)
+        index.append(slot)
+    return compose_rows(shared, index, [t.u for t in tasks], [t.v for t in tasks])

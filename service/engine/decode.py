@@ -24,7 +24,7 @@ from service.engine.base import FinishReason, GenerationResult, StreamDelta
 from service.engine.detok import IncrementalDetokenizer
 from service.engine.forward import Forward
 from service.engine.forwards import choose_forward
-from service.engine.prefill import Prefiller, compose_rows
+from service.engine.prefill import Prefiller
 from service.engine.prefix_cache import PrefixCache
 from service.engine.rows import LoopStats, Row
 from service.engine.running import RunningBatch
@@ -35,7 +35,7 @@ from service.engine.sampling import (
     make_generator,
 )
 
-__all__ = ["DecodeLoop", "LoopStats", "Row", "compose_rows"]
+__all__ = ["DecodeLoop", "LoopStats", "Row"]
 
 log = logging.getLogger("rankone.engine")
 

@@ -26,9 +26,8 @@ import torch
 from torch import Tensor
 
 from prompts.backbone import Backbone
-from prompts.compose import compose_prompts
-from prompts.inputs import position_ids_from_mask
-from service.engine.base import ResolvedTask
+from prompts.inputs import PromptedInputs, prepend_prompts
+from service.core.tasks import ResolvedTask, compose_tasks
 from service.engine.forward import EncoderSide, Forward
 from service.engine.kv_layout import (
     KV,
@@ -50,38 +49,6 @@ class Prefill:
     mask: Tensor  # [b, T] 1 = real position
     positions: Tensor | None = None  # [b] next position id (decoder-only)
     encoder: EncoderSide | None = None  # seq2seq: encoder states, mask, cross-attention KV
-
-
-def compose_rows(tasks: Sequence[ResolvedTask]) -> list[Tensor]:
-    """Each task's composed prompt [L_t, d], computed in one ``compose_prompts`` op per shape.
-
-    Rows are grouped by (L, r) (one group in the common case); within a group the distinct
-    shared prompts are stacked [S, L, d] and indexed per row.
-    """
-    out: list[Tensor | None] = [None] * len(tasks)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, task in enumerate(tasks):
-        groups.setdefault((int(task.prompt.shape[0]), int(task.u.shape[1])), []).append(i)
-    for members in groups.values():
-        shared_ids: dict[str, int] = {}
-        shared: list[Tensor] = []
-        index: list[int] = []
-        for i in members:
-            task = tasks[i]
-            if task.shared_id not in shared_ids:
-                shared_ids[task.shared_id] = len(shared)
-                shared.append(task.prompt)
-            index.append(shared_ids[task.shared_id])
-        device = shared[0].device
-        prompts = compose_prompts(
-            torch.stack(shared),  # [S, L, d]
-            torch.tensor(index, dtype=torch.long, device=device),  # [B]
-            torch.stack([tasks[i].u for i in members]),  # [B, L, r]
-            torch.stack([tasks[i].v for i in members]),  # [B, r, d]
-        )  # [B, L, d]
-        for j, i in enumerate(members):
-            out[i] = prompts[j]
-    return [p for p in out if p is not None]
 
 
 class Prefiller:
@@ -112,21 +79,31 @@ class Prefiller:
 
     def _compose(self, tasks: Sequence[ResolvedTask]) -> list[Tensor]:
         start = time.perf_counter()
-        prompts = [p.to(self.dtype) for p in compose_rows(tasks)]
+        prompts = [p.to(self.dtype) for p in compose_tasks(tasks)]
         self.stats.compose_s += time.perf_counter() - start
         return prompts
 
-    def _embed_rows(self, rows: Sequence[Row], prompts: Sequence[Tensor]) -> list[Tensor]:
-        """Per row ``[P; x]`` embeddings [L + T, d]."""
-        out = []
-        for row, prompt in zip(rows, prompts, strict=True):
-            ids = torch.tensor(row.request.input_ids, dtype=torch.long, device=self.device)
-            out.append(torch.cat([prompt, self.forward.embed(ids[None])[0].to(self.dtype)]))
-        return out
+    def _prompted(self, rows: Sequence[Row], *, causal: bool) -> PromptedInputs:
+        """The rows' model input ``[P; x]`` laid out by ``prompts.inputs.prepend_prompts`` (the
+        one rule, for training and serving): right-padded for seq2seq, left-padded with
+        positions for decoder-only, [B, N, d] with N the longest row's L + T."""
+        prompts = self._compose([r.request.task for r in rows])  # each [L_b, d]
+        inputs = [
+            self.forward.embed(
+                torch.tensor([r.request.input_ids], dtype=torch.long, device=self.device)
+            )[0]
+            for r in rows
+        ]  # each [T_b, d]
+        x, x_mask = pad_sequences([t.to(self.dtype) for t in inputs], side="right")  # [B, T, d]
+        p, p_mask = pad_sequences(prompts, side="right")  # [B, L, d]
+        out = prepend_prompts(x, x_mask, p, causal=causal, prompt_mask=p_mask)
+        used = out.attention_mask.bool().any(0).nonzero()  # columns some row needs: a block
+        cols = slice(int(used[0]), int(used[-1]) + 1)
+        positions = None if out.position_ids is None else out.position_ids[:, cols]
+        return PromptedInputs(out.inputs_embeds[:, cols], out.attention_mask[:, cols], positions)
 
     def _seq2seq(self, rows: Sequence[Row]) -> Prefill:
-        prompts = self._compose([r.request.task for r in rows])
-        embeds, enc_mask = pad_sequences(self._embed_rows(rows, prompts), side="right")  # [B, S, d]
+        embeds, enc_mask, _ = self._prompted(rows, causal=False)  # [B, S, d], [B, S]
         out = self.forward.prefill_seq2seq(embeds, enc_mask)
         return Prefill(
             logits=out.logits,
@@ -137,9 +114,9 @@ class Prefiller:
 
     def _causal(self, rows: Sequence[Row]) -> Prefill:
         """No prefix cache: one forward over left-padded ``[pads; P; x]`` (the reference layout)."""
-        prompts = self._compose([r.request.task for r in rows])
-        embeds, mask = pad_sequences(self._embed_rows(rows, prompts), side="left")  # [B, N, d]
-        logits, layers = self.forward.prefill(embeds, position_ids_from_mask(mask), mask)
+        embeds, mask, positions = self._prompted(rows, causal=True)  # [B, N, d], [B, N] x2
+        assert positions is not None
+        logits, layers = self.forward.prefill(embeds, positions, mask)
         return Prefill(logits, layers, mask, decode_positions(mask))
 
     def _compute_prefixes(

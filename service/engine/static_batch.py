@@ -10,8 +10,8 @@ from torch import Tensor
 from transformers import DynamicCache, EncoderDecoderCache, LogitsProcessorList
 
 from prompts.backbone import Backbone
-from prompts.compose import compose_prompts
 from prompts.inputs import prepend_prompts
+from service.core.tasks import compose_tasks
 from service.engine.base import FinishReason, GenerationRequest, GenerationResult, SamplingParams
 from service.engine.sampling import NonFiniteLogitsError, unusable
 
@@ -45,30 +45,9 @@ def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tenso
 def batch_prompts(
     requests: Sequence[GenerationRequest], *, device: torch.device, dtype: torch.dtype
 ) -> Tensor:
-    """Every row's task prompt [B, L, d] in one ``compose_prompts`` call.
-
-    The distinct shared prompts are stacked to [S, L, d]; ranks are padded with zero factors
-    to the batch's largest r, which leaves every ``U @ V`` unchanged.
-    """
-    slots: dict[int, int] = {}
-    shared: list[Tensor] = []
-    index: list[int] = []
-    for r in requests:
-        key = id(r.task.prompt)
-        if key not in slots:
-            slots[key] = len(shared)
-            shared.append(r.task.prompt)
-        index.append(slots[key])
-    rank = max(int(r.task.u.shape[1]) for r in requests)
-    length, dim = shared[0].shape
-    u = torch.zeros(len(requests), length, rank, dtype=dtype, device=device)  # [B, L, r]
-    v = torch.zeros(len(requests), rank, dim, dtype=dtype, device=device)  # [B, r, d]
-    for b, r in enumerate(requests):
-        k = int(r.task.u.shape[1])
-        u[b, :, :k] = r.task.u
-        v[b, :k, :] = r.task.v
-    stacked = torch.stack([s.to(device=device, dtype=dtype) for s in shared])  # [S, L, d]
-    return compose_prompts(stacked, torch.tensor(index, device=device), u, v)
+    """Every row's task prompt [B, L, d] (one ``group_key`` group shares L)."""
+    prompts = compose_tasks([r.task for r in requests])  # each [L, d]
+    return torch.stack(prompts).to(device=device, dtype=dtype)
 
 
 def trim(

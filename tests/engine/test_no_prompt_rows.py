@@ -4,6 +4,8 @@ for its input alone, with no soft prompt."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -18,15 +20,16 @@ from tests.engine.conftest import TEXTS, make_tasks, reference_generate, request
 def generate_without_prompt(backbone: Backbone, ids: list[int], max_new_tokens: int) -> list[int]:
     """HF ``generate`` over the input ids alone, cut at EOS."""
     x = torch.tensor([ids])
+    model: Any = backbone.model
     with torch.inference_mode():
-        out = backbone.model.generate(  # type: ignore[operator]
+        out = model.generate(
             input_ids=x,
             attention_mask=torch.ones_like(x),
             max_new_tokens=max_new_tokens,
             do_sample=False,
         )[0].tolist()
     out = out[1:] if backbone.is_seq2seq else out[len(ids) :]
-    eos = backbone.model.config.eos_token_id
+    eos = model.config.eos_token_id
     return out[: out.index(eos)] if eos in out else out
 
 

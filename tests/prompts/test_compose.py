@@ -8,6 +8,7 @@ from peft import MultitaskPromptTuningConfig, TaskType
 from peft.tuners.multitask_prompt_tuning.model import MultitaskPromptEmbedding
 
 from prompts import compose_prompt, compose_prompts, identity_factors
+from prompts.compose import compose_rows
 
 L, D = 5, 8
 
@@ -132,3 +133,17 @@ def test_identity_factors_leave_the_prompt_unchanged(rank: int) -> None:
 def test_identity_factors_refuse_rank_zero() -> None:
     with pytest.raises(ValueError, match="rank must be >= 1"):
         identity_factors(L, D, 0)
+
+
+def test_compose_rows_groups_lengths_ranks_and_shared_prompts() -> None:
+    """Rows over three shared prompts (one of L = 0) with ranks 1 and 2, in any order, each
+    equal to its own ``compose_prompt``."""
+    g = torch.Generator().manual_seed(0)
+    shared = [torch.randn(4, D, generator=g), torch.randn(4, D, generator=g), torch.zeros(0, D)]
+    rows = [(0, 1), (1, 2), (2, 1), (0, 2), (1, 1)]  # (shared index, rank)
+    u = [torch.randn(shared[s].shape[0], r, generator=g) for s, r in rows]
+    v = [torch.randn(r, D, generator=g) for _, r in rows]
+    got = compose_rows(shared, [s for s, _ in rows], u, v)
+    assert [tuple(p.shape) for p in got] == [(4, D), (4, D), (0, D), (4, D), (4, D)]
+    for (s, _), p, ub, vb in zip(rows, got, u, v, strict=True):
+        assert torch.equal(p, compose_prompt(shared[s], ub, vb))

@@ -92,3 +92,23 @@ def test_shape_mismatch_raises(embeds, prompts) -> None:
         prepend_prompts(
             torch.zeros(embeds), torch.ones(embeds[:2]), torch.zeros(prompts), causal=True
         )
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_prompts_of_different_lengths_and_none(causal: bool) -> None:
+    """Row 0's prompt has two rows, row 1's none (the base model): its pads move out too."""
+    prompts = torch.cat([_rows([-1, -2]), _rows([0, 0])])  # [2, L, d], row 1 all padding
+    prompt_mask = torch.tensor([[1, 1], [0, 0]])
+    embeds = torch.cat([_rows([1, 2]), _rows([4, 0])])  # row 1: one token, one pad
+    mask = torch.tensor([[1, 1], [1, 0]])
+    out = prepend_prompts(embeds, mask, prompts, causal=causal, prompt_mask=prompt_mask)
+    if causal:
+        assert out.inputs_embeds[:, :, 0].tolist() == [[-1, -2, 1, 2], [0, 0, 0, 4]]
+        assert out.attention_mask.tolist() == [[1, 1, 1, 1], [0, 0, 0, 1]]
+        assert out.position_ids is not None
+        assert out.position_ids.tolist() == [[0, 1, 2, 3], [0, 0, 0, 0]]
+    else:
+        assert out.inputs_embeds[:, :, 0].tolist() == [[-1, -2, 1, 2], [4, 0, 0, 0]]
+        assert out.attention_mask.tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]]
+    with pytest.raises(ValueError, match="prompt_mask"):
+        prepend_prompts(embeds, mask, prompts, causal=causal, prompt_mask=prompt_mask[:, :1])
