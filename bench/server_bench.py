@@ -132,8 +132,7 @@ def bare(
     per request)."""
     tok = backbone.tokenizer
     causal = not backbone.is_seq2seq
-    eos = backbone.model.generation_config.eos_token_id
-    eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
+    eos_ids = set(backbone.eos_ids)  # the rule the engine stops by, given to generate too
     start = time.perf_counter()
     generated: list[int] = []
     with torch.inference_mode():
@@ -160,6 +159,7 @@ def bare(
                 attention_mask=prompted.attention_mask,
                 max_new_tokens=new_tokens,
                 do_sample=False,
+                eos_token_id=sorted(eos_ids) or None,
             )
             if causal:  # useful tokens: up to each row's EOS
                 generated += [useful_tokens(row, eos_ids) for row in out.tolist()]
