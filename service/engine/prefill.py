@@ -1,7 +1,7 @@
 """Prefill of newly admitted rows, as one group, apart from the running batch.
 
-The group's forward runs on its own (a fresh ``DynamicCache`` over the new rows only), so its
-cost depends on the new rows alone; ``RunningBatch.admit`` then writes the result into free
+The group's forward runs on its own, over the new rows only, so its cost depends on the new
+rows alone; ``RunningBatch.admit`` then writes the result into free
 cache slots. Three paths:
 
 - seq2seq: the encoder over right-padded ``[P; x]``, then the first decoder step;
