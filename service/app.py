@@ -13,10 +13,11 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from prompts.backbone import load_backbone, resolve_dtype
 from service.api import admin, chat, docs, errors, files, fine_tuning, generate, openai, ops
+from service.api.edge import check_client_text
 from service.api.middleware import ServiceMiddleware
 from service.engine.factory import build_engine
 from service.engine.threads import release as release_threads
@@ -158,6 +159,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url=None,
         docs_url=None,
         redoc_url=None,
+        dependencies=[Depends(check_client_text)],  # the client-text rule, before any body
     )
     app.state.settings = settings
     app.state.metrics = Metrics()

@@ -122,6 +122,14 @@ class GenerationHandler:
         base = request_id_var.get()
         loop = asyncio.get_running_loop()
         token_ids = await loop.run_in_executor(self._tokenizer_thread, encode)
+        queue = self.settings.queue_size
+        if len(token_ids) > queue:  # a 429 would never clear: each row takes a queue place
+            raise ApiError(
+                422,
+                "too_many_inputs",
+                f"this request has {len(token_ids)} inputs (or choices), but the server's queue "
+                f"holds {queue} at most (RANKONE_QUEUE_SIZE): send at most {queue} per request",
+            )
         explicit = params.max_new_tokens is not None
         requests = [
             GenerationRequest(

@@ -17,14 +17,14 @@ assert set(ROLES) == set(Role.__args__)  # type: ignore[attr-defined]
 class TextPart(BaseModel):
     """One part of a multi-part content list; only text parts are accepted."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     type: Literal["text"] = Field(default=..., description="only text parts are supported")
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Role
     content: str | list[TextPart] = Field(
@@ -40,13 +40,15 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     include_usage: bool = False
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Unknown OpenAI fields are ignored (clients send many); known ones are strictly typed:
+    # "5" is not 5, 0 is not false, "true" is not true (as on every other route).
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str = Field(default=..., description="the task name")
     messages: list[ChatMessage] = Field(
