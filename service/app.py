@@ -19,6 +19,7 @@ from prompts.backbone import load_backbone, resolve_dtype
 from service.api import admin, chat, docs, errors, files, fine_tuning, generate, openai, ops
 from service.api.edge import check_client_text
 from service.api.middleware import ServiceMiddleware
+from service.auth import describe_scopes
 from service.engine.factory import build_engine
 from service.engine.threads import release as release_threads
 from service.engine.threads import reserve_for_model
@@ -99,6 +100,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             "NO ADMIN KEY CONFIGURED: anyone who can reach this server can register, "
             "replace and delete tasks; set RANKONE_ADMIN_KEYS"
         )
+    for variable, entries in (
+        ("RANKONE_CLIENT_KEYS", settings.client_keys),
+        ("RANKONE_ADMIN_KEYS", settings.admin_keys),
+    ):
+        for line in describe_scopes(entries):  # a scope is never taken silently
+            log.info("%s %s", variable, line)
     state.ready, state.draining = False, False
     reserve_for_model()  # the event loop runs torch single-threaded; the model thread gets them
     # `rankone serve` loads it before uvicorn starts, to report a bad RANKONE_MODEL cleanly

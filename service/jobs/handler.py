@@ -52,6 +52,16 @@ def _state_error(e: JobStateError) -> ApiError:
     return ApiError(409, code, str(e))
 
 
+def _not_in_scope(job_id: str, caller: Caller) -> ApiError:
+    scope = "|".join(caller.patterns or ())
+    return ApiError(
+        403,
+        "forbidden",
+        f"this API key is scoped to task names matching {scope!r}; it has no fine-tuning job "
+        f"{job_id!r}",
+    )
+
+
 def resolve_steps(hp: Hyperparameters, examples: int, max_steps: int) -> tuple[int, int, int]:
     """(steps, batch size, epochs) of a job over ``examples`` training examples."""
     batch = hp.batch_size if isinstance(hp.batch_size, int) else min(AUTO_BATCH, examples)
@@ -130,10 +140,14 @@ class FineTuningHandler:
         return more or any(j["status"] in ("queued", "running") for j in jobs)
 
     async def _reap_forever(self) -> None:
+        """Expire leases; in embedded mode, also (re)start the worker whenever a job is queued
+        or running and the worker child is gone (killed, crashed)."""
         while True:
             await asyncio.sleep(REAP_EVERY_S)
             try:
                 await self.reap()
+                if self.on_queued is not None and await self._has_queued():
+                    await self.on_queued()
             except Exception:
                 log.exception("expiring job leases failed; retrying")
 
@@ -221,11 +235,12 @@ class FineTuningHandler:
             )
         return meta
 
-    async def _check_task_name(self, name: str, replace: bool) -> None:
+    async def _check_task_name(self, name: str, replace: bool, caller: Caller) -> None:
         try:
             check_name(name, "suffix (the new task's name)")
         except ArtifactError as e:
             raise ApiError(422, "invalid_request", str(e)) from None
+        caller.check(name)  # before any lookup: the answer outside the scope is always 403
         if not replace:
             with contextlib.suppress(NotFoundError):
                 await self.registry.get_task(name)
@@ -237,6 +252,9 @@ class FineTuningHandler:
                 )
 
     async def create_job(self, body: JobCreate, caller: Caller) -> Job:
+        job_id = lifecycle.new_id("ftjob")
+        task = body.suffix or f"{body.model}-{job_id[-8:]}"[-64:]
+        await self._check_task_name(task, body.rankone.replace, caller)
         try:
             await self.registry.get_shared(body.model)
         except (NotFoundError, ArtifactError):
@@ -248,10 +266,6 @@ class FineTuningHandler:
         train = await self._fine_tune_file(body.training_file, "training_file", caller.patterns)
         if body.validation_file is not None:
             await self._fine_tune_file(body.validation_file, "validation_file", caller.patterns)
-        job_id = lifecycle.new_id("ftjob")
-        task = body.suffix or f"{body.model}-{job_id[-8:]}"[-64:]
-        await self._check_task_name(task, body.rankone.replace)
-        caller.check(task)
         hp = body.chosen_hyperparameters()
         examples = train["rankone"]["examples"]
         if body.rankone.shots is not None:
@@ -307,8 +321,16 @@ class FineTuningHandler:
         return lifecycle.public(job)
 
     async def _own_job(self, job_id: str, caller: Caller) -> Job:
-        job = await self.jobs.get_job(job_id)
-        caller.check(job["rankone"]["task"])
+        """The job, if this key's scope covers its task. For a scoped key an unknown id and a
+        job of another scope get the same 403, which names nothing but the id it was given."""
+        try:
+            job = await self.jobs.get_job(job_id)
+        except NotFoundError:
+            if caller.scoped:
+                raise _not_in_scope(job_id, caller) from None
+            raise
+        if not caller.allows(job["rankone"]["task"]):
+            raise _not_in_scope(job_id, caller)
         return job
 
     async def get_job(self, job_id: str, caller: Caller) -> Job:
@@ -431,9 +453,13 @@ class FineTuningHandler:
         return (await self.registry.replace_task(task, TaskReplace(**fields))).version
 
     async def complete(self, job_id: str, body: ResultPost) -> Job:
-        job = await self.jobs.get_job(job_id)
+        """Register the result exactly once: ``begin_result`` (one atomic transition under the
+        lease) orders it against a cancel; only then is the task written."""
+        token = body.lease_token
         try:
-            lifecycle.check_lease(job, body.lease_token)
+            job = await self.jobs.update_job(
+                job_id, lambda j, now: lifecycle.begin_result(j, token, now)
+            )
         except JobStateError as e:
             raise _state_error(e) from None
         try:
