@@ -19,6 +19,7 @@ from prompts.backbone import load_backbone, resolve_dtype
 from service.api import admin, chat, docs, errors, files, fine_tuning, generate, openai, ops
 from service.api.edge import check_client_text
 from service.api.middleware import ServiceMiddleware
+from service.api.responses import add_stream_models
 from service.auth import describe_scopes
 from service.engine.factory import build_engine
 from service.engine.threads import release as release_threads
@@ -174,6 +175,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ServiceMiddleware)
     for module in (ops, admin, generate, openai, chat, files, fine_tuning, docs):
         app.include_router(module.router)
+    document = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document, plus the models that stream events name."""
+        if app.openapi_schema is None:
+            app.openapi_schema = add_stream_models(document())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

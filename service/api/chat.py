@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from sse_starlette import EventSourceResponse
 
 from service.api.errors import to_response
-from service.api.responses import GENERATION, errors
+from service.api.responses import GENERATION, openai_events, stream_content, streaming
 from service.deps import ClientCaller, GenerationDep, until_disconnected
 from service.engine.base import GenerationResult, StreamDelta
 from service.handlers.chat import (
@@ -47,13 +47,9 @@ ChatDep = Annotated[ChatHandler, Depends(get_chat)]
 @router.post(
     "/chat/completions",
     response_model=ChatCompletionResponse,
-    responses={
-        200: {
-            "description": "the completion; with stream=true, chat.completion.chunk events",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
-        },
-        **errors(*GENERATION),
-    },
+    responses=streaming(
+        stream_content(openai_events(ChatCompletionChunk), ChatCompletionChunk), *GENERATION
+    ),
 )
 async def chat_completions(
     body: ChatCompletionRequest, handler: ChatDep, caller: ClientCaller, request: Request

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -11,17 +10,25 @@ from sse_starlette import EventSourceResponse
 
 from prompts.artifacts import NAME_PATTERN
 from service.api.errors import to_response
-from service.api.responses import GENERATION, streaming
+from service.api.responses import GENERATION, named_events, stream_content, streaming
 from service.deps import ClientCaller, GenerationDep, until_disconnected
 from service.engine.base import StreamDelta
 from service.handlers.generation import GenerationHandler, close_stream, outputs
-from service.protocol.generate import GenerateRequest, GenerateResponse, Output
+from service.protocol.errors import ErrorResponse
+from service.protocol.generate import GenerateRequest, GenerateResponse, Output, TokenEvent
 
 router = APIRouter(prefix="/v1", tags=["generation"])
 
 
+EVENTS = stream_content(
+    named_events({"token": TokenEvent, "done": Output, "error": ErrorResponse}), TokenEvent, Output
+)
+
+
 @router.post(
-    "/tasks/{task}/generate", response_model=GenerateResponse, responses=streaming(*GENERATION)
+    "/tasks/{task}/generate",
+    response_model=GenerateResponse,
+    responses=streaming(EVENTS, *GENERATION),
 )
 async def generate(
     task: Annotated[str, Path(description=f"task name: {NAME_PATTERN.pattern}")],
@@ -55,10 +62,8 @@ async def _events(
     try:
         while delta is not None:
             if delta.text or delta.token_ids:
-                yield {
-                    "event": "token",
-                    "data": json.dumps({"text": delta.text, "token_ids": delta.token_ids}),
-                }
+                token = TokenEvent(text=delta.text, token_ids=delta.token_ids)
+                yield {"event": "token", "data": token.model_dump_json()}
             if delta.result is not None:
                 r = delta.result
                 out = Output(

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Literal
@@ -14,12 +13,20 @@ from fastapi import APIRouter, Request
 from sse_starlette import EventSourceResponse
 
 from service.api.errors import to_response
-from service.api.responses import GENERATION, KEYED, errors, streaming
+from service.api.responses import (
+    GENERATION,
+    KEYED,
+    errors,
+    openai_events,
+    stream_content,
+    streaming,
+)
 from service.deps import ClientCaller, GenerationDep, RegistryDep, until_disconnected
 from service.engine.base import StreamDelta
 from service.handlers.generation import close_stream, completion_id, outputs
 from service.protocol.openai import (
     CompletionChoice,
+    CompletionChunk,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
@@ -36,7 +43,13 @@ def _reason(engine_reason: str | None) -> Literal["stop", "length"] | None:
     return "length" if engine_reason == "length" else "stop"
 
 
-@router.post("/completions", response_model=CompletionResponse, responses=streaming(*GENERATION))
+@router.post(
+    "/completions",
+    response_model=CompletionResponse,
+    responses=streaming(
+        stream_content(openai_events(CompletionChunk), CompletionChunk), *GENERATION
+    ),
+)
 async def completions(
     body: CompletionRequest, handler: GenerationDep, caller: ClientCaller, request: Request
 ) -> CompletionResponse | EventSourceResponse:
@@ -62,15 +75,10 @@ async def completions(
 async def _chunks(
     cid: str, created: int, model: str, first: StreamDelta, stream: AsyncIterator[StreamDelta]
 ) -> AsyncIterator[dict[str, str]]:
-    def chunk(text: str, reason: str | None) -> dict[str, str]:
-        body = {
-            "id": cid,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}],
-        }
-        return {"data": json.dumps(body)}
+    def chunk(text: str, reason: Literal["stop", "length"] | None) -> dict[str, str]:
+        choice = CompletionChoice(text=text, index=0, finish_reason=reason)
+        body = CompletionChunk(id=cid, created=created, model=model, choices=[choice])
+        return {"data": body.model_dump_json()}
 
     delta: StreamDelta | None = first
     try:

@@ -74,6 +74,16 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+class CompletionChunk(BaseModel):
+    """One server-sent event of a streamed completion (then ``data: [DONE]``)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
