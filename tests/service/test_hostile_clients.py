@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from prompts import Backbone, load_backbone
 from service.app import create_app
@@ -249,3 +251,141 @@ def test_405_lists_every_method_of_the_path(
     assert r.status_code == 405, r.text
     assert set(r.headers["allow"].split(", ")) >= allow, r.headers["allow"]
     assert method not in r.headers["allow"]
+
+
+# -- arbitrary Unicode through every text field of every route (property-based) ------------
+
+ODD = ["\ud800", "\udfff", "a\udc00\ud800", "\u2028", "\u2029", "\x00", "\U0001f600", "\ufeff"]
+TEXT = st.one_of(
+    st.sampled_from(ODD),
+    st.text(st.characters(exclude_categories=()), max_size=10),  # surrogates included
+    st.lists(st.sampled_from([*ODD, "ab", "z", " "]), min_size=1, max_size=5).map("".join),
+)
+JOB = "ftjob-" + "0" * 24
+
+
+def _bodies(text: str, file_id: str, bb: Backbone) -> list[tuple[str, str, Any, dict[str, str]]]:
+    """(method, url, JSON body, headers) for every route with a text field, ``text`` in it."""
+    task = task_body(bb, "alpha", seed=0)
+    uv = {"u": task["u"], "v": task["v"]}
+    part = [{"type": "text", "text": text}]
+    return [
+        ("POST", "/v1/tasks/alpha/generate", {"inputs": text}, CLIENT),
+        ("POST", "/v1/tasks/alpha/generate", {"inputs": [text, "x"], "parameters": {"stop": [text]}}, CLIENT),
+        ("POST", "/v1/tasks/alpha/generate", {"inputs": text, "stream": True}, CLIENT),
+        ("POST", "/v1/completions", {"model": text, "prompt": "x", "max_tokens": 1}, CLIENT),
+        ("POST", "/v1/completions", {"model": "alpha", "prompt": [text], "stop": text, "max_tokens": 1}, CLIENT),
+        ("POST", "/v1/completions", {"model": "alpha", "prompt": text, "stream": True, "max_tokens": 1}, CLIENT),
+        ("POST", "/v1/chat/completions", {**chat(text, max_tokens=1), "user": text}, CLIENT),
+        ("POST", "/v1/chat/completions", {**chat(part, max_tokens=1, stream=True), "stop": [text]}, CLIENT),
+        ("POST", "/v1/chat/completions", {"model": text, "messages": [{"role": "user", "content": "x", "name": text}]}, CLIENT),
+        ("POST", "/v1/tasks", {"name": text, "shared": "family", **uv}, ADMIN),
+        ("POST", "/v1/tasks", {"name": "t-prop", "shared": text, **uv}, ADMIN),
+        ("PUT", "/v1/tasks/alpha", {"shared": "family", **uv, "description": text, "metadata": {text: [text]}, "parameters": {"stop": text}}, ADMIN),
+        ("POST", "/v1/shared-prompts", {"id": text, "prompt": [[0.0] * bb.dim], "description": text}, ADMIN),
+        ("POST", "/v1/fine_tuning/jobs", {"model": "family", "training_file": file_id, "suffix": text}, ADMIN),
+        ("POST", "/v1/fine_tuning/jobs", {"model": text, "training_file": text, "validation_file": text, "metadata": {"k": text}}, ADMIN),
+        ("POST", "/v1/fine_tuning/claims", {"worker": text, "backbone": text}, ADMIN),
+        ("POST", f"/v1/fine_tuning/jobs/{JOB}/progress", {"lease_token": text, "events": [{"step": 1, "message": text}]}, ADMIN),
+        ("POST", f"/v1/fine_tuning/jobs/{JOB}/failure", {"lease_token": text, "code": text, "message": text}, ADMIN),
+        ("POST", f"/v1/fine_tuning/jobs/{JOB}/result", {"lease_token": "t", "factors": text, "metrics": {text: text}}, ADMIN),
+    ]  # fmt: skip
+
+
+def _gets(text: str) -> list[str]:
+    """URLs with ``text`` in a path segment or a query value (percent-encoded, as a client
+    must send it)."""
+    from urllib.parse import quote
+
+    q = quote(text.encode("utf-8", "surrogatepass"), safe="")
+    return [
+        f"/v1/tasks/{q}",
+        f"/v1/shared-prompts/{q}",
+        f"/v1/files/{q}",
+        f"/v1/files?purpose={q}",
+        f"/v1/fine_tuning/jobs/{q}",
+        f"/v1/fine_tuning/jobs?after={q}",
+        f"/v1/fine_tuning/jobs/{JOB}/events?after={q}",
+    ]
+
+
+def _readable(c: TestClient) -> None:
+    """Every listing answers 200 with JSON that parses."""
+    for url, headers in [
+        ("/v1/tasks?limit=1000", ADMIN),
+        ("/v1/shared-prompts", ADMIN),
+        ("/v1/models", CLIENT),
+        ("/v1/files", ADMIN),
+        ("/v1/fine_tuning/jobs?limit=1000", ADMIN),
+    ]:
+        r = c.get(url, headers=headers)
+        assert r.status_code == 200, (url, r.text)
+        json.loads(r.content.decode("utf-8"))
+    for task in c.get("/v1/tasks?limit=1000", headers=ADMIN).json()["tasks"]:
+        assert c.get(f"/v1/tasks/{task['name']}", headers=ADMIN).status_code == 200
+
+
+@settings(
+    max_examples=40,
+    derandomize=True,  # the same texts on every run
+    deadline=None,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
+@given(text=TEXT, raw=st.binary(max_size=12))
+def test_arbitrary_text_through_every_route_never_5xx(
+    client: TestClient, llama: tuple[Path, Backbone], text: str, raw: bytes
+) -> None:
+    """Every text field of every route, and path and query text, with arbitrary Unicode (lone
+    surrogates, U+2028, NUL, astral characters): never a 5xx, and every listing stays readable."""
+    file_id = _upload(client, text, raw)
+    for method, url, body, headers in _bodies(text, file_id, llama[1]):
+        r = client.request(
+            method,
+            url,
+            content=json.dumps(body),  # lone surrogates go as \\udXXX escapes, as JSON allows
+            headers={**headers, "Content-Type": "application/json"},
+        )
+        assert r.status_code < 500, (method, url, body, r.text)
+        if r.status_code == 422:
+            json.loads(r.content.decode("utf-8"))  # the error itself is valid UTF-8 JSON
+    for url in _gets(text):
+        r = client.get(url, headers=ADMIN)
+        assert r.status_code < 500, (url, r.text)
+    for job in client.get("/v1/fine_tuning/jobs?limit=1000", headers=ADMIN).json()["data"]:
+        if job["status"] == "queued":  # keep the queue short (no worker runs here)
+            client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=ADMIN)
+    _readable(client)
+
+
+def _upload(c: TestClient, text: str, raw: bytes) -> str:
+    """Upload files whose name, purpose and lines carry ``text`` (and raw bytes); return the id
+    of a good one for job bodies."""
+    row = json.dumps({"input": text, "target": text + "t"}).encode()
+    for name, purpose, content in [
+        (text, "fine-tune", row + b"\n"),
+        ("f.jsonl", text, row),
+        ("f.jsonl", "fine-tune", raw + b"\n" + row),
+        (
+            "f.jsonl",
+            "fine-tune",
+            json.dumps({"messages": [{"role": "user", "content": text}]}).encode(),
+        ),
+    ]:
+        r = c.post(
+            "/v1/files",
+            files={
+                "file": (name.encode("utf-8", "surrogatepass").decode("utf-8", "replace"), content)
+            },
+            data={"purpose": purpose.encode("utf-8", "surrogatepass").decode("latin-1")},
+            headers=ADMIN,
+        )
+        assert r.status_code < 500, (name, purpose, content, r.text)
+    good = c.post(
+        "/v1/files",
+        files={"file": ("good.jsonl", b'{"input": "a", "target": "b"}\n')},
+        data={"purpose": "fine-tune"},
+        headers=ADMIN,
+    )
+    assert good.status_code == 200, good.text
+    return str(good.json()["id"])
