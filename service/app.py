@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,14 @@ from service.auth import describe_scopes
 from service.engine.factory import build_engine
 from service.engine.threads import release as release_threads
 from service.engine.threads import reserve_for_model
+from service.handlers.files import FilesHandler
+from service.handlers.fine_tuning import FineTuningHandler
 from service.handlers.generation import GenerationHandler
 from service.handlers.registry import RegistryHandler
+from service.handlers.workers import WorkersHandler
 from service.jobs.base import JobBackend
-from service.jobs.handler import FineTuningHandler
 from service.jobs.local_worker import LocalWorker
+from service.jobs.validation import FileLimits
 from service.logging import setup_logging
 from service.metrics import Metrics
 from service.settings import Settings, load_settings
@@ -36,10 +40,18 @@ from service.settings import Settings, load_settings
 log = logging.getLogger("rankone.app")
 
 
-def build_fine_tuning(
-    settings: Settings, registry: RegistryHandler, backbone: Any
-) -> tuple[FineTuningHandler, LocalWorker | None]:
-    """The job handler over Redis or the data directory; in embedded mode, its local worker."""
+@dataclass
+class FineTuning:
+    """The fine-tuning handlers over one job backend, and embedded mode's local worker."""
+
+    files: FilesHandler
+    jobs: FineTuningHandler
+    workers: WorkersHandler
+    local_worker: LocalWorker | None
+
+
+def build_fine_tuning(settings: Settings, registry: RegistryHandler, backbone: Any) -> FineTuning:
+    """The job handlers over Redis or the data directory; in embedded mode, its local worker."""
     backend: JobBackend
     if settings.redis_url:
         from service.jobs.redis_backend import RedisJobBackend
@@ -52,15 +64,20 @@ def build_fine_tuning(
     worker = None
     if not settings.redis_url and settings.finetune_worker == "auto":
         worker = LocalWorker(settings)
-    chat = backbone.chat_template is not None
-    handler = FineTuningHandler(
+    limits = FileLimits(
+        settings.finetune_max_file_bytes,
+        settings.finetune_max_examples,
+        backbone.chat_template is not None,
+    )
+    files = FilesHandler(backend, limits)
+    jobs = FineTuningHandler(
         backend,
         registry,
+        files,
         settings,
-        chat_template=chat,
         on_queued=worker.ensure_running if worker is not None else None,
     )
-    return handler, worker
+    return FineTuning(files, jobs, WorkersHandler(jobs), worker)
 
 
 def build_store(settings: Settings, fingerprint: str, dim: int, metrics: Metrics) -> Any:
@@ -124,8 +141,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     store = build_store(settings, backbone.fingerprint, backbone.dim, metrics)
     await store.start()
     engine = None
-    jobs: FineTuningHandler | None = None
-    local_worker: LocalWorker | None = None
+    fine_tuning: FineTuning | None = None
     try:
         if settings.seed_dir:
             await store.seed_from_dir(Path(settings.seed_dir))
@@ -136,18 +152,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.backbone, state.store, state.engine = backbone, store, engine
         state.registry = RegistryHandler(store, backbone, settings)
         state.generation = GenerationHandler(store, engine, backbone, settings)
-        jobs, local_worker = build_fine_tuning(settings, state.registry, backbone)
-        await jobs.start()
-        state.fine_tuning = jobs
+        fine_tuning = build_fine_tuning(settings, state.registry, backbone)
+        await fine_tuning.jobs.start()
+        state.files, state.fine_tuning = fine_tuning.files, fine_tuning.jobs
+        state.workers = fine_tuning.workers
         state.ready = True
         log.info("ready", extra={"engine": settings.engine, "store": store.kind})
         yield
     finally:
         state.ready, state.draining = False, True
-        if local_worker is not None:
-            await local_worker.stop()
-        if jobs is not None:
-            await jobs.close()
+        if fine_tuning is not None:
+            if fine_tuning.local_worker is not None:
+                await fine_tuning.local_worker.stop()
+            await fine_tuning.jobs.close()
         if engine is not None:
             await engine.shutdown(drain_timeout_s=settings.request_timeout_s)
         if getattr(state, "generation", None) is not None:

@@ -87,7 +87,8 @@ STREAM_MODELS: dict[str, type[BaseModel]] = {}
 def stream_content(item_schema: dict[str, Any], *models: type[BaseModel]) -> dict[str, Any]:
     """``text/event-stream`` content whose every event matches ``item_schema`` (OpenAPI 3.2's
     ``itemSchema``, which schemathesis checks event by event); ``models``: its ``$ref``s."""
-    for model in (*models, ErrorResponse):
+    named: tuple[type[BaseModel], ...] = (*models, ErrorResponse)
+    for model in named:
         STREAM_MODELS[model.__name__] = model
     return {
         "text/event-stream": {

@@ -588,7 +588,7 @@ def test_the_reaper_restarts_a_missing_worker(
     worker every round, not only when a job is created."""
     import asyncio
 
-    from service.jobs import handler as jobs_handler
+    from service.handlers import fine_tuning as jobs_handler
 
     drain(client)
     handler = client.app.state.fine_tuning  # type: ignore[attr-defined]

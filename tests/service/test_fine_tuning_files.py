@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from service.errors import ApiError
-from service.jobs.handler import resolve_steps
+from service.handlers.fine_tuning import resolve_steps
 from service.jobs.validation import FileLimits, validate_jsonl
 from service.protocol.fine_tuning import Hyperparameters
 
