@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from prompts.chat import ROLES
 from service.protocol.generate import MAX_BATCH_INPUTS, GenerationParameters, Usage
+from service.protocol.openai import FinishReason
 
 MAX_MESSAGES = 256
 Role = Literal["system", "developer", "user", "assistant", "tool"]
@@ -109,9 +118,6 @@ class ChatCompletionRequest(BaseModel):
         )
 
 
-FinishReason = Literal["stop", "length"]
-
-
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -134,8 +140,14 @@ class ChatCompletionResponse(BaseModel):
 
 
 class ChunkDelta(BaseModel):
+    """What changed in a choice: its fields are sent only when set, as OpenAI's deltas."""
+
     role: Literal["assistant"] | None = None
     content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _only_set(self, handler: SerializerFunctionWrapHandler) -> Any:
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChunkChoice(BaseModel):
