@@ -15,6 +15,7 @@ from service.jobs import lifecycle
 from service.jobs.base import JobBackend
 from service.jobs.validation import FileLimits, validate_jsonl
 from service.protocol.fine_tuning_objects import FileDeleted, FileList, FileObject
+from service.protocol.text import readable
 from service.store.base import NotFoundError
 
 Scope = tuple[str, ...] | None  # an admin key's task-name patterns (None: unscoped)
@@ -61,7 +62,7 @@ class FilesHandler:
         data = [
             f for f in files if (purpose is None or f["purpose"] == purpose) and visible(f, scope)
         ]
-        return FileList(data=[FileObject.model_validate(f) for f in data])
+        return FileList(data=[FileObject.model_validate(readable(f)) for f in data])
 
     async def get_meta(self, file_id: str, *, scope: Scope = None) -> dict[str, Any]:
         """The stored metadata of a file this scope may see (NotFoundError otherwise)."""
@@ -75,7 +76,7 @@ class FilesHandler:
         return await self.jobs.file_content(file_id)
 
     async def get_file(self, file_id: str, *, scope: Scope = None) -> FileObject:
-        return FileObject.model_validate(await self.get_meta(file_id, scope=scope))
+        return FileObject.model_validate(readable(await self.get_meta(file_id, scope=scope)))
 
     async def delete_file(self, file_id: str, *, scope: Scope = None) -> FileDeleted:
         await self.get_meta(file_id, scope=scope)

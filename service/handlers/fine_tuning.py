@@ -27,6 +27,7 @@ from service.jobs.base import JobBackend
 from service.jobs.lifecycle import Job, JobStateError, LeaseLostError
 from service.protocol.fine_tuning import Hyperparameters, JobCreate
 from service.protocol.fine_tuning_objects import EventList, FineTuningJob, JobEvent, JobList
+from service.protocol.text import readable
 from service.settings import Settings
 from service.store.base import NotFoundError
 
@@ -72,8 +73,9 @@ def resolve_steps(hp: Hyperparameters, examples: int, max_steps: int) -> tuple[i
 
 
 def reply(job: Job) -> FineTuningJob:
-    """The job as clients see it (without the internal ``_`` keys), as its response model."""
-    return FineTuningJob.model_validate(lifecycle.public(job))
+    """The job as clients see it (without the internal ``_`` keys), as its response model;
+    ``readable`` so that a document stored before the client-text rule never fails a read."""
+    return FineTuningJob.model_validate(readable(lifecycle.public(job)))
 
 
 class FineTuningHandler:
@@ -277,5 +279,5 @@ class FineTuningHandler:
         if after is not None:
             ids = [e["id"] for e in events]
             events = events[ids.index(after) + 1 :] if after in ids else []
-        data = [JobEvent.model_validate(e) for e in events[:limit]]
+        data = [JobEvent.model_validate(readable(e)) for e in events[:limit]]
         return EventList(data=data, has_more=len(events) > limit)

@@ -611,3 +611,27 @@ def test_the_reaper_restarts_a_missing_worker(
     client.portal.call(rounds)  # type: ignore[attr-defined]
     assert len(calls) >= 3
     client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=ADMIN)
+
+
+def test_a_bad_document_written_behind_the_api_never_breaks_a_listing(client: TestClient) -> None:
+    """A job and an event holding a lone surrogate (stored before the client-text rule, or by a
+    tool behind the API) read back with U+FFFD: the listings answer 200."""
+    import copy
+
+    drain(client)
+    job = new_job(client, "legacy-job")
+    backend = client.app.state.fine_tuning.jobs  # type: ignore[attr-defined]
+
+    def poison(doc: dict[str, Any], now: float) -> tuple[dict[str, Any], list[Any]]:
+        doc = copy.deepcopy(doc)
+        doc["metadata"] = {"note": "a\ud800b"}
+        return doc, [lifecycle.event(now, "odd \udfff")]
+
+    client.portal.call(backend.update_job, job["id"], poison)  # type: ignore[attr-defined]
+    listed = client.get("/v1/fine_tuning/jobs?limit=1000", headers=ADMIN)
+    assert listed.status_code == 200, listed.text
+    mine = next(j for j in listed.json()["data"] if j["id"] == job["id"])
+    assert mine["metadata"] == {"note": "a\ufffdb"}
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", headers=ADMIN)
+    assert events.status_code == 200 and events.json()["data"][0]["message"] == "odd \ufffd"
+    client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=ADMIN)
