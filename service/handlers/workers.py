@@ -50,7 +50,7 @@ def describe_progress(p: ProgressEvent) -> str:
 
 class WorkersHandler:
     def __init__(self, jobs: FineTuningHandler) -> None:
-        self.handler = jobs
+        self.fine_tuning = jobs
         self.jobs = jobs.jobs
         self.registry = jobs.registry
         self.settings = jobs.settings
@@ -64,7 +64,7 @@ class WorkersHandler:
                 f"the worker's backbone {body.backbone} is not the server's {fingerprint}; "
                 "start the worker with the server's model",
             )
-        await self.handler.reap()
+        await self.fine_tuning.reap()  # leases run out on claims too, not only every 2 s
         lease_s = body.lease_s or self.settings.finetune_lease_s
 
         def take(job: Job, now: float) -> tuple[Job, list[lifecycle.Event]]:
