@@ -10,22 +10,29 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from prompts.backbone import Backbone, load_backbone, prompt_norm_bound, resolve_dtype
 from service.api import admin, chat, docs, errors, files, fine_tuning, generate, openai, ops
+from service.api.edge import check_client_text
 from service.api.middleware import ServiceMiddleware
+from service.api.responses import add_stream_models
+from service.auth import describe_scopes
 from service.engine.factory import build_engine
 from service.engine.threads import release as release_threads
 from service.engine.threads import reserve_for_model
+from service.handlers.files import FilesHandler
+from service.handlers.fine_tuning import FineTuningHandler
 from service.handlers.generation import GenerationHandler
 from service.handlers.registry import RegistryHandler
+from service.handlers.workers import WorkersHandler
 from service.jobs.base import JobBackend
-from service.jobs.handler import FineTuningHandler
 from service.jobs.local_worker import LocalWorker
+from service.jobs.validation import FileLimits
 from service.logging import setup_logging
 from service.metrics import Metrics
 from service.settings import Settings, load_settings
@@ -33,10 +40,18 @@ from service.settings import Settings, load_settings
 log = logging.getLogger("rankone.app")
 
 
-def build_fine_tuning(
-    settings: Settings, registry: RegistryHandler, backbone: Any
-) -> tuple[FineTuningHandler, LocalWorker | None]:
-    """The job handler over Redis or the data directory; in embedded mode, its local worker."""
+@dataclass
+class FineTuning:
+    """The fine-tuning handlers over one job backend, and embedded mode's local worker."""
+
+    files: FilesHandler
+    jobs: FineTuningHandler
+    workers: WorkersHandler
+    local_worker: LocalWorker | None
+
+
+def build_fine_tuning(settings: Settings, registry: RegistryHandler, backbone: Any) -> FineTuning:
+    """The job handlers over Redis or the data directory; in embedded mode, its local worker."""
     backend: JobBackend
     if settings.redis_url:
         from service.jobs.redis_backend import RedisJobBackend
@@ -49,15 +64,20 @@ def build_fine_tuning(
     worker = None
     if not settings.redis_url and settings.finetune_worker == "auto":
         worker = LocalWorker(settings)
-    chat = backbone.chat_template is not None
-    handler = FineTuningHandler(
+    limits = FileLimits(
+        settings.finetune_max_file_bytes,
+        settings.finetune_max_examples,
+        backbone.chat_template is not None,
+    )
+    files = FilesHandler(backend, limits)
+    jobs = FineTuningHandler(
         backend,
         registry,
+        files,
         settings,
-        chat_template=chat,
         on_queued=worker.ensure_running if worker is not None else None,
     )
-    return handler, worker
+    return FineTuning(files, jobs, WorkersHandler(jobs), worker)
 
 
 def build_store(settings: Settings, backbone: Backbone, metrics: Metrics) -> Any:
@@ -99,6 +119,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             "NO ADMIN KEY CONFIGURED: anyone who can reach this server can register, "
             "replace and delete tasks; set RANKONE_ADMIN_KEYS"
         )
+    for variable, entries in (
+        ("RANKONE_CLIENT_KEYS", settings.client_keys),
+        ("RANKONE_ADMIN_KEYS", settings.admin_keys),
+    ):
+        for line in describe_scopes(entries):  # a scope is never taken silently
+            log.info("%s %s", variable, line)
     state.ready, state.draining = False, False
     reserve_for_model()  # the event loop runs torch single-threaded; the model thread gets them
     # `rankone serve` loads it before uvicorn starts, to report a bad RANKONE_MODEL cleanly
@@ -116,8 +142,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     store = build_store(settings, backbone, metrics)
     await store.start()
     engine = None
-    jobs: FineTuningHandler | None = None
-    local_worker: LocalWorker | None = None
+    fine_tuning: FineTuning | None = None
     try:
         if settings.seed_dir:
             await store.seed_from_dir(Path(settings.seed_dir))
@@ -128,18 +153,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.backbone, state.store, state.engine = backbone, store, engine
         state.registry = RegistryHandler(store, backbone, settings)
         state.generation = GenerationHandler(store, engine, backbone, settings)
-        jobs, local_worker = build_fine_tuning(settings, state.registry, backbone)
-        await jobs.start()
-        state.fine_tuning = jobs
+        fine_tuning = build_fine_tuning(settings, state.registry, backbone)
+        await fine_tuning.jobs.start()
+        state.files, state.fine_tuning = fine_tuning.files, fine_tuning.jobs
+        state.workers = fine_tuning.workers
         state.ready = True
         log.info("ready", extra={"engine": settings.engine, "store": store.kind})
         yield
     finally:
         state.ready, state.draining = False, True
-        if local_worker is not None:
-            await local_worker.stop()
-        if jobs is not None:
-            await jobs.close()
+        if fine_tuning is not None:
+            if fine_tuning.local_worker is not None:
+                await fine_tuning.local_worker.stop()
+            await fine_tuning.jobs.close()
         if engine is not None:
             await engine.shutdown(drain_timeout_s=settings.request_timeout_s)
         if getattr(state, "generation", None) is not None:
@@ -159,6 +185,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url=None,
         docs_url=None,
         redoc_url=None,
+        dependencies=[Depends(check_client_text)],  # the client-text rule, before any body
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
@@ -166,6 +193,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ServiceMiddleware)
     for module in (ops, admin, generate, openai, chat, files, fine_tuning, docs):
         app.include_router(module.router)
+    document = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document, plus the models that stream events name."""
+        if app.openapi_schema is None:
+            app.openapi_schema = add_stream_models(document())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

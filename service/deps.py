@@ -16,9 +16,11 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.auth import Caller, Role, authenticate, parse_entries
+from service.handlers.files import FilesHandler
+from service.handlers.fine_tuning import FineTuningHandler
 from service.handlers.generation import GenerationHandler
 from service.handlers.registry import RegistryHandler
-from service.jobs.handler import FineTuningHandler
+from service.handlers.workers import WorkersHandler
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -56,6 +58,14 @@ def get_fine_tuning(request: Request) -> FineTuningHandler:
     return request.app.state.fine_tuning  # type: ignore[no-any-return]
 
 
+def get_files(request: Request) -> FilesHandler:
+    return request.app.state.files  # type: ignore[no-any-return]
+
+
+def get_workers(request: Request) -> WorkersHandler:
+    return request.app.state.workers  # type: ignore[no-any-return]
+
+
 def get_state(request: Request) -> Any:
     return request.app.state
 
@@ -65,6 +75,8 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 RegistryDep = Annotated[RegistryHandler, Depends(get_registry)]
 GenerationDep = Annotated[GenerationHandler, Depends(get_generation)]
 FineTuningDep = Annotated[FineTuningHandler, Depends(get_fine_tuning)]
+FilesDep = Annotated[FilesHandler, Depends(get_files)]
+WorkersDep = Annotated[WorkersHandler, Depends(get_workers)]
 StateDep = Annotated[Any, Depends(get_state)]
 
 # Declares the bearer scheme in the OpenAPI document; missing / wrong keys are ours to answer.

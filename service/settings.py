@@ -117,10 +117,9 @@ class Settings(BaseSettings):
     @field_validator("client_keys", "admin_keys")
     @classmethod
     def _key_entries(cls, value: list[str]) -> list[str]:
-        from service.auth import parse_entry
+        from service.auth import check_entries
 
-        for entry in value:
-            parse_entry(entry)
+        check_entries(value)
         return value
 
     @field_validator("log_level", mode="before")

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Query, Response
 
 from service.api.responses import BODY, KEYED, errors
 from service.auth import Caller
-from service.deps import AdminCaller, FineTuningDep
+from service.deps import AdminCaller, FineTuningDep, WorkersDep
 from service.errors import ApiError
 from service.protocol.fine_tuning import (
     ClaimRequest,
@@ -22,6 +22,7 @@ from service.protocol.fine_tuning import (
     LeaseRequest,
     ResultPost,
 )
+from service.protocol.fine_tuning_objects import Claim, EventList, FineTuningJob, JobList, Lease
 
 router = APIRouter(
     prefix="/v1/fine_tuning", tags=["fine-tuning"], responses=errors(*KEYED, *BODY, 404, 409)
@@ -36,26 +37,24 @@ def worker_key(caller: Caller) -> None:
 
 
 @router.post("/jobs")
-async def create_job(
-    body: JobCreate, handler: FineTuningDep, caller: AdminCaller
-) -> dict[str, Any]:
+async def create_job(body: JobCreate, handler: FineTuningDep, caller: AdminCaller) -> FineTuningJob:
     return await handler.create_job(body, caller)
 
 
 @router.get("/jobs")
 async def list_jobs(
     handler: FineTuningDep, caller: AdminCaller, after: str | None = None, limit: Limit = 20
-) -> dict[str, Any]:
+) -> JobList:
     return await handler.list_jobs(after, limit, caller)
 
 
 @router.get("/jobs/{job_id}")
-async def get_job(job_id: str, handler: FineTuningDep, caller: AdminCaller) -> dict[str, Any]:
+async def get_job(job_id: str, handler: FineTuningDep, caller: AdminCaller) -> FineTuningJob:
     return await handler.get_job(job_id, caller)
 
 
 @router.post("/jobs/{job_id}/cancel")
-async def cancel_job(job_id: str, handler: FineTuningDep, caller: AdminCaller) -> dict[str, Any]:
+async def cancel_job(job_id: str, handler: FineTuningDep, caller: AdminCaller) -> FineTuningJob:
     return await handler.cancel_job(job_id, caller)
 
 
@@ -66,15 +65,15 @@ async def list_events(
     caller: AdminCaller,
     after: str | None = None,
     limit: Limit = 20,
-) -> dict[str, Any]:
+) -> EventList:
     return await handler.list_events(job_id, after, limit, caller)
 
 
 # --- the worker protocol ----------------------------------------------------------------------
 
 
-@router.post("/claims", responses={204: {"description": "no job is queued"}})
-async def claim(body: ClaimRequest, handler: FineTuningDep, caller: AdminCaller) -> Any:
+@router.post("/claims", response_model=Claim, responses={204: {"description": "no job is queued"}})
+async def claim(body: ClaimRequest, handler: WorkersDep, caller: AdminCaller) -> Any:
     worker_key(caller)
     claimed = await handler.claim(body)
     return Response(status_code=204) if claimed is None else claimed
@@ -82,15 +81,15 @@ async def claim(body: ClaimRequest, handler: FineTuningDep, caller: AdminCaller)
 
 @router.post("/jobs/{job_id}/lease")
 async def renew_lease(
-    job_id: str, body: LeaseRequest, handler: FineTuningDep, caller: AdminCaller
-) -> dict[str, Any]:
+    job_id: str, body: LeaseRequest, handler: WorkersDep, caller: AdminCaller
+) -> Lease:
     worker_key(caller)
     return await handler.renew(job_id, body.lease_token)
 
 
 @router.post("/jobs/{job_id}/progress", status_code=204)
 async def post_progress(
-    job_id: str, body: EventsPost, handler: FineTuningDep, caller: AdminCaller
+    job_id: str, body: EventsPost, handler: WorkersDep, caller: AdminCaller
 ) -> Response:
     worker_key(caller)
     await handler.post_events(job_id, body)
@@ -99,15 +98,15 @@ async def post_progress(
 
 @router.post("/jobs/{job_id}/result")
 async def post_result(
-    job_id: str, body: ResultPost, handler: FineTuningDep, caller: AdminCaller
-) -> dict[str, Any]:
+    job_id: str, body: ResultPost, handler: WorkersDep, caller: AdminCaller
+) -> FineTuningJob:
     worker_key(caller)
     return await handler.complete(job_id, body)
 
 
 @router.post("/jobs/{job_id}/failure")
 async def post_failure(
-    job_id: str, body: FailurePost, handler: FineTuningDep, caller: AdminCaller
-) -> dict[str, Any]:
+    job_id: str, body: FailurePost, handler: WorkersDep, caller: AdminCaller
+) -> FineTuningJob:
     worker_key(caller)
     return await handler.fail(job_id, body)

@@ -2,12 +2,17 @@
 
 ``errors(...)`` builds a route's ``responses=``; every route gets 500 and 503 (the server may
 be shutting down, or its store unreachable), routes with a body 400 / 413 / 422, keyed routes
-401 / 403. Streaming routes add ``text/event-stream`` to their 200.
+401 / 403. Streaming routes add ``text/event-stream`` to their 200, with an ``itemSchema``
+describing each event (its ``data`` as JSON of a named model), so that the contract test reads
+the events of a stream against the document like any JSON body.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 
 from service.protocol.errors import ErrorResponse
 
@@ -29,12 +34,81 @@ KEYED = (401, 403)
 BODY = (400, 413, 422)
 GENERATION = (*KEYED, *BODY, 404, 429, 504)
 
-SSE: dict[str, Any] = {
-    "text/event-stream": {
-        "schema": {"type": "string"},
-        "description": 'with "stream": true, server-sent events',
+DONE = "[DONE]"
+
+
+def _data(model: type[BaseModel]) -> dict[str, Any]:
+    """An event whose ``data`` is ``model`` as JSON (checked by contract tests that read it)."""
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": {"$ref": f"#/components/schemas/{model.__name__}"},
+            }
+        },
     }
-}
+
+
+def named_events(named: dict[str, type[BaseModel]]) -> dict[str, Any]:
+    """One event of a stream whose event names say their data's model (if / else by name, so
+    that each event's data is read against its own model only)."""
+    (name, model), *rest = named.items()
+    if not rest:
+        return {
+            "allOf": [
+                {"properties": {"event": {"const": name}}, "required": ["event"]},
+                _data(model),
+            ]
+        }
+    return {
+        "if": {"properties": {"event": {"const": name}}, "required": ["event"]},
+        "then": _data(model),
+        "else": named_events(dict(rest)),
+    }
+
+
+def openai_events(chunk: type[BaseModel]) -> dict[str, Any]:
+    """An OpenAI stream's event: ``chunk`` (or an error) as JSON, the last one ``[DONE]``."""
+    either = {
+        "anyOf": [{"$ref": f"#/components/schemas/{m.__name__}"} for m in (chunk, ErrorResponse)]
+    }
+    item = _data(chunk)
+    item["properties"]["data"]["contentSchema"] = either
+    return {"if": {"properties": {"data": {"const": DONE}}}, "then": {}, "else": item}
+
+
+# The models that stream events' ``$ref``s name, added to the document by add_stream_models.
+STREAM_MODELS: dict[str, type[BaseModel]] = {}
+
+
+def stream_content(item_schema: dict[str, Any], *models: type[BaseModel]) -> dict[str, Any]:
+    """``text/event-stream`` content whose every event matches ``item_schema`` (OpenAPI 3.2's
+    ``itemSchema``, which schemathesis checks event by event); ``models``: its ``$ref``s."""
+    named: tuple[type[BaseModel], ...] = (*models, ErrorResponse)
+    for model in named:
+        STREAM_MODELS[model.__name__] = model
+    return {
+        "text/event-stream": {
+            "itemSchema": item_schema,
+            "description": 'with "stream": true, server-sent events',
+        }
+    }
+
+
+def add_stream_models(document: dict[str, Any]) -> dict[str, Any]:
+    """Put the stream events' models in ``components.schemas`` (FastAPI adds only the models
+    of JSON bodies and declared responses)."""
+    _, defs = models_json_schema(
+        [(m, "serialization") for m in STREAM_MODELS.values()],
+        ref_template="#/components/schemas/{model}",
+    )
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    for name, schema in defs.get("$defs", {}).items():
+        schemas.setdefault(name, schema)
+    return document
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -52,6 +126,6 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
-def streaming(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """``errors`` plus ``text/event-stream`` as a second content type of the 200."""
-    return {200: {"content": SSE}, **errors(*statuses)}
+def streaming(content: dict[str, Any], *statuses: int) -> dict[int | str, dict[str, Any]]:
+    """``errors`` plus ``content`` (a ``stream_content``) as a second content type of the 200."""
+    return {200: {"content": content}, **errors(*statuses)}

@@ -67,8 +67,11 @@ def filter_top_k_top_p(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     if 0.0 < top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)  # [V]
-        # Drop a token once the mass *before* it already reaches top_p.
+        # Drop a token once the mass *before* it already reaches top_p. The most likely token
+        # is kept by construction, not by arithmetic: a top_p below float32's smallest
+        # subnormal (1e-300) rounds to 0 here, and 0 >= 0 would drop every token.
         drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop_sorted[0] = False
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits

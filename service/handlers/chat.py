@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 
@@ -13,25 +14,23 @@ from prompts.chat import chat_input_ids
 from prompts.errors import RankoneError
 from service.engine.base import GenerationResult, StreamDelta
 from service.errors import ApiError
+from service.handlers.events import ServerEvent
 from service.handlers.generation import Disconnected, GenerationHandler, Prepared, close_stream
 from service.protocol.chat import (
     AssistantMessage,
     ChatChoice,
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    FinishReason,
+    ChunkChoice,
+    ChunkDelta,
 )
 from service.protocol.generate import Usage
+from service.protocol.openai import finish_reason
 
 
 def chat_completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex[:24]}"
-
-
-def finish_reason(engine_reason: str | None) -> FinishReason | None:
-    if engine_reason is None:
-        return None
-    return "length" if engine_reason == "length" else "stop"
 
 
 def usage(results: list[GenerationResult]) -> Usage:
@@ -75,10 +74,9 @@ class ChatHandler:
         self,
         body: ChatCompletionRequest,
         prepared: Prepared,
-        cid: str,
-        created: int,
         disconnected: Disconnected | None = None,
     ) -> ChatCompletionResponse:
+        cid, created = chat_completion_id(), int(time.time())
         results = await self.generation.run(prepared, disconnected)
         choices = [
             ChatChoice(
@@ -91,6 +89,52 @@ class ChatHandler:
         return ChatCompletionResponse(
             id=cid, created=created, model=body.model, choices=choices, usage=usage(results)
         )
+
+    async def open_stream(
+        self, body: ChatCompletionRequest, prepared: Prepared
+    ) -> AsyncIterator[ServerEvent]:
+        """Every choice's stream, opened (errors until then are HTTP errors), as OpenAI's chunk
+        sequence: the role first, then content deltas, then each choice's finish_reason, the
+        usage (if asked for); ``service.api.streams`` adds ``[DONE]``."""
+        streams = await self.open_streams(prepared)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return self._chunks(
+            chat_completion_id(), int(time.time()), body.model, streams, include_usage
+        )
+
+    async def _chunks(
+        self,
+        cid: str,
+        created: int,
+        model: str,
+        streams: list[tuple[StreamDelta, AsyncIterator[StreamDelta]]],
+        include_usage: bool,
+    ) -> AsyncIterator[ServerEvent]:
+        def event(choices: list[ChunkChoice], usage: Usage | None = None) -> ServerEvent:
+            return ServerEvent(
+                ChatCompletionChunk(
+                    id=cid, created=created, model=model, choices=choices, usage=usage
+                )
+            )
+
+        for index in range(len(streams)):
+            yield event([ChunkChoice(index=index, delta=ChunkDelta(role="assistant", content=""))])
+        merged = merge_streams(streams)
+        results: dict[int, GenerationResult] = {}
+        try:
+            async for index, delta in merged:
+                if delta.text:
+                    yield event([ChunkChoice(index=index, delta=ChunkDelta(content=delta.text))])
+                if delta.result is not None:
+                    results[index] = delta.result
+                    reason = finish_reason(delta.result.finish_reason)
+                    yield event(
+                        [ChunkChoice(index=index, delta=ChunkDelta(), finish_reason=reason)]
+                    )
+            if include_usage:
+                yield event([], usage=usage([results[i] for i in sorted(results)]))
+        finally:
+            await merged.aclose()
 
     async def open_streams(
         self, prepared: Prepared

@@ -22,8 +22,15 @@ from service.engine.base import (
     StreamDelta,
 )
 from service.errors import ApiError
+from service.handlers.events import ServerEvent
 from service.logging import request_id_var
-from service.protocol.generate import GenerationParameters, Output, Usage
+from service.protocol.generate import (
+    GenerateResponse,
+    GenerationParameters,
+    Output,
+    TokenEvent,
+    Usage,
+)
 from service.settings import Settings
 
 # Returns once the client has gone (the route passes ``service.deps.until_disconnected``).
@@ -41,6 +48,36 @@ class ClientGone(ApiError):
 class Prepared:
     task: ResolvedTask
     requests: list[GenerationRequest]
+
+
+def generate_response(prepared: Prepared, results: list[GenerationResult]) -> GenerateResponse:
+    """The native route's reply: the task and version that answered, texts and outputs."""
+    outs, usage = outputs(results)
+    return GenerateResponse(
+        task=prepared.task.name,
+        version=prepared.task.version,
+        texts=[o.text for o in outs],
+        outputs=outs,
+        usage=usage,
+    )
+
+
+async def token_events(
+    first: StreamDelta, stream: AsyncIterator[StreamDelta]
+) -> AsyncIterator[ServerEvent]:
+    """The native stream: ``token`` events carry new text; ``done`` carries the whole output."""
+    delta: StreamDelta | None = first
+    try:
+        while delta is not None:
+            if delta.text or delta.token_ids:
+                yield ServerEvent(TokenEvent(text=delta.text, token_ids=delta.token_ids), "token")
+            if delta.result is not None:
+                (out,), _ = outputs([delta.result])
+                yield ServerEvent(out, "done")
+                return
+            delta = await anext(stream, None)
+    finally:
+        await close_stream(stream)
 
 
 def outputs(results: list[GenerationResult]) -> tuple[list[Output], Usage]:
@@ -122,6 +159,14 @@ class GenerationHandler:
         base = request_id_var.get()
         loop = asyncio.get_running_loop()
         token_ids = await loop.run_in_executor(self._tokenizer_thread, encode)
+        queue = self.settings.queue_size
+        if len(token_ids) > queue:  # a 429 would never clear: each row takes a queue place
+            raise ApiError(
+                422,
+                "too_many_inputs",
+                f"this request has {len(token_ids)} inputs (or choices), but the server's queue "
+                f"holds {queue} at most (RANKONE_QUEUE_SIZE): send at most {queue} per request",
+            )
         explicit = params.max_new_tokens is not None
         requests = [
             GenerationRequest(

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import torch
+from pydantic_core import PydanticSerializationError
 
 from prompts.artifacts import (
     SharedPrompt,
@@ -38,6 +39,7 @@ from service.protocol.generate import (
     TaskPage,
     TaskReplace,
 )
+from service.protocol.text import readable
 from service.settings import Settings
 from service.store.base import ConflictError, Record
 
@@ -65,8 +67,8 @@ def shared_info(record: Record) -> SharedPromptInfo:
         dim=dim,
         # seeded records keep their fingerprint in the blob only
         backbone=str(record.meta.get("backbone") or blob_metadata(record.blob).get("backbone", "")),
-        description=str(record.meta.get("description", "")),
-        metadata=dict(record.meta.get("metadata", {})),
+        description=readable(str(record.meta.get("description", ""))),
+        metadata=readable(dict(record.meta.get("metadata", {}))),
         created=record.created,
         updated=record.updated,
     )
@@ -83,9 +85,10 @@ def task_info(record: Record, factors: TaskFactors | None = None) -> TaskInfo:
         rank=rank,
         length=length,
         dim=dim,
-        description=str(record.meta.get("description", "")),
-        metadata=dict(record.meta.get("metadata", {})),
-        parameters=dict(record.meta.get("parameters", {})),
+        # readable: a record stored behind the API never makes a listing fail
+        description=readable(str(record.meta.get("description", ""))),
+        metadata=readable(dict(record.meta.get("metadata", {}))),
+        parameters=readable(dict(record.meta.get("parameters", {}))),
         created=record.created,
         updated=record.updated,
     )
@@ -94,6 +97,15 @@ def task_info(record: Record, factors: TaskFactors | None = None) -> TaskInfo:
         info.v = factors.v.float().tolist()
         info.factors = to_base64(record.blob)
     return info
+
+
+def _check_round_trip(meta: dict[str, Any]) -> None:
+    """Nothing is stored that its response cannot carry back: the task's text goes through
+    the response model's JSON encoding before the store is touched."""
+    try:
+        TaskInfo(name="-", shared="-", version=1, rank=1, length=1, dim=1, **meta).model_dump_json()
+    except (ValueError, PydanticSerializationError) as e:
+        raise ArtifactError(f"the task's description, metadata or parameters: {e}") from None
 
 
 class RegistryHandler:
@@ -173,6 +185,7 @@ class RegistryHandler:
             "metadata": body.metadata,
             "parameters": body.parameters.model_dump(exclude_none=True) if body.parameters else {},
         }
+        _check_round_trip(meta)
         return tf, meta
 
     async def create_task(self, name: str, body: TaskBody) -> TaskInfo:

@@ -14,12 +14,19 @@ from collections.abc import Callable
 from typing import Any
 
 from service.jobs.lifecycle import Event, Job
-from service.store.base import NotFoundError
+from service.store.base import ConflictError, NotFoundError
 
 # (job, now) → (new job, events to append)
 Change = Callable[[Job, float], tuple[Job, list[Event]]]
 
 _ID = re.compile(r"^(file|ftjob)-[0-9a-f]{24}$")
+
+
+def suffix_taken(task: str, holder: Job) -> ConflictError:
+    return ConflictError(
+        f"task {task!r} is already the name of job {holder['id']} ({holder['status']}); "
+        "choose another suffix, or wait for that job to end (or cancel it)"
+    )
 
 
 def check_id(value: str, kind: str) -> str:
@@ -65,7 +72,9 @@ class JobBackend(abc.ABC):
 
     @abc.abstractmethod
     async def put_job(self, job: Job, events: list[Event]) -> None:
-        """Store a new job (status queued) and its first events."""
+        """Store a new job (status queued) and its first events, reserving its task name
+        (``job["rankone"]["task"]``) until the job ends: ConflictError, and nothing stored,
+        while another job that has not ended holds that name."""
 
     @abc.abstractmethod
     async def get_job(self, job_id: str) -> Job: ...

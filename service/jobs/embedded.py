@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from prompts.artifacts import write_atomic
-from service.jobs.base import Change, JobBackend, check_id
-from service.jobs.lifecycle import Event, Job, expired
+from service.jobs.base import Change, JobBackend, check_id, suffix_taken
+from service.jobs.lifecycle import TERMINAL, Event, Job, expired
 from service.store.base import NotFoundError, StoreError
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,11 @@ class EmbeddedJobBackend(JobBackend):
             os.fsync(f.fileno())
 
     async def put_job(self, job: Job, events: list[Event]) -> None:
+        task = job["rankone"]["task"]
         async with self._lock:
+            for other in self._jobs.values():
+                if other["rankone"]["task"] == task and other["status"] not in TERMINAL:
+                    raise suffix_taken(task, other)
             await asyncio.to_thread(self._write_job, job, events)
             self._jobs[job["id"]] = job
 

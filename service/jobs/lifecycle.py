@@ -3,9 +3,17 @@
 Both backends (Redis, the embedded directory) apply these same functions inside their atomic
 read-modify-write, so the rules live in one place::
 
-    queued ──claim──▶ running ──finish──▶ succeeded | failed
+    queued ──claim──▶ running ──begin_result──▶ registering ──finish──▶ succeeded | failed
       ▲                 │  └─cancel──▶ cancelled        (cancel of queued: cancelled too)
       └──lease expired──┘  (after max_attempts expiries: failed, with the reason)
+
+Exactly once: a worker's result first takes the job from running to registering (public status
+still ``running``; ``rankone.registering`` is true) in one atomic transition under its lease,
+then the task is registered, then the job succeeds. Cancel and result are ordered by that one
+transition: a cancel that came first makes ``begin_result`` fail (409, nothing registered); a
+result that came first makes the cancel fail (409: the job is registering, it ends succeeded
+or failed). Registration is idempotent by job id, so a lease that runs out while registering
+(a crashed server) requeues the job and its next attempt finds the task already there.
 
 A claim hands out a fresh random lease token; renewing the lease, posting events and finishing
 need that token, so a worker whose lease expired (and whose job went to another worker) is
@@ -94,6 +102,19 @@ def check_lease(job: Job, token: str) -> None:
         )
 
 
+def begin_result(job: Job, token: str, now: float) -> tuple[Job, list[Event]]:
+    """The worker's result arrived under a valid lease: from now on only it may end the job
+    (the lease gets a full length more, so registering is never cut short by the reaper)."""
+    check_lease(job, token)
+    if _state(job).get("registering"):
+        raise JobStateError(f"job {job['id']} is already registering a result")
+    job = copy.deepcopy(job)
+    state = _state(job)
+    state["registering"] = True
+    state["lease_expires_at"] = now + float(state["lease_s"])
+    return job, []
+
+
 def renew(job: Job, token: str, now: float) -> tuple[Job, list[Event]]:
     """Extend the lease by the length it was claimed with (never past the time limit)."""
     check_lease(job, token)
@@ -122,6 +143,7 @@ def expire(job: Job, now: float) -> tuple[Job, list[Event]]:
     job.pop("_lease_token", None)
     state["lease_expires_at"] = None
     state["worker"] = None
+    state.pop("registering", None)
     if now >= float(state["deadline_at"]):
         reason = f"the job ran past its time limit of {float(state['timeout_s']):g} s"
         job.update(status="failed", finished_at=int(now))
@@ -148,6 +170,7 @@ def succeed(
     job = copy.deepcopy(job)
     job.pop("_lease_token", None)
     state = _state(job)
+    state.pop("registering", None)
     state.update(lease_expires_at=None, task_version=version, metrics=metrics)
     job.update(status="succeeded", finished_at=int(now), fine_tuned_model=task)
     job["trained_tokens"] = metrics.get("trained_tokens")
@@ -160,6 +183,7 @@ def fail(job: Job, token: str, now: float, *, code: str, message: str) -> tuple[
     job = copy.deepcopy(job)
     job.pop("_lease_token", None)
     _state(job)["lease_expires_at"] = None
+    _state(job).pop("registering", None)
     job.update(status="failed", finished_at=int(now))
     job["error"] = {"code": code, "message": message, "param": None}
     return job, [event(now, f"failed: {message}", level="error")]
@@ -168,6 +192,11 @@ def fail(job: Job, token: str, now: float, *, code: str, message: str) -> tuple[
 def cancel(job: Job, now: float) -> tuple[Job, list[Event]]:
     if job["status"] in TERMINAL:
         raise JobStateError(f"job {job['id']} is already {job['status']}; it cannot be cancelled")
+    if _state(job).get("registering"):
+        raise JobStateError(
+            f"job {job['id']} is registering its result and can no longer be cancelled; "
+            "it ends succeeded or failed"
+        )
     job = copy.deepcopy(job)
     job.pop("_lease_token", None)
     _state(job)["lease_expires_at"] = None

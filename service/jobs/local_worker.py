@@ -1,7 +1,8 @@
 """Embedded mode's worker: one ``rankone worker`` child process of the server.
 
-Started at the first queued job (a server never asked to fine-tune pays nothing), restarted
-if it died when a job is queued again, stopped with the server. It is an ordinary worker: it
+Started at the first queued job (a server never asked to fine-tune pays nothing), started
+again whenever a job is queued or running and the child is gone (the job reaper checks every
+few seconds), stopped with the server. It is an ordinary worker: it
 loads its own copy of the backbone and talks to this server over HTTP with an admin key passed
 in its environment (not on its command line, where ``ps`` would show it).
 """
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from service.auth import parse_entries
@@ -21,12 +24,14 @@ from service.settings import Settings
 log = logging.getLogger("rankone.jobs")
 ROOT = Path(__file__).resolve().parents[2]
 STOP_TIMEOUT_S = 10.0
+RESTART_EVERY_S = 5.0
 
 
 class LocalWorker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = -math.inf
 
     @property
     def url(self) -> str:
@@ -35,7 +40,11 @@ class LocalWorker:
         return f"http://{'[' + host + ']' if ':' in host else host}:{self.settings.port}"
 
     async def ensure_running(self) -> None:
+        """Start the worker unless it runs (called at each queued job and by the job reaper);
+        one that keeps dying is started again at most every ``RESTART_EVERY_S``."""
         if self.proc is not None and self.proc.poll() is None:
+            return
+        if time.monotonic() - self.started_at < RESTART_EVERY_S:
             return
         if self.proc is not None:
             log.warning(
@@ -58,6 +67,7 @@ class LocalWorker:
             return
         if unscoped:
             env["RANKONE_WORKER_KEY"] = unscoped[0]
+        self.started_at = time.monotonic()
         self.proc = await asyncio.to_thread(subprocess.Popen, cmd, cwd=ROOT, env=env)
         log.info("started the embedded fine-tuning worker", extra={"pid": self.proc.pid})
 

@@ -10,6 +10,7 @@ Keys (``rankone`` is the prefix)::
     rankone:ft:leases        sorted set of running job ids by lease deadline: the expired ones
                              are the head of the set (ZRANGEBYSCORE -inf now)
     rankone:ft:events:<id>   list of the job's events (JSON), oldest first
+    rankone:ft:names         hash: task name → the job that reserved it (until the job ends)
 
 Why sorted sets and not a Stream with a consumer group: a stream's pending-entry list reclaims
 by idle time (XAUTOCLAIM), but renewing a lease there means re-claiming the entry, cancel and
@@ -31,8 +32,8 @@ from typing import Any, TypeVar
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, WatchError
 
-from service.jobs.base import Change, JobBackend, check_id
-from service.jobs.lifecycle import Event, Job, JobStateError
+from service.jobs.base import Change, JobBackend, check_id, suffix_taken
+from service.jobs.lifecycle import TERMINAL, Event, Job, JobStateError
 from service.store.base import NotFoundError, StoreError
 from service.store.redis_store import redact
 
@@ -128,14 +129,37 @@ class RedisJobBackend(JobBackend):
             pipe.zadd(f"{self.p}:leases", {job_id: job["rankone"]["lease_expires_at"]})
         else:
             pipe.zrem(f"{self.p}:leases", job_id)
+        if status in TERMINAL:  # the job ended: its task name is free again
+            pipe.hdel(f"{self.p}:names", job["rankone"]["task"])
         if events:
             pipe.rpush(f"{self.p}:events:{job_id}", *[json.dumps(e) for e in events])
 
     async def put_job(self, job: Job, events: list[Event]) -> None:
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.zadd(f"{self.p}:jobs", {job["id"]: job["created_at"]})
-        self._write(pipe, job, events)
-        await self._call("storing a job", pipe.execute())
+        """The reservation and the job in one MULTI/EXEC, under WATCH of the names hash: two
+        creates racing for one name both read it, one EXEC wins, the other reads it again."""
+        names, task = f"{self.p}:names", job["rankone"]["task"]
+
+        async def attempt() -> None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                while True:
+                    try:
+                        await pipe.watch(names)
+                        holder = await pipe.hget(names, task)
+                        if holder is not None:
+                            raw = await pipe.get(self._job_key(holder.decode()))
+                            other = json.loads(raw) if raw is not None else None
+                            if other is not None and other["status"] not in TERMINAL:
+                                raise suffix_taken(task, other)
+                        pipe.multi()
+                        pipe.hset(names, task, job["id"])
+                        pipe.zadd(f"{self.p}:jobs", {job["id"]: job["created_at"]})
+                        self._write(pipe, job, events)
+                        await pipe.execute()
+                        return
+                    except WatchError:
+                        continue
+
+        await self._call("storing a job", attempt())
 
     async def get_job(self, job_id: str) -> Job:
         raw = await self._call("reading a job", self._redis.get(self._job_key(job_id)))

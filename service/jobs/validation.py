@@ -5,6 +5,11 @@
   assistant's answer (checked by the trainer's rule, ``prompts.chat.split_chat_example``); only
   where the backbone has a chat template.
 
+Lines are split on ``\n`` only (a ``\r\n`` ending is fine): U+2028 and U+2029 are legal inside
+JSON strings and stay there. A line nests at most ``MAX_DEPTH`` arrays/objects and its numbers
+have at most ``MAX_NUMBER_CHARS`` characters (Python's decoder would otherwise recurse to its
+limit, or refuse a 5,000-digit integer with an error of its own).
+
 Every problem is reported with its line number (the first ``MAX_REPORTED``), and a file with
 any problem is refused whole: nothing is stored.
 """
@@ -20,6 +25,8 @@ from prompts.errors import RankoneError
 from service.errors import ApiError
 
 MAX_REPORTED = 10
+MAX_DEPTH = 32  # nested arrays/objects in one line (an example needs 3: messages → message)
+MAX_NUMBER_CHARS = 100  # characters of one JSON number
 Format = Literal["text", "chat"]
 
 
@@ -28,6 +35,50 @@ class FileLimits:
     max_bytes: int
     max_lines: int
     chat_template: bool  # the backbone can render chat examples
+
+
+class LineError(ValueError):
+    """One line's problem, without its line number."""
+
+
+def _number(text: str, convert: Any) -> Any:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise LineError(f"a number has {len(text)} characters; the limit is {MAX_NUMBER_CHARS}")
+    return convert(text)
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of decoded JSON (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = (
+            item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        )
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if depth > MAX_DEPTH:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def parse_line(line: str) -> Any:
+    """One JSON value, bounded; LineError naming the problem."""
+    try:
+        record = json.loads(
+            line,
+            parse_int=lambda t: _number(t, int),
+            parse_float=lambda t: _number(t, float),
+        )
+    except json.JSONDecodeError as e:
+        raise LineError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise LineError(f"nests deeper than {MAX_DEPTH} arrays/objects") from None
+    if _depth(record) > MAX_DEPTH:
+        raise LineError(f"nests deeper than {MAX_DEPTH} arrays/objects")
+    return record
 
 
 def _line_format(record: Any) -> tuple[Format | None, str | None]:
@@ -77,8 +128,9 @@ def validate_jsonl(content: bytes, limits: FileLimits) -> tuple[Format, int]:
     problems: list[str] = []
     formats: dict[Format, int] = {}
     examples = 0
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
+        if not line.strip(" \t\r"):
             continue
         examples += 1
         if examples > limits.max_lines:
@@ -88,9 +140,9 @@ def validate_jsonl(content: bytes, limits: FileLimits) -> tuple[Format, int]:
                 f"the file has more than {limits.max_lines} examples (the limit)",
             )
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(f"line {number}: not valid JSON ({e.msg} at column {e.colno})")
+            record = parse_line(line)
+        except LineError as e:
+            problems.append(f"line {number}: {e}")
             continue
         fmt, problem = _line_format(record)
         if problem is not None:

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from prompts.chat import ROLES
 from service.protocol.generate import MAX_BATCH_INPUTS, GenerationParameters, Usage
+from service.protocol.openai import FinishReason
 
 MAX_MESSAGES = 256
 Role = Literal["system", "developer", "user", "assistant", "tool"]
@@ -17,14 +26,14 @@ assert set(ROLES) == set(Role.__args__)  # type: ignore[attr-defined]
 class TextPart(BaseModel):
     """One part of a multi-part content list; only text parts are accepted."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     type: Literal["text"] = Field(default=..., description="only text parts are supported")
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Role
     content: str | list[TextPart] = Field(
@@ -40,13 +49,15 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     include_usage: bool = False
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Unknown OpenAI fields are ignored (clients send many); known ones are strictly typed:
+    # "5" is not 5, 0 is not false, "true" is not true (as on every other route).
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str = Field(default=..., description="the task name")
     messages: list[ChatMessage] = Field(
@@ -107,9 +118,6 @@ class ChatCompletionRequest(BaseModel):
         )
 
 
-FinishReason = Literal["stop", "length"]
-
-
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -132,8 +140,14 @@ class ChatCompletionResponse(BaseModel):
 
 
 class ChunkDelta(BaseModel):
+    """What changed in a choice: its fields are sent only when set, as OpenAI's deltas."""
+
     role: Literal["assistant"] | None = None
     content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _only_set(self, handler: SerializerFunctionWrapHandler) -> Any:
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChunkChoice(BaseModel):

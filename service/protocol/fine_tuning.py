@@ -21,10 +21,12 @@ COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
     503: {"description": "the job store is unavailable"},
 }
 MAX_EVENTS_PER_POST = 100
+# Bodies are strict, as on every route: "5" is not 5, true is not 1, "true" is not true.
+STRICT = ConfigDict(extra="forbid", strict=True)
 
 
 class Hyperparameters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     n_epochs: int | Auto = Field(
         default="auto", description="passes over the training file (1-100)"
@@ -52,7 +54,7 @@ class Hyperparameters(BaseModel):
 class RankoneOptions(BaseModel):
     """rankone's own job options (the ``rankone`` field, e.g. the openai client's extra_body)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     mode: Literal["factors-only"] = Field(
         default="factors-only",
@@ -68,20 +70,20 @@ class RankoneOptions(BaseModel):
 
 
 class SupervisedMethod(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     hyperparameters: Hyperparameters | None = None
 
 
 class Method(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     type: Literal["supervised"] = Field(description="only supervised fine-tuning is supported")
     supervised: SupervisedMethod | None = None
 
 
 class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     model: str = Field(description="the shared prompt to adapt from (GET /v1/shared-prompts)")
     training_file: str = Field(description="id of an uploaded file, purpose fine-tune")
@@ -112,7 +114,7 @@ class JobCreate(BaseModel):
 
 
 class ClaimRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     worker: str = Field(min_length=1, max_length=128, description="the worker's name, for events")
     lease_s: float | None = Field(default=None, gt=0, le=3600, description="lease length")
@@ -122,13 +124,13 @@ class ClaimRequest(BaseModel):
 
 
 class LeaseRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     lease_token: str = Field(min_length=1, max_length=200)
 
 
 class ProgressEvent(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     step: int = Field(ge=0)
     total_steps: int | None = Field(default=None, ge=1)

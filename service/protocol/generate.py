@@ -254,6 +254,13 @@ class Output(BaseModel):
     completion_tokens: int
 
 
+class TokenEvent(BaseModel):
+    """The data of one ``token`` event of a streamed generate (then ``done`` or ``error``)."""
+
+    text: str = Field(description="the new text (may be empty while a character is incomplete)")
+    token_ids: list[int]
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int

@@ -8,6 +8,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.protocol.generate import MAX_BATCH_INPUTS, GenerationParameters, Usage
 
+FinishReason = Literal["stop", "length"]
+
+
+def finish_reason(engine_reason: str | None) -> FinishReason | None:
+    """OpenAI's finish_reason for the engine's (``length``; ``eos`` and ``stop`` are "stop"),
+    the one mapping both OpenAI routes use; None while a stream still runs."""
+    if engine_reason is None:
+        return None
+    return "length" if engine_reason == "length" else "stop"
+
 
 class CompletionRequest(BaseModel):
     # Unknown OpenAI fields are ignored (clients send many); known ones are strictly typed.
@@ -62,7 +72,7 @@ class CompletionChoice(BaseModel):
     text: str
     index: int
     logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: FinishReason | None
 
 
 class CompletionResponse(BaseModel):
@@ -72,6 +82,16 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+
+
+class CompletionChunk(BaseModel):
+    """One server-sent event of a streamed completion (then ``data: [DONE]``)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
 
 
 class ModelCard(BaseModel):

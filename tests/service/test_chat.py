@@ -169,6 +169,29 @@ def test_stream_chunks(client: TestClient) -> None:
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
 
 
+def test_stream_events_match_the_document(client: TestClient) -> None:
+    """Every chunk of a chat stream (role, content, finish, usage, [DONE]) is read against the
+    OpenAPI document's description of the events (the contract test's check)."""
+    import schemathesis
+    from schemathesis.checks import response_schema_conformance
+    from schemathesis.core.transport import Response
+
+    api = schemathesis.openapi.from_dict(client.app.openapi())
+    body = {"model": "alpha", "messages": CHAT, "max_tokens": 6, "n": 2, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    case = api["/v1/chat/completions"]["POST"].Case(
+        body=body, headers=CLIENT, media_type="application/json"
+    )
+    r = client.post("/v1/chat/completions", json=body, headers=CLIENT)
+    assert r.status_code == 200 and r.text.count("data:") >= 5
+    case.validate_response(Response.from_any(r), checks=[response_schema_conformance])
+    broken = r.text.replace('"chat.completion.chunk"', '"chat.completion"', 1)
+    bad = httpx.Response(200, headers=r.headers, content=broken.encode(), request=r.request)
+    bad.elapsed = r.elapsed
+    with pytest.raises(BaseException, match=r"(?i)schema"):
+        case.validate_response(Response.from_any(bad), checks=[response_schema_conformance])
+
+
 def test_stream_of_several_choices(client: TestClient) -> None:
     r = _chat(client, max_tokens=6, n=2, stream=True)
     chunks = _sse(r)

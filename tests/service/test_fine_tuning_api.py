@@ -465,3 +465,173 @@ def test_scoped_admin_keys(client: TestClient) -> None:
         client.post("/v1/fine_tuning/claims", json={"worker": "w"}, headers=team), 403, "unscoped"
     )
     assert client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=ADMIN).status_code == 200
+
+
+# -- exactly once under races ---------------------------------------------------------------
+
+ROUNDS = 20
+
+
+def test_cancel_racing_the_result_registers_once_or_not_at_all(
+    client: TestClient, gpt2_backbone: Backbone
+) -> None:
+    """cancel ‖ result, 20 times: a succeeded job has exactly one task version made by it and
+    its cancel got 409; a cancelled job registered nothing and its result got 409. Never both,
+    never neither, never a job left running."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    drain(client)
+    outcomes: dict[str, int] = {"succeeded": 0, "cancelled": 0}
+    with ThreadPoolExecutor(2) as pool:
+        for i in range(ROUNDS):
+            name = f"race-{i}"
+            job = new_job(client, name)
+            lease = claim(client)
+            assert lease["job"]["id"] == job["id"]
+            result = {
+                "lease_token": lease["lease_token"],
+                "factors": factors_b64(gpt2_backbone, name),
+            }
+            url = f"/v1/fine_tuning/jobs/{job['id']}"
+            posted = pool.submit(client.post, f"{url}/result", json=result, headers=ADMIN)
+            cancelled = pool.submit(client.post, f"{url}/cancel", headers=ADMIN)
+            r, c = posted.result(), cancelled.result()
+            status = client.get(url, headers=ADMIN).json()["status"]
+            task = client.get(f"/v1/tasks/{name}", headers=ADMIN)
+            assert status in outcomes, (status, r.text, c.text)
+            outcomes[status] += 1
+            if status == "succeeded":
+                assert (r.status_code, c.status_code) == (200, 409), (r.text, c.text)
+                assert task.json()["version"] == 1
+                assert task.json()["metadata"]["fine_tuning_job"] == job["id"]
+            else:
+                assert (r.status_code, c.status_code) == (409, 200), (r.text, c.text)
+                assert task.status_code == 404, task.text
+    assert sum(outcomes.values()) == ROUNDS
+
+
+def test_a_suffix_is_reserved_at_creation(client: TestClient) -> None:
+    drain(client)
+    first = new_job(client, "reserved")
+    file_id = upload(client, GOOD).json()["id"]
+    body = {"model": "family", "training_file": file_id, "suffix": "reserved"}
+    message = error_of(client.post("/v1/fine_tuning/jobs", json=body, headers=ADMIN), 409)
+    assert first["id"] in message and "another suffix" in message
+    replace = {**body, "rankone": {"replace": True}}  # replacing does not share a name either
+    error_of(client.post("/v1/fine_tuning/jobs", json=replace, headers=ADMIN), 409, first["id"])
+    client.post(f"/v1/fine_tuning/jobs/{first['id']}/cancel", headers=ADMIN)
+    again = client.post("/v1/fine_tuning/jobs", json=body, headers=ADMIN)  # free once it ended
+    assert again.status_code == 200, again.text
+    client.post(f"/v1/fine_tuning/jobs/{again.json()['id']}/cancel", headers=ADMIN)
+
+
+def test_two_creates_racing_for_one_suffix_get_one_job(client: TestClient) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    drain(client)
+    file_id = upload(client, GOOD).json()["id"]
+    body = {"model": "family", "training_file": file_id, "suffix": "contested"}
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(
+            pool.map(
+                lambda _: client.post("/v1/fine_tuning/jobs", json=body, headers=ADMIN), range(4)
+            )
+        )
+    assert sorted(r.status_code for r in answers) == [200, 409, 409, 409], [r.text for r in answers]
+    drain(client)
+
+
+def test_scoped_job_answers_name_nothing_foreign(client: TestClient) -> None:
+    """A team key learns nothing of other teams' tasks or jobs: creating a job for an existing
+    foreign task and for an absent one are the same 403; a foreign job id and an unknown one
+    are the same 403, naming no task."""
+    drain(client)
+    team = {"Authorization": "Bearer team-key"}
+    mine = client.post(
+        "/v1/files", files={"file": ("t.jsonl", GOOD)}, data={"purpose": "fine-tune"}, headers=team
+    ).json()
+    body = {"model": "family", "training_file": mine["id"]}
+    exists = client.post("/v1/fine_tuning/jobs", json={**body, "suffix": "taken"}, headers=team)
+    absent = client.post("/v1/fine_tuning/jobs", json={**body, "suffix": "nope-x"}, headers=team)
+    assert exists.status_code == absent.status_code == 403
+    assert exists.json()["error"]["message"].replace("'taken'", "X") == absent.json()["error"][
+        "message"
+    ].replace("'nope-x'", "X")
+    replace = {**body, "suffix": "taken", "rankone": {"replace": True}}
+    error_of(client.post("/v1/fine_tuning/jobs", json=replace, headers=team), 403)
+    foreign = new_job(client, "secret-task")
+    unknown = "ftjob-" + "0" * 24
+    answers = {
+        job_id: [
+            client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=team),
+            client.get(f"/v1/fine_tuning/jobs/{job_id}/events", headers=team),
+            client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=team),
+        ]
+        for job_id in (foreign["id"], unknown)
+    }
+    for job_id, responses in answers.items():
+        for r in responses:
+            message = error_of(r, 403, job_id)
+            assert "secret-task" not in message
+            other = unknown if job_id == foreign["id"] else foreign["id"]
+            assert message.replace(job_id, "X") in {
+                m.json()["error"]["message"].replace(other, "X") for m in answers[other]
+            }
+    assert client.get(f"/v1/fine_tuning/jobs/{unknown}", headers=ADMIN).status_code == 404
+    drain(client)
+
+
+def test_the_reaper_restarts_a_missing_worker(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Embedded mode's rule, on the handler: while a job is queued the reaper asks for a
+    worker every round, not only when a job is created."""
+    import asyncio
+
+    from service.handlers import fine_tuning as jobs_handler
+
+    drain(client)
+    handler = client.app.state.fine_tuning  # type: ignore[attr-defined]
+    calls: list[float] = []
+
+    async def on_queued() -> None:
+        calls.append(time.monotonic())
+
+    monkeypatch.setattr(jobs_handler, "REAP_EVERY_S", 0.05)
+    monkeypatch.setattr(handler, "on_queued", on_queued)
+
+    async def rounds() -> None:
+        reaper = asyncio.ensure_future(handler._reap_forever())
+        await asyncio.sleep(0.4)
+        reaper.cancel()
+
+    client.portal.call(rounds)  # type: ignore[attr-defined]
+    assert not calls  # nothing queued: no worker wanted
+    job = new_job(client, "lonely")
+    client.portal.call(rounds)  # type: ignore[attr-defined]
+    assert len(calls) >= 3
+    client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=ADMIN)
+
+
+def test_a_bad_document_written_behind_the_api_never_breaks_a_listing(client: TestClient) -> None:
+    """A job and an event holding a lone surrogate (stored before the client-text rule, or by a
+    tool behind the API) read back with U+FFFD: the listings answer 200."""
+    import copy
+
+    drain(client)
+    job = new_job(client, "legacy-job")
+    backend = client.app.state.fine_tuning.jobs  # type: ignore[attr-defined]
+
+    def poison(doc: dict[str, Any], now: float) -> tuple[dict[str, Any], list[Any]]:
+        doc = copy.deepcopy(doc)
+        doc["metadata"] = {"note": "a\ud800b"}
+        return doc, [lifecycle.event(now, "odd \udfff")]
+
+    client.portal.call(backend.update_job, job["id"], poison)  # type: ignore[attr-defined]
+    listed = client.get("/v1/fine_tuning/jobs?limit=1000", headers=ADMIN)
+    assert listed.status_code == 200, listed.text
+    mine = next(j for j in listed.json()["data"] if j["id"] == job["id"])
+    assert mine["metadata"] == {"note": "a\ufffdb"}
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", headers=ADMIN)
+    assert events.status_code == 200 and events.json()["data"][0]["message"] == "odd \ufffd"
+    client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=ADMIN)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from service.errors import ApiError
-from service.jobs.handler import resolve_steps
+from service.handlers.fine_tuning import resolve_steps
 from service.jobs.validation import FileLimits, validate_jsonl
 from service.protocol.fine_tuning import Hyperparameters
 
@@ -75,3 +75,34 @@ def test_bad_chat_and_many_errors(content: bytes, needle: str) -> None:
 )
 def test_resolve_steps(hp: dict[str, Any], examples: int, expected: tuple[int, int, int]) -> None:
     assert resolve_steps(Hyperparameters(**hp), examples, 500) == expected
+
+
+BIG = FileLimits(max_bytes=2_000_000, max_lines=20, chat_template=True)
+OK = b'{"input": "a", "target": "b"}\n'
+
+
+@pytest.mark.parametrize(
+    ("content", "needles"),
+    [
+        (OK + b"[" * 100_000 + b"]" * 100_000 + b"\n", ["line 2: nests deeper than 32"]),
+        (b'{"input": ' + b"[" * 5_000 + b"]" * 5_000 + b', "target": "b"}\n', ["line 1: nests"]),
+        (OK * 2 + b'{"input": "a", "target": "b", "n": 1' + b"0" * 5_000 + b"}\n", ["line 3:"]),
+        (b'{"input": "a", "target": "b", "n": 1.' + b"5" * 5_000 + b"}\n", ["line 1: a number"]),
+        (OK + b'{"input": "a"\n, "target": "b"}\n', ["line 2: not valid JSON", "line 3:"]),
+    ],
+)
+def test_hostile_lines_are_line_numbered_422s(content: bytes, needles: list[str]) -> None:
+    with pytest.raises(ApiError) as e:
+        validate_jsonl(content, BIG)
+    assert e.value.status == 422
+    for needle in needles:
+        assert needle in e.value.message, e.value.message
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85", "\x0b", "\x0c"])
+def test_only_newline_ends_a_line(separator: str) -> None:
+    """U+2028 inside a JSON string is legal JSON: the line stays whole (str.splitlines would
+    cut it, and the halves are not JSON)."""
+    row = json.dumps({"input": f"a{separator}b", "target": "c"}, ensure_ascii=False)
+    content = (row + "\n" + row + "\r\n").encode()
+    assert validate_jsonl(content, BIG) == ("text", 2)

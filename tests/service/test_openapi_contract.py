@@ -7,6 +7,7 @@ Bounded for CI: a fixed number of examples per operation, derandomized (fixed se
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -104,3 +105,47 @@ def test_every_response_matches_the_document(contract_server: ServerProcess) -> 
         if (failure := _fuzz(operation, mode, contract_server.url)) is not None
     ]
     assert not failures, "\n\n".join(failures)
+
+
+STREAMS = [
+    ("/v1/tasks/{task}/generate", {"task": "a"}, {"inputs": "hello", "stream": True}),
+    ("/v1/completions", {}, {"model": "a", "prompt": "hello", "stream": True, "max_tokens": 3}),
+]  # chat streams are read against the document in tests/service/test_chat.py (chat model)
+
+
+@pytest.mark.parametrize(("path", "params", "body"), STREAMS)
+def test_stream_events_match_the_document(
+    contract_server: ServerProcess, path: str, params: dict[str, str], body: dict[str, Any]
+) -> None:
+    """Each route's server-sent events are described (itemSchema: each event's data as JSON of
+    a named model), so schemathesis reads them against the document like a JSON body; an
+    event that does not match fails here."""
+    api = schemathesis.openapi.from_url(f"{contract_server.url}/openapi.json")
+    operation = api[path]["POST"]
+    media = operation.definition.raw["responses"]["200"]["content"]["text/event-stream"]
+    assert "itemSchema" in media
+    case = operation.Case(body=body, path_parameters=params, media_type="application/json")
+    response = case.call_and_validate(
+        base_url=contract_server.url, headers=ADMIN, excluded_checks=[positive_data_acceptance]
+    )
+    assert response.headers["content-type"][0].startswith("text/event-stream")
+    assert response.text.count("data:") >= 2
+
+
+def test_a_bad_event_would_be_caught(contract_server: ServerProcess) -> None:
+    """The check has teeth: an event whose data breaks its model fails validation."""
+    from schemathesis.checks import response_schema_conformance
+    from schemathesis.core.transport import Response
+
+    api = schemathesis.openapi.from_url(f"{contract_server.url}/openapi.json")
+    operation = api["/v1/tasks/{task}/generate"]["POST"]
+    case = operation.Case(body={"inputs": "x", "stream": True}, path_parameters={"task": "a"})
+    bad = httpx.Response(
+        200,
+        headers={"content-type": "text/event-stream"},
+        content=b'event: token\ndata: {"text": 5, "token_ids": []}\n\n',
+        request=httpx.Request("POST", f"{contract_server.url}/v1/tasks/a/generate"),
+    )
+    bad.elapsed = datetime.timedelta(seconds=0.1)
+    with pytest.raises(BaseException, match=r"(?i)schema"):
+        case.validate_response(Response.from_any(bad), checks=[response_schema_conformance])

@@ -75,7 +75,10 @@ def test_list_inputs_over_the_queue_are_refused_whole(
     settings = static_settings(tiny_t5_dir, tmp_path, queue_size=1, max_batch_size=1, max_wait_ms=0)
     body = {"inputs": ["a", "b", "c", "d"], "parameters": {"max_new_tokens": 2}}
     (r,) = asyncio.run(_serve(settings, t5_backbone, 1, body))
-    assert r.status_code == 429, r.text
+    # more inputs than the queue holds can never be queued: a 422 saying why, not a 429 whose
+    # Retry-After would be a lie (issue 22)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "too_many_inputs" and "retry-after" not in r.headers
 
 
 def test_request_timeout_is_504(

@@ -219,3 +219,66 @@ def test_caller_check_is_the_one_scope_check() -> None:
         scoped.check("team-b-x")
     assert err.value.status == 403 and "team-a-*" in err.value.message
     assert authenticate(None, Role.ADMIN, client_keys=[], admin_keys=[]).allows("anything")
+
+
+@pytest.mark.parametrize(
+    ("entries", "position"),
+    [
+        ("ok-key,sk:live:abc123", 2),  # a ':' inside a key would be swallowed: refused
+        ("sk:live:abc123", 1),
+        ("ok-key,ok-two,abc:LIVE-Secret", 3),  # what follows ':' may be a secret's tail
+        ("abc:def|", 0),  # valid: one pattern
+        ("k:" + "a" * 65, 1),
+        ("k:team a", 1),
+    ],
+)
+def test_key_syntax_edge_cases_never_print_a_key(entries: str, position: int) -> None:
+    if not position:
+        assert load_settings(model="m", admin_keys=entries).admin_keys == [entries]
+        return
+    with pytest.raises(SettingsError) as err:
+        load_settings(model="m", admin_keys=entries)
+    message = str(err.value)
+    assert f"RANKONE_ADMIN_KEYS: entry {position} " in message
+    for secret in ("live", "abc123", "LIVE-Secret", "ok-key", "ok-two", "team a"):
+        assert secret not in message
+
+
+def test_scoped_entries_are_logged_at_start_by_position() -> None:
+    from service.auth import describe_scopes
+
+    assert describe_scopes(["plain-key", "abc:def", "x:team-a-*|b"]) == [
+        "entry 2 is scoped to def",
+        "entry 3 is scoped to team-a-*|b",
+    ]
+
+
+def test_a_key_in_both_lists_is_governed_by_the_route_s_list() -> None:
+    """The documented rule: on client routes a key's client entry applies (its client scope),
+    on admin routes its admin entry."""
+    clients = [KeyEntry("both", ("team-a-*",))]
+    admins = [KeyEntry("both"), KeyEntry("admin-only", ("team-b-*",))]
+    on_client = authenticate("both", Role.CLIENT, client_keys=clients, admin_keys=admins)
+    assert on_client == Caller(Role.CLIENT, ("team-a-*",)) and not on_client.allows("team-b-x")
+    on_admin = authenticate("both", Role.ADMIN, client_keys=clients, admin_keys=admins)
+    assert on_admin == Caller(Role.ADMIN, None)
+    only = authenticate("admin-only", Role.CLIENT, client_keys=clients, admin_keys=admins)
+    assert only == Caller(Role.ADMIN, ("team-b-*",))
+
+
+def test_out_of_scope_is_the_same_403_whether_the_task_exists(
+    app_client: TestClient, t5_backbone: Backbone
+) -> None:
+    for who in ("admin-a", "client-a"):
+        h = auth(who)
+        for call in (_generate, _complete, _replace):
+            there = call("team-b-one")(app_client, t5_backbone, h)
+            absent = call("team-b-absent")(app_client, t5_backbone, h)
+            assert there.status_code == absent.status_code == 403, (who, there.text, absent.text)
+            assert there.json()["error"]["message"].replace("team-b-one", "X") == absent.json()[
+                "error"
+            ]["message"].replace("team-b-absent", "X")
+    h = auth("admin-a")
+    for path in ("/v1/tasks/team-b-one", "/v1/tasks/team-b-absent"):
+        assert app_client.get(path, headers=h).status_code == 403
+        assert app_client.delete(path, headers=h).status_code == 403

@@ -240,3 +240,56 @@ def test_killed_worker_job_is_reclaimed_with_one_version(
                 w.kill()
                 w.wait()
         server.stop()
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_embedded_worker_killed_mid_job_is_restarted(embedded_server: ServerProcess) -> None:
+    """kill -9 of the embedded worker child: the server starts a new one on its own (no other
+    job is created), the job is requeued when its lease runs out and ends succeeded, with
+    exactly one task version."""
+    assert embedded_server.proc is not None
+    with httpx.Client(base_url=embedded_server.url, headers=ADMIN, timeout=30) as c:
+        up = c.post(
+            "/v1/files", files={"file": ("t.jsonl", jsonl(TRAIN))}, data={"purpose": "fine-tune"}
+        )
+        body = {
+            "model": "family",
+            "training_file": up.json()["id"],
+            "suffix": "phoenix",
+            "hyperparameters": {"steps": 300, "batch_size": 2},
+        }
+        job = c.post("/v1/fine_tuning/jobs", json=body).json()
+        deadline = time.monotonic() + 120
+        while not any(
+            e["data"].get("step")
+            for e in c.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
+        ):
+            assert time.monotonic() < deadline, embedded_server.logs()
+            time.sleep(0.2)
+        (worker,) = _children(embedded_server.proc.pid)
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 180
+        while (status := c.get(f"/v1/fine_tuning/jobs/{job['id']}").json())["status"] not in (
+            "succeeded",
+            "failed",
+            "cancelled",
+        ):
+            assert time.monotonic() < deadline, (status, embedded_server.logs())
+            time.sleep(0.5)
+        assert status["status"] == "succeeded", status
+        assert status["rankone"]["attempts"] == 2
+        assert _children(embedded_server.proc.pid) not in ([], [worker])  # a new child runs
+        task = c.get("/v1/tasks/phoenix").json()
+        assert task["version"] == 1 and task["metadata"]["fine_tuning_job"] == job["id"]
