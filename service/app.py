@@ -60,7 +60,9 @@ def build_fine_tuning(
     return handler, worker
 
 
-def build_store(settings: Settings, fingerprint: str, dim: int, metrics: Metrics) -> Any:
+def build_store(
+    settings: Settings, fingerprint: str, dim: int, metrics: Metrics, base_model: str = ""
+) -> Any:
     from service.store.factor_store import FactorStore
 
     backend: Any
@@ -82,6 +84,7 @@ def build_store(settings: Settings, fingerprint: str, dim: int, metrics: Metrics
         max_rank=settings.max_rank,
         max_prompt_length=settings.max_prompt_length,
         on_store_error=lambda _: metrics.store_errors.inc(),
+        base_model=base_model,
     )
 
 
@@ -112,7 +115,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         extra={"model": backbone.name, "kind": backbone.kind, "fingerprint": backbone.fingerprint},
     )
     metrics: Metrics = state.metrics
-    store = build_store(settings, backbone.fingerprint, backbone.dim, metrics)
+    base_model = settings.served_model_name or backbone.served_name
+    store = build_store(settings, backbone.fingerprint, backbone.dim, metrics, base_model)
     await store.start()
     engine = None
     jobs: FineTuningHandler | None = None

@@ -90,13 +90,15 @@ async def _chunks(
 
 @router.get("/models", responses=errors(*KEYED))
 async def models(registry: RegistryDep, caller: ClientCaller) -> ModelList:
-    """The tasks this key may use, as OpenAI models."""
-    cards: list[ModelCard] = []
+    """The base model (its id, then its alias ``base``) and the tasks this key may use, as
+    OpenAI models; a task's ``parent`` is the base model."""
+    base = registry.store.base_model
+    cards = [ModelCard(id=n, created=0) for n in registry.store.base_names if caller.allows(n)]
     offset: int | None = 0
     while offset is not None:
         page = await registry.list_tasks(offset, MAX_PAGE)
         cards += [
-            ModelCard(id=t.name, created=_epoch(t.created))
+            ModelCard(id=t.name, created=_epoch(t.created), parent=base or None)
             for t in page.tasks
             if caller.allows(t.name)
         ]

@@ -233,6 +233,9 @@ class Prefiller:
             key = (task.name, task.version)
             if key in found or key in missing:
                 continue
+            if task.prompt.shape[0] == 0:  # the base model: no prompt rows, nothing to cache
+                found[key] = NO_PREFIX
+                continue
             cached = self.prefix_cache.get(task.name, task.version)
             if cached is None:
                 missing[key] = task
@@ -264,15 +267,9 @@ class Prefiller:
             else:
                 pasts.append(prompt.layers)
             skip.append(j)
-        past_lengths = [int(p[0][0].shape[2]) for p in pasts]
+        past_lengths = [int(p[0][0].shape[2]) if p else 0 for p in pasts]
         longest = max(past_lengths)
-        layers: list[KV] = [
-            (
-                torch.cat([left_pad(p[i][0], longest, 2) for p in pasts]),
-                torch.cat([left_pad(p[i][1], longest, 2) for p in pasts]),
-            )
-            for i in range(len(pasts[0]))
-        ]  # per layer [B, H, Pmax, Dh]
+        layers = stack_pasts(pasts, longest)  # per layer [B, H, Pmax, Dh]; None: no past at all
         prefix_mask, _ = pad_sequences(
             [torch.ones(n, dtype=torch.long, device=self.device) for n in past_lengths],
             side="left",
@@ -284,15 +281,24 @@ class Prefiller:
             for x, j in zip(inputs, skip, strict=True)
         ]
         input_ids, input_mask = pad_sequences(ids, side="left")  # [B, T]
-        last_logits = torch.stack([p.last_logits for p in prompts])  # [B, V]
+        empty = [len(x) == 0 for x in inputs]
+        if any(e and p.length == 0 for e, p in zip(empty, prompts, strict=True)):
+            raise ValueError(
+                "a row with no prompt rows and no input tokens has nothing to continue"
+            )
+        last_logits = None
+        if any(empty):
+            last_logits = torch.stack([p.last_logits for p in prompts])  # [B, V]
         if input_ids.shape[1] == 0:
+            assert last_logits is not None and layers is not None
             return Prefill(last_logits, layers, prefix_mask, decode_positions(prefix_mask))
         mask = torch.cat([prefix_mask, input_mask], dim=1)  # [B, Pmax + T]
         logits, layers = self._forward(
             mask, prefill_positions(lengths, input_mask), ids=input_ids, past=layers
         )
-        empty = torch.tensor([len(x) == 0 for x in inputs], device=self.device)
-        logits = torch.where(empty[:, None], last_logits.to(logits.dtype), logits)
+        if last_logits is not None:
+            rows_empty = torch.tensor(empty, device=self.device)  # [B]
+            logits = torch.where(rows_empty[:, None], last_logits.to(logits.dtype), logits)
         self.stats.input_tokens_reused += sum(skip)
         self._keep_inputs(tasks, inputs, layers, mask)
         return Prefill(logits, layers, mask, decode_positions(mask))
@@ -316,6 +322,27 @@ class Prefiller:
             )
             prefix = PromptPrefix(kept, layers[0][0].new_zeros(0), tokens=tuple(x))
             self.prefix_cache.put_input(task.name, task.version, prefix)
+
+
+# A zero-row prompt's prefix (the base model): no columns, never cached.
+NO_PREFIX = PromptPrefix((), torch.zeros(0))
+
+
+def stack_pasts(pasts: Sequence[tuple[KV, ...]], longest: int) -> list[KV] | None:
+    """Per-row pasts (per layer [1, H, P_b, Dh]; ``()`` for a row with none) left-padded to
+    ``longest`` and stacked: per layer [B, H, longest, Dh]. None when no row has a past."""
+    template = next((p for p in pasts if p), None)
+    if template is None:
+        return None
+    none = tuple((k[:, :, :0], v[:, :, :0]) for k, v in template)  # [1, H, 0, Dh]
+    full = [p or none for p in pasts]
+    return [
+        (
+            torch.cat([left_pad(p[i][0], longest, 2) for p in full]),
+            torch.cat([left_pad(p[i][1], longest, 2) for p in full]),
+        )
+        for i in range(len(template))
+    ]
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int], *, limit: int) -> int:

@@ -226,6 +226,12 @@ class FineTuningHandler:
             check_name(name, "suffix (the new task's name)")
         except ArtifactError as e:
             raise ApiError(422, "invalid_request", str(e)) from None
+        if self.registry.store.is_base(name):
+            raise ApiError(
+                422,
+                "invalid_name",
+                f"suffix: {name!r} names the base model and cannot be a task; choose another",
+            )
         if not replace:
             with contextlib.suppress(NotFoundError):
                 await self.registry.get_task(name)

@@ -48,7 +48,7 @@ class StreamOptions(BaseModel):
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(default=..., description="the task name")
+    model: str = Field(default=..., description="a task name, or the base model (its id or 'base')")
     messages: list[ChatMessage] = Field(
         default=..., min_length=1, max_length=MAX_MESSAGES, description="the conversation"
     )

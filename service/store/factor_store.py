@@ -33,7 +33,7 @@ from prompts.artifacts import (
     load_artifact_dir,
     validate_task,
 )
-from prompts.errors import ArtifactError
+from prompts.errors import ArtifactError, InvalidNameError
 from service.engine.base import ResolvedTask
 from service.store.base import (
     ConflictError,
@@ -61,6 +61,8 @@ T = TypeVar("T")
 MAX_PAGE = 1000
 # Largest page offset: exact in JSON numbers, and offset + limit stays inside Redis's int64.
 MAX_OFFSET = 2**53
+# The base model's alias: it, and the base model's own id, resolve to no prompt rows.
+BASE_ALIAS = "base"
 
 
 def _check_meta(meta: dict[str, Any]) -> None:
@@ -85,7 +87,10 @@ class FactorStore:
         max_rank: int = 64,
         max_prompt_length: int = 1024,
         on_store_error: Callable[[StoreError], None] | None = None,
+        base_model: str = "",
     ) -> None:
+        """``base_model``: the backbone's served id; it and ``"base"`` name the backbone with
+        no soft prompt, and no task may be registered under either."""
         self.backend = backend
         self.backbone_fingerprint = backbone_fingerprint
         self.dim = dim
@@ -98,6 +103,16 @@ class FactorStore:
         self.resets = 0  # 'reset' events seen (start, and every re-subscription)
         self._cache = FactorCache(cache_bytes)
         self._listeners: list[EventHandler] = []
+        self.base_model = base_model
+        self.base_names = (base_model, BASE_ALIAS) if base_model else ()
+        self._base = ResolvedTask(
+            name=base_model or BASE_ALIAS,
+            version=0,
+            shared_id="",
+            prompt=torch.zeros(0, dim, device=self.device, dtype=dtype),  # [0, d]
+            u=torch.zeros(0, 1, device=self.device, dtype=dtype),  # [0, 1]
+            v=torch.zeros(1, dim, device=self.device, dtype=dtype),  # [1, d]
+        )
 
     @property
     def kind(self) -> str:
@@ -206,8 +221,17 @@ class FactorStore:
 
     # ---- tasks -------------------------------------------------------------------------
 
+    def is_base(self, name: str) -> bool:
+        """Whether ``name`` is the base model (its id or ``"base"``), not a task."""
+        return name in self.base_names
+
     async def _check_task(self, tf: TaskFactors) -> None:
         validate_task(tf, max_rank=self.max_rank)  # name, rank, finite values
+        if self.is_base(tf.name):
+            raise InvalidNameError(
+                f"task name {tf.name!r} is reserved: it names the base model (the backbone "
+                f"with no soft prompt, {self.base_model!r}); choose another name"
+            )
         check_backbone(tf.backbone, self.backbone_fingerprint, f"task {tf.name!r}")
         try:
             shared = await self._shared_entry(tf.shared)
@@ -277,7 +301,10 @@ class FactorStore:
     async def resolve_with_defaults(self, name: str) -> tuple[ResolvedTask, dict[str, Any]]:
         """``resolve(name)`` and the task's default generation parameters (its metadata's
         ``parameters``), both from the same cached record, so of the same version. The dict is
-        the cache's own: never modify it."""
+        the cache's own: never modify it. The base model's name resolves to zero prompt rows
+        (L = 0) and no defaults."""
+        if self.is_base(name):
+            return self._base, {}
 
         async def load() -> tuple[Entry, int]:
             check_name(name, "task name")
