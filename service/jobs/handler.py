@@ -259,7 +259,7 @@ class FineTuningHandler:
         await self._check_task_name(task, body.rankone.replace)
         caller.check(task)
         hp = body.chosen_hyperparameters()
-        examples = train["rankone"]["examples"]
+        uploaded = examples = train["rankone"]["examples"]
         if body.rankone.shots is not None:
             examples = min(examples, body.rankone.shots)
         steps, batch, epochs = resolve_steps(hp, examples, self.settings.finetune_max_steps)
@@ -293,6 +293,7 @@ class FineTuningHandler:
                 "task": task,
                 "mode": body.rankone.mode,
                 "shots": body.rankone.shots,
+                "examples": {"uploaded": uploaded, "used": examples},
                 "replace": body.rankone.replace,
                 "eval_every": body.rankone.eval_every,
                 "steps": steps,
@@ -307,7 +308,17 @@ class FineTuningHandler:
             },
         }
         msg = f"job created: task {task!r} from shared prompt {body.model!r}, {steps} steps"
-        await self.jobs.put_job(job, [lifecycle.event(now, msg)])
+        created = [lifecycle.event(now, msg)]
+        if examples < uploaded:  # said, never silent: shots draws a seeded sample of the file
+            created.append(
+                lifecycle.event(
+                    now,
+                    f"training on {examples} of the {uploaded} uploaded examples, drawn with the job's seed "
+                    f"(rankone.shots={body.rankone.shots}); leave shots out to use them all",
+                    level="warn",
+                )
+            )
+        await self.jobs.put_job(job, created)
         if self.on_queued is not None:
             await self.on_queued()
         return lifecycle.public(job)
