@@ -59,12 +59,17 @@ def test_build_clock_revises_its_estimate_from_the_steps_it_sees() -> None:
         [("teach", 10, 1.0), ("distill", 10, 2.0)], every_s=30, say=said.append, now=now
     )
     assert build.estimate() == (0.0, 30.0)  # the priors: 10 x 1 s + 10 x 2 s
-    now.t = 20.0  # this machine is twice as slow: 10 teach steps took 20 s, not 10
+    now.t = 60.0  # loading the model took a minute: not training, not counted in the pace
+    build("teach-a", 1, 10)
+    assert said == ["build: 3% of the training steps done, 1:00 elapsed, about 0:29 left"]
+    now.t = 78.0  # this machine is twice as slow: 9 more teach steps took 18 s, not 9
     build("teach-a", 10, 10)
     frac, left = build.estimate()
     assert round(frac, 3) == 0.333 and left == 40.0  # the 20 s of distill priors, doubled
-    assert said == ["build: 33% of the training steps done, 0:20 elapsed, about 0:40 left"]
-    now.t = 25.0
-    build("distill", 1, 10)  # within 30 s of the last line: nothing said
+    now.t = 91.0
+    build("distill", 1, 10)
+    assert said[-1] == "build: 40% of the training steps done, 1:31 elapsed, about 0:51 left"
+    now.t = 95.0
+    build("distill", 2, 10)  # within 30 s of the last line: nothing said
     build("pretrain", 5, 10)  # not a stage of this build: ignored
-    assert len(said) == 1
+    assert len(said) == 2

@@ -64,6 +64,9 @@ class BuildClock:
         self.done: dict[str, int] = {}  # steps done per bar label
         self.start = now()
         self.last = -math.inf
+        # The pace is measured from the first step seen on, so that loading the model before
+        # it does not count as slow training.
+        self.anchor: tuple[float, float] | None = None  # (time, prior seconds done) then
 
     def _prior(self, label: str) -> float:
         return next(per for prefix, _, per in self.stages if label.startswith(prefix))
@@ -71,9 +74,14 @@ class BuildClock:
     def estimate(self) -> tuple[float, float]:
         """(fraction of the prior work done, seconds left)."""
         total = sum(steps * per for _, steps, per in self.stages)
-        done = sum(n * self._prior(label) for label, n in self.done.items())
-        rate = (self.now() - self.start) / done if done > 0 else 1.0  # seconds per prior second
+        done = self._done()
+        rate = 1.0  # seconds here per prior second: the priors until two steps were seen
+        if self.anchor is not None and done > self.anchor[1]:
+            rate = (self.now() - self.anchor[0]) / (done - self.anchor[1])
         return (done / total if total else 1.0), max(0.0, total - done) * rate
+
+    def _done(self) -> float:
+        return sum(n * self._prior(label) for label, n in self.done.items())
 
     def line(self) -> str:
         frac, left = self.estimate()
@@ -87,6 +95,8 @@ class BuildClock:
         if not any(label.startswith(prefix) for prefix, _, _ in self.stages):
             return
         self.done[label] = done
+        if self.anchor is None:
+            self.anchor = (self.now(), self._done())
         if self.now() - self.last >= self.every_s:
             self.last = self.now()
             self.say(self.line())
