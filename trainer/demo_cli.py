@@ -192,6 +192,9 @@ Python (the official openai client; the model name is the task name):
   )
   print(out.choices[0].message.content)
 
+The backbone alone, with no soft prompt, is model "base": ask it the same to see what the
+task adds. A task of your own from examples: docs/first-task.md.
+
 Press Ctrl-C to stop.
 """
 

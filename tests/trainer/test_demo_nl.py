@@ -96,6 +96,7 @@ def test_usage_examples_call_the_chat_route() -> None:
     user = '[{"role": "user", "content": "He was born in Oslo."}]'
     assert f'"model": "city", "messages": {user}' in text
     assert "client.chat.completions.create(" in text
+    assert 'model "base"' in text  # the backbone alone, to compare
 
 
 def test_each_task_folder_carries_its_instruction(tmp_path: Path) -> None:
