@@ -21,7 +21,7 @@ from prompts import SharedPrompt, TaskFactors, load_backbone
 from prompts.artifacts import save_shared, save_task
 from tests.gguf_files import build_tiny_tied_llama
 from tests.redis_server import free_port
-from trainer import demo_cli
+from trainer.demo import cli as demo_cli
 from trainer.demo.smollm_build import RECIPE_VERSION
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,8 +11,8 @@ import pytest
 
 from prompts import load_artifact_dir
 from tests.gguf_files import build_tiny_tied_llama
-from trainer import demo_cli
 from trainer.data import load_split
+from trainer.demo import cli as demo_cli
 from trainer.demo import nl_words as W
 from trainer.demo import smollm_build
 from trainer.demo.build_steps import DemoPaths
