@@ -53,8 +53,11 @@ class LineProgress:
         every_s: float = LINE_EVERY_S,
         file: TextIO | None = None,
         now: Callable[[], float] = time.monotonic,
+        unit: str = "step",
     ) -> None:
+        """``unit``: what is counted (``""``: a percentage only, for a bar counting one)."""
         self.total, self.label, self.n, self.every_s = total, label, initial, every_s
+        self.unit = unit
         self.file = file if file is not None else sys.stderr
         self.now = now
         self.start = self.last_line = now()
@@ -65,9 +68,12 @@ class LineProgress:
     def line(self) -> str:
         elapsed = self.now() - self.start
         done = self.n - self.initial
-        text = f"{self.label}: step {self.n}/{self.total}"
-        if self.total:
-            text += f" ({100 * self.n / self.total:.0f}%)"
+        share = f"{100 * self.n / self.total:.0f}%" if self.total else ""
+        text = f"{self.label}: " + (
+            f"{self.unit} {self.n}/{self.total}" + (f" ({share})" if share else "")
+            if self.unit
+            else share
+        )
         text += f", {clock(elapsed)} elapsed"
         if done > 0 and self.n < self.total:
             text += f", ~{clock(elapsed / done * (self.total - self.n))} left"
@@ -103,18 +109,20 @@ class Progress:
         initial: int = 0,
         enabled: bool = True,
         file: TextIO | None = None,
+        unit: str = "step",
+        **tqdm_options: Any,
     ) -> None:
+        """``tqdm_options`` (``bar_format``, ...) apply to the terminal's bar only."""
         self.total, self.label, self.n = total, label, initial
         out = file if file is not None else sys.stderr
         self.bar: Any = None
         if enabled and out.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(
-                total=total, initial=initial, desc=label, dynamic_ncols=True, leave=False, file=out
-            )
+            options = {"dynamic_ncols": True, "leave": False, **tqdm_options}
+            self.bar = tqdm(total=total, initial=initial, desc=label, file=out, **options)
         elif enabled:
-            self.bar = LineProgress(total, label, initial=initial, file=out)
+            self.bar = LineProgress(total, label, initial=initial, file=out, unit=unit)
 
     def update(self, n: int = 1) -> None:
         self.n += n

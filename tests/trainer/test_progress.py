@@ -73,3 +73,12 @@ def test_build_clock_revises_its_estimate_from_the_steps_it_sees() -> None:
     build("distill", 2, 10)  # within 30 s of the last line: nothing said
     build("pretrain", 5, 10)  # not a stage of this build: ignored
     assert len(said) == 2
+
+
+def test_a_bar_that_counts_a_share_writes_only_the_share() -> None:
+    out, now = io.StringIO(), FakeClock()
+    bar = LineProgress(100, "pretrain-demo", file=out, now=now, unit="")
+    now.t = 30.0
+    bar.update(25)
+    bar.close()
+    assert out.getvalue().splitlines()[-1] == "pretrain-demo: 25%, 0:30 elapsed, ~1:30 left"
