@@ -1,12 +1,12 @@
 # rankone — developer commands. The two that matter: `make demo` and `make test`.
-# Both install what is missing first (a .venv pinned by constraints.txt, and redis-server).
+# Both install the .venv first (pinned by constraints.txt); `make test` also redis-server (apt).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # The CPU torch wheel lives in a local wheel store on these machines; elsewhere PyPI is used.
 PIP_FLAGS ?= $(shell [ -d /opt/wheels ] && echo --find-links /opt/wheels)
 
-.PHONY: install system-deps test lint format demo serve bench deploy-check compose-test clean
+.PHONY: install system-deps test lint format docs demo serve bench deploy-check compose-test clean
 
 install: $(STAMP)
 
@@ -37,6 +37,10 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
+# The docs site (docs/ + mkdocs.yml → site/); --strict: a broken link or anchor fails it.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 demo: $(STAMP)
 	$(PY) -m rankone_cli demo $(ARGS)
 
@@ -58,4 +62,4 @@ compose-test:
 	bash docker/compose-test.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site

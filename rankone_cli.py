@@ -23,7 +23,7 @@ SUBCOMMANDS = {
     ),
     "serve": ("service.cli", "main", "run the HTTP server"),
     "worker": ("trainer.worker", "main", "run the server's fine-tuning jobs (an API client)"),
-    "demo": ("trainer.demo_cli", "main", "offline quickstart: build demo artifacts and serve them"),
+    "demo": ("trainer.demo.cli", "main", "offline quickstart: build demo artifacts and serve them"),
     "import-peft": (
         "prompts.cli",
         "import_peft_main",

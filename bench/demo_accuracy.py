@@ -123,7 +123,7 @@ def ask(url: str, how: M.Method, inputs: list[str], max_new_tokens: int) -> list
 
 
 def start_server(cache: Path, port: int, store: Path) -> subprocess.Popen:
-    from trainer import demo_cli
+    from trainer.demo import cli as demo_cli
 
     env = demo_cli.server_env(demo_cli.DemoPaths(cache), port)
     env["RANKONE_DATA_DIR"] = str(store)  # a throw-away store: the baselines stay out of the demo's

@@ -75,6 +75,15 @@ class Backbone:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    @property
+    def served_name(self) -> str:
+        """The model's id for clients: a hub id as given, a local directory or file by its
+        name (a ``.gguf`` file without the extension)."""
+        path = Path(self.name)
+        if not path.exists():
+            return self.name
+        return path.name.removesuffix(".gguf") or self.name
+
     def embed(self, input_ids: Tensor) -> Tensor:
         """Token embeddings [B, T, d] for ``input_ids`` [B, T]."""
         return input_embeddings(self.model)(input_ids)

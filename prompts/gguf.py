@@ -191,6 +191,7 @@ def converted_copy(path: str | Path, cache_dir: str | Path | None = None) -> Pat
     digest = file_sha256(source)
     target = root / f"sha256-{digest[:32]}"
     if _marker(target).get("sha256") == digest:
+        add_architectures(target)  # copies written before config.json carried it
         return target
     check_gguf_file(source)
     root.mkdir(parents=True, exist_ok=True)
@@ -211,6 +212,36 @@ def converted_copy(path: str | Path, cache_dir: str | Path | None = None) -> Pat
         shutil.rmtree(tmp, ignore_errors=True)
     _say(f"converted {source.name} in {time.monotonic() - start:.0f} s → {target}")
     return target
+
+
+def add_architectures(converted: Path) -> None:
+    """Give a converted copy's ``config.json`` its ``architectures`` entry if it lacks one (the
+    model class transformers maps its ``model_type`` to), written atomically."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    )
+
+    path = converted / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if config.get("architectures"):
+        return
+    model_type = config.get("model_type")
+    seq2seq = config.get("is_encoder_decoder", False)
+    names = (
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+        if seq2seq
+        else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    )
+    if model_type not in names:
+        return
+    config["architectures"] = [names[model_type]]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
 
 
 def recorded_fingerprint(converted: Path) -> str | None:
@@ -272,6 +303,9 @@ def write_hf_copy(model: nn.Module, tokenizer: Any, out: Path) -> None:
     config = copy.deepcopy(hf_model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    # The model class, which other tools (llama.cpp's convert_hf_to_gguf.py) read to choose a
+    # converter; transformers' GGUF loader leaves it unset.
+    config.architectures = [type(hf_model).__name__]
     config.save_pretrained(out)
     generation = getattr(hf_model, "generation_config", None)
     if generation is not None:

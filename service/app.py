@@ -80,7 +80,9 @@ def build_fine_tuning(settings: Settings, registry: RegistryHandler, backbone: A
     return FineTuning(files, jobs, WorkersHandler(jobs), worker)
 
 
-def build_store(settings: Settings, backbone: Backbone, metrics: Metrics) -> Any:
+def build_store(
+    settings: Settings, backbone: Backbone, metrics: Metrics, base_model: str = ""
+) -> Any:
     from service.store.factor_store import FactorStore
 
     backend: Any
@@ -103,6 +105,7 @@ def build_store(settings: Settings, backbone: Backbone, metrics: Metrics) -> Any
         max_prompt_length=settings.max_prompt_length,
         prompt_norm_bound=prompt_norm_bound(backbone),
         on_store_error=lambda _: metrics.store_errors.inc(),
+        base_model=base_model,
     )
 
 
@@ -139,7 +142,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         extra={"model": backbone.name, "kind": backbone.kind, "fingerprint": backbone.fingerprint},
     )
     metrics: Metrics = state.metrics
-    store = build_store(settings, backbone, metrics)
+    base_model = settings.served_model_name or backbone.served_name
+    store = build_store(settings, backbone, metrics, base_model)
     await store.start()
     engine = None
     fine_tuning: FineTuning | None = None

@@ -28,6 +28,11 @@ class Settings(BaseSettings):
     model: str = Field(
         "", description="backbone: a local model directory, a .gguf file or a hub id"
     )
+    served_model_name: str = Field(
+        "",
+        description="the base model's id in /v1/models (it is also served as 'base'); empty → "
+        "the backbone's hub id, or its file or directory name",
+    )
     gguf_cache_dir: str = Field(
         "", description="cache of converted .gguf backbones; empty → ~/.cache/rankone/gguf"
     )

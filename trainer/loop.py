@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +20,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from prompts import Backbone
 from trainer.bank import PromptBank
@@ -30,6 +28,7 @@ from trainer.distributed import Dist, average_gradients, broadcast_parameters
 from trainer.errors import TrainerError
 from trainer.forward import Batch, autocast, collate, cross_entropy, prompted_forward
 from trainer.options import TrainOptions
+from trainer.progress import Progress
 
 # (batch on device) → (loss to minimise, named scalars to log)
 Objective = Callable[[Batch], tuple[Tensor, dict[str, float]]]
@@ -232,16 +231,8 @@ def train(
 
     history: list[dict[str, Any]] = []
     stop = opts.steps if opts.stop_after is None else min(opts.steps, step + opts.stop_after)
-    bar = tqdm(
-        total=opts.steps,
-        initial=step,
-        desc=label,
-        disable=not (opts.progress and ctx.main),
-        dynamic_ncols=True,
-        leave=False,
-        # Logs that are not a terminal (docker, CI) get a bar line every 10 s, not every step.
-        mininterval=0.1 if sys.stderr.isatty() else 10.0,
-    )
+    # A bar on a terminal; whole lines every 10 s in logs (docker, CI, a file).
+    bar = Progress(opts.steps, label, initial=step, enabled=opts.progress and ctx.main)
     window_tokens, window_start = 0, time.perf_counter()
     while step < stop:
         scalars: dict[str, float] = {}

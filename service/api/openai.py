@@ -60,9 +60,13 @@ async def completions(
 
 @router.get("/models", responses=errors(*KEYED))
 async def models(registry: RegistryDep, caller: ClientCaller) -> ModelList:
-    """The tasks this key may use, as OpenAI models."""
+    """The base model (its id, then its alias ``base``) and the tasks this key may use, as
+    OpenAI models; a task's ``parent`` is the base model."""
+    base = registry.store.base_model
+    cards = [ModelCard(id=n, created=0) for n in registry.store.base_names if caller.allows(n)]
     tasks = await registry.all_tasks(allowed=caller.allows)
-    return ModelList(data=[ModelCard(id=t.name, created=_epoch(t.created)) for t in tasks])
+    cards += [ModelCard(id=t.name, created=_epoch(t.created), parent=base or None) for t in tasks]
+    return ModelList(data=cards)
 
 
 def _epoch(stamp: str) -> int:

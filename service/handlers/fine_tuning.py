@@ -155,6 +155,12 @@ class FineTuningHandler:
             check_name(name, "suffix (the new task's name)")
         except ArtifactError as e:
             raise ApiError(422, "invalid_request", str(e)) from None
+        if self.registry.store.is_base(name):
+            raise ApiError(
+                422,
+                "invalid_name",
+                f"suffix: {name!r} names the base model and cannot be a task; choose another",
+            )
         caller.check(name)  # before any lookup: the answer outside the scope is always 403
         if not replace:
             with contextlib.suppress(NotFoundError):
@@ -182,7 +188,7 @@ class FineTuningHandler:
         if body.validation_file is not None:
             await self._fine_tune_file(body.validation_file, "validation_file", caller.patterns)
         hp = body.chosen_hyperparameters()
-        examples = train["rankone"]["examples"]
+        uploaded = examples = train["rankone"]["examples"]
         if body.rankone.shots is not None:
             examples = min(examples, body.rankone.shots)
         steps, batch, epochs = resolve_steps(hp, examples, self.settings.finetune_max_steps)
@@ -216,6 +222,7 @@ class FineTuningHandler:
                 "task": task,
                 "mode": body.rankone.mode,
                 "shots": body.rankone.shots,
+                "examples": {"uploaded": uploaded, "used": examples},
                 "replace": body.rankone.replace,
                 "eval_every": body.rankone.eval_every,
                 "steps": steps,
@@ -231,7 +238,18 @@ class FineTuningHandler:
         }
         created = reply(job)  # what is stored reads back as a reply
         msg = f"job created: task {task!r} from shared prompt {body.model!r}, {steps} steps"
-        await self.jobs.put_job(job, [lifecycle.event(now, msg)])
+        events = [lifecycle.event(now, msg)]
+        if examples < uploaded:  # said, never silent: shots draws a seeded sample of the file
+            events.append(
+                lifecycle.event(
+                    now,
+                    f"training on {examples} of the {uploaded} uploaded examples, drawn with the "
+                    f"job's seed (rankone.shots={body.rankone.shots}); leave shots out to use "
+                    "them all",
+                    level="warn",
+                )
+            )
+        await self.jobs.put_job(job, events)
         if self.on_queued is not None:
             await self.on_queued()
         return created

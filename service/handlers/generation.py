@@ -151,7 +151,8 @@ class GenerationHandler:
     ) -> Prepared:
         """One request per token-id list that ``encode`` returns (run on the tokenizer thread;
         it checks the input limit itself, see ``check_length``)."""
-        check_name(task_name, "task name")
+        if not self.store.is_base(task_name):  # the base model's id need not be a task name
+            check_name(task_name, "task name")
         # the task's default parameters come with its factors, from the store's device cache
         task, defaults = await self.store.resolve_with_defaults(task_name)
         merged = params.merged_over(defaults)
@@ -185,10 +186,16 @@ class GenerationHandler:
         """Refuse (422, with the numbers) what cannot fit the model's position table; lower a
         defaulted ``max_new_tokens`` to what fits. The last new token is never fed back, so
         ``L + T + n - 1`` positions serve ``n`` new tokens."""
+        length, n = int(task.prompt.shape[0]), sampling.max_new_tokens
+        if length + len(ids) == 0:
+            raise ApiError(
+                422,
+                "empty_input",
+                "the base model has no prompt rows to continue from: send a non-empty input",
+            )
         table = self.positions
         if table is None:
             return sampling
-        length, n = int(task.prompt.shape[0]), sampling.max_new_tokens
         used = length + len(ids)
         if used > table:
             raise ApiError(

@@ -175,7 +175,23 @@ def succeed(
     job.update(status="succeeded", finished_at=int(now), fine_tuned_model=task)
     job["trained_tokens"] = metrics.get("trained_tokens")
     msg = f"task {task!r} version {version} registered; the job succeeded"
-    return job, [event(now, msg)]
+    # The final figures on the validation examples (measured after the last step whatever
+    # eval_every is), so the event log always ends with them.
+    data = {
+        name: metrics[key]
+        for name, key in (
+            ("step", "steps"),
+            ("valid_loss", "final_val_loss"),
+            ("valid_accuracy", "valid_accuracy"),
+        )
+        if isinstance(metrics.get(key), int | float)
+    }
+    figures = ", ".join(
+        f"{name.replace('_', ' ')} {data[name]:.4g}"
+        for name in ("valid_loss", "valid_accuracy")
+        if name in data
+    )
+    return job, [event(now, f"{msg}: {figures}" if figures else msg, data=data)]
 
 
 def fail(job: Job, token: str, now: float, *, code: str, message: str) -> tuple[Job, list[Event]]:

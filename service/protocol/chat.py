@@ -59,7 +59,7 @@ class ChatCompletionRequest(BaseModel):
     # "5" is not 5, 0 is not false, "true" is not true (as on every other route).
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    model: str = Field(default=..., description="the task name")
+    model: str = Field(default=..., description="a task name, or the base model (its id or 'base')")
     messages: list[ChatMessage] = Field(
         default=..., min_length=1, max_length=MAX_MESSAGES, description="the conversation"
     )

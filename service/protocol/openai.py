@@ -23,7 +23,7 @@ class CompletionRequest(BaseModel):
     # Unknown OpenAI fields are ignored (clients send many); known ones are strictly typed.
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    model: str = Field(default=..., description="the task name")
+    model: str = Field(default=..., description="a task name, or the base model (its id or 'base')")
     prompt: str | list[str]
     max_tokens: int | None = Field(default=16, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
@@ -99,6 +99,9 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "rankone"
+    parent: str | None = Field(
+        default=None, description="a task's base model; null for the base model itself"
+    )
 
 
 class ModelList(BaseModel):

@@ -41,7 +41,7 @@ from prompts.artifacts import (
     shared_path,
     task_path,
 )
-from prompts.errors import ArtifactError
+from prompts.errors import ArtifactError, InvalidNameError
 from service.core.paging import MAX_OFFSET, MAX_PAGE
 from service.core.tasks import ResolvedTask
 from service.store.base import (
@@ -67,6 +67,8 @@ from service.store.factor_cache import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# The base model's alias: it, and the base model's own id, resolve to no prompt rows.
+BASE_ALIAS = "base"
 
 
 def _check_meta(meta: dict[str, Any]) -> None:
@@ -92,9 +94,12 @@ class FactorStore:
         max_prompt_length: int = 1024,
         prompt_norm_bound: float = math.inf,
         on_store_error: Callable[[StoreError], None] | None = None,
+        base_model: str = "",
     ) -> None:
         """``prompt_norm_bound``: the longest composed prompt row a task may have
-        (``prompts.backbone.prompt_norm_bound`` of the served backbone)."""
+        (``prompts.backbone.prompt_norm_bound`` of the served backbone). ``base_model``: the
+        backbone's served id; it and ``"base"`` name the backbone with no soft prompt, and no
+        task may be registered under either."""
         self.backend = backend
         self.backbone_fingerprint = backbone_fingerprint
         self.dim = dim
@@ -108,6 +113,11 @@ class FactorStore:
         self.resets = 0  # 'reset' events seen (start, and every re-subscription)
         self._cache = FactorCache(cache_bytes)
         self._listeners: list[EventHandler] = []
+        self.base_model = base_model
+        self.base_names = (base_model, BASE_ALIAS) if base_model else ()
+        self._base = ResolvedTask.without_prompt(
+            base_model or BASE_ALIAS, dim, device=self.device, dtype=dtype
+        )
 
     @property
     def kind(self) -> str:
@@ -226,6 +236,10 @@ class FactorStore:
 
     # ---- tasks -------------------------------------------------------------------------
 
+    def is_base(self, name: str) -> bool:
+        """Whether ``name`` is the base model (its id or ``"base"``), not a task."""
+        return name in self.base_names
+
     async def _gate_task(self, tf: TaskFactors, prompt: Tensor | None = None) -> bytes:
         """The one check of a task write; returns the blob to store.
 
@@ -233,6 +247,11 @@ class FactorStore:
         as this server holds it (cached).
         """
         blob = encode_task(tf, max_rank=self.max_rank)  # validates name, rank, finite values
+        if self.is_base(tf.name):
+            raise InvalidNameError(
+                f"task name {tf.name!r} is reserved: it names the base model (the backbone "
+                f"with no soft prompt, {self.base_model!r}); choose another name"
+            )
         check_backbone(tf.backbone, self.backbone_fingerprint, f"task {tf.name!r}")
         if prompt is None:
             try:
@@ -307,7 +326,10 @@ class FactorStore:
     async def resolve_with_defaults(self, name: str) -> tuple[ResolvedTask, dict[str, Any]]:
         """``resolve(name)`` and the task's default generation parameters (its metadata's
         ``parameters``), both from the same cached record, so of the same version. The dict is
-        the cache's own: never modify it."""
+        the cache's own: never modify it. The base model's name resolves to zero prompt rows
+        (L = 0) and no defaults."""
+        if self.is_base(name):
+            return self._base, {}
 
         async def load() -> tuple[Entry, int]:
             check_name(name, "task name")

@@ -78,6 +78,7 @@ def test_converted_copy_is_complete_and_reused(
     assert first.name.startswith("sha256-")
     config = json.loads((first / "config.json").read_text())
     assert "quantization_config" not in config and config["tie_word_embeddings"] is True
+    assert config["architectures"] == ["LlamaForCausalLM"]  # llama.cpp's converter reads it
     from safetensors import safe_open
 
     with safe_open(str(first / "model.safetensors"), "pt") as f:
@@ -93,6 +94,11 @@ def test_converted_copy_is_complete_and_reused(
     renamed = tmp_path.parent / "renamed.gguf"
     renamed.write_bytes(source.read_bytes())
     assert converted_copy(renamed, tmp_path) == first  # keyed by content, not by name
+    # a copy written before config.json carried `architectures` gets it on its next load
+    del config["architectures"]
+    (first / "config.json").write_text(json.dumps(config))
+    assert converted_copy(source, tmp_path) == first
+    assert json.loads((first / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     assert load_backbone(renamed, gguf_cache_dir=tmp_path).name == str(renamed)
 
 

@@ -177,3 +177,46 @@ def test_openai_client_chat_and_stream(served: ServerProcess) -> None:
     pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
     assert "".join(pieces) == text and len([p for p in pieces if p]) > 1
     assert json.loads(out.model_dump_json())["usage"]["prompt_tokens"] > 0
+
+
+def test_base_model_beside_tasks_equals_plain_generate(
+    served: ServerProcess, smollm2: Backbone
+) -> None:
+    """``model="base"`` (and the model's own id) next to task requests: the backbone alone,
+    token for token what HF ``generate`` answers on the rendered conversation."""
+    client = OpenAI(base_url=f"{served.url}/v1", api_key=CLIENT_KEY, max_retries=0, timeout=120)
+    models = [m.id for m in client.models.list()]
+    assert models[:2] == ["SmolLM2-135M-Instruct.Q4_1", "base"] and set(TASKS) <= set(models)
+    requests = [("base", QUESTIONS[0]), (TASKS[0], QUESTIONS[0]), (models[0], QUESTIONS[1])]
+
+    async def send_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=served.url, timeout=120) as http:
+            return await asyncio.gather(
+                *(
+                    http.post(
+                        "/v1/chat/completions",
+                        json={"model": m, "messages": _messages(q), "max_tokens": MAX_NEW},
+                        headers=CLIENT,
+                    )
+                    for m, q in requests
+                )
+            )
+
+    responses = asyncio.run(send_all())
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    for (model, question), response in zip(requests, responses, strict=True):
+        if model in TASKS:
+            continue
+        ids = chat_input_ids(smollm2.tokenizer, _messages(question))
+        x = torch.tensor([ids])
+        with torch.inference_mode():
+            out = smollm2.model.generate(  # type: ignore[operator]
+                input_ids=x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=MAX_NEW,
+                do_sample=False,
+            )[0, len(ids) :].tolist()
+        eos = smollm2.tokenizer.eos_token_id
+        out = out[: out.index(eos)] if eos in out else out
+        expected = smollm2.tokenizer.decode(out, skip_special_tokens=True)
+        assert response.json()["choices"][0]["message"]["content"] == expected, model

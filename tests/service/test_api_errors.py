@@ -52,7 +52,7 @@ def client(
         )
         assert (
             c.post(
-                "/v1/tasks", json=task_body(t5_backbone, "base", seed=0), headers=ADMIN
+                "/v1/tasks", json=task_body(t5_backbone, "basic", seed=0), headers=ADMIN
             ).status_code
             == 201
         )
@@ -76,7 +76,7 @@ def test_malformed_json(client: TestClient) -> None:
 
 
 def test_missing_field_names_the_field(client: TestClient) -> None:
-    expect(client.post("/v1/tasks/base/generate", json={}, headers=CLIENT), 422, "inputs")
+    expect(client.post("/v1/tasks/basic/generate", json={}, headers=CLIENT), 422, "inputs")
 
 
 def test_wrong_shapes(client: TestClient, t5_backbone: Backbone) -> None:
@@ -216,19 +216,19 @@ def test_oversized_body(client: TestClient) -> None:
 
 
 def test_too_many_input_tokens(client: TestClient) -> None:
-    r = client.post("/v1/tasks/base/generate", json={"inputs": "x" * 100}, headers=CLIENT)
+    r = client.post("/v1/tasks/basic/generate", json={"inputs": "x" * 100}, headers=CLIENT)
     expect(r, 422, "limit is 40 tokens")
 
 
 def test_max_new_tokens_over_limit(client: TestClient) -> None:
     r = client.post(
-        "/v1/tasks/base/generate",
+        "/v1/tasks/basic/generate",
         json={"inputs": "hi", "parameters": {"max_new_tokens": 21}},
         headers=CLIENT,
     )
     expect(r, 422, "limit of 20")
     r = client.post(
-        "/v1/completions", json={"model": "base", "prompt": "hi", "max_tokens": 50}, headers=CLIENT
+        "/v1/completions", json={"model": "basic", "prompt": "hi", "max_tokens": 50}, headers=CLIENT
     )
     expect(r, 422, "limit of 20")
 
@@ -248,23 +248,23 @@ def test_unknown_task(client: TestClient) -> None:
 
 def test_duplicate_create(client: TestClient, t5_backbone: Backbone) -> None:
     expect(
-        client.post("/v1/tasks", json=task_body(t5_backbone, "base", seed=3), headers=ADMIN),
+        client.post("/v1/tasks", json=task_body(t5_backbone, "basic", seed=3), headers=ADMIN),
         409,
-        "base",
+        "basic",
     )
 
 
 def test_auth(client: TestClient) -> None:
     gen = {"inputs": "hi", "parameters": {"max_new_tokens": 2}}
-    expect(client.post("/v1/tasks/base/generate", json=gen), 401, "missing API key")
+    expect(client.post("/v1/tasks/basic/generate", json=gen), 401, "missing API key")
     expect(
-        client.post("/v1/tasks/base/generate", json=gen, headers={"Authorization": "Bearer nope"}),
+        client.post("/v1/tasks/basic/generate", json=gen, headers={"Authorization": "Bearer nope"}),
         401,
         "invalid API key",
     )
     expect(client.get("/v1/tasks", headers=CLIENT), 403, "admin key")
     expect(client.get("/v1/tasks"), 401, "missing")
-    assert client.post("/v1/tasks/base/generate", json=gen, headers=ADMIN).status_code == 200
+    assert client.post("/v1/tasks/basic/generate", json=gen, headers=ADMIN).status_code == 200
     for path in ("/healthz", "/readyz", "/metrics"):
         assert client.get(path).status_code == 200
 
@@ -272,7 +272,7 @@ def test_auth(client: TestClient) -> None:
 def test_openai_unsupported_options(client: TestClient) -> None:
     expect(
         client.post(
-            "/v1/completions", json={"model": "base", "prompt": "hi", "n": 2}, headers=CLIENT
+            "/v1/completions", json={"model": "basic", "prompt": "hi", "n": 2}, headers=CLIENT
         ),
         422,
         "n=1",
@@ -281,15 +281,15 @@ def test_openai_unsupported_options(client: TestClient) -> None:
 
 def test_failed_replace_keeps_previous_version(client: TestClient, t5_backbone: Backbone) -> None:
     gen = {"inputs": "hello", "parameters": {"max_new_tokens": 5}}
-    before = client.post("/v1/tasks/base/generate", json=gen, headers=CLIENT).json()
-    info = client.get("/v1/tasks/base", headers=ADMIN).json()
-    bad = task_body(t5_backbone, "base", seed=9)
+    before = client.post("/v1/tasks/basic/generate", json=gen, headers=CLIENT).json()
+    info = client.get("/v1/tasks/basic", headers=ADMIN).json()
+    bad = task_body(t5_backbone, "basic", seed=9)
     del bad["name"]
     bad["u"] = bad["u"][:2]
-    expect(client.put("/v1/tasks/base", json=bad, headers=ADMIN), 422)
-    expect(client.put("/v1/tasks/base", json={"factors": "!!!"}, headers=ADMIN), 422)
-    assert client.get("/v1/tasks/base", headers=ADMIN).json() == info
-    after = client.post("/v1/tasks/base/generate", json=gen, headers=CLIENT).json()
+    expect(client.put("/v1/tasks/basic", json=bad, headers=ADMIN), 422)
+    expect(client.put("/v1/tasks/basic", json={"factors": "!!!"}, headers=ADMIN), 422)
+    assert client.get("/v1/tasks/basic", headers=ADMIN).json() == info
+    after = client.post("/v1/tasks/basic/generate", json=gen, headers=CLIENT).json()
     assert after["texts"] == before["texts"] and after["version"] == info["version"]
 
 
@@ -351,7 +351,7 @@ def test_draining_server_refuses_new_work(client: TestClient) -> None:
     state.draining = True
     try:
         expect(
-            client.post("/v1/tasks/base/generate", json={"inputs": "hi"}, headers=CLIENT),
+            client.post("/v1/tasks/basic/generate", json={"inputs": "hi"}, headers=CLIENT),
             503,
             "shutting down",
         )

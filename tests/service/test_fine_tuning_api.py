@@ -635,3 +635,31 @@ def test_a_bad_document_written_behind_the_api_never_breaks_a_listing(client: Te
     events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", headers=ADMIN)
     assert events.status_code == 200 and events.json()["data"][0]["message"] == "odd \ufffd"
     client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=ADMIN)
+
+
+def test_shots_below_the_upload_is_said_and_the_last_event_has_the_valid_figures(
+    client: TestClient, gpt2_backbone: Backbone
+) -> None:
+    drain(client)
+    job = new_job(client, "few-shots", rankone={"shots": 1})  # GOOD holds 2 examples
+    assert job["rankone"]["examples"] == {"uploaded": 2, "used": 1}
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", headers=ADMIN).json()["data"]
+    said = [e for e in events if "1 of the 2 uploaded examples" in e["message"]]
+    assert said and said[0]["level"] == "warn" and "shots=1" in said[0]["message"]
+    everything = new_job(client, "all-shots")
+    assert everything["rankone"]["examples"] == {"uploaded": 2, "used": 2}
+
+    got = claim(client)
+    assert got["job"]["id"] == job["id"]
+    metrics = {"steps": 6, "final_val_loss": 0.5, "valid_accuracy": 0.75, "trained_tokens": 12}
+    result = {
+        "lease_token": got["lease_token"],
+        "factors": factors_b64(gpt2_backbone, "x"),
+        "metrics": metrics,
+    }
+    r = client.post(f"/v1/fine_tuning/jobs/{job['id']}/result", json=result, headers=ADMIN)
+    assert r.status_code == 200, r.text
+    last = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", headers=ADMIN).json()["data"][0]
+    assert last["data"] == {"step": 6, "valid_loss": 0.5, "valid_accuracy": 0.75}
+    assert last["type"] == "metrics" and "valid accuracy 0.75" in last["message"]
+    drain(client)

@@ -125,7 +125,11 @@ def test_openai_client(registered: ServerProcess, t5_backbone: Backbone) -> None
     assert expected is not None and out.choices[0].text == expected
     assert out.choices[0].finish_reason in {"stop", "length"}
     assert out.usage is not None and out.usage.completion_tokens <= 7
-    assert sorted(m.id for m in client.models.list()) == sorted(TASKS)
+    models = [m.id for m in client.models.list()]
+    assert models[:2] == [t5_backbone.served_name, "base"]  # the base model, then the tasks
+    assert sorted(models[2:]) == sorted(TASKS)
+    plain = client.completions.create(model="base", prompt="hello there", max_tokens=7)
+    assert plain.model == "base" and plain.choices[0].finish_reason in {"stop", "length"}
     pieces = list(
         client.completions.create(
             model="summarize", prompt="hello there", max_tokens=7, temperature=0, stream=True

@@ -49,7 +49,7 @@ def client(
     with TestClient(create_app(settings), raise_server_exceptions=False) as c:
         for sp in (shared_prompt(gpt2_backbone), shared_prompt(gpt2_backbone, "long", length=LONG)):
             assert c.post("/v1/shared-prompts", json=shared_body(sp), headers=ADMIN).is_success
-        assert c.post("/v1/tasks", json=task_body(gpt2_backbone, "base", seed=0), headers=ADMIN)
+        assert c.post("/v1/tasks", json=task_body(gpt2_backbone, "basic", seed=0), headers=ADMIN)
         g = torch.Generator().manual_seed(5)
         long_task = {
             "name": "long",
@@ -87,11 +87,11 @@ def generate(c: TestClient, task: str, body: dict[str, Any]) -> Any:
     ],
 )
 def test_generation_types_are_not_coerced(client: TestClient, body: dict[str, Any]) -> None:
-    assert error(generate(client, "base", body), 422) == "invalid_request"
+    assert error(generate(client, "basic", body), 422) == "invalid_request"
 
 
 def test_completion_types_are_not_coerced(client: TestClient) -> None:
-    body = {"model": "base", "prompt": "hi", "stream": 0}
+    body = {"model": "basic", "prompt": "hi", "stream": 0}
     r = client.post("/v1/completions", json=body, headers=CLIENT)
     error(r, 422, "stream")
 
@@ -112,14 +112,14 @@ def test_boolean_factor_values_are_refused(client: TestClient, gpt2_backbone: Ba
 def test_extreme_sampling_floats_are_refused(
     client: TestClient, parameters: dict[str, Any], needle: str
 ) -> None:
-    error(generate(client, "base", {"inputs": "hi", "parameters": parameters}), 422, needle)
+    error(generate(client, "basic", {"inputs": "hi", "parameters": parameters}), 422, needle)
 
 
 def test_a_temperature_below_epsilon_is_greedy(client: TestClient) -> None:
-    greedy = generate(client, "base", {"inputs": "a b c", "parameters": {"max_new_tokens": 6}})
+    greedy = generate(client, "basic", {"inputs": "a b c", "parameters": {"max_new_tokens": 6}})
     tiny = generate(
         client,
-        "base",
+        "basic",
         {"inputs": "a b c", "parameters": {"max_new_tokens": 6, "temperature": 1e-45}},
     )
     assert greedy.status_code == tiny.status_code == 200, tiny.text
@@ -181,10 +181,10 @@ def test_factors_whose_product_overflows_are_refused(
     assert client.get("/v1/tasks/huge", headers=ADMIN).status_code == 404
     # a replace is checked the same way, and leaves version 1 in place
     put = client.put(
-        "/v1/tasks/base", json={k: v for k, v in body.items() if k != "name"}, headers=ADMIN
+        "/v1/tasks/basic", json={k: v for k, v in body.items() if k != "name"}, headers=ADMIN
     )
     error(put, 422, "composed prompt")
-    assert client.get("/v1/tasks/base", headers=ADMIN).json()["version"] == 1
+    assert client.get("/v1/tasks/basic", headers=ADMIN).json()["version"] == 1
 
 
 # -- positions -------------------------------------------------------------------------------
@@ -261,8 +261,8 @@ def test_a_poisoned_task_fails_alone_and_innocent_requests_answer_200(
     answer 200 with exactly their alone-result."""
     write_overflowing_task(client, gpt2_backbone)
     texts = ["a b c", "the quick brown fox", "question: what is", "hello there"]
-    alone = [generate(client, "base", {"inputs": t}).json()["texts"] for t in texts]
-    calls = [("base", t) for t in texts] + [("poison", "a b c")] * 2
+    alone = [generate(client, "basic", {"inputs": t}).json()["texts"] for t in texts]
+    calls = [("basic", t) for t in texts] + [("poison", "a b c")] * 2
     with ThreadPoolExecutor(len(calls)) as pool:
         answers = list(pool.map(lambda c: generate(client, c[0], {"inputs": c[1]}), calls))
     for answer, expected in zip(answers[: len(texts)], alone, strict=True):

@@ -11,8 +11,8 @@ import pytest
 
 from prompts import load_artifact_dir
 from tests.gguf_files import build_tiny_tied_llama
-from trainer import demo_cli
 from trainer.data import load_split
+from trainer.demo import cli as demo_cli
 from trainer.demo import nl_words as W
 from trainer.demo import smollm_build
 from trainer.demo.build_steps import DemoPaths
@@ -96,6 +96,7 @@ def test_usage_examples_call_the_chat_route() -> None:
     user = '[{"role": "user", "content": "He was born in Oslo."}]'
     assert f'"model": "city", "messages": {user}' in text
     assert "client.chat.completions.create(" in text
+    assert 'model "base"' in text  # the backbone alone, to compare
 
 
 def test_each_task_folder_carries_its_instruction(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from prompts import (
     save_task,
 )
 from prompts.artifacts import SharedPrompt, TaskFactors
-from trainer import demo_cli
+from trainer.demo import cli as demo_cli
 from trainer.demo import pretrain, t5_build
 from trainer.demo.evaluate import evaluate_artifacts, exact_match
 from trainer.demo.tasks import SOURCE_TASKS, write_task_data

@@ -1,6 +1,6 @@
-"""README's "Your first task" walkthrough, run as written: its ``bash`` blocks, in order, in
-one shell, on the tiny pipeline's backbone and distilled prompts instead of the demo's, with
-2 training steps. The ``sh`` block (the server, a second terminal) is a real ``rankone serve``."""
+"""docs/first-task.md, run as written: its ``bash`` blocks, in order, in one shell, against a
+real ``rankone serve`` laid out as the demo's (embedded store, no keys, the fine-tuning worker
+child) on a tiny chat Llama instead of SmolLM2, with 1 epoch / 2 steps of training."""
 
 from __future__ import annotations
 
@@ -10,41 +10,36 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from bench.first_task import PAGE, scores, walkthrough_blocks
+from prompts import SharedPrompt, TaskFactors, load_backbone
+from prompts.artifacts import save_shared, save_task
+from tests.gguf_files import build_tiny_tied_llama
 from tests.service.conftest import ServerProcess
-from tests.trainer.conftest import Pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
-START, END = "<!-- walkthrough:start -->", "<!-- walkthrough:end -->"
 
 
-def walkthrough_blocks() -> list[tuple[str, str]]:
-    """(info string, body) of every fenced block between the walkthrough markers."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index(START) : readme.index(END)]
-    return re.findall(r"^```(\w*)\n(.*?)^```$", section, flags=re.S | re.M)
+def shortened(script: str) -> str:
+    """The page's commands with a test-sized training budget; `rankone` is already on PATH."""
+    lines = [line for line in script.splitlines() if not line.startswith("source .venv/")]
+    text = "\n".join(lines)
+    return text.replace('"n_epochs": 12', '"n_epochs": 1').replace("--steps 60", "--steps 2")
 
 
-def shortened(script: str, demo: Path) -> str:
-    """The walkthrough's commands, on the test's demo folder and with 2 training steps."""
-    lines = []
-    for line in script.splitlines():
-        if line.startswith(("source .venv/bin/activate", "rankone demo ")):
-            continue  # the test's PATH has `rankone`; the demo folder is the tiny pipeline
-        if line.startswith("DEMO="):
-            line = f"DEMO={demo}"
-        if line.startswith("export RANKONE_URL="):
-            continue  # set by the test: the server's free port
-        lines.append(line.replace("--steps 300", "--steps 2"))
-    return "\n".join(lines)
-
-
-def fake_demo(root: Path, pipeline: Pipeline) -> Path:
-    """``$DEMO`` as `rankone demo` lays it out: backbone/, runs/distill/, artifacts/."""
-    demo = root / "demo"
-    (demo / "runs").mkdir(parents=True)
-    (demo / "backbone").symlink_to(pipeline.model)
-    (demo / "runs" / "distill").symlink_to(pipeline.distill)
-    (demo / "artifacts").symlink_to(pipeline.distill)
+def fake_demo(work: Path, model: Path) -> Path:
+    """``.rankone/demo-smollm2`` as `rankone demo` leaves it: backbone/ and runs/distill/ (an
+    MPT shared prompt ``mpt`` and two tasks over it), on the tiny model."""
+    demo = work / ".rankone" / "demo-smollm2"
+    distill = demo / "runs" / "distill"
+    bb = load_backbone(model)
+    g = torch.Generator().manual_seed(0)
+    save_shared(distill, SharedPrompt("mpt", torch.randn(4, bb.dim, generator=g), bb.fingerprint))
+    for name in ("alpha", "beta"):
+        u, v = 1 + 0.1 * torch.randn(4, 1, generator=g), 1 + 0.1 * torch.randn(1, bb.dim)
+        save_task(distill, TaskFactors(name, "mpt", u, v, bb.fingerprint))
+    (demo / "backbone").symlink_to(model)
     return demo
 
 
@@ -58,23 +53,19 @@ def path_with_rankone(bin_dir: Path) -> str:
     return f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
 
 
-def test_readme_walkthrough_runs(pipeline: Pipeline, tmp_path: Path) -> None:
+def test_first_task_walkthrough_runs(tmp_path: Path) -> None:
     blocks = walkthrough_blocks()
-    kinds = [kind for kind, _ in blocks]
-    assert kinds.count("bash") >= 5 and kinds.count("sh") == 1, kinds
-    demo = fake_demo(tmp_path, pipeline)
-    serve = next(body for kind, body in blocks if kind == "sh")
-    assert "RANKONE_ADMIN_KEYS=admin-secret" in serve and "rankone serve" in serve
+    scripts = [shortened(body) for kind, body in blocks if kind == "bash"]
+    assert len(scripts) == 6, [kind for kind, _ in blocks]
+    model = build_tiny_tied_llama(tmp_path / "tiny-chat", seed=3)
+    work = tmp_path / "work"
+    demo = fake_demo(work, model)
     env = {
         "RANKONE_MODEL": str(demo / "backbone"),
-        "RANKONE_SEED_DIR": str(demo / "artifacts"),
-        "RANKONE_ADMIN_KEYS": "admin-secret",
+        "RANKONE_SEED_DIR": str(demo / "runs" / "distill"),
         "RANKONE_DATA_DIR": str(tmp_path / "store"),
         "RANKONE_LOG_LEVEL": "WARNING",
     }
-    work = tmp_path / "work"
-    work.mkdir()
-    scripts = [shortened(body, demo) for kind, body in blocks if kind == "bash"]
     server = ServerProcess(env, tmp_path / "server.log").start()
     try:
         result = subprocess.run(
@@ -93,17 +84,17 @@ def test_readme_walkthrough_runs(pipeline: Pipeline, tmp_path: Path) -> None:
     finally:
         server.stop()
     out = result.stdout
-    assert result.returncode == 0, f"{out}\n{result.stderr[-3000:]}"
-    readme = (ROOT / "README.md").read_text()
-    # the outputs the README shows for these steps are the ones printed
-    for line in (
-        '{"input": "ynbiqp", "target": "pqibny"}',
-        "adapt (factors-only): 1 task(s) written to runs/reverse",
-        "created    task reverse (version 1)",
-    ):
-        assert line in readme and line in out, line
-    assert re.search(r"unchanged  shared prompt \S+\n", out)
-    assert f"pushed runs/reverse to {server.url}: 1 new, 0 replaced, 1 unchanged" in out
-    assert re.search(r"mpt reverse +exact_match=[\d.]+", out)
-    assert re.search(r"^reverse +\S+ +1 +1 +6 ", out, flags=re.M)  # tasks list: v1, rank 1, L 6
-    assert '"task":"reverse"' in out  # curl's JSON answer
+    print(out)  # shown when an assertion below fails
+    assert result.returncode == 0, f"{out}\n{result.stderr[-3000:]}\n{server.logs()}"
+    page = PAGE.read_text()
+    # the outputs the page shows for the examples are the ones printed
+    for line in ("train 42", "validation 12", "test 20", '"content": "cacti"}]}'):
+        assert line in page and line in out, line
+    assert "job created: task 'plural' from shared prompt 'mpt'" in out
+    assert "the job succeeded: valid loss" in out and "succeeded plural" in out
+    assert len(re.findall(r"job created", out)) == 1  # the loop prints each event once
+    assert "'base'" in out.split("succeeded plural")[1]  # /v1/models lists the base model
+    assert set(scores(out)) == {"task", "base", "base + instruction"}
+    assert '"object":"chat.completion"' in out and '"model":"plural"' in out  # curl
+    assert re.search(r"replaced +task plural \(version 2\)", out)  # push over the job's task
+    assert re.search(r"^plural +mpt +2 +1 +4 ", out, flags=re.M)  # tasks list: v2, rank 1, L 4

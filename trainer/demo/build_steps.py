@@ -10,11 +10,15 @@ prompt and rank-one factors, from the closed-form rank-one fit of the teachers,
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from trainer.progress import clock, observe
 
 
 class DemoPaths:
@@ -39,6 +43,63 @@ def log(msg: str) -> None:
     """One progress line, with the minutes since the demo started."""
     elapsed = time.monotonic() - _START
     print(f"[rankone demo {int(elapsed // 60):d}:{int(elapsed % 60):02d}] {msg}", flush=True)
+
+
+class BuildClock:
+    """One overall line for the whole build: the share of its training steps done, the time
+    since it began and the time left. The first estimate comes from per-step priors measured
+    on a quiet 2-core machine; once steps run, the priors are scaled by how fast this machine
+    actually goes, so the estimate is revised as the build advances."""
+
+    def __init__(
+        self,
+        stages: list[tuple[str, int, float]],
+        *,
+        every_s: float = 30.0,
+        say: Callable[[str], None] = log,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``stages``: (bar label prefix, steps, prior seconds per step), in build order."""
+        self.stages, self.every_s, self.say, self.now = stages, every_s, say, now
+        self.done: dict[str, int] = {}  # steps done per bar label
+        self.start = now()
+        self.last = -math.inf
+        # The pace is measured from the first step seen on, so that loading the model before
+        # it does not count as slow training.
+        self.anchor: tuple[float, float] | None = None  # (time, prior seconds done) then
+
+    def _prior(self, label: str) -> float:
+        return next(per for prefix, _, per in self.stages if label.startswith(prefix))
+
+    def estimate(self) -> tuple[float, float]:
+        """(fraction of the prior work done, seconds left)."""
+        total = sum(steps * per for _, steps, per in self.stages)
+        done = self._done()
+        rate = 1.0  # seconds here per prior second: the priors until two steps were seen
+        if self.anchor is not None and done > self.anchor[1]:
+            rate = (self.now() - self.anchor[0]) / (done - self.anchor[1])
+        return (done / total if total else 1.0), max(0.0, total - done) * rate
+
+    def _done(self) -> float:
+        return sum(n * self._prior(label) for label, n in self.done.items())
+
+    def line(self) -> str:
+        frac, left = self.estimate()
+        return (
+            f"build: {frac:.0%} of the training steps done, {clock(self.now() - self.start)} "
+            f"elapsed, about {clock(left)} left"
+        )
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        """A bar's update (``trainer.progress.observe``): a line every ``every_s`` seconds."""
+        if not any(label.startswith(prefix) for prefix, _, _ in self.stages):
+            return
+        self.done[label] = done
+        if self.anchor is None:
+            self.anchor = (self.now(), self._done())
+        if self.now() - self.last >= self.every_s:
+            self.last = self.now()
+            self.say(self.line())
 
 
 def run_trainer(stage: str, *args: str) -> None:
@@ -69,6 +130,10 @@ class TrainingPlan:
     seed: int = 0
     progress: bool = True
     lambda_hid: float = 1.0
+    # Seconds per step on a quiet 2-core machine (SmolLM2 demo, 2026-12-02: teach 206 s for
+    # 6 x 20 steps, distill 250 s for 100): the overall line's first estimate only.
+    teach_step_s: float = 1.7
+    distill_step_s: float = 2.5
 
     @classmethod
     def from_recipe(cls, recipe: Any, model: str, **options: Any) -> TrainingPlan:
@@ -106,10 +171,31 @@ def train_prompts(paths: DemoPaths, plan: TrainingPlan, teach_extra: list[str]) 
         "--progress" if plan.progress else "--no-progress",
     ]  # fmt: skip
     shutil.rmtree(paths.runs, ignore_errors=True)
+    build = BuildClock(
+        [
+            ("teach", len(plan.tasks) * plan.teach_steps, plan.teach_step_s),
+            ("distill", plan.distill_steps, plan.distill_step_s),
+        ]
+    )
     log(
         f"teach: {len(plan.tasks)} teacher prompt(s), {plan.teach_steps} steps each "
-        f"({len(plan.tasks) * plan.teach_steps} steps in all)"
+        f"({len(plan.tasks) * plan.teach_steps} steps in all); training estimate "
+        f"{clock(build.estimate()[1])}, revised as it runs"
     )
+    with observe(build):
+        _teach_and_distill(paths, plan, common, teach_extra)
+    log(build.line())
+    tmp = paths.artifacts.with_name("artifacts.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for sub in ("shared", "tasks"):
+        shutil.copytree(paths.distill / sub, tmp / sub)
+    shutil.rmtree(paths.artifacts, ignore_errors=True)
+    tmp.rename(paths.artifacts)
+
+
+def _teach_and_distill(
+    paths: DemoPaths, plan: TrainingPlan, common: list[str], teach_extra: list[str]
+) -> None:
     run_trainer(
         "teach", *common,
         "--lr", str(plan.teach_lr),
@@ -127,12 +213,6 @@ def train_prompts(paths: DemoPaths, plan: TrainingPlan, teach_extra: list[str]) 
         "--lambda-hid", str(plan.lambda_hid),
         "--out", str(paths.distill),
     )  # fmt: skip
-    tmp = paths.artifacts.with_name("artifacts.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for sub in ("shared", "tasks"):
-        shutil.copytree(paths.distill / sub, tmp / sub)
-    shutil.rmtree(paths.artifacts, ignore_errors=True)
-    tmp.rename(paths.artifacts)
 
 
 def read_manifest(paths: DemoPaths) -> dict[str, Any] | None:

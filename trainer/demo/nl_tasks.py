@@ -5,7 +5,7 @@ and the input carries no instruction: the sentence alone does not say whether to
 sentiment, its topic or its city. The task lives in the soft prompt only. Each task also has
 an ``instruction``: the text its teacher prompt is initialised from (``trainer.init_text``)
 and the prompt-engineering baseline of ``bench/demo_accuracy.py``; and ``accepts``: what
-inputs it was trained for (the README's table is generated from these).
+inputs it was trained for (docs/demo.md's table is generated from these).
 
 Held-out tests: the content lists of ``nl_words`` are split by position (``split_pool``:
 every fourth entry goes to test only), so test inputs use cities, review adjectives and
@@ -96,7 +96,7 @@ def _language(rng: random.Random, part: str) -> dict[str, str]:
 class NLTask:
     name: str
     instruction: str  # what the teacher's text init and the prompt-engineering baseline say
-    accepts: str  # the inputs it was trained on, for the README and `rankone demo`
+    accepts: str  # the inputs it was trained on, for docs/demo.md and `rankone demo`
     labels: tuple[str, ...]  # the closed answer set of a classification task, else ()
     make: Callable[[random.Random, str], dict[str, str]]
 

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 
 from trainer.demo.evaluate import greedy_from_embeds
 from trainer.demo.tasks import GENERIC_TASKS, SOURCE_TASKS, Task, generate_examples
+from trainer.progress import Progress
 
 PAD, EOS = 0, 1
 BYTE_OFFSET = 3  # ByT5: token id = byte + 3
@@ -177,14 +177,7 @@ def marker_accuracy(
     return acc
 
 
-def _interactive() -> bool:
-    """A terminal redraws one bar line; logs (docker, CI) get a line every 15 s instead."""
-    return sys.stderr.isatty()
-
-
 def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> dict:
-    from tqdm import tqdm
-
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model, tokenizer = build_model(cfg)
@@ -210,13 +203,13 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> dict:
         print(f"pretrain-demo: training for at most {cfg.steps} steps{limit}", flush=True)
     # The bar counts the fraction of the budget spent (steps or time, whichever is further),
     # so it always ends at 100% and its ETA is never later than the time budget.
-    bar = tqdm(
-        total=100,
-        desc="pretrain-demo",
+    bar = Progress(
+        100,
+        "pretrain-demo",
+        enabled=progress,
+        unit="",  # a share of the budget: off a terminal, "pretrain-demo: 40%, ..." lines
         bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}",
-        disable=not progress,
-        dynamic_ncols=True,
-        mininterval=0.5 if _interactive() else 15.0,
+        leave=True,
     )
     shown = 0
     while step < cfg.steps:

@@ -100,12 +100,25 @@ def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float = 180.0) 
 
 
 def port_is_free(host: str, port: int) -> bool:
-    with socket.socket() as s:
+    """Whether the server could bind ``host:port`` now. Bound with SO_REUSEADDR, as uvicorn
+    binds: a port whose last connections linger in TIME_WAIT (a server stopped a moment ago)
+    is free, one with a listening socket is not."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
             return False
     return True
+
+
+def free_port_near(host: str, port: int, tries: int = 100) -> int | None:
+    """The first port after ``port`` that ``port_is_free`` (None if ``tries`` ports are busy)."""
+    for candidate in range(port + 1, min(port + 1 + tries, 65536)):
+        if port_is_free(host, candidate):
+            return candidate
+    return None
 
 
 def example_input(paths: DemoPaths, task: str) -> str:
@@ -179,18 +192,45 @@ Python (the official openai client; the model name is the task name):
   )
   print(out.choices[0].message.content)
 
+The backbone alone, with no soft prompt, is model "base": ask it the same to see what the
+task adds. A task of your own from examples: docs/first-task.md.
+
 Press Ctrl-C to stop.
 """
+
+
+# How long the server may take to stop (it drains the engine and stops its fine-tuning
+# worker, whose own limit is 10 s) before it is killed.
+SERVER_STOP_S = 40.0
 
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def serve(paths: DemoPaths, manifest: dict[str, Any], host: str, port: int) -> int:
-    # SIGTERM (docker stop, systemd, kill) takes the Ctrl-C path, so the server child is
-    # stopped with us instead of being orphaned.
+def handle_stop_signals() -> None:
+    """SIGINT and SIGTERM (Ctrl-C, ``kill``, docker stop, systemd) both take the Ctrl-C path,
+    so the server child and its fine-tuning worker stop with us instead of being orphaned.
+    Set explicitly: a shell starts a background job with SIGINT ignored, and Python keeps an
+    inherited SIG_IGN, so ``kill -INT`` would otherwise do nothing."""
+    signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM (uvicorn's graceful stop: drain, stop the worker child), then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=SERVER_STOP_S)
+    except subprocess.TimeoutExpired:
+        log(f"the server did not stop in {SERVER_STOP_S:.0f} s; killing it")
+        proc.kill()
+        proc.wait()
+
+
+def serve(paths: DemoPaths, manifest: dict[str, Any], host: str, port: int) -> int:
     tasks = manifest["recipe"]["tasks"]
     proc = start_server(paths, host, port)
     url = f"http://{host}:{port}"
@@ -208,12 +248,7 @@ def serve(paths: DemoPaths, manifest: dict[str, Any], host: str, port: int) -> i
         log("stopping the server")
         return 0
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_server(proc)
 
 
 def env_port() -> int:
@@ -330,13 +365,22 @@ def main(argv: list[str] | None = None) -> int:
     port = args.port if args.port is not None else env_port()
     host = args.host or os.environ.get("RANKONE_HOST") or "127.0.0.1"
     if not args.no_serve and not port_is_free(host, port):
-        raise SystemExit(
-            f"rankone demo: port {port} on {host} is in use; pick another with --port N "
-            "(or RANKONE_PORT=N), e.g. make demo ARGS='--port 18000'"
+        free = free_port_near(host, port)
+        hint = (
+            f"port {free} is free: rankone demo --port {free} "
+            f"(make demo ARGS='--port {free}', or RANKONE_PORT={free})"
+            if free is not None
+            else "pick another with --port N (or RANKONE_PORT=N)"
         )
+        raise SystemExit(f"rankone demo: port {port} on {host} is in use; {hint}")
+    handle_stop_signals()
     paths = DemoPaths(args.cache_dir or default_cache(args.backbone))
     log(f"demo backbone {args.backbone}, cache {paths.root}")
-    manifest = build_demo(args, paths)
+    try:
+        manifest = build_demo(args, paths)
+    except KeyboardInterrupt:
+        log("stopped during the build; run it again to go on (finished steps are cached)")
+        return 130
     log(f"demo ready in {paths.root} (built in {manifest.get('build_seconds', '?')} s)")
     if args.no_serve:
         return 0
