@@ -18,8 +18,8 @@ SERVICE_FLOORS = [
     {"app"},
     {"api"},
     {"deps"},
-    {"jobs"},
     {"handlers"},
+    {"jobs"},  # the jobs' backends and state machine, below the handlers that run them
     {"protocol", "settings"},
     {"engine", "store", "auth"},
     {"core", "metrics", "logging", "errors"},

@@ -75,5 +75,5 @@ def test_base_row_with_no_input_fails_alone(backbones: dict[str, Backbone]) -> N
     loop.admit([good])
     while loop.running:
         loop.step()
-    assert failed and "nothing to continue" in str(failed[0])
+    assert failed and "needs input tokens" in str(failed[0])
     assert sink.result is not None and sink.result.token_ids

@@ -142,7 +142,7 @@ def test_base_model_streams(client: TestClient) -> None:
     whole = client.post("/v1/completions", json=body, headers=CLIENT).json()
     r = client.post("/v1/completions", json={**body, "stream": True}, headers=CLIENT)
     assert r.status_code == 200
-    assert '"finish_reason": ' in r.text and r.text.rstrip().endswith("data: [DONE]")
+    assert '"finish_reason":' in r.text and r.text.rstrip().endswith("data: [DONE]")
     assert whole["choices"][0]["text"]
 
 
