@@ -16,7 +16,18 @@ from typing import Any
 from fastapi import FastAPI
 
 from prompts.backbone import load_backbone, resolve_dtype
-from service.api import admin, chat, docs, errors, files, fine_tuning, generate, openai, ops
+from service.api import (
+    admin,
+    chat,
+    console,
+    docs,
+    errors,
+    files,
+    fine_tuning,
+    generate,
+    openai,
+    ops,
+)
 from service.api.middleware import ServiceMiddleware
 from service.engine.factory import build_engine
 from service.engine.threads import release as release_threads
@@ -126,7 +137,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start()
         state.backbone, state.store, state.engine = backbone, store, engine
         state.registry = RegistryHandler(store, backbone, settings)
-        state.generation = GenerationHandler(store, engine, backbone, settings)
+        metrics.tasks.configure(settings.metrics_task_labels)
+        state.generation = GenerationHandler(store, engine, backbone, settings, metrics.tasks)
         jobs, local_worker = build_fine_tuning(settings, state.registry, backbone)
         await jobs.start()
         state.fine_tuning = jobs
@@ -165,6 +177,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ServiceMiddleware)
     for module in (ops, admin, generate, openai, chat, files, fine_tuning, docs):
         app.include_router(module.router)
+    console.mount(app)
     return app
 
 
