@@ -2,8 +2,6 @@
 
 import { svg } from "./dom.js";
 
-const W = 640;
-const H = 260;
 const PAD = { left: 52, right: 16, top: 16, bottom: 40 };
 
 function ticks(lo, hi, n) {
@@ -16,8 +14,10 @@ function fmt(x) {
   return Math.abs(x) >= 100 ? x.toFixed(0) : Math.abs(x) >= 10 ? x.toFixed(1) : x.toFixed(2);
 }
 
-// series: [{name, points: [[step, value]], dashed}]
-export function lossChart(series, label) {
+// series: [{name, points: [[step, value]], dashed, dots}]; drawn W user units wide (the box's
+// width in CSS pixels: the text keeps its size on every screen).
+export function lossChart(series, label, W = 640) {
+  const H = Math.round(Math.min(260, Math.max(200, W * 0.45)));
   const all = series.flatMap((s) => s.points);
   const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, class: "chart", role: "img", "aria-label": label });
   chart.append(svg("title", {}, label));
@@ -53,7 +53,7 @@ export function lossChart(series, label) {
     if (s.dots || s.points.length === 1) {
       for (const p of s.points) chart.append(svg("circle", { cx: x(p[0]), cy: y(p[1]), r: 3.5, class: `dot s${i}` }));
     }
-    const lx = W - PAD.right - 150;
+    const lx = W - PAD.right - 140;
     const ly = PAD.top + 8 + i * 18;
     chart.append(
       svg("line", { x1: lx, x2: lx + 24, y1: ly, y2: ly, class: `series s${i}${s.dashed ? " dashed" : ""}` }),

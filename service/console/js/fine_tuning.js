@@ -156,7 +156,8 @@ function describe(series) {
 }
 
 async function renderJob(root, id) {
-  root.append(h("p", { class: "crumbs" }, h("a", { href: "#/fine-tuning" }, "Fine-tuning"), " / ", id), h("h1", {}, `Job ${id}`));
+  root.append(h("p", { class: "crumbs" }, h("a", { href: "#/fine-tuning" }, "Fine-tuning"), " / ", id),
+    h("h1", {}, "Job ", h("code", { class: "id" }, id)));
   const summary = h("div");
   const actions = h("div", { class: "actions" });
   const chartBox = h("figure", { class: "chart-box" });
@@ -167,6 +168,14 @@ async function renderJob(root, id) {
   let timer = null;
   let stopped = false;
   let lastStatus = null;
+  let series = lossSeries([]);
+  // the chart is drawn at its box's width, so its text stays readable on a phone
+  const draw = () => {
+    const label = describe(series);
+    const width = Math.max(300, Math.min(760, chartBox.clientWidth || 640));
+    chartBox.replaceChildren(lossChart(series, label, width), h("figcaption", { class: "hint" }, label));
+  };
+  window.addEventListener("resize", draw);
   const cancel = h("button", { type: "button", class: "danger", onclick: async () => {
     cancel.disabled = true;
     try {
@@ -203,7 +212,8 @@ async function renderJob(root, id) {
       ["Created", when(job.created_at)],
       ["Finished", when(job.finished_at) || "—"],
       ["Attempts", extra.attempts ?? "—"],
-    ]), job.error && job.error.message ? h("p", { class: "error", role: "alert" }, job.error.message) : null);
+    ]));
+    if (job.error && job.error.message) summary.append(h("p", { class: "error", role: "alert" }, job.error.message));
     const links = [];
     if (!TERMINAL.has(job.status)) links.push(cancel);
     if (job.status === "succeeded" && job.fine_tuned_model) {
@@ -212,9 +222,8 @@ async function renderJob(root, id) {
         h("a", { class: "button secondary", href: `#/tasks/${task}` }, "See the task"));
     }
     actions.replaceChildren(...links);
-    const series = lossSeries(events.data);
-    const label = describe(series);
-    chartBox.replaceChildren(lossChart(series, label), h("figcaption", { class: "hint" }, label));
+    series = lossSeries(events.data);
+    draw();
     log.replaceChildren(...events.data.map((e) => h("li", { class: e.level },
       h("time", {}, when(e.created_at)), " ", e.message)));
     if (job.status !== lastStatus && lastStatus !== null) announce(`Job ${job.status}`);
@@ -225,5 +234,6 @@ async function renderJob(root, id) {
   return () => {
     stopped = true;
     clearTimeout(timer);
+    window.removeEventListener("resize", draw);
   };
 }

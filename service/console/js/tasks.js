@@ -47,7 +47,8 @@ async function renderList(root, ctx) {
   const first = page.total ? offset + 1 : 0;
   const last = offset + page.tasks.length;
   const caption = `Tasks ${first}–${last} of ${page.total}${q ? ` matching “${q}”` : ""}`;
-  const counts = (name) => (traffic && traffic.byTask.get(name)) || {};
+  const none = traffic && traffic.labelled ? { requests: 0, errors: 0 } : {};
+  const counts = (name) => (traffic && traffic.byTask.get(name)) || none;
   const admin = ctx.role === "admin";
   const table = h(
     "table",
@@ -57,8 +58,8 @@ async function renderList(root, ctx) {
       "thead",
       {},
       h("tr", {}, h("th", { scope: "col" }, "Task"),
-        admin && [h("th", { scope: "col" }, "Shared prompt"), h("th", { scope: "col", class: "num" }, "Rank"),
-          h("th", { scope: "col", class: "num" }, "L"), h("th", { scope: "col", class: "num" }, "Version")],
+        admin && [h("th", { scope: "col", class: "wide" }, "Shared prompt"), h("th", { scope: "col", class: "num" }, "Rank"),
+          h("th", { scope: "col", class: "num" }, "L"), h("th", { scope: "col", class: "num wide" }, "Version")],
         h("th", { scope: "col", class: "num" }, "Requests"), h("th", { scope: "col", class: "num" }, "Errors")),
     ),
     h(
@@ -68,8 +69,8 @@ async function renderList(root, ctx) {
         h("tr", {},
           h("th", { scope: "row" }, h("a", { href: `#/tasks/${encodeURIComponent(t.name)}` }, t.name),
             t.description ? h("span", { class: "desc" }, t.description) : null),
-          admin && [h("td", {}, t.shared), h("td", { class: "num" }, t.rank), h("td", { class: "num" }, t.length),
-            h("td", { class: "num" }, t.version)],
+          admin && [h("td", { class: "wide" }, t.shared), h("td", { class: "num" }, t.rank), h("td", { class: "num" }, t.length),
+            h("td", { class: "num wide" }, t.version)],
           h("td", { class: "num" }, number(counts(t.name).requests)),
           h("td", { class: "num" }, number(counts(t.name).errors)),
         ),
@@ -111,17 +112,15 @@ async function renderTask(root, ctx, name) {
     root.append(
       h("section", { "aria-labelledby": "h-prompt" }, h("h2", { id: "h-prompt" }, "Prompt"),
         facts([
-          ["Shared prompt", task.shared],
+          ["Shared prompt", shared instanceof Error ? task.shared
+            : `${task.shared} (version ${shared.version}, [L, d] = [${shared.length}, ${shared.dim}])`],
+          ...(shared instanceof Error || !shared.description ? [] : [["About the shared prompt", shared.description]]),
           ["Rank r", task.rank],
           ["Prompt length L", task.length],
           ["Width d", task.dim],
-          ["Numbers in the task", number((task.length + task.dim) * task.rank)],
+          ["Numbers in the task", `${number((task.length + task.dim) * task.rank)} (u [L, r] and v [r, d])`],
         ]),
-        shared instanceof Error ? errorBox(shared) : facts([
-          ["Shared prompt version", shared.version],
-          ["Shared prompt shape", `[${shared.length}, ${shared.dim}]`],
-          ["Shared prompt description", shared.description || "—"],
-        ])),
+        shared instanceof Error ? errorBox(shared) : null),
       h("section", { "aria-labelledby": "h-versions" }, h("h2", { id: "h-versions" }, "Versions"),
         await versions(task)),
       h("section", { "aria-labelledby": "h-params" }, h("h2", { id: "h-params" }, "Default parameters"),
@@ -163,12 +162,18 @@ async function versions(task) {
   }
   return h("div", { class: "scroll" }, h("table", {},
     h("caption", { class: "sr-only" }, "Versions of the task, newest first"),
-    h("thead", {}, h("tr", {}, ["Version", "Written", "Shared prompt", "Rank", "Description / job"].map((t) => h("th", { scope: "col" }, t)))),
+    h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Version"), h("th", { scope: "col" }, "Written"),
+      h("th", { scope: "col", class: "wide" }, "Shared prompt"), h("th", { scope: "col", class: "wide" }, "Rank"),
+      h("th", { scope: "col" }, "Description / job"))),
     h("tbody", {}, history.map((v) => h("tr", {},
       h("td", {}, v.version, v.version === task.version ? " (current)" : ""),
-      h("td", {}, v.written || "—"), h("td", {}, v.shared || "—"), h("td", {}, v.rank ?? "—"),
+      h("td", {}, stamp(v.written)), h("td", { class: "wide" }, v.shared || "—"), h("td", { class: "wide" }, v.rank ?? "—"),
       h("td", {}, v.fine_tuning_job ? `job ${v.fine_tuning_job}` : v.description || "—")))),
-  ), h("p", { class: "hint" }, `Created ${task.created}.`));
+  ), h("p", { class: "hint" }, `Created ${stamp(task.created)}.`));
+}
+
+function stamp(iso) {
+  return iso ? iso.replace("T", " ") : "—";
 }
 
 function json(value, empty) {
