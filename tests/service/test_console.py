@@ -129,7 +129,13 @@ def sign_in(page: Any, server: ServerProcess, key: str) -> None:
 
 
 def shoot(page: Any, name: str) -> None:
-    """docs/images/console-<name>-desktop.png and -phone.png (the same page at 390 px)."""
+    """docs/images/console-<name>-desktop.png and -phone.png (the same page at 390 px), after
+    checking that every form control on the page has a label."""
+    unlabelled = page.evaluate(
+        "[...document.querySelectorAll('input, select, textarea')]"
+        ".filter((e) => !e.labels.length && !e.getAttribute('aria-label')).map((e) => e.id)"
+    )
+    assert not unlabelled, f"{name}: controls without a label: {unlabelled}"
     IMAGES.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(IMAGES / f"console-{name}-desktop.png"))
     page.set_viewport_size(PHONE)
@@ -161,13 +167,13 @@ def test_sign_in_find_a_task_and_read_its_page(page: Any, server: ServerProcess)
 
     page.get_by_role("link", name="alpha", exact=True).click()
     page.get_by_role("heading", name="alpha", exact=True).wait_for()
-    prompt = page.get_by_role("region", name="Prompt")
+    prompt = page.get_by_role("region", name="Prompt", exact=True)
     assert "family" in prompt.inner_text() and "Rank r\n1" in prompt.inner_text()
-    versions = page.get_by_role("region", name="Versions").get_by_role("row")
+    versions = page.get_by_role("region", name="Versions", exact=True).get_by_role("row")
     assert versions.count() == 3  # header, version 2 (current), version 1
     assert "2 (current)" in versions.nth(1).inner_text()
     assert "the alpha task" in versions.nth(2).inner_text()
-    assert "Requests" in page.get_by_role("region", name="Traffic").inner_text()
+    assert "Requests" in page.get_by_role("region", name="Traffic", exact=True).inner_text()
     shoot(page, "task")
 
 
@@ -213,7 +219,7 @@ def test_playground_chats_with_two_models_side_by_side(page: Any, server: Server
     assert page.evaluate("sessionStorage.getItem('rankone.key')") is None
     sign_in(page, server, ADMIN_KEY)
     page.goto(f"{server.url}/console/#/tasks/alpha")
-    traffic = page.get_by_role("region", name="Traffic")
+    traffic = page.get_by_role("region", name="Traffic", exact=True)
     traffic.get_by_text("Generated tokens").wait_for()
     counts = dict(
         zip(

@@ -30,6 +30,12 @@ function append(el, children) {
   }
 }
 
+// A table that may be wider than a phone: it scrolls in its box, which the keyboard can reach.
+export function scrollBox(table) {
+  const caption = table.querySelector("caption");
+  return h("div", { class: "scroll", tabindex: 0, role: "region", "aria-label": caption ? caption.textContent : "table" }, table);
+}
+
 export function clear(el) {
   el.replaceChildren();
   return el;

@@ -3,7 +3,7 @@
 
 import { api } from "./api.js";
 import { lossChart } from "./chart.js";
-import { announce, errorBox, facts, h, messageOf, when } from "./dom.js";
+import { announce, errorBox, facts, h, messageOf, scrollBox, when } from "./dom.js";
 
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const POLL_MS = 1000;
@@ -104,7 +104,7 @@ function jobForm(shared, files) {
 
 function jobsTable(jobs) {
   if (!jobs.length) return h("p", {}, "No jobs yet.");
-  return h("div", { class: "scroll" }, h("table", {},
+  return scrollBox(h("table", {},
     h("caption", { class: "sr-only" }, "Fine-tuning jobs, newest first"),
     h("thead", {}, h("tr", {}, ["Job", "Task", "Status", "Created"].map((t) => h("th", { scope: "col" }, t)))),
     h("tbody", {}, jobs.map((j) => h("tr", {},

@@ -1,7 +1,7 @@
 // Tasks: the registry with search and paging, and one task's page (prompt, factors, traffic).
 
 import { api } from "./api.js";
-import { errorBox, facts, h } from "./dom.js";
+import { errorBox, facts, h, scrollBox } from "./dom.js";
 import { OTHER, trafficByTask } from "./traffic.js";
 
 const PAGE = 20;
@@ -84,7 +84,7 @@ async function renderList(root, ctx) {
     h("span", {}, caption),
     h("button", { type: "button", disabled: page.next_offset == null, onclick: () => go(q, page.next_offset) }, "Next"),
   );
-  root.append(h("div", { class: "scroll" }, table), pager);
+  root.append(scrollBox(table), pager);
   if (!page.tasks.length) root.append(h("p", {}, q ? "No task matches." : "No tasks yet."));
   if (traffic && !traffic.labelled) {
     root.append(h("p", { class: "hint" }, "Per-task traffic is off on this server (RANKONE_METRICS_TASK_LABELS=0)."));
@@ -154,13 +154,13 @@ async function renderTask(root, ctx, name) {
 }
 
 async function versions(task) {
-  let history = null;
+  let history;
   try {
     history = (await api(`/v1/tasks/${encodeURIComponent(task.name)}/versions`)).versions;
-  } catch {
-    history = [{ version: task.version, written: task.updated, shared: task.shared, rank: task.rank }];
+  } catch (e) {
+    return errorBox(e);
   }
-  return h("div", { class: "scroll" }, h("table", {},
+  const table = h("table", {},
     h("caption", { class: "sr-only" }, "Versions of the task, newest first"),
     h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Version"), h("th", { scope: "col" }, "Written"),
       h("th", { scope: "col", class: "wide" }, "Shared prompt"), h("th", { scope: "col", class: "wide" }, "Rank"),
@@ -168,8 +168,8 @@ async function versions(task) {
     h("tbody", {}, history.map((v) => h("tr", {},
       h("td", {}, v.version, v.version === task.version ? " (current)" : ""),
       h("td", {}, stamp(v.written)), h("td", { class: "wide" }, v.shared || "—"), h("td", { class: "wide" }, v.rank ?? "—"),
-      h("td", {}, v.fine_tuning_job ? `job ${v.fine_tuning_job}` : v.description || "—")))),
-  ), h("p", { class: "hint" }, `Created ${stamp(task.created)}.`));
+      h("td", {}, v.fine_tuning_job ? `job ${v.fine_tuning_job}` : v.description || "—")))));
+  return [scrollBox(table), h("p", { class: "hint" }, `Created ${stamp(task.created)}.`)];
 }
 
 function stamp(iso) {
