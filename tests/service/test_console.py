@@ -40,7 +40,7 @@ TASKS = ["alpha", "beta", "team-a-summary", "team-a-title"]
 IMAGES = ROOT / "docs" / "images"
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
-SHOTS = ("tasks", "task", "playground", "upload-error", "job")
+SHOTS = ("sign-in", "tasks", "task", "playground", "upload-error", "job")
 BROWSER_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -151,6 +151,7 @@ def test_sign_in_find_a_task_and_read_its_page(page: Any, server: ServerProcess)
     page.get_by_label("API key").fill("wrong-key")
     page.get_by_role("button", name="Sign in").click()
     page.get_by_role("alert").filter(has_text="invalid API key").wait_for()
+    shoot(page, "sign-in")
 
     sign_in(page, server, ADMIN_KEY)
     table = page.get_by_role("table")
@@ -276,6 +277,16 @@ def test_upload_a_bad_file_then_fine_tune_a_task(
 
     page.get_by_role("link", name="Open says-yes in the playground").click()
     assert page.get_by_label("Model (left)").input_value() == "says-yes"
+
+    # a long job, cancelled from its page
+    with httpx.Client(base_url=server.url, headers=ADMIN) as c:
+        file_id = c.get("/v1/files").json()["data"][0]["id"]
+        body = {"model": "family", "training_file": file_id, "suffix": "never-done"}
+        job = c.post("/v1/fine_tuning/jobs", json={**body, "hyperparameters": {"steps": 5000}})
+    page.goto(f"{server.url}/console/#/fine-tuning/{job.json()['id']}")
+    page.get_by_role("button", name="Cancel job").click()
+    page.locator("#job-status").filter(has_text="cancelled").wait_for()
+    assert page.get_by_role("button", name="Cancel job").count() == 0
 
 
 def test_a_scoped_key_sees_only_its_namespace(page: Any, server: ServerProcess) -> None:

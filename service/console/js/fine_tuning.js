@@ -53,7 +53,8 @@ function uploadForm(onUploaded) {
 }
 
 function fileOptions(files, withNone) {
-  return [withNone ? h("option", { value: "" }, "none: a split of the training file") : null,
+  if (!files.length && !withNone) return h("option", { value: "" }, "upload a file first");
+  return [withNone ? h("option", { value: "" }, "none (no validation loss)") : null,
     files.map((f) => h("option", { value: f.id }, `${f.filename} (${f.id})`))];
 }
 
@@ -208,7 +209,7 @@ async function renderJob(root, id) {
       ["Shared prompt", job.model],
       ["Task", job.fine_tuned_model || extra.task || "—"],
       ["Training file", job.training_file],
-      ["Validation file", job.validation_file || "a split of the training file"],
+      ["Validation file", job.validation_file || "none"],
       ["Created", when(job.created_at)],
       ["Finished", when(job.finished_at) || "—"],
       ["Attempts", extra.attempts ?? "—"],
