@@ -47,8 +47,10 @@ from service.store.factor_store import MAX_PAGE
 
 # Fields of a task body that PUT keeps from the previous version when the body leaves them out.
 _KEPT_ON_REPLACE = ("description", "metadata", "parameters")
-# Earlier versions a task record remembers (a summary each, not their factors).
+# Earlier versions a task record remembers (a summary each, not their factors), and the
+# characters of each one's description kept: a record's history stays a few KiB.
 MAX_HISTORY = 20
+HISTORY_DESCRIPTION_CHARS = 200
 
 
 def _matrix(name: str, rows: list[Any]) -> torch.Tensor:
@@ -314,7 +316,9 @@ class RegistryHandler:
         meta.update({f: record.meta[f] for f in kept if f in record.meta})
         # the version being replaced joins the history; two replaces racing may each keep
         # only the version both read (the versions' numbers themselves stay atomic)
-        earlier = [version_of(record).model_dump(), *record.meta.get("history", [])]
+        replaced = version_of(record)
+        replaced.description = replaced.description[:HISTORY_DESCRIPTION_CHARS]
+        earlier = [replaced.model_dump(), *record.meta.get("history", [])]
         meta["history"] = earlier[:MAX_HISTORY]
         return task_info(await self.store.replace_task(tf, meta))
 
