@@ -48,6 +48,19 @@ export async function api(path, { method = "GET", json, form, signal } = {}) {
   return text ? JSON.parse(text) : null;
 }
 
+// GET /v1/models split into the base model's names (the backbone's id and its alias "base", on
+// servers that serve it) and the tasks (a task's card names the base model as its parent).
+export async function listModels() {
+  const cards = (await api("/v1/models")).data;
+  const parented = cards.some((m) => m.parent);
+  const isTask = (m) => (parented ? Boolean(m.parent) : m.id !== "base");
+  return {
+    all: cards.map((m) => m.id),
+    tasks: cards.filter(isTask).map((m) => m.id),
+    bases: cards.filter((m) => !isTask(m)).map((m) => m.id),
+  };
+}
+
 export async function metricsText(signal) {
   const response = await fetch("/metrics", { signal });
   if (!response.ok) throw await failure(response);

@@ -1,7 +1,7 @@
 // Playground: one conversation sent to two models side by side, streamed from
 // POST /v1/chat/completions, with the generation parameters that route takes.
 
-import { api, streamChat } from "./api.js";
+import { listModels, streamChat } from "./api.js";
 import { announce, h, messageOf } from "./dom.js";
 
 const BASE = "base"; // the plain backbone, listed by /v1/models where the server serves it
@@ -25,8 +25,10 @@ class Pane {
   constructor(side, models, chosen) {
     this.messages = [];
     const id = `model-${side}`;
+    const option = (m, text) => h("option", { value: m, selected: m === chosen }, text || m);
     this.select = h("select", { id, name: id },
-      models.map((m) => h("option", { value: m, selected: m === chosen }, m === BASE ? "base (no task prompt)" : m)));
+      models.bases.length ? h("optgroup", { label: "Base model (no task prompt)" }, models.bases.map((m) => option(m))) : null,
+      h("optgroup", { label: "Tasks" }, models.tasks.map((m) => option(m))));
     this.log = h("ol", { class: "transcript", role: "log", "aria-live": "polite", "aria-label": `${side} conversation` });
     this.usage = h("p", { class: "hint usage" });
     this.el = h("section", { class: "pane", "aria-label": `${side} model` },
@@ -77,17 +79,18 @@ class Pane {
 }
 
 export async function render(root, ctx) {
-  const models = (await api("/v1/models")).data.map((m) => m.id);
+  const models = await listModels();
+  const all = models.all;
   root.append(h("h1", {}, "Playground"));
-  if (!models.length) {
+  if (!all.length) {
     root.append(h("p", {}, "This key may use no task yet."));
     return null;
   }
   const leftWanted = ctx.params.get("left");
-  const left = models.includes(leftWanted) ? leftWanted : models.find((m) => m !== BASE) || models[0];
+  const left = all.includes(leftWanted) ? leftWanted : models.tasks[0] || all[0];
   const rightWanted = ctx.params.get("right");
-  const right = models.includes(rightWanted) ? rightWanted
-    : models.includes(BASE) ? BASE : models.find((m) => m !== left) || left;
+  const right = all.includes(rightWanted) ? rightWanted
+    : all.includes(BASE) ? BASE : models.bases[0] || all.find((m) => m !== left) || left;
   const panes = [new Pane("left", models, left), new Pane("right", models, right)];
   const input = h("textarea", { id: "prompt", name: "prompt", rows: 3, required: true });
   const system = h("input", { id: "system", name: "system", autocomplete: "off" });

@@ -1,6 +1,6 @@
 // Tasks: the registry with search and paging, and one task's page (prompt, factors, traffic).
 
-import { api } from "./api.js";
+import { api, listModels } from "./api.js";
 import { errorBox, facts, h, scrollBox } from "./dom.js";
 import { OTHER, trafficByTask } from "./traffic.js";
 
@@ -17,8 +17,7 @@ async function pageOf(ctx, q, offset) {
     return api(`/v1/tasks?${query}`);
   }
   // a client key may not read the registry; /v1/models lists the tasks it may use
-  const models = (await api("/v1/models")).data.map((m) => m.id).filter((id) => id !== "base");
-  const matching = models.filter((id) => id.includes(q));
+  const matching = (await listModels()).tasks.filter((id) => id.includes(q));
   const tasks = matching.slice(offset, offset + PAGE).map((name) => ({ name }));
   const next = offset + PAGE < matching.length ? offset + PAGE : null;
   return { tasks, total: matching.length, offset, next_offset: next };
