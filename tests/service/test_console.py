@@ -312,6 +312,8 @@ def test_console_files_carry_a_content_security_policy(server: ServerProcess) ->
         .startswith("text/javascript")
     )
     assert httpx.get(f"{server.url}/", follow_redirects=False).headers["location"] == "/console/"
+    missing = httpx.get(f"{server.url}/console/js/nope.js")
+    assert missing.status_code == 404 and missing.json()["error"]["code"]
 
 
 def test_the_docs_show_the_screenshots_this_module_takes() -> None:

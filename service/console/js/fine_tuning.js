@@ -7,6 +7,7 @@ import { announce, errorBox, facts, h, messageOf, scrollBox, when } from "./dom.
 
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const POLL_MS = 1000;
+const SHOWN_EVENTS = 200; // the newest in the log; the chart draws them all
 
 export async function render(root, ctx) {
   if (ctx.role !== "admin") {
@@ -187,16 +188,31 @@ async function renderJob(root, id) {
     refresh();
   } }, "Cancel job");
 
+  // every event, newest first; each poll reads only the pages newer than the last one seen
+  const events = [];
+  const seen = new Set();
+  async function newEvents() {
+    const fresh = [];
+    let after = null;
+    for (;;) {
+      const query = new URLSearchParams({ limit: 1000 });
+      if (after) query.set("after", after);
+      const page = await api(`/v1/fine_tuning/jobs/${encodeURIComponent(id)}/events?${query}`);
+      const unseen = page.data.filter((e) => !seen.has(e.id));
+      fresh.push(...unseen);
+      if (unseen.length < page.data.length || !page.has_more || !page.data.length) break;
+      after = page.data[page.data.length - 1].id;
+    }
+    fresh.forEach((e) => seen.add(e.id));
+    events.unshift(...fresh);
+  }
+
   async function refresh() {
     clearTimeout(timer);
     if (stopped) return;
     let job;
-    let events;
     try {
-      [job, events] = await Promise.all([
-        api(`/v1/fine_tuning/jobs/${encodeURIComponent(id)}`),
-        api(`/v1/fine_tuning/jobs/${encodeURIComponent(id)}/events?limit=1000`),
-      ]);
+      [job] = await Promise.all([api(`/v1/fine_tuning/jobs/${encodeURIComponent(id)}`), newEvents()]);
     } catch (err) {
       summary.replaceChildren(errorBox(err));
       timer = setTimeout(refresh, POLL_MS * 3);
@@ -223,9 +239,9 @@ async function renderJob(root, id) {
         h("a", { class: "button secondary", href: `#/tasks/${task}` }, "See the task"));
     }
     actions.replaceChildren(...links);
-    series = lossSeries(events.data);
+    series = lossSeries(events);
     draw();
-    log.replaceChildren(...events.data.map((e) => h("li", { class: e.level },
+    log.replaceChildren(...events.slice(0, SHOWN_EVENTS).map((e) => h("li", { class: e.level },
       h("time", {}, when(e.created_at)), " ", e.message)));
     if (job.status !== lastStatus && lastStatus !== null) announce(`Job ${job.status}`);
     lastStatus = job.status;

@@ -70,7 +70,8 @@ class Pane {
     } catch (e) {
       this.messages.pop();
       answer.textContent = "";
-      answer.append(h("span", { class: "error", role: "alert" }, messageOf(e)));
+      if (e.name === "AbortError") answer.append(h("span", { class: "hint" }, reply ? `${reply} (stopped)` : "(stopped)"));
+      else answer.append(h("span", { class: "error", role: "alert" }, messageOf(e)));
     } finally {
       answer.classList.remove("streaming");
       item.removeAttribute("aria-busy");
