@@ -1,7 +1,7 @@
 // The console's shell: sign in, find out what the key may do, and route #/page/... to a page.
 
 import { api, ApiError, session } from "./api.js";
-import { announce, clear, errorBox } from "./dom.js";
+import { announce, errorBox, h } from "./dom.js";
 import * as fineTuning from "./fine_tuning.js";
 import * as playground from "./playground.js";
 import * as tasks from "./tasks.js";
@@ -9,6 +9,7 @@ import * as tasks from "./tasks.js";
 const PAGES = { tasks, playground, "fine-tuning": fineTuning };
 const $ = (id) => document.getElementById(id);
 let cleanup = null;
+let routed = 0; // which route() call is the latest: an older one that finishes late is dropped
 
 // What the key may do: every admin route answers 403 to a client key.
 async function whoAmI() {
@@ -61,15 +62,23 @@ async function route() {
     if (a.dataset.page === page) a.setAttribute("aria-current", "page");
     else a.removeAttribute("aria-current");
   }
-  const root = clear($("page"));
+  const mine = ++routed;
+  const root = h("div"); // a page of its own: a late render of an older route lands nowhere
+  $("page").replaceChildren(root);
   $("login").hidden = true;
-  root.hidden = false;
+  $("page").hidden = false;
   $("nav").hidden = false;
   $("who").hidden = false;
   $("role").textContent = context.role === "admin" ? "admin key" : "client key";
   try {
-    cleanup = (await module.render(root, { rest, params, ...context })) || null;
+    const stop = (await module.render(root, { rest, params, ...context })) || null;
+    if (mine !== routed) {
+      if (stop) stop();
+      return;
+    }
+    cleanup = stop;
   } catch (e) {
+    if (mine !== routed) return;
     if (e instanceof ApiError && e.status === 401) return showLogin("The key was refused: sign in again.");
     root.append(errorBox(e));
   }
@@ -98,7 +107,9 @@ $("login-form").addEventListener("submit", async (event) => {
 $("logout").addEventListener("click", () => {
   if (cleanup) cleanup();
   cleanup = null;
+  routed += 1;
   session.clear();
+  $("page").replaceChildren();
   showLogin("Signed out.");
 });
 

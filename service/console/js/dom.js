@@ -36,11 +36,6 @@ export function scrollBox(table) {
   return h("div", { class: "scroll", tabindex: 0, role: "region", "aria-label": caption ? caption.textContent : "table" }, table);
 }
 
-export function clear(el) {
-  el.replaceChildren();
-  return el;
-}
-
 // A <dl> of [term, value] pairs; values may be nodes.
 export function facts(pairs) {
   return h("dl", { class: "facts" }, pairs.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
