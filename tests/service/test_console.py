@@ -38,7 +38,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 SCOPED_KEY = "team-secret"
 TASKS = ["alpha", "beta", "team-a-summary", "team-a-title"]
 IMAGES = ROOT / "docs" / "images"
-DESKTOP = {"width": 1280, "height": 800}
+DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
 SHOTS = ("sign-in", "tasks", "task", "playground", "upload-error", "job")
 BROWSER_ARGS = [
@@ -137,6 +137,7 @@ def shoot(page: Any, name: str) -> None:
     )
     assert not unlabelled, f"{name}: controls without a label: {unlabelled}"
     IMAGES.mkdir(parents=True, exist_ok=True)
+    page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=str(IMAGES / f"console-{name}-desktop.png"))
     page.set_viewport_size(PHONE)
     page.wait_for_timeout(100)
