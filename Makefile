@@ -24,6 +24,10 @@ system-deps:
 	@command -v redis-server >/dev/null 2>&1 || { \
 		echo "installing redis-server (apt)"; \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; }
+	# The console's browser tests drive Debian's chromium (never a Playwright browser download).
+	@[ -x /usr/bin/chromium ] || { \
+		echo "installing chromium (apt)"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q tests

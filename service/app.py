@@ -17,7 +17,18 @@ from typing import Any
 from fastapi import Depends, FastAPI
 
 from prompts.backbone import Backbone, load_backbone, prompt_norm_bound, resolve_dtype
-from service.api import admin, chat, docs, errors, files, fine_tuning, generate, openai, ops
+from service.api import (
+    admin,
+    chat,
+    console,
+    docs,
+    errors,
+    files,
+    fine_tuning,
+    generate,
+    openai,
+    ops,
+)
 from service.api.edge import check_client_text
 from service.api.middleware import ServiceMiddleware
 from service.api.responses import add_stream_models
@@ -156,7 +167,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start()
         state.backbone, state.store, state.engine = backbone, store, engine
         state.registry = RegistryHandler(store, backbone, settings)
-        state.generation = GenerationHandler(store, engine, backbone, settings)
+        metrics.tasks.configure(settings.metrics_task_labels)
+        state.generation = GenerationHandler(store, engine, backbone, settings, metrics.tasks)
         fine_tuning = build_fine_tuning(settings, state.registry, backbone)
         await fine_tuning.jobs.start()
         state.files, state.fine_tuning = fine_tuning.files, fine_tuning.jobs
@@ -206,6 +218,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    console.mount(app)
     return app
 
 

@@ -109,6 +109,13 @@ class Settings(BaseSettings):
         "auto",
         description="auto: in embedded mode, start one `rankone worker` child at the first job",
     )
+    metrics_task_labels: int = Field(
+        100,
+        ge=0,
+        le=100_000,
+        description="tasks that get their own label in the per-task /metrics series (the "
+        'first seen since start; later ones count as task="_other"); 0 turns them off',
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO")
     log_format: Literal["json", "text"] = Field("json", description="log line format")
     host: str = Field("127.0.0.1", description="bind address")

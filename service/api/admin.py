@@ -23,6 +23,7 @@ from service.protocol.generate import (
     TaskInfo,
     TaskPage,
     TaskReplace,
+    TaskVersions,
 )
 
 router = APIRouter(prefix="/v1", tags=["registry"])
@@ -115,6 +116,12 @@ class PageQuery(BaseModel):
 
     offset: int = Field(0, ge=0, le=MAX_OFFSET, description="index of the first task")
     limit: int = Field(100, ge=1, le=MAX_PAGE, description="tasks per page")
+    q: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="only tasks whose name contains this text (walks the whole index)",
+    )
 
 
 class TaskQuery(BaseModel):
@@ -127,8 +134,22 @@ class TaskQuery(BaseModel):
 async def list_tasks(
     registry: RegistryDep, caller: AdminCaller, query: Annotated[PageQuery, Query()]
 ) -> TaskPage:
-    allowed = caller.allows if caller.scoped else None
-    return await registry.list_tasks(query.offset, query.limit, allowed=allowed)
+    q = query.q
+
+    def allowed(name: str) -> bool:
+        return caller.allows(name) and (q is None or q in name)
+
+    filtered = caller.scoped or q is not None
+    return await registry.list_tasks(
+        query.offset, query.limit, allowed=allowed if filtered else None
+    )
+
+
+@router.get("/tasks/{name}/versions", responses=errors(*KEYED, 404, 422))
+async def task_versions(name: Name, registry: RegistryDep, caller: AdminCaller) -> TaskVersions:
+    """The task's current version and the earlier ones it remembers, newest first."""
+    caller.check(name)
+    return await registry.task_versions(name)
 
 
 @router.get("/tasks/{name}", response_model_exclude_none=True, responses=errors(*KEYED, 404, 422))

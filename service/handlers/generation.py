@@ -24,6 +24,7 @@ from service.engine.base import (
 from service.errors import ApiError
 from service.handlers.events import ServerEvent
 from service.logging import request_id_var
+from service.metrics import TaskTraffic
 from service.protocol.generate import (
     GenerateResponse,
     GenerationParameters,
@@ -98,11 +99,19 @@ def outputs(results: list[GenerationResult]) -> tuple[list[Output], Usage]:
 
 
 class GenerationHandler:
-    def __init__(self, store: Any, engine: Engine, backbone: Backbone, settings: Settings) -> None:
+    def __init__(
+        self,
+        store: Any,
+        engine: Engine,
+        backbone: Backbone,
+        settings: Settings,
+        traffic: TaskTraffic | None = None,
+    ) -> None:
         self.store = store
         self.engine = engine
         self.backbone = backbone
         self.settings = settings
+        self.traffic = traffic
         self.positions = backbone.max_positions
         # Long inputs tokenize off the event loop, one at a time (fast tokenizers are not
         # safe to call concurrently).
@@ -238,10 +247,16 @@ class GenerationHandler:
                 waits, timeout=self.settings.request_timeout_s, return_when="FIRST_COMPLETED"
             )
             if gathered in done:
-                return list(gathered.result())
+                results = list(gathered.result())
+                for result in results:
+                    self._ok(prepared.task.name, result)
+                return results
             if watcher is not None and watcher in done:
                 raise ClientGone()
             raise self._timeout()
+        except BaseException:
+            self._error(prepared.task.name, len(prepared.requests))
+            raise
         finally:
             for job in waits | set(jobs):
                 job.cancel()
@@ -258,16 +273,22 @@ class GenerationHandler:
         try:
             first = await asyncio.wait_for(anext(aiter(stream)), self.settings.request_timeout_s)
         except TimeoutError:
+            self._error(request.task.name)
             await close_stream(stream)
             raise self._timeout() from None
         except BaseException:
+            self._error(request.task.name)
             await close_stream(stream)
             raise
-        return first, self._bounded(stream, deadline)
+        if first.result is not None:
+            self._ok(request.task.name, first.result)
+        return first, self._bounded(stream, deadline, request.task.name, first.result is None)
 
     async def _bounded(
-        self, stream: AsyncIterator[StreamDelta], deadline: float
+        self, stream: AsyncIterator[StreamDelta], deadline: float, task: str, counting: bool
     ) -> AsyncIterator[StreamDelta]:
+        """The rest of a stream under ``deadline``; while ``counting``, its outcome is counted
+        in the task's traffic (a stream closed before its result counts as an error)."""
         loop = asyncio.get_running_loop()
         try:
             while True:
@@ -275,11 +296,24 @@ class GenerationHandler:
                     delta = await asyncio.wait_for(anext(stream), deadline - loop.time())
                 except StopAsyncIteration:
                     return
+                if counting and delta.result is not None:
+                    counting = False
+                    self._ok(task, delta.result)
                 yield delta
         except TimeoutError:
             raise self._timeout() from None
         finally:
+            if counting:
+                self._error(task)
             await close_stream(stream)
+
+    def _ok(self, task: str, result: GenerationResult) -> None:
+        if self.traffic is not None:
+            self.traffic.ok(task, result.prompt_tokens, result.completion_tokens)
+
+    def _error(self, task: str, count: int = 1) -> None:
+        if self.traffic is not None:
+            self.traffic.error(task, count)
 
     def _timeout(self) -> ApiError:
         limit = self.settings.request_timeout_s

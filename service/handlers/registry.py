@@ -38,13 +38,19 @@ from service.protocol.generate import (
     TaskInfo,
     TaskPage,
     TaskReplace,
+    TaskVersion,
+    TaskVersions,
 )
 from service.protocol.text import readable
 from service.settings import Settings
-from service.store.base import ConflictError, Record
+from service.store.base import ConflictError, NotFoundError, Record
 
 # Fields of a task body that PUT keeps from the previous version when the body leaves them out.
 _KEPT_ON_REPLACE = ("description", "metadata", "parameters")
+# Earlier versions a task record remembers (a summary each, not their factors), and the
+# characters of each one's description kept: a record's history stays a few KiB.
+MAX_HISTORY = 20
+HISTORY_DESCRIPTION_CHARS = 200
 
 
 def _matrix(name: str, rows: list[Any]) -> torch.Tensor:
@@ -71,6 +77,22 @@ def shared_info(record: Record) -> SharedPromptInfo:
         metadata=readable(dict(record.meta.get("metadata", {}))),
         created=record.created,
         updated=record.updated,
+    )
+
+
+def version_of(record: Record) -> TaskVersion:
+    """A summary of the version ``record`` holds (what the version history lists)."""
+    length, rank = blob_shapes(record.blob)["u"]
+    metadata = record.meta.get("metadata") or {}
+    job = metadata.get("fine_tuning_job") if isinstance(metadata, dict) else None
+    return TaskVersion(
+        version=record.version,
+        written=record.updated,
+        shared=record.shared,
+        rank=rank,
+        length=length,
+        description=str(record.meta.get("description", "")),
+        fine_tuning_job=job if isinstance(job, str) else None,
     )
 
 
@@ -206,11 +228,25 @@ class RegistryHandler:
         if body.name is not None and body.name != name:
             raise ArtifactError(f"the body's name is {body.name!r}, but the URL says {name!r}")
         tf, meta = self._factors(name, body)
-        kept = [f for f in _KEPT_ON_REPLACE if f not in body.model_fields_set]
-        if kept:
+        try:
             record = await self.store.get_task_record(name)
-            meta.update({f: record.meta[f] for f in kept if f in record.meta})
+        except NotFoundError:
+            raise NotFoundError(f"no task named {name!r} to replace") from None
+        kept = [f for f in _KEPT_ON_REPLACE if f not in body.model_fields_set]
+        meta.update({f: record.meta[f] for f in kept if f in record.meta})
+        # the version being replaced joins the history; two replaces racing may each keep
+        # only the version both read (the versions' numbers themselves stay atomic)
+        replaced = version_of(record)
+        replaced.description = replaced.description[:HISTORY_DESCRIPTION_CHARS]
+        earlier = [replaced.model_dump(), *record.meta.get("history", [])]
+        meta["history"] = earlier[:MAX_HISTORY]
         return task_info(await self.store.replace_task(tf, meta))
+
+    async def task_versions(self, name: str) -> TaskVersions:
+        """The current version and up to ``MAX_HISTORY`` earlier ones, newest first."""
+        record, _ = await self.store.get_task(check_name(name, "task name"))
+        earlier = [TaskVersion.model_validate(v) for v in record.meta.get("history", [])]
+        return TaskVersions(name=name, versions=[version_of(record), *earlier], kept=MAX_HISTORY)
 
     async def delete_task(self, name: str) -> None:
         await self.store.delete_task(check_name(name, "task name"))

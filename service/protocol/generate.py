@@ -214,6 +214,24 @@ class TaskInfo(BaseModel):
     factors: str | None = None
 
 
+class TaskVersion(BaseModel):
+    """One version of a task, as its history remembers it (not its factors)."""
+
+    version: int
+    written: str = Field(description="when this version was written (UTC)")
+    shared: str
+    rank: int
+    length: int
+    description: str = ""
+    fine_tuning_job: str | None = Field(default=None, description="the job that wrote it")
+
+
+class TaskVersions(BaseModel):
+    name: str
+    versions: list[TaskVersion] = Field(description="the current version first, then older ones")
+    kept: int = Field(description="earlier versions a task remembers at most")
+
+
 class TaskPage(BaseModel):
     tasks: list[TaskInfo]
     total: int
