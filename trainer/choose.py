@@ -279,7 +279,7 @@ class CandidateRun:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.figures.steps += 1
-            check(float(loss))
+            check(float(loss.detach()))
 
     def validate(self) -> float:
         loss = validation_loss(self.backbone, self.bank, [self.data], self.opts, self.device)
@@ -295,16 +295,26 @@ class CandidateRun:
     def restore_best(self) -> None:
         self.bank.load_state_dict(self.best_state)
 
-    def exact_match(self, examples: list[Any], max_new_tokens: int) -> float:
+    def prompt(self) -> Tensor:
+        """The task prompt [L, d] at the best validation step, as the server composes it."""
         self.restore_best()
-        shared = self.bank.shared[0].detach().float()
-        prompt = shared * (self.bank.u[0].detach().float() @ self.bank.v[0].detach().float())
-        opts = EvaluateOptions(model="-", max_new_tokens=max_new_tokens, batch_size=16)
-        predictions = predict(
-            self.backbone, prompt, [t.input_ids for t in self.data.validation], opts
+        shared = self.bank.shared[0].detach().float().cpu()
+        return shared * (
+            self.bank.u[0].detach().float().cpu() @ self.bank.v[0].detach().float().cpu()
         )
-        hits = sum(exact_match(p, e.target) for p, e in zip(predictions, examples, strict=True))
-        return hits / max(len(examples), 1)
+
+    def exact_match(self, rows: list[Tokenized], examples: list[Any], max_new_tokens: int) -> float:
+        """Greedy exact match (0-1) of the best prompt on ``rows`` (``examples``' targets)."""
+        return prompt_exact_match(self.backbone, self.prompt(), rows, examples, max_new_tokens)
+
+
+def prompt_exact_match(
+    backbone: Backbone, prompt: Tensor, rows: list[Tokenized], examples: list[Any], max_new: int
+) -> float:
+    opts = EvaluateOptions(model="-", max_new_tokens=max_new, batch_size=16)
+    predictions = predict(backbone, prompt, [t.input_ids for t in rows], opts)
+    hits = sum(exact_match(p, e.target) for p, e in zip(predictions, examples, strict=True))
+    return hits / max(len(examples), 1)
 
 
 def rung_plan(n: int, budget: int) -> list[int]:
@@ -400,7 +410,7 @@ def choose(
     for r in alive[2:]:
         r.figures.out_at_rung = len(plan) - 1
     for r in finalists:
-        r.figures.val_exact_match = round(r.exact_match(valid_examples, max_new), 4)
+        r.figures.val_exact_match = round(r.exact_match(valid_rows, valid_examples, max_new), 4)
     finalists.sort(key=lambda r: (-(r.figures.val_exact_match or 0.0), r.figures.best_val_loss))
     best = finalists[0]
     best.restore_best()
