@@ -176,7 +176,7 @@ def test_prompt_tuning_job_chooses_and_registers_its_own_shared_prompt(
         assert job["status"] == "succeeded", job
         metrics = job["rankone"]["metrics"]
         tried = json.loads(metrics["candidates"])
-        assert [t["name"] for t in tried] == ["pt-lr0.03", "pt-lr0.01"]
+        assert [t["name"] for t in tried] == ["pt-lr0.1", "pt-lr0.03"]
         assert all(t["init"] == "text" and t["best_val_loss"] is not None for t in tried)
         assert metrics["method"] == "pt" and metrics["candidate"] in metrics["choice"]
         events = c.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=100").json()["data"]
