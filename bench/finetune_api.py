@@ -132,7 +132,7 @@ def api_jobs(
             suffix=args.task,
             hyperparameters={"steps": args.steps, "batch_size": args.batch_size},
             seed=args.seed,
-            rankone={"shots": args.shots, "replace": i > 0},
+            rankone={"shots": args.shots, "replace": i > 0, "mode": "factors-only"},
         )
         job = c.fine_tuning.jobs.wait(job["id"], timeout=1800, poll_s=0.2)
         elapsed = time.perf_counter() - t0

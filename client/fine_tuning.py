@@ -42,7 +42,7 @@ def job_body(
     model: str, training_file: str, *, suffix: str | None = None, **options: Any
 ) -> dict[str, Any]:
     """``options``: validation_file, hyperparameters (n_epochs, batch_size,
-    learning_rate_multiplier, steps), seed, metadata, rankone (mode, shots, replace, eval_every)."""
+    learning_rate_multiplier, steps), seed, metadata, rankone (mode, instruction, shots, replace, eval_every)."""
     body = {"model": model, "training_file": training_file, "suffix": suffix, **options}
     return {k: v for k, v in body.items() if v is not None}
 
@@ -144,10 +144,19 @@ class WorkerProtocol:
         self._client.request("POST", _job_path(job_id, "/progress"), json=body)
 
     def result(
-        self, job_id: str, lease_token: str, factors: str, metrics: dict[str, Any] | None = None
+        self,
+        job_id: str,
+        lease_token: str,
+        factors: str,
+        metrics: dict[str, Any] | None = None,
+        *,
+        shared_prompt: str | None = None,
     ) -> dict[str, Any]:
-        """Register the trained task (``factors``: base64 task blob); returns the job."""
+        """Register the trained task (``factors``: base64 task blob; ``shared_prompt``: the
+        base64 shared-prompt blob it composes with when the job made its own); returns the job."""
         body = {"lease_token": lease_token, "factors": factors, "metrics": metrics or {}}
+        if shared_prompt is not None:
+            body["shared_prompt"] = shared_prompt
         return dict(self._client.request_json("POST", _job_path(job_id, "/result"), json=body))
 
     def failure(

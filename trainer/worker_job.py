@@ -23,7 +23,15 @@ import torch
 
 from client import Client
 from client.errors import APIError, TransportError
-from prompts import Backbone, compose_prompt, from_base64, load_artifact_dir, to_base64
+from prompts import (
+    Backbone,
+    compose_prompt,
+    encode_shared,
+    encode_task,
+    from_base64,
+    load_artifact_dir,
+    to_base64,
+)
 from trainer.data import read_jsonl, tokenize
 from trainer.distributed import init_distributed
 from trainer.errors import TrainerError
@@ -205,6 +213,93 @@ class JobRun:
             progress=False,
         )
 
+    def report(self, kind: str, fields: dict[str, Any]) -> None:
+        """The search's progress as job events (trainer.choose)."""
+        if kind == "rung":
+            losses = ", ".join(f"{k} {v}" for k, v in fields["val_loss"].items())
+            message = (
+                f"search rung {fields['rung']}, {fields['steps']} steps each: valid loss {losses}"
+            )
+        else:
+            message = f"search: {fields['reason']}"
+        self._pending.append({"step": 0, "message": message[:2000]})
+        self._post(force=True)
+
+    def on_search_step(self, spent: int, budget: int, loss: float) -> None:
+        event: dict[str, Any] = {"step": spent, "total_steps": max(budget, spent)}
+        if finite(loss) is not None:
+            event["train_loss"] = finite(loss)
+        self._pending.append(event)
+        self._post()
+
+    def search(self, tmp: Path) -> tuple[str, str | None, dict[str, Any]]:
+        """Modes auto, paper, prompt-tuning: ``trainer.choose`` picks method, lr and steps on
+        held-out examples; returns (task blob, own shared-prompt blob or None, metrics)."""
+        from trainer.choose import METHODS, Start, choose_examples, default_candidates
+
+        job, state = self.job, self.job["rankone"]
+        task, files = state["task"], self.client.files
+        n = write_examples(files.content(job["training_file"]), tmp / "train.jsonl")
+        if n > self.limits.max_examples:
+            raise TrainerError(
+                f"{n} training examples; this worker takes at most {self.limits.max_examples}"
+            )
+        validation = None
+        if job["validation_file"]:
+            write_examples(files.content(job["validation_file"]), tmp / "validation.jsonl")
+            validation = read_jsonl(tmp / "validation.jsonl")
+        if state["steps"] > self.limits.max_steps:
+            raise TrainerError(
+                f"the job asks for {state['steps']} steps; this worker runs at most {self.limits.max_steps}"
+            )
+        write_source(self.client, self.claim, tmp / "source")
+        found = load_artifact_dir(tmp / "source", backbone=self.backbone.fingerprint)
+        shared = found.shared[job["model"]]
+        sources = [tf for tf in found.tasks.values() if tf.shared == shared.id]
+        methods = {"auto": METHODS, "paper": ("paper",), "prompt-tuning": ("pt",)}[state["mode"]]
+        lr_scale = float(job["hyperparameters"]["learning_rate_multiplier"])
+        started = time.monotonic()
+        soft = started + 0.8 * max(0.0, self.control.deadline - started)
+        choice = choose_examples(
+            self.backbone,
+            task,
+            read_jsonl(tmp / "train.jsonl"),
+            validation,
+            Start(shared, sources[:MAX_SOURCE_TASKS], state.get("instruction")),
+            candidates=default_candidates(methods=methods, lr_scale=lr_scale),
+            budget_steps=int(state["steps"]),
+            shots=state["shots"],
+            batch_size=int(job["hyperparameters"]["batch_size"]),
+            seed=int(job["seed"]),
+            device=torch.device(self.device if self.device != "auto" else "cpu"),
+            check=self.control.check,
+            on_step=self.on_search_step,
+            soft_deadline=soft,
+            report=self.report,
+            new_shared_id=f"{task[:56]}-prompt",
+        )
+        self._post(force=True)
+        win = choice.winner
+        metrics: dict[str, Any] = {
+            "method": win.candidate.method,
+            "candidate": win.candidate.name,
+            "learning_rate": win.candidate.lr,
+            "rank": win.candidate.rank,
+            "steps": win.best_step,
+            "search_steps": choice.search_steps,
+            "train_seconds": round(time.monotonic() - started, 2),
+            "best_val_loss": finite(win.best_val_loss),
+            "valid_accuracy": win.val_exact_match,
+            "trained_parameters": win.parameters,
+            "factor_init": win.init,
+            "choice": choice.reason[:2000],
+            "candidates": json.dumps([f.as_json() for f in choice.figures]),
+        }
+        for f in choice.figures[: 64 - len(metrics)]:
+            metrics[f"valid_loss:{f.candidate.name}"] = finite(f.best_val_loss)
+        own = None if choice.shared is None else to_base64(encode_shared(choice.shared))
+        return to_base64(encode_task(choice.task)), own, metrics
+
     def train(self, tmp: Path) -> tuple[str, dict[str, Any]]:
         from trainer.adapt import adapt
 
@@ -245,10 +340,14 @@ class JobRun:
         job_id = self.job["id"]
         worker = self.client.fine_tuning.worker
         try:
+            own: str | None = None
             with tempfile.TemporaryDirectory(prefix=f"rankone-{job_id}-") as tmp:
-                factors, metrics = self.train(Path(tmp))
+                if self.job["rankone"]["mode"] == "factors-only":
+                    factors, metrics = self.train(Path(tmp))
+                else:
+                    factors, own, metrics = self.search(Path(tmp))
             self.control.check()
-            worker.result(job_id, self.token, factors, metrics)
+            worker.result(job_id, self.token, factors, metrics, shared_prompt=own)
             return "succeeded"
         except JobStopped as e:
             if e.reason == "time_limit":

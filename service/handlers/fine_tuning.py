@@ -221,6 +221,7 @@ class FineTuningHandler:
             "rankone": {
                 "task": task,
                 "mode": body.rankone.mode,
+                "instruction": body.instruction(),
                 "shots": body.rankone.shots,
                 "examples": {"uploaded": uploaded, "used": examples},
                 "replace": body.rankone.replace,

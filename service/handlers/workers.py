@@ -14,7 +14,7 @@ import contextlib
 import logging
 from typing import Any
 
-from prompts.artifacts import to_base64
+from prompts.artifacts import decode_shared, from_base64, to_base64
 from prompts.errors import ArtifactError
 from service.errors import ApiError
 from service.handlers.fine_tuning import FineTuningHandler, reply, state_error
@@ -28,7 +28,7 @@ from service.protocol.fine_tuning import (
     ResultPost,
 )
 from service.protocol.fine_tuning_objects import Claim, FineTuningJob, Lease
-from service.protocol.generate import TaskBody, TaskReplace
+from service.protocol.generate import SharedPromptCreate, TaskBody, TaskReplace
 from service.store.base import ConflictError, NotFoundError
 
 log = logging.getLogger("rankone.jobs")
@@ -117,7 +117,30 @@ class WorkersHandler:
         ]
         await self.jobs.add_events(job_id, events)
 
-    async def _register(self, job: Job, factors: str) -> int:
+    async def _register_shared(self, job: Job, blob: str) -> str:
+        """Register the job's own shared prompt (paper mode, prompt tuning), once per job id;
+        return its id."""
+        body = SharedPromptCreate(
+            blob=blob,
+            description=f"made by fine-tuning job {job['id']}",
+            metadata={"fine_tuning_job": job["id"]},
+        )
+        try:
+            return (await self.registry.register_shared(body))[0].id
+        except ConflictError:
+            shared_id = decode_shared(from_base64(blob)).id
+            existing = await self.registry.get_shared(shared_id)
+            if existing.metadata.get("fine_tuning_job") == job["id"]:
+                return shared_id  # registered by an earlier attempt of this job
+            if not job["rankone"]["replace"]:
+                raise ConflictError(
+                    f"shared prompt {shared_id!r} exists; run the job again with "
+                    "rankone.replace or another suffix"
+                ) from None
+        body.replace = True
+        return (await self.registry.register_shared(body))[0].id
+
+    async def _register(self, job: Job, factors: str, shared_blob: str | None = None) -> int:
         """Register the job's task (once per job id); return the registered version."""
         task, job_id = job["rankone"]["task"], job["id"]
         existing = None
@@ -125,8 +148,11 @@ class WorkersHandler:
             existing = await self.registry.get_task(task)
         if existing is not None and existing.metadata.get("fine_tuning_job") == job_id:
             return existing.version  # registered by an earlier attempt of this job
+        shared = (
+            job["model"] if shared_blob is None else await self._register_shared(job, shared_blob)
+        )
         fields: dict[str, Any] = {
-            "shared": job["model"],
+            "shared": shared,
             "factors": factors,
             "description": f"fine-tuned from {job['training_file']} by job {job_id}",
             "metadata": {"fine_tuning_job": job_id, "training_file": job["training_file"]},
@@ -151,7 +177,7 @@ class WorkersHandler:
         except JobStateError as e:
             raise state_error(e) from None
         try:
-            version = await self._register(job, body.factors)
+            version = await self._register(job, body.factors, body.shared_prompt)
         except (ArtifactError, ConflictError) as e:
             await self._fail(job, "registration_failed", str(e))
             raise

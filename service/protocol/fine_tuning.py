@@ -38,6 +38,13 @@ class Hyperparameters(BaseModel):
     steps: int | None = Field(
         default=None, ge=1, description="rankone: optimizer steps (overrides n_epochs)"
     )
+    instruction: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=2000,
+        description="rankone: what the task does, in words (prompt tuning starts from its "
+        "token embeddings); the same as rankone.instruction",
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> Hyperparameters:
@@ -56,9 +63,20 @@ class RankoneOptions(BaseModel):
 
     model_config = STRICT
 
-    mode: Literal["factors-only"] = Field(
-        default="factors-only",
-        description="factors-only: the shared prompt stays frozen; only (L + d)·r numbers train",
+    mode: Literal["auto", "factors-only", "paper", "prompt-tuning"] = Field(
+        default="auto",
+        description="auto: the job chooses the method, learning rate and steps on held-out "
+        "examples (the validation file, or a part of the training file); factors-only: the "
+        "shared prompt stays frozen, only (L + d)·r numbers train; paper: the shared prompt "
+        "trains too (the task gets its own); prompt-tuning: a plain prompt, its own shared "
+        "prompt with U = V = 1 (paper and prompt-tuning choose lr and steps as auto does)",
+    )
+    instruction: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=2000,
+        description="what the task does, in words: prompt tuning starts from its token "
+        "embeddings and factors from their closest fit (optional)",
     )
     shots: int | None = Field(default=None, ge=1, description="keep k training examples (seeded)")
     replace: bool = Field(
@@ -102,7 +120,13 @@ class JobCreate(BaseModel):
             raise ValueError("integrations: not supported")
         if self.hyperparameters is not None and self.method is not None:
             raise ValueError("give hyperparameters or method.supervised.hyperparameters, not both")
+        given = {self.rankone.instruction, self.chosen_hyperparameters().instruction} - {None}
+        if len(given) > 1:
+            raise ValueError("hyperparameters.instruction and rankone.instruction differ")
         return self
+
+    def instruction(self) -> str | None:
+        return self.rankone.instruction or self.chosen_hyperparameters().instruction
 
     def chosen_hyperparameters(self) -> Hyperparameters:
         if self.method is not None and self.method.supervised is not None:
@@ -146,6 +170,12 @@ class EventsPost(LeaseRequest):
 
 class ResultPost(LeaseRequest):
     factors: str = Field(min_length=1, description="base64 safetensors task blob")
+    shared_prompt: str | None = Field(
+        default=None,
+        min_length=1,
+        description="base64 safetensors shared-prompt blob the task composes with, when the "
+        "job made its own (paper mode, prompt tuning); registered before the task",
+    )
     metrics: dict[str, float | int | str | None] = Field(default_factory=dict, max_length=64)
 
     @model_validator(mode="after")

@@ -18,7 +18,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from prompts import Backbone, TaskFactors, encode_task, to_base64
+from prompts import Backbone, SharedPrompt, TaskFactors, encode_shared, encode_task, to_base64
 from service.app import create_app
 from service.jobs import lifecycle
 from service.settings import Settings
@@ -192,8 +192,14 @@ def test_bad_purpose_and_client_key(client: TestClient) -> None:
         ({"hyperparameters": {"learning_rate_multiplier": -1}}, 422, "learning_rate_multiplier"),
         ({"hyperparameters": {"steps": 501}}, 422, "exceed the server's limit of 500"),
         ({"hyperparameters": {"nonsense": 1}}, 422, "nonsense"),
-        ({"rankone": {"mode": "paper"}}, 422, "rankone.mode"),
+        ({"rankone": {"mode": "multi-target"}}, 422, "rankone.mode"),
         ({"rankone": {"shots": 0}}, 422, "rankone.shots"),
+        ({"rankone": {"instruction": ""}}, 422, "rankone.instruction"),
+        (
+            {"rankone": {"instruction": "a"}, "hyperparameters": {"instruction": "b"}},
+            422,
+            "instruction and rankone.instruction differ",
+        ),
         ({"integrations": [{"type": "wandb"}]}, 422, "integrations"),
     ],
 )
@@ -663,3 +669,39 @@ def test_shots_below_the_upload_is_said_and_the_last_event_has_the_valid_figures
     assert last["data"] == {"step": 6, "valid_loss": 0.5, "valid_accuracy": 0.75}
     assert last["type"] == "metrics" and "valid accuracy 0.75" in last["message"]
     drain(client)
+
+
+def test_a_result_with_its_own_shared_prompt_registers_both(
+    client: TestClient, gpt2_backbone: Backbone
+) -> None:
+    """Paper mode / prompt tuning: the task composes with a shared prompt the job made; it is
+    registered first (once per job id), and a clash with someone else's id fails the job."""
+    drain(client)
+    fp = gpt2_backbone.fingerprint
+    own = SharedPrompt("own-p", torch.ones(PROMPT_LENGTH, gpt2_backbone.dim), fp)
+    ones = TaskFactors(
+        "own", "own-p", torch.ones(PROMPT_LENGTH, 1), torch.ones(1, gpt2_backbone.dim), fp
+    )
+    job = new_job(client, "own")
+    got = claim(client)
+    result = {
+        "lease_token": got["lease_token"],
+        "factors": to_base64(encode_task(ones)),
+        "shared_prompt": to_base64(encode_shared(own)),
+    }
+    done = client.post(f"/v1/fine_tuning/jobs/{job['id']}/result", json=result, headers=ADMIN)
+    assert done.status_code == 200, done.text
+    assert client.get("/v1/tasks/own", headers=ADMIN).json()["shared"] == "own-p"
+    shared = client.get("/v1/shared-prompts/own-p", headers=ADMIN).json()
+    assert shared["metadata"]["fine_tuning_job"] == job["id"]
+    # another job whose own shared prompt has the same id (and no rankone.replace) fails
+    job2 = new_job(client, "own2")
+    got = claim(client)
+    clash = {**result, "lease_token": got["lease_token"]}
+    clash["factors"] = to_base64(encode_task(TaskFactors("own2", "own-p", ones.u, ones.v, fp)))
+    error_of(
+        client.post(f"/v1/fine_tuning/jobs/{job2['id']}/result", json=clash, headers=ADMIN), 409
+    )
+    failed = client.get(f"/v1/fine_tuning/jobs/{job2['id']}", headers=ADMIN).json()
+    assert failed["status"] == "failed" and "own-p" in failed["error"]["message"]
+    assert client.get("/v1/tasks/own2", headers=ADMIN).status_code == 404

@@ -132,6 +132,7 @@ def test_openai_client_fine_tunes_and_serves_the_new_task(
         suffix="says-yes",
         hyperparameters={"n_epochs": 10, "batch_size": 3},
         seed=1,
+        extra_body={"rankone": {"mode": "factors-only"}},
     )
     assert job.status == "queued"
     deadline = time.monotonic() + 120
@@ -145,6 +146,57 @@ def test_openai_client_fine_tunes_and_serves_the_new_task(
     assert len(losses) >= 2 and losses[-1] < losses[0]
     served_equals_factors(embedded_server, gpt2, "says-yes", "word a")
     assert "says-yes" in [m.id for m in oa.models.list()]
+
+
+def test_prompt_tuning_job_chooses_and_registers_its_own_shared_prompt(
+    embedded_server: ServerProcess, gpt2: Backbone
+) -> None:
+    """mode prompt-tuning: the search tries its learning rates from the instruction's text
+    init, records every candidate, and registers the winner as shared prompt + U = V = 1."""
+    with httpx.Client(base_url=embedded_server.url, headers=ADMIN, timeout=30) as c:
+        up = c.post(
+            "/v1/files", files={"file": ("t.jsonl", jsonl(TRAIN))}, data={"purpose": "fine-tune"}
+        )
+        body = {
+            "model": "family",
+            "training_file": up.json()["id"],
+            "suffix": "pt-yes",
+            "hyperparameters": {"steps": 8, "batch_size": 2, "instruction": "Say yes"},
+            "rankone": {"mode": "prompt-tuning"},
+        }
+        job = c.post("/v1/fine_tuning/jobs", json=body).json()
+        assert job["rankone"]["instruction"] == "Say yes"
+        deadline = time.monotonic() + 300  # may include the worker child's cold start
+        while (job := c.get(f"/v1/fine_tuning/jobs/{job['id']}").json())["status"] not in (
+            "succeeded",
+            "failed",
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        assert job["status"] == "succeeded", job
+        metrics = job["rankone"]["metrics"]
+        tried = json.loads(metrics["candidates"])
+        assert [t["name"] for t in tried] == ["pt-lr0.1", "pt-lr0.03"]
+        assert all(t["init"] == "text" and t["best_val_loss"] is not None for t in tried)
+        assert metrics["method"] == "pt" and metrics["candidate"] in metrics["choice"]
+        events = c.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=100").json()["data"]
+        assert any(e["message"].startswith("search: pt-lr") for e in events)
+        info = c.get("/v1/tasks/pt-yes", params={"include_factors": "true"}).json()
+        assert info["shared"] == "pt-yes-prompt"
+        shared = c.get("/v1/shared-prompts/pt-yes-prompt", params={"include_blob": "true"})
+        assert shared.json()["metadata"]["fine_tuning_job"] == job["id"]
+        from prompts import decode_shared
+
+        sp = decode_shared(from_base64(shared.json()["blob"]))
+        tf = decode_task(from_base64(info["factors"]))
+        assert torch.equal(tf.u, torch.ones_like(tf.u)) and torch.equal(tf.v, torch.ones_like(tf.v))
+        got = c.post(
+            "/v1/completions",
+            json={"model": "pt-yes", "prompt": "word a", "max_tokens": 4, "temperature": 0},
+        ).json()
+        want = reference_text(gpt2, sp.prompt, tf.u, tf.v, "word a", 4)
+        if want is not None:
+            assert got["choices"][0]["text"] == want
 
 
 def test_plain_http_job_and_cancel(embedded_server: ServerProcess) -> None:

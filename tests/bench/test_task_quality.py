@@ -1,0 +1,47 @@
+"""bench/task_quality's smoke preset end to end on the tiny GPT-2: the lr sweep, the seeds at
+the chosen lr, the auto row through trainer.choose, the report's shape, and resuming."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from bench.task_quality.__main__ import main
+from prompts import SharedPrompt, TaskFactors
+from prompts import load_backbone as _load
+from prompts.artifacts import save_shared, save_task
+
+
+def test_smoke_preset_runs_reports_and_resumes(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    bb = _load(tiny_gpt2_dir)
+    g = torch.Generator().manual_seed(0)
+    source = tmp_path / "artifacts"
+    save_shared(source, SharedPrompt("mpt", torch.randn(4, bb.dim, generator=g), bb.fingerprint))
+    for name in ("a", "b"):
+        u, v = torch.ones(4, 1), 1 + 0.1 * torch.randn(1, bb.dim, generator=g)
+        save_task(source, TaskFactors(name, "mpt", u, v, bb.fingerprint))
+    state = tmp_path / "state"
+    argv = ["--preset", "smoke", "--state", str(state), "--source", str(source)]
+    argv += ["--model", str(tiny_gpt2_dir)]
+    assert main([*argv, "--max-units", "3"]) == 0
+    partial = json.loads((state / "task_quality_smoke.json").read_text())
+    assert partial["partial"] and partial["units_done"] == 3
+    assert main(argv) == 0
+    r = json.loads((state / "task_quality_smoke.json").read_text())
+    assert not r["partial"] and r["units_done"] == r["units_total"]
+    assert set(r["k"]) == {"32", "8"} and set(r["k"]["32"]) == {
+        "auto",
+        "pt",
+        "mpt_factors",
+        "mpt_factors_r4",
+    }
+    for k in ("32", "8"):
+        for row in r["k"][k].values():
+            assert row["seeds_complete"] == 2 and row["std"] is not None
+            assert set(row["per_task"]) == {"capital", "person"}
+    assert all(lr in (0.1, 0.01) for per in r["chosen_lr"].values() for lr in per.values())
+    assert r["params_per_task"]["mpt_factors"] == 4 + bb.dim
+    assert all(len(c) == 2 for per in r["auto_choices"].values() for c in per.values())
+    assert "| auto |" in (state / "task_quality_smoke.md").read_text()
