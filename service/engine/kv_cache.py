@@ -240,12 +240,12 @@ class SlotLayer(CacheLayerMixin):
         self.index = index
         self.is_initialized = True
 
-    @property  # type: ignore[override]
-    def keys(self) -> Tensor:
+    @property
+    def keys(self) -> Tensor:  # type: ignore[override]
         return self.store.layer_window(self.index)[0]
 
-    @property  # type: ignore[override]
-    def values(self) -> Tensor:
+    @property
+    def values(self) -> Tensor:  # type: ignore[override]
         return self.store.layer_window(self.index)[1]
 
     @property

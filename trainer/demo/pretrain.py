@@ -85,7 +85,7 @@ def build_model(cfg: PretrainConfig):
     from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
 
     tokenizer = ByT5Tokenizer()
-    config = T5Config(
+    config = T5Config(  # type: ignore[call-arg]  # T5Config takes PretrainedConfig's kwargs
         vocab_size=len(tokenizer),
         d_model=cfg.d_model,
         d_kv=cfg.d_model // cfg.num_heads,
