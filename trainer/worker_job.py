@@ -157,6 +157,7 @@ class JobRun:
         self.control = JobControl(deadline=time.monotonic() + timeout)
         self._pending: list[dict[str, Any]] = []
         self._last_post = 0.0
+        self._search_spent = 0  # search steps spent so far (all candidates together)
 
     # ---- progress ------------------------------------------------------------------------
 
@@ -215,17 +216,24 @@ class JobRun:
 
     def report(self, kind: str, fields: dict[str, Any]) -> None:
         """The search's progress as job events (trainer.choose)."""
+        event: dict[str, Any] = {"step": self._search_spent}
         if kind == "rung":
             losses = ", ".join(f"{k} {v}" for k, v in fields["val_loss"].items())
-            message = (
+            event["message"] = (
                 f"search rung {fields['rung']}, {fields['steps']} steps each: valid loss {losses}"
             )
+            # the chart's validation series: the best candidate's loss after this rung
+            best = [v for v in map(finite, fields["val_loss"].values()) if v is not None]
+            if best:
+                event["valid_loss"] = min(best)
         else:
-            message = f"search: {fields['reason']}"
-        self._pending.append({"step": 0, "message": message[:2000]})
+            event["message"] = f"search: {fields['reason']}"
+        event["message"] = event["message"][:2000]
+        self._pending.append(event)
         self._post(force=True)
 
     def on_search_step(self, spent: int, budget: int, loss: float) -> None:
+        self._search_spent = spent
         event: dict[str, Any] = {"step": spent, "total_steps": max(budget, spent)}
         if finite(loss) is not None:
             event["train_loss"] = finite(loss)

@@ -177,14 +177,15 @@ def succeed(
     msg = f"task {task!r} version {version} registered; the job succeeded"
     # The final figures on the validation examples (measured after the last step whatever
     # eval_every is), so the event log always ends with them.
+    # (a searching job registers its winner at its best step: that step's loss is final)
     data = {
-        name: metrics[key]
-        for name, key in (
-            ("step", "steps"),
-            ("valid_loss", "final_val_loss"),
-            ("valid_accuracy", "valid_accuracy"),
+        name: next(metrics[k] for k in keys if isinstance(metrics.get(k), int | float))
+        for name, keys in (
+            ("step", ("steps",)),
+            ("valid_loss", ("final_val_loss", "best_val_loss")),
+            ("valid_accuracy", ("valid_accuracy",)),
         )
-        if isinstance(metrics.get(key), int | float)
+        if any(isinstance(metrics.get(k), int | float) for k in keys)
     }
     figures = ", ".join(
         f"{name.replace('_', ' ')} {data[name]:.4g}"
