@@ -177,11 +177,12 @@ def succeed(
     msg = f"task {task!r} version {version} registered; the job succeeded"
     # The final figures on the validation examples (measured after the last step whatever
     # eval_every is), so the event log always ends with them.
-    # (a searching job registers its winner at its best step: that step's loss is final)
+    # A searching job registers its winner at its best step (that step's loss is final); its
+    # events count the steps of all candidates together (search_steps), as the chart does.
     data = {
         name: next(metrics[k] for k in keys if isinstance(metrics.get(k), int | float))
         for name, keys in (
-            ("step", ("steps",)),
+            ("step", ("search_steps", "steps")),
             ("valid_loss", ("final_val_loss", "best_val_loss")),
             ("valid_accuracy", ("valid_accuracy",)),
         )
