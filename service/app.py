@@ -104,7 +104,7 @@ def build_store(
     else:
         from service.store.embedded import EmbeddedBackend
 
-        backend = EmbeddedBackend(settings.data_dir)
+        backend = EmbeddedBackend(settings.data_dir, max_tasks=settings.embedded_max_tasks)
     return FactorStore(
         backend,
         backbone_fingerprint=backbone.fingerprint,

@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="model dtype")
     redis_url: str = Field("", description="Redis URL of the factor store; empty → embedded store")
     data_dir: str = Field("./rankone-data", description="directory of the embedded store")
+    embedded_max_tasks: int = Field(
+        100_000,
+        ge=1,
+        description="most tasks the embedded store holds (two files each, read at start); "
+        "past it a create is refused with 409: use Redis for more",
+    )
     seed_dir: str = Field("", description="artifact directory to seed the store from at start")
     engine: Literal["continuous", "static"] = Field(
         "continuous", description="batching engine: continuous (default) or static (baseline)"

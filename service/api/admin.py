@@ -134,14 +134,8 @@ class TaskQuery(BaseModel):
 async def list_tasks(
     registry: RegistryDep, caller: AdminCaller, query: Annotated[PageQuery, Query()]
 ) -> TaskPage:
-    q = query.q
-
-    def allowed(name: str) -> bool:
-        return caller.allows(name) and (q is None or q in name)
-
-    filtered = caller.scoped or q is not None
     return await registry.list_tasks(
-        query.offset, query.limit, allowed=allowed if filtered else None
+        query.offset, query.limit, patterns=caller.patterns, contains=query.q
     )
 
 

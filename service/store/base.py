@@ -34,6 +34,10 @@ class ConflictError(RuntimeError):
     """Create of a name that exists, or delete of a shared prompt still in use (→ 409)."""
 
 
+class StoreFullError(ConflictError):
+    """A create past the backend's documented capacity (the embedded store's task limit)."""
+
+
 @dataclass(frozen=True)
 class Record:
     """One stored blob: a shared prompt (kind='shared') or a task (kind='task')."""
@@ -127,3 +131,15 @@ class FactorBackend(abc.ABC):
     @abc.abstractmethod
     async def list_tasks(self, *, offset: int = 0, limit: int = 100) -> Page:
         """Tasks in name order."""
+
+    @abc.abstractmethod
+    async def task_names(
+        self, prefix: str = "", *, after: str | None = None, limit: int
+    ) -> list[str]:
+        """Up to ``limit`` task names that start with ``prefix``, in name order, each greater
+        than ``after`` when given: a range read of the name index, whose cost grows with the
+        names returned, not with the number of tasks."""
+
+    @abc.abstractmethod
+    async def get_tasks(self, names: list[str]) -> list[Record]:
+        """The records of ``names`` (in that order) in one round trip; absent names skipped."""

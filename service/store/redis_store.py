@@ -328,6 +328,24 @@ class RedisBackend(FactorBackend):
         )
         return await self._get_many("shared", sorted(_text(m) for m in members))
 
+    async def task_names(
+        self, prefix: str = "", *, after: str | None = None, limit: int
+    ) -> list[str]:
+        # every score is 0, so ZRANGEBYLEX walks the index in name order from the range's start
+        # (O(log N + returned)); names are ASCII, so prefix + 0xff bounds every name under it
+        low = b"[" + prefix.encode() if prefix else b"-"
+        if after is not None and after >= prefix:
+            low = b"(" + after.encode()
+        high = b"[" + prefix.encode() + b"\xff" if prefix else b"+"
+        members = await self._call(
+            f"listing tasks under {prefix!r}",
+            self._client.zrangebylex(self.tasks_index, low, high, start=0, num=limit),
+        )
+        return [_text(m) for m in members]
+
+    async def get_tasks(self, names: list[str]) -> list[Record]:
+        return await self._get_many("task", names)
+
     async def list_tasks(self, *, offset: int = 0, limit: int = 100) -> Page:
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.zcard(self.tasks_index)
