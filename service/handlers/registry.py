@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
 from prompts.artifacts import (
@@ -30,10 +31,12 @@ from prompts.artifacts import (
 from prompts.backbone import Backbone
 from prompts.errors import ArtifactError
 from service.auth import Caller
+from service.errors import ApiError
 from service.protocol.generate import (
     SharedPromptCreate,
     SharedPromptInfo,
     TaskBody,
+    TaskCreate,
     TaskInfo,
     TaskPage,
     TaskReplace,
@@ -43,6 +46,10 @@ from service.protocol.generate import (
 from service.protocol.text import readable
 from service.settings import Settings
 from service.store.base import ConflictError, NotFoundError, Record
+
+# A batch item refused by one of these gets its own error; anything else (the store being
+# unreachable above all) fails the whole batch.
+ITEM_ERRORS = (ApiError, ArtifactError, NotFoundError, ConflictError, ValidationError)
 
 # Fields of a task body that PUT keeps from the previous version when the body leaves them out.
 _KEPT_ON_REPLACE = ("description", "metadata", "parameters")
@@ -220,6 +227,34 @@ class RegistryHandler:
                 f"task {name!r} already exists: replace it (a new version) with "
                 f"PUT /v1/tasks/{name}, same body without the name"
             ) from None
+
+    async def create_tasks(
+        self, bodies: list[TaskCreate], *, caller: Caller | None = None
+    ) -> list[tuple[str, TaskInfo | Exception]]:
+        """``POST /v1/tasks:batch``: each task gets exactly the checks and the write of
+        ``create_task``, and its own outcome (the TaskInfo, or the error ``POST /v1/tasks``
+        would have answered), so one bad task does not hold back the others. Not
+        all-or-nothing: a client re-sends the refused ones (created ones then answer 409)."""
+        outcomes: list[tuple[str, TaskInfo | Exception] | None] = [None] * len(bodies)
+        prepared: list[tuple[int, TaskFactors, dict[str, Any]]] = []
+        for i, body in enumerate(bodies):
+            try:
+                if caller is not None:
+                    caller.check(body.name)
+                tf, meta = self._factors(body.name, body)
+            except ITEM_ERRORS as e:
+                outcomes[i] = (body.name, e)
+                continue
+            prepared.append((i, tf, meta))
+        written = await self.store.create_tasks([(tf, meta) for _, tf, meta in prepared])
+        for (i, tf, _), outcome in zip(prepared, written, strict=True):
+            if isinstance(outcome, ConflictError) and "already exists" in str(outcome):
+                outcome = ConflictError(
+                    f"task {tf.name!r} already exists: replace it (a new version) with "
+                    f"PUT /v1/tasks/{tf.name}"
+                )
+            outcomes[i] = (tf.name, task_info(outcome) if isinstance(outcome, Record) else outcome)
+        return [o for o in outcomes if o is not None]
 
     async def replace_task(self, name: str, body: TaskReplace) -> TaskInfo:
         """A new version of ``name``; description, metadata and parameters the body leaves

@@ -121,6 +121,21 @@ class FactorBackend(abc.ABC):
         absent) with version + 1. UnknownSharedError if ``shared`` is not registered (checked
         in the same atomic step). Atomic with the index update and the event publish."""
 
+    async def put_tasks(
+        self, items: list[tuple[str, bytes, str, dict[str, Any]]]
+    ) -> list[Record | Exception]:
+        """Create many tasks, ``(name, blob, shared, meta)`` each, every one the same atomic
+        write as ``put_task(create=True)``; per item its Record, or the ConflictError /
+        UnknownSharedError that refused it. A StoreError (backend unreachable) is raised for
+        the whole call: some of the items may then have been written."""
+        results: list[Record | Exception] = []
+        for name, blob, shared, meta in items:
+            try:
+                results.append(await self.put_task(name, blob, shared, meta, create=True))
+            except (ConflictError, NotFoundError) as e:
+                results.append(e)
+        return results
+
     @abc.abstractmethod
     async def get_task(self, name: str) -> Record: ...
 

@@ -304,6 +304,31 @@ class FactorStore:
         """Register a new task (ConflictError if the name exists)."""
         return await self._put_task(tf, await self._gate_task(tf), meta, create=True)
 
+    async def create_tasks(
+        self, items: Sequence[tuple[TaskFactors, dict[str, Any]]]
+    ) -> list[Record | Exception]:
+        """Register many new tasks: per item the checks and the write of ``create_task``, the
+        writes sent together (Redis: one pipelined round trip). Per item its Record or the
+        error that refused it (ArtifactError, BackboneMismatchError, UnknownSharedError,
+        ConflictError); nothing of a refused item is written. A StoreError is raised for the
+        whole call (the items sent before it may have been written)."""
+        results: list[Record | Exception | None] = [None] * len(items)
+        ready: list[tuple[int, str, bytes, str, dict[str, Any]]] = []
+        for i, (tf, meta) in enumerate(items):
+            try:
+                blob = await self._gate_task(tf)  # the one write gate of create_task
+                _check_meta(meta)
+            except (ArtifactError, NotFoundError, ConflictError) as e:
+                results[i] = e
+                continue
+            ready.append((i, tf.name, blob, tf.shared, meta))
+        written = await self._backend(self.backend.put_tasks([r[1:] for r in ready]))
+        for (i, name, *_), outcome in zip(ready, written, strict=True):
+            if isinstance(outcome, Record):
+                self._cache.invalidate("task", name)
+            results[i] = outcome
+        return [r for r in results if r is not None]
+
     async def replace_task(self, tf: TaskFactors, meta: dict[str, Any]) -> Record:
         """Replace a task's factors (NotFoundError if absent); its version goes up by one."""
         return await self._put_task(tf, await self._gate_task(tf), meta, create=False)

@@ -264,15 +264,33 @@ class RedisBackend(FactorBackend):
         now = utc_now()
         keys, args = self.put_args(kind, name, blob, shared, meta, mode, now)
         reply = await self._call(f"writing {kind} {name!r}", self._put_script(keys=keys, args=args))
-        result = int(reply[0])
-        what = "shared prompt" if kind == "shared" else "task"
-        if result == -1:
-            raise ConflictError(f"{what} {name!r} already exists; use replace to update it")
-        if result == -2:
-            raise NotFoundError(f"no {what} named {name!r} to replace")
-        if result == -3:
-            raise UnknownSharedError(f"no shared prompt named {shared!r}; register it first")
-        return Record(kind, name, blob, result, shared, meta, reply[1].decode(), now)
+        outcome = _put_outcome(kind, name, blob, shared, meta, now, reply)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def put_tasks(
+        self, items: list[tuple[str, bytes, str, dict[str, Any]]]
+    ) -> list[Record | Exception]:
+        """Every item's write script in one pipelined round trip (each script still atomic on
+        its own: per item, the same write as ``put_task(create=True)``)."""
+        if not items:
+            return []
+        now = utc_now()
+        async with self._writer.pipeline(transaction=False) as pipe:
+            for name, blob, shared, meta in items:
+                keys, args = self.put_args("task", name, blob, shared, meta, "create", now)
+                await self._put_script(keys=keys, args=args, client=pipe)
+            replies = await self._call(
+                f"writing {len(items)} tasks", pipe.execute(raise_on_error=False)
+            )
+        results: list[Record | Exception] = []
+        for (name, blob, shared, meta), reply in zip(items, replies, strict=True):
+            if isinstance(reply, Exception):
+                results.append(StoreError(f"Redis at {self.where}: writing task {name!r}: {reply}"))
+            else:
+                results.append(_put_outcome("task", name, blob, shared, meta, now, reply))
+        return results
 
     async def put_shared(
         self, name: str, blob: bytes, meta: dict[str, Any], *, replace: bool = False
@@ -369,6 +387,27 @@ class RedisBackend(FactorBackend):
     @property
     def put_script(self) -> Any:
         return self._put_script
+
+
+def _put_outcome(
+    kind: Literal["shared", "task"],
+    name: str,
+    blob: bytes,
+    shared: str,
+    meta: dict[str, Any],
+    now: str,
+    reply: Any,
+) -> Record | Exception:
+    """PUT_SCRIPT's reply as the Record written, or the error that refused the write."""
+    result = int(reply[0])
+    what = "shared prompt" if kind == "shared" else "task"
+    if result == -1:
+        return ConflictError(f"{what} {name!r} already exists; use replace to update it")
+    if result == -2:
+        return NotFoundError(f"no {what} named {name!r} to replace")
+    if result == -3:
+        return UnknownSharedError(f"no shared prompt named {shared!r}; register it first")
+    return Record(kind, name, blob, result, shared, meta, reply[1].decode(), now)
 
 
 def _keepalive_options() -> dict[int, int]:
