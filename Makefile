@@ -28,6 +28,11 @@ system-deps:
 	@[ -x /usr/bin/chromium ] || { \
 		echo "installing chromium (apt)"; \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+	@# the failover tests run real Sentinels (they fall back to `redis-server --sentinel`)
+	@command -v redis-sentinel >/dev/null 2>&1 || { \
+		echo "installing redis-sentinel (apt)"; \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-sentinel; } || \
+		echo "redis-sentinel not installed: the tests run redis-server --sentinel"; }
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q tests
