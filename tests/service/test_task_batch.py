@@ -92,7 +92,7 @@ def test_a_batch_gives_each_task_the_answer_of_a_single_create(
     assert codes == {
         "exists": "conflict",
         "shape": "invalid_artifact",
-        "unknown-shared": "invalid_artifact",
+        "unknown-shared": "unknown_shared_prompt",
         "backbone": "backbone_mismatch",
         "name": "invalid_name",
         "overflow": "invalid_artifact",
