@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU torch wheel lives in a local wheel store on these machines; elsewhere PyPI is used.
 PIP_FLAGS ?= $(shell [ -d /opt/wheels ] && echo --find-links /opt/wheels)
 
-.PHONY: install system-deps test lint format docs demo serve bench deploy-check compose-test clean
+.PHONY: install system-deps test lint format docs demo serve bench deploy-check k8s-check compose-test clean
 
 install: $(STAMP)
 
@@ -28,6 +28,11 @@ system-deps:
 	@[ -x /usr/bin/chromium ] || { \
 		echo "installing chromium (apt)"; \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+	@# the failover tests run real Sentinels (they fall back to `redis-server --sentinel`)
+	@command -v redis-sentinel >/dev/null 2>&1 || { \
+		echo "installing redis-sentinel (apt)"; \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-sentinel; } || \
+		echo "redis-sentinel not installed: the tests run redis-server --sentinel"; }
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q tests
@@ -59,6 +64,10 @@ bench: $(STAMP) system-deps
 # Engine-free deployment checks: compose resolves, hadolint, clean-venv install + imports.
 deploy-check: $(STAMP)
 	PY=$(PY) bash docker/check.sh
+
+# deploy/k8s/ against the Kubernetes API schemas, offline (kubernetes-validate carries them).
+k8s-check: $(STAMP)
+	$(VENV)/bin/kubernetes-validate --strict --quiet deploy/k8s/*.yaml
 
 # The stack for real (root; needs no venv): Debian base image by debootstrap, CPU images built
 # offline, `docker-compose up` driven through the proxy's port, then taken down (docker/README.md).

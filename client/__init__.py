@@ -27,12 +27,21 @@ from client.errors import (
 )
 from client.push import PushReport
 from client.sync import Client
-from client.types import Generation, Output, SharedPromptInfo, StreamEvent, TaskInfo, Usage
+from client.types import (
+    BatchItem,
+    Generation,
+    Output,
+    SharedPromptInfo,
+    StreamEvent,
+    TaskInfo,
+    Usage,
+)
 
 __all__ = [
     "APIError",
     "AsyncClient",
     "AuthenticationError",
+    "BatchItem",
     "Client",
     "ConflictError",
     "Generation",

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from client.artifacts import LocalArtifact, read_artifact_dir, same_tensors
-from client.errors import NotFoundError
+from client.errors import NotFoundError, error_from
+from client.tasks import BATCH_SIZE
 
 if TYPE_CHECKING:
     from client.sync import Client
@@ -97,7 +98,8 @@ def _apply(client: Client, art: LocalArtifact, action: str) -> int | None:
 
 def push(client: Client, artifact_dir: str | Path, *, dry_run: bool = False) -> PushReport:
     """Upload what differs; ``dry_run`` only compares. Raises ``APIError`` on the first
-    refusal (e.g. a backbone mismatch): what was pushed before it stays."""
+    refusal (e.g. a backbone mismatch): what was pushed before it stays (with the tasks of
+    its batch that were valid)."""
     local = read_artifact_dir(artifact_dir)
     report = PushReport(client.base_url, Path(artifact_dir), dry_run)
     for art in local.shared:
@@ -105,9 +107,26 @@ def push(client: Client, artifact_dir: str | Path, *, dry_run: bool = False) -> 
         if not dry_run:
             change.version = _apply(client, art, change.action)
         report.changes.append(change)
-    for art in local.tasks:
-        change = Change("task", art.name, _task_action(client, art))
-        if not dry_run:
+    if dry_run:
+        for art in local.tasks:
+            report.changes.append(Change("task", art.name, _task_action(client, art)))
+        return report
+    # New tasks go up through POST /v1/tasks:batch, BATCH_SIZE per request (a directory of a
+    # million tasks is 2,000 requests, not a million); only the names that already exist
+    # (409) are compared with the server's copy and replaced one by one.
+    for start in range(0, len(local.tasks), BATCH_SIZE):
+        chunk = local.tasks[start : start + BATCH_SIZE]
+        created = client.tasks.create_many(
+            ({"name": art.name, "factors": art.blob} for art in chunk), batch_size=BATCH_SIZE
+        )
+        for art, item in zip(chunk, created, strict=True):
+            if item.ok:
+                assert item.task is not None
+                report.changes.append(Change("task", art.name, CREATE, item.task.version))
+                continue
+            if item.status != 409 or (item.error or {}).get("code") != "conflict":
+                raise error_from(item.status, {"error": item.error})
+            change = Change("task", art.name, _task_action(client, art))
             change.version = _apply(client, art, change.action)
-        report.changes.append(change)
+            report.changes.append(change)
     return report

@@ -54,6 +54,31 @@ class TaskInfo:
 
 
 @dataclass
+class BatchItem:
+    """One task of ``tasks.create_many``: ``status`` is what ``POST /v1/tasks`` would have
+    answered for it (201 with ``task``, else the error's status with ``error``)."""
+
+    name: str
+    status: int
+    task: TaskInfo | None = None
+    error: dict[str, str] | None = None  # {"code", "message"}
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 201
+
+    @classmethod
+    def parse(cls, data: dict[str, Any]) -> BatchItem:
+        task = data.get("task")
+        return cls(
+            name=data["name"],
+            status=int(data["status"]),
+            task=from_json(TaskInfo, task) if task is not None else None,
+            error=data.get("error"),
+        )
+
+
+@dataclass
 class Output:
     text: str
     finish_reason: str

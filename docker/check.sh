@@ -143,6 +143,11 @@ fi
 mkdir -p "$work/nginx/logs"
 "$nginx_bin" -t -q -p "$work/nginx" -c "$root/docker/nginx.conf" || fail "docker/nginx.conf"
 ok "docker/nginx.conf"
+# The task-affinity variant names `service` in an upstream block, resolved when nginx starts:
+# checked with that name pointed at loopback.
+sed 's/server service:8000/server 127.0.0.1:8000/' docker/nginx.affinity.conf >"$work/affinity.conf"
+"$nginx_bin" -t -q -p "$work/nginx" -c "$work/affinity.conf" || fail "docker/nginx.affinity.conf"
+ok "docker/nginx.affinity.conf"
 
 # ---- 4. the images' Python dependency set -------------------------------------------------
 step "clean venv: pip install -c constraints.txt '.[service]', then import"

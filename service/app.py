@@ -100,11 +100,17 @@ def build_store(
     if settings.redis_url:
         from service.store.redis_store import RedisBackend
 
-        backend = RedisBackend(settings.redis_url)
+        backend = RedisBackend(
+            settings.redis_url,
+            wait_replicas=None
+            if settings.redis_wait_replicas < 0
+            else settings.redis_wait_replicas,
+            wait_timeout_ms=settings.redis_wait_ms,
+        )
     else:
         from service.store.embedded import EmbeddedBackend
 
-        backend = EmbeddedBackend(settings.data_dir)
+        backend = EmbeddedBackend(settings.data_dir, max_tasks=settings.embedded_max_tasks)
     return FactorStore(
         backend,
         backbone_fingerprint=backbone.fingerprint,
@@ -164,6 +170,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics.watch_cache(store.cache_stats)
         engine = build_engine(settings.engine, backbone, settings, metrics.engine)
         store.add_listener(engine.on_store_event)
+        store.add_listener(
+            lambda event: metrics.store_resets.inc() if event.action == "reset" else None
+        )
         await engine.start()
         state.backbone, state.store, state.engine = backbone, store, engine
         state.registry = RegistryHandler(store, backbone, settings)

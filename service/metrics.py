@@ -173,6 +173,12 @@ class Metrics:
         self.store_errors = Counter(
             "rankone_store_errors", "Factor store failures", registry=self.registry
         )
+        self.store_resets = Counter(
+            "rankone_store_resets",
+            "Caches dropped because the store's event channel was re-subscribed (a Redis "
+            "restart or failover: invalidations may have been missed)",
+            registry=self.registry,
+        )
         self.engine = EngineMetrics(self.registry)
         self.tasks = TaskTraffic(self.registry)
         self._cache_hits = Gauge(

@@ -38,8 +38,28 @@ class Settings(BaseSettings):
     )
     device: str = Field("cpu", description="torch device of the backbone: cpu, cuda, cuda:1, mps")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="model dtype")
-    redis_url: str = Field("", description="Redis URL of the factor store; empty → embedded store")
+    redis_url: str = Field(
+        "",
+        description="Redis URL of the factor store (redis://host:port/db, or a primary under "
+        "Sentinel: redis+sentinel://host:port,host:port/<primary name>[/db]); empty → embedded",
+    )
+    redis_wait_replicas: int = Field(
+        -1,
+        ge=-1,
+        le=16,
+        description="replicas that must confirm a write (Redis WAIT) before it is acknowledged; "
+        "-1: 1 with a redis+sentinel:// URL, else 0",
+    )
+    redis_wait_ms: int = Field(
+        1000, ge=1, le=60_000, description="how long a write waits for those replicas (ms)"
+    )
     data_dir: str = Field("./rankone-data", description="directory of the embedded store")
+    embedded_max_tasks: int = Field(
+        100_000,
+        ge=1,
+        description="most tasks the embedded store holds (two files each, read at start); "
+        "past it a create is refused with 409: use Redis for more",
+    )
     seed_dir: str = Field("", description="artifact directory to seed the store from at start")
     engine: Literal["continuous", "static"] = Field(
         "continuous", description="batching engine: continuous (default) or static (baseline)"
@@ -153,8 +173,16 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
-        if value and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix:// (or be empty)")
+        if value and not value.startswith(
+            ("redis://", "rediss://", "unix://", "redis+sentinel://")
+        ):
+            raise ValueError(
+                "must start with redis://, rediss://, unix:// or redis+sentinel:// (or be empty)"
+            )
+        if value.startswith("redis+sentinel://"):
+            from service.store.redis_connect import parse_sentinel_url
+
+            parse_sentinel_url(value)  # ValueError: says what is wrong
         return value
 
     @model_validator(mode="after")

@@ -12,13 +12,18 @@ from fastapi import APIRouter, Path, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from prompts.artifacts import NAME_PATTERN
+from service.api.errors import status_for
 from service.api.responses import BODY, KEYED, errors
 from service.core.paging import MAX_OFFSET, MAX_PAGE
 from service.deps import AdminCaller, RegistryDep
+from service.protocol.errors import ErrorDetail
 from service.protocol.generate import (
     SharedPromptCreate,
     SharedPromptInfo,
     SharedPromptList,
+    TaskBatch,
+    TaskBatchItem,
+    TaskBatchResult,
     TaskCreate,
     TaskInfo,
     TaskPage,
@@ -94,6 +99,32 @@ async def create_task(body: TaskCreate, registry: RegistryDep, caller: AdminCall
     return await registry.create_task(body.name, body)
 
 
+@router.post(
+    "/tasks:batch",
+    response_model_exclude_none=True,
+    responses=errors(*KEYED, *BODY, 503),
+)
+async def create_tasks(
+    body: TaskBatch, registry: RegistryDep, caller: AdminCaller
+) -> TaskBatchResult:
+    """Create up to 1,000 tasks in one request, each with exactly the checks of
+    ``POST /v1/tasks``. Per-task results, not all-or-nothing: each item has the status that
+    ``POST /v1/tasks`` would have answered for it (201 with ``task``, else the error), and
+    the valid ones are written even when others are refused. The request as a whole fails
+    only when its body is malformed (422 naming the item, nothing written) or the store is
+    unreachable (503: some items may have been written; re-send, created ones answer 409)."""
+    results = []
+    for name, outcome in await registry.create_tasks(body.tasks, caller=caller):
+        if isinstance(outcome, TaskInfo):
+            results.append(TaskBatchItem(name=name, status=201, task=outcome))
+        else:
+            status, code, message, _ = status_for(outcome)
+            error = ErrorDetail(code=code, message=message)
+            results.append(TaskBatchItem(name=name, status=status, error=error))
+    created = sum(r.status == 201 for r in results)
+    return TaskBatchResult(results=results, created=created, failed=len(results) - created)
+
+
 @router.put("/tasks/{name}", responses=errors(*KEYED, *BODY, 404, 409))
 async def replace_task(
     name: Name, body: TaskReplace, registry: RegistryDep, caller: AdminCaller
@@ -134,14 +165,8 @@ class TaskQuery(BaseModel):
 async def list_tasks(
     registry: RegistryDep, caller: AdminCaller, query: Annotated[PageQuery, Query()]
 ) -> TaskPage:
-    q = query.q
-
-    def allowed(name: str) -> bool:
-        return caller.allows(name) and (q is None or q in name)
-
-    filtered = caller.scoped or q is not None
     return await registry.list_tasks(
-        query.offset, query.limit, allowed=allowed if filtered else None
+        query.offset, query.limit, patterns=caller.patterns, contains=query.q
     )
 
 

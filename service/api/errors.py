@@ -68,6 +68,11 @@ def describe_validation(
     return 422, "invalid_request", "; ".join(problems) or "invalid request"
 
 
+def status_for(exc: Exception) -> tuple[int, str, str, dict[str, str] | None]:
+    """(status, code, message, headers) of the error response ``exc`` maps to."""
+    return _status_for(exc)
+
+
 def _status_for(exc: Exception) -> tuple[int, str, str, dict[str, str] | None]:
     if isinstance(exc, ApiError):
         return exc.status, exc.code, exc.message, exc.headers

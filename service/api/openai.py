@@ -64,7 +64,7 @@ async def models(registry: RegistryDep, caller: ClientCaller) -> ModelList:
     OpenAI models; a task's ``parent`` is the base model."""
     base = registry.store.base_model
     cards = [ModelCard(id=n, created=0) for n in registry.store.base_names if caller.allows(n)]
-    tasks = await registry.all_tasks(allowed=caller.allows)
+    tasks = await registry.all_tasks(patterns=caller.patterns)
     cards += [ModelCard(id=t.name, created=_epoch(t.created), parent=base or None) for t in tasks]
     return ModelList(data=cards)
 

@@ -12,6 +12,13 @@ tokens (a chat template's system turn, a shared instruction) reuses the first ``
 columns and prefills only the rest: one entry per task, reused up to the longest common
 prefix.
 
+Admission under a long tail: a prefix is megabytes (L rows × layers × keys and values), so the
+cache holds tens of tasks, while requests may draw from a million. Once the cache is full, a
+task's prefix is admitted only on its second miss among the last ``seen_names`` tasks that
+missed (a doorkeeper, as in TinyLFU): a task asked for once does not evict the prefixes of
+the tasks asked for again and again, and a task that comes back is cached from its second
+request on. While there is room, every prefix is admitted.
+
 Seq2seq backbones cannot use this: their encoder is bidirectional, so the prompt rows' encoder
 states depend on the input and must be recomputed for every request.
 """
@@ -19,6 +26,7 @@ states depend on the input and must be recomputed for every request.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -58,9 +66,12 @@ class PrefixCache:
     the lock.
     """
 
-    def __init__(self, budget_bytes: int) -> None:
+    def __init__(self, budget_bytes: int, *, seen_names: int = 4096) -> None:
         self._cache: DeviceCache[PrefixKey, PromptPrefix] = DeviceCache(budget_bytes)
         self._lock = threading.Lock()
+        self._seen: OrderedDict[str, None] = OrderedDict()  # tasks refused once, oldest first
+        self._seen_names = seen_names
+        self.refused = 0  # prefixes not admitted (first miss of a task while full)
 
     def get(self, name: str, version: int) -> PromptPrefix | None:
         """The task prompt's prefix."""
@@ -83,7 +94,23 @@ class PrefixCache:
         with self._lock:
             # Older versions of the task can never be asked for again.
             self._cache.drop(lambda k, _: k[0] == name and k[1] != version)
+            if not self._admit(key, prefix.nbytes):
+                self.refused += 1
+                return
             self._cache.put(key, prefix, prefix.nbytes)
+
+    def _admit(self, key: PrefixKey, nbytes: int) -> bool:
+        """Room for it, a replacement of the same key, or the task's second miss while full."""
+        name = key[0]
+        if self._cache.bytes + nbytes <= self._cache.budget_bytes or key in self._cache:
+            return True
+        if name in self._seen:
+            del self._seen[name]
+            return True
+        self._seen[name] = None
+        if len(self._seen) > self._seen_names:
+            self._seen.popitem(last=False)
+        return False
 
     def invalidate(self, name: str | None = None) -> int:
         """Forget one task's prefixes (any version), or all of them when ``name`` is None."""

@@ -10,10 +10,11 @@ backbone → 409, unknown shared → 422.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
 from prompts.artifacts import (
@@ -30,11 +31,12 @@ from prompts.artifacts import (
 from prompts.backbone import Backbone
 from prompts.errors import ArtifactError
 from service.auth import Caller
-from service.core.paging import MAX_PAGE
+from service.errors import ApiError
 from service.protocol.generate import (
     SharedPromptCreate,
     SharedPromptInfo,
     TaskBody,
+    TaskCreate,
     TaskInfo,
     TaskPage,
     TaskReplace,
@@ -44,6 +46,10 @@ from service.protocol.generate import (
 from service.protocol.text import readable
 from service.settings import Settings
 from service.store.base import ConflictError, NotFoundError, Record
+
+# A batch item refused by one of these gets its own error; anything else (the store being
+# unreachable above all) fails the whole batch.
+ITEM_ERRORS = (ApiError, ArtifactError, NotFoundError, ConflictError, ValidationError)
 
 # Fields of a task body that PUT keeps from the previous version when the body leaves them out.
 _KEPT_ON_REPLACE = ("description", "metadata", "parameters")
@@ -222,6 +228,34 @@ class RegistryHandler:
                 f"PUT /v1/tasks/{name}, same body without the name"
             ) from None
 
+    async def create_tasks(
+        self, bodies: list[TaskCreate], *, caller: Caller | None = None
+    ) -> list[tuple[str, TaskInfo | Exception]]:
+        """``POST /v1/tasks:batch``: each task gets exactly the checks and the write of
+        ``create_task``, and its own outcome (the TaskInfo, or the error ``POST /v1/tasks``
+        would have answered), so one bad task does not hold back the others. Not
+        all-or-nothing: a client re-sends the refused ones (created ones then answer 409)."""
+        outcomes: list[tuple[str, TaskInfo | Exception] | None] = [None] * len(bodies)
+        prepared: list[tuple[int, TaskFactors, dict[str, Any]]] = []
+        for i, body in enumerate(bodies):
+            try:
+                if caller is not None:
+                    caller.check(body.name)
+                tf, meta = self._factors(body.name, body)
+            except ITEM_ERRORS as e:
+                outcomes[i] = (body.name, e)
+                continue
+            prepared.append((i, tf, meta))
+        written = await self.store.create_tasks([(tf, meta) for _, tf, meta in prepared])
+        for (i, tf, _), outcome in zip(prepared, written, strict=True):
+            if isinstance(outcome, ConflictError) and "already exists" in str(outcome):
+                outcome = ConflictError(
+                    f"task {tf.name!r} already exists: replace it (a new version) with "
+                    f"PUT /v1/tasks/{tf.name}"
+                )
+            outcomes[i] = (tf.name, task_info(outcome) if isinstance(outcome, Record) else outcome)
+        return [o for o in outcomes if o is not None]
+
     async def replace_task(self, name: str, body: TaskReplace) -> TaskInfo:
         """A new version of ``name``; description, metadata and parameters the body leaves
         out are kept from the previous version."""
@@ -256,38 +290,44 @@ class RegistryHandler:
         return task_info(record, tf if include_factors else None)
 
     async def list_tasks(
-        self, offset: int, limit: int, *, allowed: Callable[[str], bool] | None = None
+        self,
+        offset: int,
+        limit: int,
+        *,
+        patterns: Sequence[str] | None = None,
+        contains: str | None = None,
     ) -> TaskPage:
-        """A page of tasks; with ``allowed`` (a scoped key's filter), a page of those it allows.
+        """A page of tasks; with ``patterns`` (a scoped key's), a page of those matching one;
+        with ``contains``, of those whose name contains it.
 
-        A filtered listing walks the whole index (the store pages by position, not by pattern):
-        fine for thousands of tasks, a cost to know of at 100,000.
+        A scoped listing reads the name index's range under each pattern's literal prefix
+        (``team-a-*``: the names starting with ``team-a-``), not every task; a search reads
+        the names (not the records) of its range, then the page's records.
         """
-        if allowed is None:
+        if patterns is None and contains is None:
             page = await self.store.list_tasks(offset, limit)
-            records, total, next_offset = page.records, page.total, page.next_offset
         else:
-            matching = [r async for r in self._all_records() if allowed(r.name)]
-            records, total = matching[offset : offset + limit], len(matching)
-            next_offset = offset + limit if offset + limit < total else None
+            page = await self.store.list_tasks_matching(
+                patterns if patterns is not None else ["*"], offset, limit, contains=contains
+            )
         return TaskPage(
-            tasks=[task_info(r) for r in records],
-            total=total,
+            tasks=[task_info(r) for r in page.records],
+            total=page.total,
             offset=offset,
             limit=limit,
-            next_offset=next_offset,
+            next_offset=page.next_offset,
         )
 
-    async def all_tasks(self, *, allowed: Callable[[str], bool] | None = None) -> list[TaskInfo]:
-        """Every task (that ``allowed`` lets through), in name order: the store's pages walked."""
+    async def all_tasks(
+        self,
+        *,
+        allowed: Callable[[str], bool] | None = None,
+        patterns: Sequence[str] | None = None,
+    ) -> list[TaskInfo]:
+        """Every task (that ``allowed`` lets through), in name order; with ``patterns`` (a
+        scoped key's) only the name index's ranges under them are read."""
         return [
-            task_info(r) async for r in self._all_records() if allowed is None or allowed(r.name)
+            task_info(r)
+            async for r in self.store.iter_tasks(patterns)
+            if allowed is None or allowed(r.name)
         ]
-
-    async def _all_records(self) -> AsyncIterator[Record]:
-        offset: int | None = 0
-        while offset is not None:
-            page = await self.store.list_tasks(offset, MAX_PAGE)
-            for record in page.records:
-                yield record
-            offset = page.next_offset

@@ -35,7 +35,7 @@ from redis.exceptions import RedisError, WatchError
 from service.jobs.base import Change, JobBackend, check_id, suffix_taken
 from service.jobs.lifecycle import TERMINAL, Event, Job, JobStateError
 from service.store.base import NotFoundError, StoreError
-from service.store.redis_store import redact
+from service.store.redis_connect import pool, redact
 
 T = TypeVar("T")
 _CLAIM_SCAN = 16  # queued ids looked at per claim (racing replicas may take the first ones)
@@ -48,7 +48,11 @@ class RedisJobBackend(JobBackend):
         self.where = redact(url)
         self.p = f"{prefix}:ft"
         # Any: redis-py's return types are unions over its decode modes; ours returns bytes
-        self._redis: Any = Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=2.0)
+        self._redis: Any = Redis(
+            connection_pool=pool(
+                url, max_connections=64, timeout=5.0, socket_timeout=5.0, socket_connect_timeout=2.0
+            )
+        )
 
     async def _call(self, what: str, awaitable: Awaitable[T]) -> T:
         try:

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.engine.base import SAMPLING_EPS, SamplingParams
+from service.protocol.errors import ErrorDetail
 from service.protocol.metadata import check_json
 
 MAX_STOP = 8
@@ -230,6 +231,36 @@ class TaskVersions(BaseModel):
     name: str
     versions: list[TaskVersion] = Field(description="the current version first, then older ones")
     kept: int = Field(description="earlier versions a task remembers at most")
+
+
+MAX_BATCH_TASKS = 1000
+
+
+class TaskBatch(BaseModel):
+    """The body of ``POST /v1/tasks:batch``: up to 1,000 task creations, each exactly the body
+    of ``POST /v1/tasks``."""
+
+    model_config = STRICT
+
+    tasks: list[TaskCreate] = Field(
+        default=..., min_length=1, max_length=MAX_BATCH_TASKS, description="tasks to create"
+    )
+
+
+class TaskBatchItem(BaseModel):
+    """One task of a batch: ``status`` is what ``POST /v1/tasks`` would have answered for it
+    (201 with ``task``, or the error status with ``error``)."""
+
+    name: str
+    status: int
+    task: TaskInfo | None = None
+    error: ErrorDetail | None = None
+
+
+class TaskBatchResult(BaseModel):
+    results: list[TaskBatchItem] = Field(description="one per task, in the request's order")
+    created: int = Field(description="tasks created")
+    failed: int = Field(description="tasks refused (each with its error)")
 
 
 class TaskPage(BaseModel):

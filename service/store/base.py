@@ -34,6 +34,10 @@ class ConflictError(RuntimeError):
     """Create of a name that exists, or delete of a shared prompt still in use (→ 409)."""
 
 
+class StoreFullError(ConflictError):
+    """A create past the backend's documented capacity (the embedded store's task limit)."""
+
+
 @dataclass(frozen=True)
 class Record:
     """One stored blob: a shared prompt (kind='shared') or a task (kind='task')."""
@@ -117,6 +121,21 @@ class FactorBackend(abc.ABC):
         absent) with version + 1. UnknownSharedError if ``shared`` is not registered (checked
         in the same atomic step). Atomic with the index update and the event publish."""
 
+    async def put_tasks(
+        self, items: list[tuple[str, bytes, str, dict[str, Any]]]
+    ) -> list[Record | Exception]:
+        """Create many tasks, ``(name, blob, shared, meta)`` each, every one the same atomic
+        write as ``put_task(create=True)``; per item its Record, or the ConflictError /
+        UnknownSharedError that refused it. A StoreError (backend unreachable) is raised for
+        the whole call: some of the items may then have been written."""
+        results: list[Record | Exception] = []
+        for name, blob, shared, meta in items:
+            try:
+                results.append(await self.put_task(name, blob, shared, meta, create=True))
+            except (ConflictError, NotFoundError) as e:
+                results.append(e)
+        return results
+
     @abc.abstractmethod
     async def get_task(self, name: str) -> Record: ...
 
@@ -127,3 +146,15 @@ class FactorBackend(abc.ABC):
     @abc.abstractmethod
     async def list_tasks(self, *, offset: int = 0, limit: int = 100) -> Page:
         """Tasks in name order."""
+
+    @abc.abstractmethod
+    async def task_names(
+        self, prefix: str = "", *, after: str | None = None, limit: int
+    ) -> list[str]:
+        """Up to ``limit`` task names that start with ``prefix``, in name order, each greater
+        than ``after`` when given: a range read of the name index, whose cost grows with the
+        names returned, not with the number of tasks."""
+
+    @abc.abstractmethod
+    async def get_tasks(self, names: list[str]) -> list[Record]:
+        """The records of ``names`` (in that order) in one round trip; absent names skipped."""

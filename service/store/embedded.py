@@ -23,12 +23,17 @@ leaves ``<name>.deleted.json`` with the last version, so a task created again un
 continues at version + 1: (name, version) never names two different sets of factors.
 
 Writes are serialised in-process by an asyncio.Lock; the directory is meant for one server
-process (several replicas share Redis instead).
+process (several replicas share Redis instead). The sorted task names are kept in memory
+(read from the directory once at start), so listing and a prefix range read cost what they
+return, not a walk of the directory. The store holds at most ``max_tasks`` tasks (default
+100,000: two files per task in one directory, read at every start): a create past it is
+refused with a clear error that points at Redis, which holds millions.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import hashlib
 import json
 import logging
@@ -46,6 +51,7 @@ from service.store.base import (
     Record,
     StoreError,
     StoreEvent,
+    StoreFullError,
     UnknownSharedError,
     deliver,
 )
@@ -59,6 +65,7 @@ _RECORD = ".record.json"
 _PENDING = ".safetensors.pending"
 _DELETED = ".deleted.json"  # the last version of a deleted name
 _READ_ATTEMPTS = 5  # a reader racing a writer's steps 2-3 re-reads a few times
+DEFAULT_MAX_TASKS = 100_000
 
 
 def _sha256(data: bytes) -> str:
@@ -68,10 +75,16 @@ def _sha256(data: bytes) -> str:
 class EmbeddedBackend(FactorBackend):
     kind = "embedded"
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, directory: str | os.PathLike[str], *, max_tasks: int = DEFAULT_MAX_TASKS
+    ) -> None:
+        if max_tasks < 1:
+            raise ValueError(f"max_tasks must be >= 1, got {max_tasks}")
         self.directory = Path(directory)
+        self.max_tasks = max_tasks
         self._lock = asyncio.Lock()
         self._on_event: EventHandler | None = None
+        self._index: list[str] = []  # every task name, sorted (read at start, kept by writes)
 
     # ---- paths -------------------------------------------------------------------------
 
@@ -100,6 +113,15 @@ class EmbeddedBackend(FactorBackend):
                 tmp.unlink(missing_ok=True)
             for pending in folder.glob(f"*{_PENDING}"):
                 self._recover(kind, pending.name[: -len(_PENDING)])
+        self._index = self._names("task")
+        if len(self._index) > self.max_tasks:
+            log.warning(
+                "embedded store: %d tasks in %s, over its limit of %d: new tasks are refused "
+                "until some are deleted (or use Redis)",
+                len(self._index),
+                self.directory,
+                self.max_tasks,
+            )
 
     def _recover(self, kind: Kind, name: str) -> None:
         """Finish a write that crashed after its commit point, or discard one that did not."""
@@ -181,9 +203,29 @@ class EmbeddedBackend(FactorBackend):
         except OSError as e:
             raise StoreError(f"embedded store: cannot list shared prompts: {e}") from e
 
+    async def task_names(
+        self, prefix: str = "", *, after: str | None = None, limit: int
+    ) -> list[str]:
+        names = self._index
+        start = bisect.bisect_left(names, prefix)
+        if after is not None and after >= prefix:
+            start = bisect.bisect_right(names, after)
+        found = []
+        for name in names[start : start + limit]:
+            if not name.startswith(prefix):
+                break
+            found.append(name)
+        return found
+
+    async def get_tasks(self, names: list[str]) -> list[Record]:
+        try:
+            return await asyncio.to_thread(self._read_many, "task", list(names))
+        except OSError as e:
+            raise StoreError(f"embedded store: cannot read tasks: {e}") from e
+
     async def list_tasks(self, *, offset: int = 0, limit: int = 100) -> Page:
         def run() -> Page:
-            names = self._names("task")
+            names = self._index
             chunk = names[offset : offset + limit]
             end = offset + len(chunk)
             return Page(
@@ -218,6 +260,12 @@ class EmbeddedBackend(FactorBackend):
             raise ConflictError(f"{_what(kind)} {name!r} already exists; use replace to update it")
         if old is None and mode == "replace":
             raise NotFoundError(f"no {_what(kind)} named {name!r} to replace")
+        if kind == "task" and old is None and len(self._index) >= self.max_tasks:
+            raise StoreFullError(
+                f"the embedded store holds at most {self.max_tasks:,} tasks "
+                f"(RANKONE_EMBEDDED_MAX_TASKS) and has {len(self._index):,}: delete some, or "
+                "set RANKONE_REDIS_URL to use Redis, which holds millions"
+            )
         now = utc_now()
         tombstone = self._path(kind, name, _DELETED)
         info = {
@@ -242,6 +290,8 @@ class EmbeddedBackend(FactorBackend):
             _fsync_dir(pending.parent)
         except OSError as e:  # committed: readers and the next start() use the pending blob
             log.warning("embedded store: %s %r committed, final rename failed: %s", kind, name, e)
+        if kind == "task" and old is None:
+            bisect.insort(self._index, name)
         return _record(kind, name, blob, info)
 
     async def _put(
@@ -284,6 +334,9 @@ class EmbeddedBackend(FactorBackend):
             # the name's last version survives it, so a new task of that name continues
             write_atomic(self._path("task", name, _DELETED), json.dumps(version).encode())
             record_path.unlink()  # commit point
+            at = bisect.bisect_left(self._index, name)
+            if at < len(self._index) and self._index[at] == name:
+                del self._index[at]
             self._path("task", name, _BLOB).unlink(missing_ok=True)
             self._path("task", name, _PENDING).unlink(missing_ok=True)
             return version

@@ -17,10 +17,11 @@ entry comes from decoding one blob, so ``u`` and ``v`` are always of the same ve
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import json
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -69,6 +70,24 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # The base model's alias: it, and the base model's own id, resolve to no prompt rows.
 BASE_ALIAS = "base"
+SCAN_CHUNK = 1000  # names per range read of the name index
+_GLOB = "*?["
+
+
+def literal_prefix(pattern: str) -> str:
+    """The part of a glob before its first wildcard: every name it matches starts with it."""
+    cut = min((i for i, c in enumerate(pattern) if c in _GLOB), default=len(pattern))
+    return pattern[:cut]
+
+
+def name_ranges(patterns: Sequence[str]) -> list[str]:
+    """The literal prefixes of ``patterns``, sorted, without one that another one covers
+    (so the ranges they name are disjoint, and read one after the other they are in order)."""
+    ranges: list[str] = []
+    for prefix in sorted({literal_prefix(p) for p in patterns}):
+        if not any(prefix.startswith(kept) for kept in ranges):
+            ranges.append(prefix)
+    return ranges
 
 
 def _check_meta(meta: dict[str, Any]) -> None:
@@ -78,6 +97,14 @@ def _check_meta(meta: dict[str, Any]) -> None:
         json.dumps(meta)
     except (TypeError, ValueError) as e:
         raise ArtifactError(f"metadata is not JSON-serialisable: {e}") from e
+
+
+def _check_page(offset: int, limit: int) -> None:
+    if not 0 <= offset <= MAX_OFFSET or not 1 <= limit <= MAX_PAGE:
+        raise ValueError(
+            f"page offset must be in [0, {MAX_OFFSET}] and limit in [1, {MAX_PAGE}], got "
+            f"offset={offset}, limit={limit}"
+        )
 
 
 class FactorStore:
@@ -277,6 +304,31 @@ class FactorStore:
         """Register a new task (ConflictError if the name exists)."""
         return await self._put_task(tf, await self._gate_task(tf), meta, create=True)
 
+    async def create_tasks(
+        self, items: Sequence[tuple[TaskFactors, dict[str, Any]]]
+    ) -> list[Record | Exception]:
+        """Register many new tasks: per item the checks and the write of ``create_task``, the
+        writes sent together (Redis: one pipelined round trip). Per item its Record or the
+        error that refused it (ArtifactError, BackboneMismatchError, UnknownSharedError,
+        ConflictError); nothing of a refused item is written. A StoreError is raised for the
+        whole call (the items sent before it may have been written)."""
+        results: list[Record | Exception | None] = [None] * len(items)
+        ready: list[tuple[int, str, bytes, str, dict[str, Any]]] = []
+        for i, (tf, meta) in enumerate(items):
+            try:
+                blob = await self._gate_task(tf)  # the one write gate of create_task
+                _check_meta(meta)
+            except (ArtifactError, NotFoundError, ConflictError) as e:
+                results[i] = e
+                continue
+            ready.append((i, tf.name, blob, tf.shared, meta))
+        written = await self._backend(self.backend.put_tasks([r[1:] for r in ready]))
+        for (i, name, *_), outcome in zip(ready, written, strict=True):
+            if isinstance(outcome, Record):
+                self._cache.invalidate("task", name)
+            results[i] = outcome
+        return [r for r in results if r is not None]
+
     async def replace_task(self, tf: TaskFactors, meta: dict[str, Any]) -> Record:
         """Replace a task's factors (NotFoundError if absent); its version goes up by one."""
         return await self._put_task(tf, await self._gate_task(tf), meta, create=False)
@@ -306,13 +358,67 @@ class FactorStore:
         return await self._backend(self.backend.get_task(name))
 
     async def list_tasks(self, offset: int = 0, limit: int = 100) -> Page:
-        if not 0 <= offset <= MAX_OFFSET or not 1 <= limit <= MAX_PAGE:
-            raise ValueError(
-                f"page offset must be in [0, {MAX_OFFSET}] and limit in [1, {MAX_PAGE}], got "
-                f"offset={offset}, "
-                f"limit={limit}"
-            )
+        _check_page(offset, limit)
         return await self._backend(self.backend.list_tasks(offset=offset, limit=limit))
+
+    async def matching_names(self, patterns: Sequence[str]) -> list[str]:
+        """Every task name that matches one of the glob ``patterns``, in name order.
+
+        Reads only the name index's ranges under the patterns' literal prefixes (``team-a-*``
+        reads the names starting with ``team-a-``), so a namespace of 100 tasks among a million
+        costs a read of 100 names. A pattern that starts with a wildcard reads every name.
+        """
+        found: list[str] = []
+        for prefix in name_ranges(patterns):
+            after: str | None = None
+            while True:
+                chunk = await self._backend(
+                    self.backend.task_names(prefix, after=after, limit=SCAN_CHUNK)
+                )
+                found += [n for n in chunk if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+                if len(chunk) < SCAN_CHUNK:
+                    break
+                after = chunk[-1]
+        return found
+
+    async def list_tasks_matching(
+        self,
+        patterns: Sequence[str],
+        offset: int = 0,
+        limit: int = 100,
+        *,
+        contains: str | None = None,
+    ) -> Page:
+        """A page of the tasks whose names match one of ``patterns`` (a scoped key's), and
+        contain ``contains`` when given (a search: names only are read to filter)."""
+        _check_page(offset, limit)
+        names = await self.matching_names(patterns)
+        if contains is not None:
+            names = [n for n in names if contains in n]
+        chunk = names[offset : offset + limit]
+        records = await self._backend(self.backend.get_tasks(chunk))
+        end = offset + len(chunk)
+        return Page(records, len(names), end if end < len(names) else None)
+
+    async def iter_tasks(self, patterns: Sequence[str] | None = None) -> AsyncIterator[Record]:
+        """Every task record (or those matching ``patterns``), in name order, read a chunk of
+        names and a pipelined read of their records at a time."""
+        if patterns is not None:
+            names = await self.matching_names(patterns)
+            for start in range(0, len(names), SCAN_CHUNK):
+                for record in await self._backend(
+                    self.backend.get_tasks(names[start : start + SCAN_CHUNK])
+                ):
+                    yield record
+            return
+        after: str | None = None
+        while True:
+            chunk = await self._backend(self.backend.task_names(after=after, limit=SCAN_CHUNK))
+            for record in await self._backend(self.backend.get_tasks(chunk)):
+                yield record
+            if len(chunk) < SCAN_CHUNK:
+                return
+            after = chunk[-1]
 
     async def resolve(self, name: str) -> ResolvedTask:
         """The task's factors and shared prompt on the model's device: cache, else backend.

@@ -35,9 +35,8 @@ import logging
 import socket
 from collections.abc import Awaitable
 from typing import Any, Literal, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
@@ -58,23 +57,15 @@ from service.store.base import (
     UnknownSharedError,
     deliver,
 )
+from service.store.redis_connect import is_sentinel, pool, redact
 from service.store.redis_scripts import DELETE_SCRIPT, PUT_SCRIPT
+
+__all__ = ["RedisBackend", "redact"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _Mode = Literal["create", "replace", "upsert"]
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (
-        f":{parts.port}" if parts.port else ""
-    )
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class RedisBackend(FactorBackend):
@@ -90,6 +81,8 @@ class RedisBackend(FactorBackend):
         socket_timeout_s: float = 5.0,
         connect_timeout_s: float = 2.0,
         resubscribe_max_delay_s: float = 1.0,
+        wait_replicas: int | None = None,
+        wait_timeout_ms: int = 1000,
     ) -> None:
         self.url = url
         self.where = redact(url)
@@ -99,6 +92,12 @@ class RedisBackend(FactorBackend):
         self.shared_index = f"{prefix}:shared-ids"
         self.deleted = f"{prefix}:deleted-versions"
         self.resubscribe_max_delay_s = resubscribe_max_delay_s
+        # A write is acknowledged only once this many replicas have it (WAIT): then a failover
+        # to one of them keeps it. None: 1 under Sentinel (whose point is failover), else 0.
+        self.wait_replicas = (
+            (1 if is_sentinel(url) else 0) if wait_replicas is None else wait_replicas
+        )
+        self.wait_timeout_ms = wait_timeout_ms
         timeouts: dict[str, Any] = {
             "socket_timeout": socket_timeout_s,
             "socket_connect_timeout": connect_timeout_s,
@@ -109,7 +108,8 @@ class RedisBackend(FactorBackend):
         }
         # Reads retry twice on a dropped connection, then fail with a StoreError; a Redis that
         # does not answer fails after one socket timeout (no retry: that would triple it).
-        self._pool = BlockingConnectionPool.from_url(
+        # Under Sentinel a retried connection asks the Sentinels for the primary again.
+        self._pool = pool(
             url,
             max_connections=pool_size,
             timeout=pool_timeout_s,
@@ -126,20 +126,26 @@ class RedisBackend(FactorBackend):
         # millisecond: in practice every write, which are rare admin calls) and reconnect once
         # if that PING fails, since a PING is safe to repeat: after a Redis restart, however
         # soon, a write then reconnects instead of failing on a pooled stale socket.
-        self._write_pool = BlockingConnectionPool.from_url(
+        self._write_pool = pool(
             url,
             max_connections=max(2, pool_size // 4),
             timeout=pool_timeout_s,
+            connection_class=_reconnecting_ping,
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0.001,
             **timeouts,
         )
-        self._write_pool.connection_class = _reconnecting_ping(self._write_pool.connection_class)
         self._writer = Redis(connection_pool=self._write_pool)
         # The subscription never reconnects behind our back: a reconnect must emit 'reset'.
-        self._sub_client = Redis.from_url(
-            url, retry=Retry(NoBackoff(), 0), health_check_interval=5, **timeouts
+        self._sub_pool = pool(
+            url,
+            max_connections=2,
+            timeout=pool_timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=5,
+            **timeouts,
         )
+        self._sub_client = Redis(connection_pool=self._sub_pool)
         self._put_script = self._writer.register_script(PUT_SCRIPT)
         self._delete_script = self._writer.register_script(DELETE_SCRIPT)
         self._listener: asyncio.Task[None] | None = None
@@ -220,9 +226,9 @@ class RedisBackend(FactorBackend):
         for client in (self._sub_client, self._client, self._writer):
             with contextlib.suppress(RedisError, OSError):
                 await client.aclose()
-        for pool in (self._pool, self._write_pool):
+        for p in (self._pool, self._write_pool, self._sub_pool):
             with contextlib.suppress(RedisError, OSError):
-                await pool.disconnect()
+                await p.disconnect()
 
     async def ping(self) -> bool:
         try:
@@ -263,16 +269,66 @@ class RedisBackend(FactorBackend):
     ) -> Record:
         now = utc_now()
         keys, args = self.put_args(kind, name, blob, shared, meta, mode, now)
-        reply = await self._call(f"writing {kind} {name!r}", self._put_script(keys=keys, args=args))
-        result = int(reply[0])
-        what = "shared prompt" if kind == "shared" else "task"
-        if result == -1:
-            raise ConflictError(f"{what} {name!r} already exists; use replace to update it")
-        if result == -2:
-            raise NotFoundError(f"no {what} named {name!r} to replace")
-        if result == -3:
-            raise UnknownSharedError(f"no shared prompt named {shared!r}; register it first")
-        return Record(kind, name, blob, result, shared, meta, reply[1].decode(), now)
+        what = f"writing {kind} {name!r}"
+        if not self.wait_replicas:
+            reply = await self._call(what, self._put_script(keys=keys, args=args))
+        else:
+            async with self._writer.pipeline(transaction=False) as pipe:
+                await self._put_script(keys=keys, args=args, client=pipe)
+                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+                reply, acks = await self._call(what, pipe.execute())
+            if int(reply[0]) > 0:
+                self._check_acks(what, int(acks))
+        outcome = _put_outcome(kind, name, blob, shared, meta, now, reply)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def _check_acks(self, what: str, acks: int) -> None:
+        """A write the primary applied but fewer than ``wait_replicas`` replicas confirmed in
+        time is not acknowledged: a failover now could lose it."""
+        if acks < self.wait_replicas:
+            raise StoreError(
+                f"Redis at {self.where}: {what}: applied on the primary, but {acks} of the "
+                f"{self.wait_replicas} replica(s) it must reach confirmed it within "
+                f"{self.wait_timeout_ms} ms, so it is not acknowledged (a failover could lose "
+                "it): read the record back before retrying"
+            )
+
+    async def put_tasks(
+        self, items: list[tuple[str, bytes, str, dict[str, Any]]]
+    ) -> list[Record | Exception]:
+        """Every item's write script in one pipelined round trip (each script still atomic on
+        its own: per item, the same write as ``put_task(create=True)``)."""
+        if not items:
+            return []
+        now = utc_now()
+        async with self._writer.pipeline(transaction=False) as pipe:
+            for name, blob, shared, meta in items:
+                keys, args = self.put_args("task", name, blob, shared, meta, "create", now)
+                await self._put_script(keys=keys, args=args, client=pipe)
+            if self.wait_replicas:  # one WAIT covers every write before it on the connection
+                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+            replies = await self._call(
+                f"writing {len(items)} tasks", pipe.execute(raise_on_error=False)
+            )
+        unconfirmed: StoreError | None = None
+        if self.wait_replicas:
+            acks = replies.pop()
+            try:
+                if isinstance(acks, Exception):
+                    raise StoreError(f"Redis at {self.where}: WAIT failed: {acks}")
+                self._check_acks(f"writing {len(items)} tasks", int(acks))
+            except StoreError as e:
+                unconfirmed = e
+        results: list[Record | Exception] = []
+        for (name, blob, shared, meta), reply in zip(items, replies, strict=True):
+            if isinstance(reply, Exception):
+                results.append(StoreError(f"Redis at {self.where}: writing task {name!r}: {reply}"))
+                continue
+            outcome = _put_outcome("task", name, blob, shared, meta, now, reply)
+            results.append(unconfirmed if unconfirmed and isinstance(outcome, Record) else outcome)
+        return results
 
     async def put_shared(
         self, name: str, blob: bytes, meta: dict[str, Any], *, replace: bool = False
@@ -285,13 +341,17 @@ class RedisBackend(FactorBackend):
         return await self._put("task", name, blob, shared, meta, "create" if create else "replace")
 
     async def delete_task(self, name: str) -> None:
-        deleted = await self._call(
-            f"deleting task {name!r}",
-            self._delete_script(
-                keys=[self.key("task", name), self.tasks_index, self.deleted],
-                args=[name, self.channel],
-            ),
-        )
+        what = f"deleting task {name!r}"
+        keys, args = [self.key("task", name), self.tasks_index, self.deleted], [name, self.channel]
+        if not self.wait_replicas:
+            deleted = await self._call(what, self._delete_script(keys=keys, args=args))
+        else:
+            async with self._writer.pipeline(transaction=False) as pipe:
+                await self._delete_script(keys=keys, args=args, client=pipe)
+                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+                deleted, acks = await self._call(what, pipe.execute())
+            if int(deleted):
+                self._check_acks(what, int(acks))
         if int(deleted) == 0:
             raise NotFoundError(f"no task named {name!r}")
 
@@ -328,6 +388,24 @@ class RedisBackend(FactorBackend):
         )
         return await self._get_many("shared", sorted(_text(m) for m in members))
 
+    async def task_names(
+        self, prefix: str = "", *, after: str | None = None, limit: int
+    ) -> list[str]:
+        # every score is 0, so ZRANGEBYLEX walks the index in name order from the range's start
+        # (O(log N + returned)); names are ASCII, so prefix + 0xff bounds every name under it
+        low = b"[" + prefix.encode() if prefix else b"-"
+        if after is not None and after >= prefix:
+            low = b"(" + after.encode()
+        high = b"[" + prefix.encode() + b"\xff" if prefix else b"+"
+        members = await self._call(
+            f"listing tasks under {prefix!r}",
+            self._client.zrangebylex(self.tasks_index, low, high, start=0, num=limit),
+        )
+        return [_text(m) for m in members]
+
+    async def get_tasks(self, names: list[str]) -> list[Record]:
+        return await self._get_many("task", names)
+
     async def list_tasks(self, *, offset: int = 0, limit: int = 100) -> Page:
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.zcard(self.tasks_index)
@@ -351,6 +429,27 @@ class RedisBackend(FactorBackend):
     @property
     def put_script(self) -> Any:
         return self._put_script
+
+
+def _put_outcome(
+    kind: Literal["shared", "task"],
+    name: str,
+    blob: bytes,
+    shared: str,
+    meta: dict[str, Any],
+    now: str,
+    reply: Any,
+) -> Record | Exception:
+    """PUT_SCRIPT's reply as the Record written, or the error that refused the write."""
+    result = int(reply[0])
+    what = "shared prompt" if kind == "shared" else "task"
+    if result == -1:
+        return ConflictError(f"{what} {name!r} already exists; use replace to update it")
+    if result == -2:
+        return NotFoundError(f"no {what} named {name!r} to replace")
+    if result == -3:
+        return UnknownSharedError(f"no shared prompt named {shared!r}; register it first")
+    return Record(kind, name, blob, result, shared, meta, reply[1].decode(), now)
 
 
 def _keepalive_options() -> dict[int, int]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -71,6 +72,33 @@ def test_tasks_crud_and_paged_listing(admin: Client, t5: Backbone):
     with pytest.raises(NotFoundError) as e:
         admin.tasks.get("page-b")
     assert e.value.status == 404
+
+
+def test_create_many_sends_batches_and_reports_each_task(admin: Client, t5: Backbone):
+    g = torch.Generator().manual_seed(1)
+    admin.shared_prompts.create(id="many-sp", prompt=torch.randn(L, t5.dim, generator=g))
+    tasks = [
+        {"name": f"many-{i}", "shared": "many-sp", "u": torch.randn(L, 1), "v": torch.ones(t5.dim)}
+        for i in range(5)
+    ]
+    tasks[3]["v"] = [1.0] * (t5.dim + 1)  # does not fit the shared prompt
+    items = admin.tasks.create_many(tasks, batch_size=2)  # 3 requests
+    assert [i.name for i in items] == [t["name"] for t in tasks]
+    assert [i.status for i in items] == [201, 201, 201, 422, 201]
+    assert items[0].ok and items[0].task is not None and items[0].task.version == 1
+    assert items[3].error is not None and items[3].error["code"] == "invalid_artifact"
+    assert "many-3" not in {t.name for t in admin.tasks.list()}
+    again = asyncio.run(_create_many_async(admin.base_url, tasks[:1]))
+    assert again[0].status == 409 and again[0].error is not None
+    with pytest.raises(ValueError):
+        admin.tasks.create_many(tasks, batch_size=1001)
+
+
+async def _create_many_async(url: str, tasks: list[dict[str, object]]) -> list[Any]:
+    from tests.service.conftest import ADMIN_KEY
+
+    async with AsyncClient(url, key=ADMIN_KEY) as c:
+        return await c.tasks.create_many(tasks)
 
 
 def test_typed_errors_carry_status_code_and_message(

@@ -186,6 +186,76 @@ async def test_list_paging(store: FactorStore) -> None:
             await store.list_tasks(offset, limit)
 
 
+async def test_name_ranges_list_only_what_the_patterns_match(store: FactorStore) -> None:
+    await store.register_shared(shared(), {})
+    names = ["team-a", "team-a-1", "team-a-2", "team-a.x", "team-ab", "team-b-1", "x-team-a-3"]
+    for name in names:
+        await store.create_task(task(name), {})
+    backend = store.backend
+    assert await backend.task_names("team-a", limit=10) == names[:5]
+    assert await backend.task_names("team-a-", limit=10) == ["team-a-1", "team-a-2"]
+    assert await backend.task_names("team-a-", after="team-a-1", limit=10) == ["team-a-2"]
+    assert await backend.task_names("team-a", after="team-a-2", limit=2) == ["team-a.x", "team-ab"]
+    assert await backend.task_names("zz", limit=10) == []
+    assert await backend.task_names(limit=3) == names[:3]
+    assert [r.name for r in await backend.get_tasks(["team-ab", "gone", "team-a"])] == [
+        "team-ab",
+        "team-a",
+    ]
+    page = await store.list_tasks_matching(["team-a-*", "team-b-?"], 0, 2)
+    assert [r.name for r in page.records] == ["team-a-1", "team-a-2"]
+    assert (page.total, page.next_offset) == (3, 2)
+    page = await store.list_tasks_matching(["team-a-*", "team-b-?"], 2, 2)
+    assert [r.name for r in page.records] == ["team-b-1"] and page.next_offset is None
+    # a pattern with no literal prefix reads every name; a covered prefix is read once
+    assert await store.matching_names(["*-a-?", "team-a-[12]"]) == [
+        "team-a-1",
+        "team-a-2",
+        "x-team-a-3",
+    ]
+    assert [r.name async for r in store.iter_tasks(["team-a*"])] == names[:5]
+    assert [r.name async for r in store.iter_tasks()] == names
+    await store.delete_task("team-a-1")
+    assert await store.matching_names(["team-a-*"]) == ["team-a-2"]
+
+
+def test_literal_prefixes_and_disjoint_ranges() -> None:
+    from service.store.factor_store import literal_prefix, name_ranges
+
+    assert literal_prefix("team-a-*") == "team-a-"
+    assert literal_prefix("t?x*") == "t"
+    assert literal_prefix("[ab]-*") == ""
+    assert literal_prefix("exact") == "exact"
+    assert name_ranges(["team-a-*", "team-*", "b", "team-b-?"]) == ["b", "team-"]
+
+
+async def test_embedded_store_refuses_tasks_past_its_limit(tmp_path: Path) -> None:
+    from service.store.base import StoreFullError
+
+    fs = make_store(EmbeddedBackend(tmp_path / "store", max_tasks=2))
+    await fs.start()
+    try:
+        await fs.register_shared(shared(), {})
+        await fs.create_task(task("t1"), {})
+        await fs.create_task(task("t2"), {})
+        with pytest.raises(StoreFullError, match=r"at most 2 tasks.*RANKONE_REDIS_URL"):
+            await fs.create_task(task("t3"), {})
+        await fs.replace_task(task("t2", 2.0), {})  # a replace adds no task
+        await fs.delete_task("t1")
+        await fs.create_task(task("t3"), {})
+    finally:
+        await fs.close()
+    # the index is read back from the directory at start
+    again = make_store(EmbeddedBackend(tmp_path / "store", max_tasks=2))
+    await again.start()
+    try:
+        assert await again.backend.task_names(limit=10) == ["t2", "t3"]
+        with pytest.raises(StoreFullError):
+            await again.create_task(task("t4"), {})
+    finally:
+        await again.close()
+
+
 @pytest.mark.parametrize(
     ("bad", "error"),
     [

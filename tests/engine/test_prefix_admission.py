@@ -1,0 +1,41 @@
+"""The prompt-prefix cache under a long tail: once full, a task's prefix is admitted on its
+second miss, so tasks asked for once do not evict the ones asked for again and again."""
+
+from __future__ import annotations
+
+import torch
+
+from service.engine.prefix_cache import PrefixCache, PromptPrefix
+
+
+def prefix() -> PromptPrefix:
+    kv = (torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8))  # 256 bytes
+    return PromptPrefix(layers=(kv,), last_logits=torch.zeros(16))  # + 64 = 320 bytes
+
+
+def test_one_off_tasks_do_not_evict_the_hot_ones() -> None:
+    cache = PrefixCache(3 * 320, seen_names=100)  # room for three prefixes
+    for hot in ("h1", "h2", "h3"):
+        cache.put(hot, 1, prefix())  # admitted: there is room
+    for i in range(50):  # a long tail of tasks asked for once each
+        cache.put(f"tail-{i}", 1, prefix())
+    assert all(cache.get(h, 1) is not None for h in ("h1", "h2", "h3"))
+    assert cache.refused == 50 and len(cache) == 3
+    # a task that comes back is admitted on its second miss (evicting the least recent)
+    cache.put("tail-7", 1, prefix())
+    assert cache.get("tail-7", 1) is not None and cache.get("h1", 1) is None
+    # a new version of a cached task replaces it at once
+    cache.put("tail-7", 2, prefix())
+    assert cache.get("tail-7", 2) is not None and cache.get("tail-7", 1) is None
+
+
+def test_the_doorkeeper_forgets_old_names() -> None:
+    cache = PrefixCache(320, seen_names=2)
+    cache.put("a", 1, prefix())
+    cache.put("b", 1, prefix())  # full: refused, remembered
+    cache.put("c", 1, prefix())
+    cache.put("d", 1, prefix())  # "b" falls out of the two remembered names
+    cache.put("b", 1, prefix())
+    assert cache.get("b", 1) is None and cache.get("a", 1) is not None
+    cache.put("d", 1, prefix())
+    assert cache.get("d", 1) is not None
