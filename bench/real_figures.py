@@ -293,16 +293,15 @@ def bench_profile(backbone: Backbone, args: Any) -> dict[str, Any]:
 def bench_server_real(backbone: Backbone, args: Any) -> dict[str, Any]:
     """server_bench.py's --real comparison, run from here so it lands in the same report (and
     in engine_server_real.{md,json}, the same figures)."""
-    import server_bench
-    from engine_bench import machine
+    from bench import server_bench
+    from bench.engine_bench import machine
 
     argv = ["--real", "--repeats", str(args.server_repeats), "--model", args.model]
     argv += ["--threads", str(args.threads)]
     server_args = server_bench.parse_args(argv)
     out = server_bench.measure(server_args)
     report = {
-        "command": "python3 bench/engine_bench.py "
-        + " ".join(sys.argv[1:])
+        "command": " ".join(["python -m bench.engine_bench", *sys.argv[1:]])
         + " (its server figure)",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(),
@@ -348,6 +347,6 @@ def run(
                 name, f"{time.perf_counter() - start:.0f}s", json.dumps(results[name]), flush=True
             )
     if not only or "report" in only:  # "report" with a subset: a smoke test of the writer
-        from real_report import write_report
+        from bench.real_report import write_report
 
         write_report(results, args, directory)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from bench.common import write_json
 
 
 def summary(results: dict[str, Any]) -> dict[str, Any]:
@@ -38,8 +39,7 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
 
 def write_report(results: dict[str, Any], args: Any, directory: Path) -> None:
     results["summary"] = summary(results)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "engine_real.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(directory, "engine_real", results)
     s, dec, per, adm = results["summary"], results["decode"], results["per_token"], results["admit"]
     m, tt = results["mixed"], results["ttft"]
     server = results.get("server")

@@ -7,7 +7,7 @@ same random T5-small-shaped backbone as ``engine_bench.py``: the server through
 prepended (the backbone's own limit, no HTTP, no scheduling). Runs alternate; the ratio is
 the median of the pairs. Writes bench/results/engine_server.{md,json}.
 
-Run: ``python3 bench/server_bench.py``.
+Run: ``python -m bench.server_bench``.
 
 ``--real [--model PATH]``: the same comparison on a real decoder-only backbone (default:
 SmolLM2-135M-Instruct from its GGUF file, loaded by server and bench through ``load_backbone``):
@@ -45,13 +45,9 @@ from typing import Any
 import httpx
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from engine_bench import RESULTS, build_t5_small, machine  # noqa: E402
-
-from prompts import (  # noqa: E402
+from bench.common import RESULTS, ROOT, write_json
+from bench.engine_bench import build_t5_small, machine
+from prompts import (
     Backbone,
     SharedPrompt,
     TaskFactors,
@@ -60,7 +56,7 @@ from prompts import (  # noqa: E402
     save_shared,
     save_task,
 )
-from tests.redis_server import free_port  # noqa: E402
+from tests.redis_server import free_port
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -398,8 +394,7 @@ def write_report(results: dict[str, Any], args: argparse.Namespace) -> None:
             f"tasks, prompt L = {args.prompt_len}, {args.input_len}-character inputs, "
             f"{args.new_tokens} new tokens, greedy."
         )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(RESULTS, name, results)
     (RESULTS / f"{name}.md").write_text(
         "\n".join(
             [
@@ -480,7 +475,7 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)  # engine_bench.py: 1 is far faster on a shared box
     results: dict[str, Any] = {
-        "command": "python3 " + " ".join(["bench/server_bench.py", *sys.argv[1:]]),
+        "command": " ".join(["python -m bench.server_bench", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(),
         "args": vars(args),

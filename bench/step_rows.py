@@ -10,7 +10,7 @@ at 1 row they stream every weight from memory, far below the rate of a plain rea
 and the HF model's own, as ``generate`` runs it) step in alternation over the same rows, so
 ``hf_over_fused`` is a ratio measured in one run.
 
-    python3 bench/step_rows.py [--model PATH] [--threads 2]
+    python -m bench.step_rows [--model PATH] [--threads 2]
 
 Writes bench/results/engine_step_rows.{md,json}.
 """
@@ -18,20 +18,17 @@ Writes bench/results/engine_step_rows.{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from engine_bench import RESULTS, machine, weights_read
-from real_figures import endless_loop, real_tasks, rows_for
+from bench.common import RESULTS, write_json
+from bench.engine_bench import machine, weights_read
+from bench.real_figures import endless_loop, real_tasks, rows_for
 
 
 def gemm_share(loop: Any, steps: int = 3) -> float:
@@ -91,7 +88,7 @@ def main() -> None:
     gemm_gbs = weights_mb * 2**20 / 1e9 / (by_rows[str(lo)] / 1e3 * mm_share[str(lo)])
     read_gbs = weights_mb * 2**20 / 1e9 / (read_ms / 1e3)
     results = {
-        "command": "python3 " + " ".join(["bench/step_rows.py", *sys.argv[1:]]),
+        "command": " ".join(["python -m bench.step_rows", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(),
         "model": model,
@@ -105,8 +102,7 @@ def main() -> None:
         "gemm_weights_gbs_at_min_rows": gemm_gbs,
         "read_weights_gbs": read_gbs,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "engine_step_rows.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(RESULTS, "engine_step_rows", results)
     table = "\n".join(
         f"| {n} | {ms:.0f} | {mm_share[n]:.0%} | {hf_by_rows[n]:.0f} | {hf_by_rows[n] / ms:.2f} |"
         for n, ms in by_rows.items()

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-
-from server_bench import engine_usage, length_spread, usage_lines
+from bench.server_bench import engine_usage, length_spread, usage_lines
 
 
 def test_even_answers_leave_generate_nothing_to_waste() -> None:

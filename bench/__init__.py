@@ -1,0 +1,1 @@
+"""rankone's benchmarks: each module is a script run as ``python -m bench.<module>``."""
