@@ -50,9 +50,9 @@ from pathlib import Path
 from typing import Any
 
 from bench import demo_methods as M
+from bench.common import RESULTS, write_json
 from trainer.demo.nl_tasks import chat_row
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ALL_METHODS = ("mpt", "teacher", "instruction", "instruction-chat", "none")
 
 
@@ -404,8 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{platform.python_version()}, {os.cpu_count()} CPUs, 1-minute load average "
         f"{os.getloadavg()[0]:.1f} at the end of the run",
     }
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "demo_accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.results, "demo_accuracy", report)
     (args.results / "demo_accuracy.md").write_text(markdown(report))
     print(markdown(report))
     return 0

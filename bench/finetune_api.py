@@ -31,14 +31,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import RESULTS, ROOT
 from bench.offline_bench import machine
 from client import Client
 from prompts import decode_task, from_base64
 from tests.redis_server import free_port
 from trainer.demo.tasks import read_jsonl, write_task_data
 
-RESULTS = Path(__file__).resolve().parent / "results"
-ROOT = Path(__file__).resolve().parents[1]
 KEY = "bench-admin"
 
 

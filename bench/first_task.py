@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import os
 import platform
 import re
@@ -26,12 +25,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import RESULTS, ROOT, write_json
 from bench.demo_accuracy import free_port, start_server, wait_ready
 
-ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "first-task.md"
 START, END = "<!-- walkthrough:start -->", "<!-- walkthrough:end -->"
-RESULTS = ROOT / "bench" / "results"
 
 
 def walkthrough_blocks(page: Path = PAGE) -> list[tuple[str, str]]:
@@ -114,8 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                 proc.terminate()
                 proc.wait(timeout=60)
     result.update(date=time.strftime("%Y-%m-%d"), machine=machine)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "first_task.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(RESULTS, "first_task", result)
     (RESULTS / "first_task.md").write_text(report(result) + "\n")
     print(report(result))
     return 0

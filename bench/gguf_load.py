@@ -10,7 +10,6 @@ bench/results/gguf_load.{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -19,10 +18,10 @@ from pathlib import Path
 
 import torch
 
+from bench.common import RESULTS, write_json
 from prompts import load_backbone, smollm2_gguf_path
 from prompts.gguf import check_gguf_file
 
-RESULTS = Path(__file__).parent / "results"
 PROMPT = "The capital of France is"
 
 
@@ -72,10 +71,7 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads; load average at the end {load}"
     )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "gguf_load.json").write_text(
-        json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n"
-    )
+    write_json(RESULTS, "gguf_load", {"machine": machine, "rows": rows})
     lines = [
         "# GGUF backbones: first (converting) load vs cached load",
         "",

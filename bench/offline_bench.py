@@ -20,7 +20,6 @@ greedy decode). Writes ``bench/results/offline.{md,json,png}``.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shlex
 import subprocess
@@ -30,22 +29,15 @@ from pathlib import Path
 
 import torch
 
+from bench.common import RESULTS, cpu_name, write_json
 from trainer.demo.evaluate import evaluate_artifacts
 from trainer.demo.tasks import TARGET_TASKS, write_task_data
 
-RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ["no prompt", "PT", "MPT factors-only", "MPT paper"]
 
 
 def machine() -> str:
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        cpu = platform.processor() or "unknown CPU"
+    cpu = cpu_name(platform.processor() or "unknown CPU")
     import os
 
     return (
@@ -260,8 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         "trained method.",
         "notes": args.notes,
     }
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "offline.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.results, "offline", report)
     plot(results, list(settings), args.tasks, args.results / "offline.png")
     (args.results / "offline.md").write_text(markdown(report))
     print(markdown(report))

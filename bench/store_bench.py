@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import random
@@ -32,6 +31,7 @@ from typing import Any
 import redis
 import torch
 
+from bench.common import cpu_name, write_json
 from prompts.artifacts import (
     SharedPrompt,
     TaskFactors,
@@ -64,14 +64,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name("unknown")
     server = subprocess.run(
         ["redis-server", "--version"], capture_output=True, text=True, check=False
     ).stdout.strip()
@@ -207,8 +200,7 @@ async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
 
 
 def write_results(result: dict[str, Any], out: Path, command: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "store.json").write_text(json.dumps({"command": command, **result}, indent=2) + "\n")
+    write_json(out, "store", {"command": command, **result})
     s, m = result["shape"], result["machine"]
     cold, warm = result["resolve_cold"], result["resolve_warm"]
     fetch, decode = result["redis_get_task"], result["decode_task"]

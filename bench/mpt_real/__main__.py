@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from bench.common import RESULTS
 from bench.mpt_real.harness import Bench, OutOfBudget
 from bench.mpt_real.presets import PRESETS
 from bench.mpt_real.report import choose_lrs, write_report
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="resumable work folder (default .rankone/mpt_real/<preset>)",
     )
-    ap.add_argument("--results", type=Path, default=Path(__file__).resolve().parents[1] / "results")
+    ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument(
         "--budget-minutes",
         type=float,

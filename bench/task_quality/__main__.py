@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from bench.common import RESULTS, ROOT, write_json
 from bench.mpt_real.tasks import generate, instruction
 from bench.task_quality.presets import PRESETS, Preset
 from prompts import compose_prompt, load_artifact_dir, load_backbone
@@ -57,8 +58,6 @@ from trainer.data import Example, few_shot, stable_seed, tokenize
 from trainer.loop import TaskData
 from trainer.options import TrainOptions
 
-ROOT = Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "bench" / "results"
 METHOD_DOC = {
     "pt": "prompt tuning, text init from the instruction (the demo's teacher recipe)",
     "mpt_factors": "MPT factors-only, rank 1, source-average init (the paper's adaptation)",
@@ -378,8 +377,7 @@ class Bench:
         }
         name = "task_quality" if p.name == "cpu" else f"task_quality_{p.name}"
         results = RESULTS if p.name != "smoke" else self.state
-        results.mkdir(parents=True, exist_ok=True)
-        (results / f"{name}.json").write_text(json.dumps(out, indent=1) + "\n")
+        write_json(results, name, out, indent=1)
         (results / f"{name}.md").write_text(markdown(out))
         return out
 
