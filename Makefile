@@ -58,8 +58,8 @@ serve: $(STAMP)
 
 bench: $(STAMP) system-deps
 	$(PY) -m bench.store_bench --tasks 100000
-	$(PY) bench/engine_bench.py
-	$(PY) bench/server_bench.py --repeats 5
+	$(PY) -m bench.engine_bench
+	$(PY) -m bench.server_bench --repeats 5
 
 # Engine-free deployment checks: compose resolves, hadolint, clean-venv install + imports.
 deploy-check: $(STAMP)

@@ -423,7 +423,7 @@ def write_report(results: dict[str, Any], args: argparse.Namespace) -> None:
 def server_line() -> str:
     path = RESULTS / "engine_server.json"
     if not path.exists():
-        return "The end-to-end HTTP vs bare `generate` figure: run bench/server_bench.py."
+        return "The end-to-end HTTP vs bare `generate` figure: run `python -m bench.server_bench`."
     server = json.loads(path.read_text())
     return (
         f"End to end (bench/server_bench.py, engine_server.md): server with "

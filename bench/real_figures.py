@@ -1,5 +1,6 @@
-"""Engine figures on a real backbone (``engine_bench.py --real``): the machine's GEMM rate, decode
-throughput as useful GFLOP/s, per-token time vs output length, admission cost vs cache length.
+"""Engine figures on a real backbone (``python -m bench.engine_bench --real``): the machine's
+GEMM rate, decode throughput as useful GFLOP/s, per-token time vs output length, admission cost
+vs cache length.
 
 Every figure pairs with a reference measured in the same run, interleaved (the box is shared):
 - ``gemm_gflops``: a decode-shaped fp32 matmul ``[32, d] x [d, ffn]`` timed between decode steps;
@@ -291,7 +292,7 @@ def bench_profile(backbone: Backbone, args: Any) -> dict[str, Any]:
 
 
 def bench_server_real(backbone: Backbone, args: Any) -> dict[str, Any]:
-    """server_bench.py's --real comparison, run from here so it lands in the same report (and
+    """bench.server_bench's --real comparison, run from here so it lands in the same report (and
     in engine_server_real.{md,json}, the same figures)."""
     from bench import server_bench
     from bench.engine_bench import machine

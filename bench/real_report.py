@@ -1,4 +1,4 @@
-"""engine_real.{md,json}: the real-backbone figures of ``real_figures.py``, goals checked."""
+"""engine_real.{md,json}: the real-backbone figures of ``bench.real_figures``, goals checked."""
 
 from __future__ import annotations
 

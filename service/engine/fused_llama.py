@@ -12,7 +12,7 @@ weights, not by FLOPs. Two things make that read cheaper than Hugging Face's for
   trainer) reads the same numbers as before.
 - **Weight-major products.** Every product is computed as ``(W @ hᵀ)ᵀ`` with ``hᵀ`` a view of
   the contiguous activations ``h`` [rows, d], instead of ``F.linear``'s ``h @ Wᵀ``: on this
-  CPU's BLAS the same weights are read 1.2–2.5× faster at 2–32 rows (``bench/step_rows.py``
+  CPU's BLAS the same weights are read 1.2–2.5× faster at 2–32 rows (``python -m bench.step_rows``
   records the step by rows with either forward).
 
 Everything else is the HF Llama forward (RMSNorm in float32, the model's own rotary-embedding
