@@ -35,7 +35,8 @@ class Method:
 def hard_prompt_rows(backbone: Backbone, text: str) -> torch.Tensor:
     """Input embeddings of ``text``'s tokens (no special tokens added) → [T, d] fp32."""
     ids = backbone.tokenizer(text, add_special_tokens=False)["input_ids"]
-    table: Any = backbone.model.get_input_embeddings().weight.detach()
+    model: Any = backbone.model
+    table = model.get_input_embeddings().weight.detach()
     return table[torch.tensor(ids)].float().cpu().clone()
 
 

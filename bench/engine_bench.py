@@ -57,7 +57,7 @@ def build_t5_small(path: Path) -> Backbone:
     torch.manual_seed(0)
     tok = ByT5Tokenizer()
     never = len(tok)  # an extra id, declared EOS, whose logit is always 0
-    config = T5Config(
+    config = T5Config(  # type: ignore[call-arg]  # its kwargs go to PretrainedConfig
         vocab_size=len(tok) + 1,
         d_model=512,
         d_kv=64,
@@ -201,7 +201,7 @@ def bench_peft(backbone: Backbone, args: argparse.Namespace) -> dict[str, Any]:
     with torch.no_grad():
         for task in tasks:
             peft_model.set_adapter(task.name)
-            emb = peft_model.prompt_encoder[task.name].embedding
+            emb: Any = peft_model.prompt_encoder[task.name].embedding
             emb.weight.copy_(compose_prompt(task.prompt, task.u, task.v))
     peft_model.eval()
 

@@ -44,7 +44,8 @@ def real_tasks(
 ) -> list[ResolvedTask]:
     """``n`` rank-1 tasks over one shared prompt made of real token embeddings [L, d]."""
     g = torch.Generator().manual_seed(seed)
-    vocab = int(backbone.model.config.vocab_size)
+    config: Any = backbone.model.config
+    vocab = int(config.vocab_size)
     shared = backbone.embed(torch.randint(100, vocab, (1, length), generator=g))[0].detach()
     return [
         ResolvedTask(
@@ -115,7 +116,8 @@ def bench_decode_b32(backbone: Backbone, args: Any) -> dict[str, Any]:
     for _ in range(2):
         loop.step()
     gemm_flop = 2 * 32 * d * ffn
-    gemms, steps = [], []
+    gemms: list[float] = []
+    steps: list[float] = []
     for _ in range(args.decode_repeats):
         gemms.append(gemm_flop / gemm_seconds(32, d, ffn, 40) / 1e9)
         steps.extend(timed_step(loop) for _ in range(3))
@@ -173,7 +175,7 @@ def _synthetic_batch(
     backbone: Backbone, loop: DecodeLoop, positions: int, task: ResolvedTask
 ) -> None:
     """32 running rows whose caches hold ``positions`` columns (zeros: only shapes matter)."""
-    config = backbone.model.config
+    config: Any = backbone.model.config
     heads = int(getattr(config, "num_key_value_heads", config.num_attention_heads))
     head_dim = int(getattr(config, "head_dim", backbone.dim // config.num_attention_heads))
     layer = torch.zeros(1, heads, positions, head_dim).expand(32, -1, -1, -1)

@@ -87,7 +87,8 @@ def seed_dir(
     """
     g = torch.Generator().manual_seed(1)
     if real:
-        ids = torch.randint(100, int(backbone.model.config.vocab_size), (1, length), generator=g)
+        config: Any = backbone.model.config
+        ids = torch.randint(100, int(config.vocab_size), (1, length), generator=g)
         prompt = backbone.embed(ids)[0].detach()
     else:
         prompt = torch.randn(length, backbone.dim, generator=g) * 0.5
@@ -127,6 +128,7 @@ def bare(
     """``model.generate`` over the same requests, ``batch`` at a time: (seconds, useful tokens
     per request)."""
     tok = backbone.tokenizer
+    model: Any = backbone.model  # generate: a transformers model's
     causal = not backbone.is_seq2seq
     eos_ids = set(backbone.eos_ids)  # the rule the engine stops by, given to generate too
     start = time.perf_counter()
@@ -150,7 +152,7 @@ def bare(
             prompted = prepend_prompts(
                 backbone.embed(enc["input_ids"]), enc["attention_mask"], prompts, causal=causal
             )
-            out = backbone.model.generate(
+            out = model.generate(
                 inputs_embeds=prompted.inputs_embeds,
                 attention_mask=prompted.attention_mask,
                 max_new_tokens=new_tokens,

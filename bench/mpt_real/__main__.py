@@ -25,6 +25,7 @@ import argparse
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -54,7 +55,7 @@ def cell(bench: Bench, method: str, k: str, seed: int, lr: float) -> None:
             bench.target(method, k, seed, lr, task)
 
 
-def run_grid(bench: Bench, write: callable) -> None:  # type: ignore[valid-type]
+def run_grid(bench: Bench, write: Callable[[], object]) -> None:
     p = bench.preset
     sweep = p.sweep_setting
     bench.distill("main")
