@@ -46,16 +46,13 @@ import httpx
 import redis
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.common import RESULTS, ROOT, cpu_name, write_json
+from prompts import SharedPrompt, TaskFactors, encode_shared, encode_task, load_backbone
+from prompts.gguf import smollm2_gguf_path
+from service.store.factor_store import FactorStore
+from service.store.redis_store import RedisBackend
+from tests.redis_server import RedisServer, free_port
 
-from prompts import SharedPrompt, TaskFactors, encode_shared, encode_task, load_backbone  # noqa: E402
-from prompts.gguf import smollm2_gguf_path  # noqa: E402
-from service.store.factor_store import FactorStore  # noqa: E402
-from service.store.redis_store import RedisBackend  # noqa: E402
-from tests.redis_server import RedisServer, free_port  # noqa: E402
-
-RESULTS = ROOT / "bench" / "results"
 ADMIN_KEY = "scale-admin"
 SCOPED_KEY = "scale-scoped"
 QUESTIONS = [
@@ -264,7 +261,8 @@ def gen_body(i: int, new_tokens: int) -> dict[str, Any]:
 
 async def cold_vs_warm(url: str, names: list[str], warm: str) -> dict[str, Any]:
     """One request at a time, alternating a never-seen task and the same warm task."""
-    cold, hot = [], []
+    cold: list[float] = []
+    hot: list[float] = []
     async with httpx.AsyncClient(base_url=url, timeout=600) as c:
         await c.post(f"/v1/tasks/{warm}/generate", json=gen_body(0, 1))
         for i, name in enumerate(names):
@@ -392,9 +390,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         try:
             if not r.exists("rankone:shared:family"):
                 g = torch.Generator().manual_seed(1)
-                ids = torch.randint(
-                    100, int(backbone.model.config.vocab_size), (1, args.length), generator=g
-                )
+                config: Any = backbone.model.config
+                ids = torch.randint(100, int(config.vocab_size), (1, args.length), generator=g)
                 prompt = backbone.embed(ids)[0].detach().float()
                 blob = encode_shared(SharedPrompt("family", prompt, fp))
                 httpx.post(
@@ -449,22 +446,16 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
     return {
         "nproc": os.cpu_count(),
-        "cpu": cpu,
+        "cpu": cpu_name("unknown"),
         "torch": torch.__version__,
         "load_average_1m": round(os.getloadavg()[0], 2),
     }
 
 
 def write(result: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "scale_tasks.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, "scale_tasks", result)
     s, li, ct = result["serving"], result["listing"], result["cold_task"]
     m = result["machine"]
     rows = [

@@ -11,6 +11,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from bench.common import write_json
 from bench.mpt_real.harness import PROMPT_METHODS, Bench
 from bench.mpt_real.lora import TARGET_MODULES
 from bench.mpt_real.tasks import SOURCES, TARGETS, documentation
@@ -212,8 +213,7 @@ def write_report(bench: Bench, out: Path, command: str, seconds: float) -> None:
         "machine": machine() + " (torch threads as in the command)",
         "model_path": bench.model,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "mpt_real.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out, "mpt_real", report)
     (out / "mpt_real.md").write_text(markdown(report))
     plot(report, out / "mpt_real.png")
     plot_losses(bench, chosen, out / "mpt_real_loss.png")
