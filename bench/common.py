@@ -28,3 +28,9 @@ def write_json(directory: Path, name: str, data: Any, indent: int = 2) -> None:
     ``.md`` is put together, so that a report that fails still leaves its figures."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / f"{name}.json").write_text(json.dumps(data, indent=indent) + "\n")
+
+
+def run_lines(results: dict[str, Any]) -> list[str]:
+    """A report's lines on how it was run: its command and date, then its machine."""
+    machine = ", ".join(f"{k} {v}" for k, v in results["machine"].items())
+    return [f"Command: `{results['command']}` — {results['date']}", "", f"Machine: {machine}", ""]

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from bench.common import RESULTS, cpu_name, write_json
+from bench.common import RESULTS, cpu_name, run_lines, write_json
 from prompts import Backbone, compose_prompt, load_backbone
 from service.engine.base import GenerationRequest, ResolvedTask, SamplingParams
 from service.engine.continuous import ContinuousEngine
@@ -366,10 +366,7 @@ def write_report(results: dict[str, Any], args: argparse.Namespace) -> None:
     lines = [
         "# Engine benchmarks",
         "",
-        f"Command: `{results['command']}` — {results['date']}",
-        "",
-        "Machine: " + ", ".join(f"{k} {v}" for k, v in results["machine"].items()),
-        "",
+        *run_lines(results),
         f"Seq2seq model: random T5-small shape (d_model 512, 6+6 layers, 8 heads, d_ff 2048, "
         f"ByT5 vocabulary), prompt L = {args.prompt_len}, {args.input_len} input tokens, "
         f"{args.new_tokens} new tokens, batch {args.batch}, greedy; mixed/single: median of {args.repeats} paired runs in alternating order.",

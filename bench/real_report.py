@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.common import write_json
+from bench.common import run_lines, write_json
 
 
 def summary(results: dict[str, Any]) -> dict[str, Any]:
@@ -48,10 +48,7 @@ def write_report(results: dict[str, Any], args: Any, directory: Path) -> None:
     lines = [
         "# Engine efficiency on a real backbone",
         "",
-        f"Command: `{results['command']}` — {results['date']}",
-        "",
-        "Machine: " + ", ".join(f"{k} {v}" for k, v in results["machine"].items()),
-        "",
+        *run_lines(results),
         f"Backbone: `{results['model']['path']}` through `load_backbone` (float32, "
         f"{dec['params'] / 1e6:.1f} M parameters). The machine's speed drifts between minutes "
         "(a VM), so every figure is paired with its reference measured interleaved in the "

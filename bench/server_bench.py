@@ -45,7 +45,7 @@ from typing import Any
 import httpx
 import torch
 
-from bench.common import RESULTS, ROOT, write_json
+from bench.common import RESULTS, ROOT, run_lines, write_json
 from bench.engine_bench import build_t5_small, machine
 from prompts import (
     Backbone,
@@ -402,10 +402,7 @@ def write_report(results: dict[str, Any], args: argparse.Namespace) -> None:
             [
                 "# Server end to end vs bare generate",
                 "",
-                f"Command: `{results['command']}` — {results['date']}",
-                "",
-                "Machine: " + ", ".join(f"{k} {v}" for k, v in results["machine"].items()),
-                "",
+                *run_lines(results),
                 f"{backbone} Server: `rankone serve` with the continuous engine (max wait "
                 f"50 ms, max batch {args.batch}), {args.concurrency} concurrent HTTP clients, "
                 "each sending its next request when its answer is back. "

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.common import RESULTS, write_json
+from bench.common import RESULTS, run_lines, write_json
 from bench.engine_bench import machine, weights_read
 from bench.real_figures import endless_loop, real_tasks, rows_for
 
@@ -107,13 +107,11 @@ def main() -> None:
         f"| {n} | {ms:.0f} | {mm_share[n]:.0%} | {hf_by_rows[n]:.0f} | {hf_by_rows[n] / ms:.2f} |"
         for n, ms in by_rows.items()
     )
+    run = "\n".join(run_lines(results))
     (RESULTS / "engine_step_rows.md").write_text(
         f"""# Decode step time by rows (real backbone, fp32)
 
-Command: `{results["command"]}` — {results["date"]}
-
-Machine: {", ".join(f"{k} {v}" for k, v in results["machine"].items())}
-
+{run}
 | rows | ms / step | share in `aten::mm` | HF forward: ms / step | HF / fused |
 |---|---|---|---|---|
 {table}
