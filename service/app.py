@@ -7,8 +7,9 @@ refuses new work (503), drains in-flight requests and closes the store.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,8 @@ from service.metrics import Metrics
 from service.settings import Settings, load_settings
 
 log = logging.getLogger("rankone.app")
+# The longest one shutdown step (closing the store, the jobs) may take before it is left behind.
+SHUTDOWN_STEP_S = 10.0
 
 
 @dataclass
@@ -189,15 +192,29 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.ready, state.draining = False, True
         if fine_tuning is not None:
             if fine_tuning.local_worker is not None:
-                await fine_tuning.local_worker.stop()
-            await fine_tuning.jobs.close()
+                await fine_tuning.local_worker.stop()  # bounded itself: terminate, then kill
+            await bounded("the fine-tuning jobs' close", fine_tuning.jobs.close())
         if engine is not None:
             await engine.shutdown(drain_timeout_s=settings.request_timeout_s)
         if getattr(state, "generation", None) is not None:
             state.generation.close()
-        await store.close()
+        await bounded("the store's close", store.close())
         release_threads()
         log.info("stopped")
+
+
+async def bounded(what: str, step: Awaitable[None], seconds: float = SHUTDOWN_STEP_S) -> None:
+    """One shutdown step, given at most ``seconds``: a close that never returns (a connection
+    pool waiting on a lock or a dead peer) is cancelled and left behind, with a warning, so it
+    does not hold the process. ``asyncio.wait`` rather than ``wait_for``, which would wait for
+    the cancelled step to finish."""
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        task.cancel()
+        log.warning("shutdown: %s did not finish within %.0f s; going on without it", what, seconds)
+        return
+    task.result()  # its error, if any, as before
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
