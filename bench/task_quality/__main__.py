@@ -17,7 +17,9 @@ candidate runs (the code the fine-tuning worker runs):
 - ``auto``: the API's default job (``trainer.choose.choose_examples``, the worker's call)
   with the validation rows as its validation file.
 
-Phases (each unit a JSON file under ``--state``; re-running continues where it stopped):
+Phases (each unit a JSON file under ``--state``; re-running continues where it stopped, and a
+new machine continues from the units the committed report carries, where they were trained
+against the same source: the shared prompt's digest is kept with each unit):
 1. sweep: every method × lr in {0.3, 0.1, 0.03, 0.01} × target at k = 32, seed 0; each run
    keeps its best step on validation loss; the lr per (method, target) is the one with the
    lowest validation loss;
@@ -29,6 +31,7 @@ partial until every unit is done.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -100,6 +103,8 @@ class Bench:
         self.shared = found.shared[shared_id]
         self.sources = [tf for tf in found.tasks.values() if tf.shared == shared_id]
         self.source_dir = source
+        digest = hashlib.sha256(self.shared.prompt.float().contiguous().numpy().tobytes())
+        self.source_sha = digest.hexdigest()[:16]
         sizes = {
             "train": preset.sizes["train"],
             "validation": preset.n_valid,
@@ -189,7 +194,7 @@ class Bench:
         if path.exists():
             return dict(json.loads(path.read_text()))
         print(f"[task_quality] {key} ...", flush=True)
-        result = fn(*args)
+        result = {**fn(*args), "source_sha": self.source_sha}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1) + "\n")
         os.replace(tmp, path)
@@ -249,7 +254,37 @@ class Bench:
                         )
         return out
 
+    def report_name(self) -> tuple[Path, str]:
+        p = self.preset
+        name = "task_quality" if p.name == "cpu" else f"task_quality_{p.name}"
+        return (RESULTS if p.name != "smoke" else self.state), name
+
+    def adopt(self, report: Path) -> tuple[int, int]:
+        """Unit results a report carries (another machine's, committed) that this state lacks,
+        where trained against this source: (adopted, skipped for another source)."""
+        if not report.exists():
+            return 0, 0
+        adopted = skipped = 0
+        for key, result in json.loads(report.read_text()).get("units", {}).items():
+            path = self.unit_path(key)
+            if path.exists():
+                continue
+            if result.get("source_sha") != self.source_sha:
+                skipped += 1
+                continue
+            path.write_text(json.dumps(result, indent=1) + "\n")
+            adopted += 1
+        return adopted, skipped
+
     def run(self, command: str, max_units: int | None) -> None:
+        directory, name = self.report_name()
+        adopted, skipped = self.adopt(directory / f"{name}.json")
+        if adopted or skipped:
+            print(
+                f"[task_quality] {adopted} runs taken from {name}.json (source {self.source_sha})"
+                + (f", {skipped} left out: trained on another source build" if skipped else ""),
+                flush=True,
+            )
         done = 0
         for key, fn, args in self.units():
             if fn is None:  # a seed run: at the chosen lr, known once the sweep is complete
@@ -289,12 +324,14 @@ class Bench:
         table: dict[str, Any] = {}
         total = done = 0
         seconds = 0.0
+        units: dict[str, Any] = {}
         for key, _, _ in self.units():
             total += 1
             got = self.load(key)
             if got is not None:
                 done += 1
                 seconds += got["seconds"]
+                units[key] = got
         for k in p.ks:
             table[k] = {}
             for method in methods:
@@ -361,6 +398,7 @@ class Bench:
             "source": {
                 "dir": str(self.source_dir),
                 "shared": self.shared.id,
+                "sha256_16": self.source_sha,
                 "tasks": sorted(tf.name for tf in self.sources),
                 "prompt_length": length,
             },
@@ -374,9 +412,9 @@ class Bench:
             "eval_every": p.eval_every,
             "n_test": p.n_test,
             "n_valid": p.n_valid,
+            "units": units,  # every run's figures: what a later session resumes from
         }
-        name = "task_quality" if p.name == "cpu" else f"task_quality_{p.name}"
-        results = RESULTS if p.name != "smoke" else self.state
+        results, name = self.report_name()
         write_json(results, name, out, indent=1)
         (results / f"{name}.md").write_text(markdown(out))
         return out

@@ -4,17 +4,22 @@ the chosen lr, the auto row through trainer.choose, the report's shape, and resu
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 
-from bench.task_quality.__main__ import main
+from bench.task_quality.__main__ import Bench, main
 from prompts import SharedPrompt, TaskFactors
 from prompts import load_backbone as _load
 from prompts.artifacts import save_shared, save_task
 
 
-def test_smoke_preset_runs_reports_and_resumes(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+def test_smoke_preset_runs_reports_and_resumes(
+    tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     bb = _load(tiny_gpt2_dir)
     g = torch.Generator().manual_seed(0)
     source = tmp_path / "artifacts"
@@ -45,3 +50,26 @@ def test_smoke_preset_runs_reports_and_resumes(tiny_gpt2_dir: Path, tmp_path: Pa
     assert r["params_per_task"]["mpt_factors"] == 4 + bb.dim
     assert all(len(c) == 2 for per in r["auto_choices"].values() for c in per.values())
     assert "| auto |" in (state / "task_quality_smoke.md").read_text()
+
+    # a new machine (no state) continues from the report's units: nothing is trained again
+    assert set(r["units"]) and all(
+        u["source_sha"] == r["source"]["sha256_16"] for u in r["units"].values()
+    )
+    shutil.rmtree(state / "units")
+
+    def no_training(*args: Any) -> Any:
+        raise AssertionError("a unit the report carries was trained again")
+
+    with monkeypatch.context() as m:
+        m.setattr(Bench, "run_method", no_training)
+        m.setattr(Bench, "run_auto", no_training)
+        assert main(argv) == 0
+    again = json.loads((state / "task_quality_smoke.json").read_text())
+    assert again["k"] == r["k"] and not again["partial"]
+
+    # units trained against another source build are not taken
+    shutil.rmtree(state / "units")
+    save_shared(source, SharedPrompt("mpt", torch.randn(4, bb.dim, generator=g), bb.fingerprint))
+    assert main([*argv, "--max-units", "1"]) == 0
+    other = json.loads((state / "task_quality_smoke.json").read_text())
+    assert other["units_done"] == 1 and other["source"]["sha256_16"] != r["source"]["sha256_16"]
