@@ -45,7 +45,7 @@ from service.protocol.generate import (
 )
 from service.protocol.text import readable
 from service.settings import Settings
-from service.store.base import ConflictError, NotFoundError, Record
+from service.store.base import ConflictError, NotFoundError, Record, VersionChangedError
 
 # A batch item refused by one of these gets its own error; anything else (the store being
 # unreachable above all) fails the whole batch.
@@ -57,6 +57,9 @@ _KEPT_ON_REPLACE = ("description", "metadata", "parameters")
 # characters of each one's description kept: a record's history stays a few KiB.
 MAX_HISTORY = 20
 HISTORY_DESCRIPTION_CHARS = 200
+# Reads and compare-and-set writes a replace tries before it answers 409 (each lost race means
+# another replace of the same task was written).
+REPLACE_ATTEMPTS = 8
 
 
 def _matrix(name: str, rows: list[Any]) -> torch.Tensor:
@@ -261,20 +264,29 @@ class RegistryHandler:
         out are kept from the previous version."""
         if body.name is not None and body.name != name:
             raise ArtifactError(f"the body's name is {body.name!r}, but the URL says {name!r}")
-        tf, meta = self._factors(name, body)
-        try:
-            record = await self.store.get_task_record(name)
-        except NotFoundError:
-            raise NotFoundError(f"no task named {name!r} to replace") from None
+        tf, body_meta = self._factors(name, body)
         kept = [f for f in _KEPT_ON_REPLACE if f not in body.model_fields_set]
-        meta.update({f: record.meta[f] for f in kept if f in record.meta})
-        # the version being replaced joins the history; two replaces racing may each keep
-        # only the version both read (the versions' numbers themselves stay atomic)
-        replaced = version_of(record)
-        replaced.description = replaced.description[:HISTORY_DESCRIPTION_CHARS]
-        earlier = [replaced.model_dump(), *record.meta.get("history", [])]
-        meta["history"] = earlier[:MAX_HISTORY]
-        return task_info(await self.store.replace_task(tf, meta))
+        # The new record's meta derives from the one it replaces (the kept fields, and the
+        # history the replaced version joins), so the write is a compare-and-set on the version
+        # read: a replace that loses a race reads again, and no version drops out of a history.
+        for _ in range(REPLACE_ATTEMPTS):
+            try:
+                record = await self.store.get_task_record(name)
+            except NotFoundError:
+                raise NotFoundError(f"no task named {name!r} to replace") from None
+            meta = {**body_meta, **{f: record.meta[f] for f in kept if f in record.meta}}
+            replaced = version_of(record)
+            replaced.description = replaced.description[:HISTORY_DESCRIPTION_CHARS]
+            meta["history"] = [replaced.model_dump(), *record.meta.get("history", [])][:MAX_HISTORY]
+            try:
+                written = await self.store.replace_task(tf, meta, expected_version=record.version)
+            except VersionChangedError:
+                continue
+            return task_info(written)
+        raise ConflictError(
+            f"task {name!r} was replaced {REPLACE_ATTEMPTS} times while this replace was being "
+            "written: send it again"
+        )
 
     async def task_versions(self, name: str) -> TaskVersions:
         """The current version and up to ``MAX_HISTORY`` earlier ones, newest first."""

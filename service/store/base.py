@@ -34,6 +34,11 @@ class ConflictError(RuntimeError):
     """Create of a name that exists, or delete of a shared prompt still in use (→ 409)."""
 
 
+class VersionChangedError(ConflictError):
+    """A replace that named the version it read, when another write got there first: the
+    caller reads the record again and rebuilds what it derived from it (→ 409 if it gives up)."""
+
+
 class StoreFullError(ConflictError):
     """A create past the backend's documented capacity (the embedded store's task limit)."""
 
@@ -115,11 +120,20 @@ class FactorBackend(abc.ABC):
 
     @abc.abstractmethod
     async def put_task(
-        self, name: str, blob: bytes, shared: str, meta: dict[str, Any], *, create: bool
+        self,
+        name: str,
+        blob: bytes,
+        shared: str,
+        meta: dict[str, Any],
+        *,
+        create: bool,
+        expected_version: int | None = None,
     ) -> Record:
         """create=True: ConflictError if it exists. create=False: replace (NotFoundError if
-        absent) with version + 1. UnknownSharedError if ``shared`` is not registered (checked
-        in the same atomic step). Atomic with the index update and the event publish."""
+        absent) with version + 1; with ``expected_version``, only if the stored version is
+        still that one (VersionChangedError if not). UnknownSharedError if ``shared`` is not
+        registered (checked in the same atomic step). Atomic with the index update and the
+        event publish."""
 
     async def put_tasks(
         self, items: list[tuple[str, bytes, str, dict[str, Any]]]

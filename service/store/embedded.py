@@ -53,6 +53,7 @@ from service.store.base import (
     StoreEvent,
     StoreFullError,
     UnknownSharedError,
+    VersionChangedError,
     deliver,
 )
 
@@ -249,6 +250,7 @@ class EmbeddedBackend(FactorBackend):
         shared: str,
         meta: dict[str, Any],
         mode: Literal["create", "replace", "upsert"],
+        expected_version: int | None = None,
     ) -> Record:
         if kind == "task" and not self._path("shared", shared, _RECORD).exists():
             raise UnknownSharedError(f"no shared prompt named {shared!r}; register it first")
@@ -260,6 +262,10 @@ class EmbeddedBackend(FactorBackend):
             raise ConflictError(f"{_what(kind)} {name!r} already exists; use replace to update it")
         if old is None and mode == "replace":
             raise NotFoundError(f"no {_what(kind)} named {name!r} to replace")
+        if old is not None and expected_version is not None and old["version"] != expected_version:
+            raise VersionChangedError(
+                f"{_what(kind)} {name!r} is at version {old['version']}, not {expected_version}"
+            )
         if kind == "task" and old is None and len(self._index) >= self.max_tasks:
             raise StoreFullError(
                 f"the embedded store holds at most {self.max_tasks:,} tasks "
@@ -302,10 +308,13 @@ class EmbeddedBackend(FactorBackend):
         shared: str,
         meta: dict[str, Any],
         mode: Literal["create", "replace", "upsert"],
+        expected_version: int | None = None,
     ) -> Record:
         async with self._lock:
             try:
-                record = await asyncio.to_thread(self._write, kind, name, blob, shared, meta, mode)
+                record = await asyncio.to_thread(
+                    self._write, kind, name, blob, shared, meta, mode, expected_version
+                )
             except OSError as e:
                 raise StoreError(
                     f"embedded store: writing {kind} {name!r} failed, the previous version is "
@@ -320,9 +329,17 @@ class EmbeddedBackend(FactorBackend):
         return await self._put("shared", name, blob, name, meta, "upsert" if replace else "create")
 
     async def put_task(
-        self, name: str, blob: bytes, shared: str, meta: dict[str, Any], *, create: bool
+        self,
+        name: str,
+        blob: bytes,
+        shared: str,
+        meta: dict[str, Any],
+        *,
+        create: bool,
+        expected_version: int | None = None,
     ) -> Record:
-        return await self._put("task", name, blob, shared, meta, "create" if create else "replace")
+        mode: Literal["create", "replace"] = "create" if create else "replace"
+        return await self._put("task", name, blob, shared, meta, mode, expected_version)
 
     async def delete_task(self, name: str) -> None:
         def run() -> int:

@@ -329,16 +329,29 @@ class FactorStore:
             results[i] = outcome
         return [r for r in results if r is not None]
 
-    async def replace_task(self, tf: TaskFactors, meta: dict[str, Any]) -> Record:
-        """Replace a task's factors (NotFoundError if absent); its version goes up by one."""
-        return await self._put_task(tf, await self._gate_task(tf), meta, create=False)
+    async def replace_task(
+        self, tf: TaskFactors, meta: dict[str, Any], *, expected_version: int | None = None
+    ) -> Record:
+        """Replace a task's factors (NotFoundError if absent); its version goes up by one.
+        With ``expected_version``, only if the task is still at that version (else
+        VersionChangedError, nothing written): a read-modify-write of the record's meta."""
+        blob = await self._gate_task(tf)
+        return await self._put_task(tf, blob, meta, create=False, expected_version=expected_version)
 
     async def _put_task(
-        self, tf: TaskFactors, blob: bytes, meta: dict[str, Any], *, create: bool
+        self,
+        tf: TaskFactors,
+        blob: bytes,
+        meta: dict[str, Any],
+        *,
+        create: bool,
+        expected_version: int | None = None,
     ) -> Record:
         _check_meta(meta)
         record = await self._backend(
-            self.backend.put_task(tf.name, blob, tf.shared, meta, create=create)
+            self.backend.put_task(
+                tf.name, blob, tf.shared, meta, create=create, expected_version=expected_version
+            )
         )
         self._cache.invalidate("task", tf.name)
         return record

@@ -8,12 +8,17 @@ shebang makes Redis refuse a writing script up front when it is out of memory.
 # KEYS: [1] the record hash, [2] the name index, [3] the task's shared-prompt hash (for a
 # shared prompt: the record hash again), [4] the last versions of deleted names (hash).
 # ARGV: [1] name, [2] blob, [3] shared id, [4] meta JSON, [5] now, [6] mode (create | replace
-# | upsert), [7] channel, [8] kind (task | shared), [9] index type (zset | set).
-# Returns {new version, created}, or {-1} (exists), {-2} (absent), {-3} (no shared prompt).
+# | upsert), [7] channel, [8] kind (task | shared), [9] index type (zset | set), [10] the
+# version a replace expects to find ('' for any).
+# Returns {new version, created}, or {-1} (exists), {-2} (absent), {-3} (no shared prompt),
+# {-4} (the stored version is not the expected one).
 PUT_SCRIPT = """#!lua
 local exists = redis.call('EXISTS', KEYS[1]) == 1
 if ARGV[6] == 'create' and exists then return {-1} end
 if ARGV[6] == 'replace' and not exists then return {-2} end
+if ARGV[10] ~= '' and exists and redis.call('HGET', KEYS[1], 'version') ~= ARGV[10] then
+  return {-4}
+end
 if ARGV[8] == 'task' and redis.call('EXISTS', KEYS[3]) == 0 then return {-3} end
 local function has_type(key, wanted)
   local t = redis.call('TYPE', key)['ok']

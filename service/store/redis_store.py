@@ -55,6 +55,7 @@ from service.store.base import (
     StoreError,
     StoreEvent,
     UnknownSharedError,
+    VersionChangedError,
     deliver,
 )
 from service.store.redis_connect import is_sentinel, pool, redact
@@ -247,6 +248,7 @@ class RedisBackend(FactorBackend):
         meta: dict[str, Any],
         mode: _Mode,
         now: str,
+        expected_version: int | None = None,
     ) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of PUT_SCRIPT (public so a bulk loader can pipeline the same write)."""
         record_key = self.key(kind, name)
@@ -256,6 +258,7 @@ class RedisBackend(FactorBackend):
             keys = [record_key, self.shared_index, record_key, self.deleted]
         index_type = "zset" if kind == "task" else "set"
         args = [name, blob, shared, json.dumps(meta), now, mode, self.channel, kind, index_type]
+        args.append("" if expected_version is None else str(expected_version))
         return keys, args
 
     async def _put(
@@ -266,9 +269,10 @@ class RedisBackend(FactorBackend):
         shared: str,
         meta: dict[str, Any],
         mode: _Mode,
+        expected_version: int | None = None,
     ) -> Record:
         now = utc_now()
-        keys, args = self.put_args(kind, name, blob, shared, meta, mode, now)
+        keys, args = self.put_args(kind, name, blob, shared, meta, mode, now, expected_version)
         what = f"writing {kind} {name!r}"
         if not self.wait_replicas:
             reply = await self._call(what, self._put_script(keys=keys, args=args))
@@ -336,9 +340,17 @@ class RedisBackend(FactorBackend):
         return await self._put("shared", name, blob, name, meta, "upsert" if replace else "create")
 
     async def put_task(
-        self, name: str, blob: bytes, shared: str, meta: dict[str, Any], *, create: bool
+        self,
+        name: str,
+        blob: bytes,
+        shared: str,
+        meta: dict[str, Any],
+        *,
+        create: bool,
+        expected_version: int | None = None,
     ) -> Record:
-        return await self._put("task", name, blob, shared, meta, "create" if create else "replace")
+        mode: _Mode = "create" if create else "replace"
+        return await self._put("task", name, blob, shared, meta, mode, expected_version)
 
     async def delete_task(self, name: str) -> None:
         what = f"deleting task {name!r}"
@@ -449,6 +461,8 @@ def _put_outcome(
         return NotFoundError(f"no {what} named {name!r} to replace")
     if result == -3:
         return UnknownSharedError(f"no shared prompt named {shared!r}; register it first")
+    if result == -4:
+        return VersionChangedError(f"{what} {name!r} changed since it was read")
     return Record(kind, name, blob, result, shared, meta, reply[1].decode(), now)
 
 

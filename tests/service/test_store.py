@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import time
+import types
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from service.store.base import (
     StoreError,
     StoreEvent,
     UnknownSharedError,
+    VersionChangedError,
 )
 from service.store.embedded import EmbeddedBackend
 from service.store.factor_store import FactorStore
@@ -161,6 +163,40 @@ async def test_replace_of_absent_task_is_not_found(store: FactorStore) -> None:
     with pytest.raises(NotFoundError):
         await store.replace_task(task("ghost"), {})
     assert (await store.list_tasks()).total == 0
+
+
+async def test_a_replace_expecting_an_old_version_writes_nothing(store: FactorStore) -> None:
+    await store.register_shared(shared(), {})
+    await store.create_task(task("t1", 1.0), {"description": "one"})
+    assert (await store.replace_task(task("t1", 2.0), {}, expected_version=1)).version == 2
+    with pytest.raises(VersionChangedError):
+        await store.replace_task(task("t1", 3.0), {"description": "stale"}, expected_version=1)
+    record, tf = await store.get_task("t1")
+    assert record.version == 2 and record.meta == {} and torch.equal(tf.u, torch.full((L, 1), 2.0))
+
+
+async def test_racing_replaces_keep_every_version_in_the_history(store: FactorStore) -> None:
+    """Each replace derives the new record's history from the one it read; eight racing
+    replaces must each land once, and the last record's history name every earlier version."""
+    from service.handlers.registry import RegistryHandler
+    from service.protocol.generate import TaskReplace
+    from service.settings import Settings
+
+    await store.register_shared(shared(), {})
+    await store.create_task(task("t1", 1.0), {"description": "v1"})
+    backbone = types.SimpleNamespace(fingerprint=FP)  # all the handler reads of it here
+    handler = RegistryHandler(store, backbone, Settings.model_construct())
+
+    def body(i: int) -> TaskReplace:
+        return TaskReplace(shared="p", u=[[float(i)]] * L, v=[[float(i)] * D], description=f"r{i}")
+
+    written = await asyncio.gather(*(handler.replace_task("t1", body(i)) for i in range(8)))
+    assert sorted(w.version for w in written) == list(range(2, 10))
+    versions = (await handler.task_versions("t1")).versions
+    assert [v.version for v in versions] == list(range(9, 0, -1))
+    # each history entry describes the version it names (its description was written with it)
+    by_version = {w.version: w.description for w in written} | {1: "v1"}
+    assert all(v.description == by_version[v.version] for v in versions)
 
 
 async def test_list_paging(store: FactorStore) -> None:
