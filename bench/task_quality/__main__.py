@@ -31,6 +31,7 @@ partial until every unit is done.
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import json
 import math
@@ -105,6 +106,7 @@ class Bench:
         self.source_dir = source
         digest = hashlib.sha256(self.shared.prompt.float().contiguous().numpy().tobytes())
         self.source_sha = digest.hexdigest()[:16]
+        self.other_source: dict[str, Any] = {}  # runs the report carries for another source
         sizes = {
             "train": preset.sizes["train"],
             "validation": preset.n_valid,
@@ -259,30 +261,40 @@ class Bench:
         name = "task_quality" if p.name == "cpu" else f"task_quality_{p.name}"
         return (RESULTS if p.name != "smoke" else self.state), name
 
-    def adopt(self, report: Path) -> tuple[int, int]:
+    def adopt(self, report: Path, any_source: bool = False) -> tuple[int, int]:
         """Unit results a report carries (another machine's, committed) that this state lacks,
-        where trained against this source: (adopted, skipped for another source)."""
+        where trained against this source (or any, with ``any_source``: a rebuild of the demo
+        by the same recipe on another machine need not be bit-identical; the report then counts
+        the runs per source build): (adopted, skipped for another source)."""
         if not report.exists():
             return 0, 0
         adopted = skipped = 0
-        for key, result in json.loads(report.read_text()).get("units", {}).items():
+        carried = json.loads(report.read_text())
+        units = {**carried.get("units_other_source", {}), **carried.get("units", {})}
+        for key, result in units.items():
             path = self.unit_path(key)
             if path.exists():
                 continue
-            if result.get("source_sha") != self.source_sha:
+            if result.get("source_sha") != self.source_sha and not any_source:
+                self.other_source[key] = result  # kept in the report, never lost by a rerun
                 skipped += 1
                 continue
             path.write_text(json.dumps(result, indent=1) + "\n")
             adopted += 1
         return adopted, skipped
 
-    def run(self, command: str, max_units: int | None) -> None:
+    def run(self, command: str, max_units: int | None, any_source: bool = False) -> None:
         directory, name = self.report_name()
-        adopted, skipped = self.adopt(directory / f"{name}.json")
+        adopted, skipped = self.adopt(directory / f"{name}.json", any_source)
         if adopted or skipped:
             print(
                 f"[task_quality] {adopted} runs taken from {name}.json (source {self.source_sha})"
-                + (f", {skipped} left out: trained on another source build" if skipped else ""),
+                + (
+                    f", {skipped} left out: trained on another source build (--any-source "
+                    "takes them)"
+                    if skipped
+                    else ""
+                ),
                 flush=True,
             )
         done = 0
@@ -399,6 +411,11 @@ class Bench:
                 "dir": str(self.source_dir),
                 "shared": self.shared.id,
                 "sha256_16": self.source_sha,
+                # runs per source build: more than one where --any-source joined sessions whose
+                # demo builds differed in their bits
+                "builds": dict(
+                    collections.Counter(str(u.get("source_sha")) for u in units.values())
+                ),
                 "tasks": sorted(tf.name for tf in self.sources),
                 "prompt_length": length,
             },
@@ -413,6 +430,7 @@ class Bench:
             "n_test": p.n_test,
             "n_valid": p.n_valid,
             "units": units,  # every run's figures: what a later session resumes from
+            "units_other_source": {k: v for k, v in self.other_source.items() if k not in units},
         }
         results, name = self.report_name()
         write_json(results, name, out, indent=1)
@@ -499,6 +517,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-units", type=int, default=None, help="stop after N new runs")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    ap.add_argument(
+        "--any-source",
+        action="store_true",
+        help="continue from the committed report's runs even where this machine's demo build "
+        "differs in its bits (the report counts the runs per source build)",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -527,7 +551,8 @@ def main(argv: list[str] | None = None) -> int:
         f" --preset {preset.name}" if preset.name != "cpu" else ""
     )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    Bench(replace(preset), state, args.source, model, device).run(command, args.max_units)
+    bench = Bench(replace(preset), state, args.source, model, device)
+    bench.run(command, args.max_units, args.any_source)
     return 0
 
 

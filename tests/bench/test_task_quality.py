@@ -73,3 +73,11 @@ def test_smoke_preset_runs_reports_and_resumes(
     assert main([*argv, "--max-units", "1"]) == 0
     other = json.loads((state / "task_quality_smoke.json").read_text())
     assert other["units_done"] == 1 and other["source"]["sha256_16"] != r["source"]["sha256_16"]
+    # but kept in the report, and taken when asked to: the report counts runs per source build
+    assert set(other["units_other_source"]) == set(r["units"]) - set(other["units"])
+    assert main([*argv, "--any-source"]) == 0
+    mixed = json.loads((state / "task_quality_smoke.json").read_text())
+    assert not mixed["partial"] and mixed["source"]["builds"] == {
+        other["source"]["sha256_16"]: 1,
+        r["source"]["sha256_16"]: mixed["units_done"] - 1,
+    }
