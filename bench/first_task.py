@@ -20,6 +20,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,7 +50,9 @@ def scores(output: str) -> dict[str, str]:
 def run(url: str) -> dict[str, Any]:
     bash = [body for kind, body in walkthrough_blocks() if kind == "bash"]
     steps = {"examples": bash[1], "fine-tune": bash[2], "compare": bash[3]}
-    env = {**os.environ, "RANKONE_URL": url, "RANKONE_KEY": "unused"}
+    # the page's blocks run in the activated venv (its step 1): this interpreter's bin first
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "RANKONE_URL": url, "RANKONE_KEY": "unused"}
     out: dict[str, Any] = {"seconds": {}}
     with tempfile.TemporaryDirectory(prefix="rankone-first-task-") as work:
         for name, script in steps.items():
@@ -60,8 +63,12 @@ def run(url: str) -> dict[str, Any]:
                 env=env,
                 capture_output=True,
                 text=True,
-                check=True,
             )
+            if done.returncode != 0:
+                raise SystemExit(
+                    f"the page's {name!r} block failed (exit {done.returncode}):\n"
+                    f"{done.stdout}\n{done.stderr}"
+                )
             out["seconds"][name] = round(time.monotonic() - start, 1)
             out[name] = done.stdout
             print(done.stdout, flush=True)

@@ -9,7 +9,10 @@ search trains them side by side in memory and keeps the better half on validatio
 every rung (successive halving, Jamieson & Talwalkar 2016) until two are left; those train
 the longest and the one with the higher validation exact match (then the lower validation
 loss) wins. Every candidate keeps its parameters at its best validation loss (early
-stopping: the step count is chosen on validation too, step 0 included).
+stopping: the step count is chosen on validation too, step 0 included). The search's rungs
+are short (a third of its budget reaches the winner), so the winner then trains on towards
+``final_steps`` (the job's own step count), validated every ``FINAL_EVAL_EVERY`` steps and
+stopped once ``FINAL_PATIENCE`` validations in a row did not improve its loss.
 
 Candidates' starting points:
 - factors / paper: with an instruction, the factors closest to its text init over the served
@@ -61,6 +64,8 @@ MIN_RUNG_STEPS = 2
 AUTO_BUDGET_STEPS = 100  # optimizer steps of a whole search when the job does not say
 VALID_FRACTION = 0.2  # held out of the training examples when the job has no validation file
 MIN_VALID = 4
+FINAL_EVAL_EVERY = 5  # the winner's final training: validation every N steps
+FINAL_PATIENCE = 3  # ... stopped after this many validations without a better loss
 
 # (kind, fields) → None: progress of the search ("candidate", "rung", "winner")
 Report = Callable[[str, dict[str, Any]], None]
@@ -91,6 +96,7 @@ class Figures:
     val_loss_at_0: float | None = None
     val_exact_match: float | None = None  # 0-1, the finalists only
     out_at_rung: int | None = None  # None: a finalist
+    final_steps: int = 0  # steps the winner trained after the search
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -106,6 +112,7 @@ class Figures:
             "val_loss_at_0": _finite(self.val_loss_at_0),
             "val_exact_match": self.val_exact_match,
             "out_at_rung": self.out_at_rung,
+            "final_steps": self.final_steps,
         }
 
 
@@ -352,11 +359,14 @@ def choose(
     soft_deadline: float | None = None,
     report: Report | None = None,
     new_shared_id: str | None = None,
+    final_steps: int = 0,
 ) -> Choice:
     """Train ``candidates`` by successive halving within ``budget_steps`` optimizer steps; the
-    finalists' validation exact match (then loss) picks the winner. ``check`` may raise to
-    stop the job; ``on_step(steps spent, budget, train loss)`` follows progress; past ``soft_deadline`` (time.monotonic) the search stops advancing and
-    chooses among what it has."""
+    finalists' validation exact match (then loss) picks the winner, which then trains on until
+    it has trained ``final_steps`` in all (or its validation loss stops falling). ``check`` may
+    raise to stop the job; ``on_step(steps spent, most steps in all, train loss)`` follows
+    progress; past ``soft_deadline`` (time.monotonic) the search stops advancing and chooses
+    among what it has."""
     if not candidates:
         raise TrainerError("no candidate methods to choose from")
     if not valid_rows:
@@ -379,11 +389,13 @@ def choose(
     spent = 0
     max_new = max(len(t.target_ids) for t in valid_rows)
 
+    most = budget_steps + max(0, final_steps - (plan[-1] if plan else 0))
+
     def stepped(loss: float) -> None:
         nonlocal spent
         spent += 1
         if on_step is not None:
-            on_step(spent, budget_steps, loss)
+            on_step(spent, max(most, spent), loss)
         check()
 
     for i, target in enumerate(plan):
@@ -415,6 +427,14 @@ def choose(
         r.figures.val_exact_match = round(r.exact_match(valid_rows, valid_examples, max_new), 4)
     finalists.sort(key=lambda r: (-(r.figures.val_exact_match or 0.0), r.figures.best_val_loss))
     best = finalists[0]
+    if final_steps > best.figures.steps and not (
+        soft_deadline is not None and time.monotonic() > soft_deadline
+    ):
+        train_on(best, final_steps, stepped, soft_deadline)
+        best.figures.val_exact_match = round(
+            best.exact_match(valid_rows, valid_examples, max_new), 4
+        )
+        say("final", {"name": best.cand.name, "figures": best.figures.as_json()})
     best.restore_best()
     reason = (
         f"{best.cand.name} won: validation exact match {best.figures.val_exact_match:.0%} "
@@ -427,6 +447,11 @@ def choose(
             f"{other.figures.best_val_loss:.4f}"
         )
     reason += f"; {len(runs) - len(finalists)} other candidates were dropped on validation loss"
+    if best.figures.final_steps:
+        reason += (
+            f"; the winner trained {best.figures.final_steps} more steps after the search "
+            f"(to step {best.figures.steps}, best at {best.figures.best_step})"
+        )
     shared, task_factors = export(best, backbone, task, start)
     figures = [r.figures for r in runs]
     say("winner", {"name": best.cand.name, "reason": reason})
@@ -440,6 +465,31 @@ def choose(
         round(time.monotonic() - started, 2),
         plan,
     )
+
+
+def train_on(
+    run: CandidateRun,
+    until: int,
+    stepped: Callable[[float], None],
+    soft_deadline: float | None,
+    every: int = FINAL_EVAL_EVERY,
+    patience: int = FINAL_PATIENCE,
+) -> None:
+    """``run`` trains on from its best state (the finalists' exact match restored it) until it
+    has trained ``until`` steps in all, validated every ``every`` steps; it stops after
+    ``patience`` validations in a row that did not lower its best loss, or past
+    ``soft_deadline``. Its best state stays the best seen."""
+    f = run.figures
+    stale = 0
+    while f.steps < until and stale < patience:
+        if soft_deadline is not None and time.monotonic() > soft_deadline:
+            break
+        before = f.best_val_loss
+        chunk = min(every, until - f.steps)
+        run.advance(chunk, stepped)
+        f.final_steps += chunk
+        run.validate()
+        stale = 0 if f.best_val_loss < before else stale + 1
 
 
 def export(

@@ -226,6 +226,15 @@ class JobRun:
             best = [v for v in map(finite, fields["val_loss"].values()) if v is not None]
             if best:
                 event["valid_loss"] = min(best)
+        elif kind == "final":
+            fig = fields["figures"]
+            event["message"] = (
+                f"search: the winner {fields['name']} trained {fig['final_steps']} more steps, to "
+                f"step {fig['steps']}: best valid loss {fig['best_val_loss']} at step "
+                f"{fig['best_step']}, valid exact match {fig['val_exact_match']:.0%}"
+            )
+            if finite(fig["best_val_loss"]) is not None:
+                event["valid_loss"] = finite(fig["best_val_loss"])
         else:
             event["message"] = f"search: {fields['reason']}"
         event["message"] = event["message"][:2000]
@@ -276,6 +285,7 @@ class JobRun:
             Start(shared, sources[:MAX_SOURCE_TASKS], state.get("instruction")),
             candidates=default_candidates(methods=methods, lr_scale=lr_scale),
             budget_steps=int(state["steps"]),
+            final_steps=int(state["steps"]),  # the winner trains on to the job's step count
             shots=state["shots"],
             batch_size=int(job["hyperparameters"]["batch_size"]),
             seed=int(job["seed"]),
@@ -295,6 +305,7 @@ class JobRun:
             "rank": win.candidate.rank,
             "steps": win.best_step,
             "search_steps": choice.search_steps,
+            "final_steps": win.final_steps,
             "train_seconds": round(time.monotonic() - started, 2),
             "best_val_loss": finite(win.best_val_loss),
             "valid_accuracy": win.val_exact_match,

@@ -175,6 +175,7 @@ class Bench:
             valid,
             Start(self.shared, self.sources, instruction(target)),
             budget_steps=self.preset.auto_budget or AUTO_BUDGET_STEPS,
+            final_steps=self.preset.steps[str(k)],  # the horizon every method trains to
             batch_size=self.preset.batch_size,
             seed=seed,
             device=self.device,

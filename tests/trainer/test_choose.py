@@ -85,12 +85,19 @@ def test_search_trains_halves_and_exports_the_winner(gpt2: Backbone) -> None:
         Start(shared, [source], "Answer yes"),
         candidates=cands,
         budget_steps=16,
+        final_steps=12,
         batch_size=4,
         report=lambda kind, fields: events.append(kind),
     )
     figures = {f.candidate.name: f for f in choice.figures}
     assert set(figures) == {"factors-r1-lr0.1", "factors-r2-lr0.1", "paper-r1-lr0.03", "pt-lr0.03"}
-    assert choice.rungs == [2, 4] and events == ["rung", "rung", "winner"]
+    assert choice.rungs == [2, 4] and events == ["rung", "rung", "final", "winner"]
+    # the winner trained on after the search, towards 12 steps in all, in chunks of 5
+    assert (
+        5 <= choice.winner.final_steps <= 8 and choice.winner.steps == 4 + choice.winner.final_steps
+    )
+    assert choice.search_steps - choice.winner.final_steps <= 16  # the search kept its budget
+    assert "more steps after the search" in choice.reason
     assert sum(f.out_at_rung == 0 for f in figures.values()) == 2  # halved once
     finalists = [f for f in figures.values() if f.out_at_rung is None]
     assert len(finalists) == 2 and all(f.val_exact_match is not None for f in finalists)
