@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import os
 import platform
 import re
@@ -79,6 +80,8 @@ def run(url: str) -> dict[str, Any]:
 def report(result: dict[str, Any]) -> str:
     s, secs = result["scores"], result["seconds"]
     load = result["machine"]["load_average"]
+    won = [x for x in result["fine-tune"].splitlines() if " won: " in x and x.startswith("search:")]
+    note = result.get("note") or "nothing else was said about the machine's other work"
     return "\n".join(
         [
             "| held-out nouns, exact match | task `plural` | base model, noun alone "
@@ -86,10 +89,13 @@ def report(result: dict[str, Any]) -> str:
             "|---|---|---|---|",
             f"| {result['date']} | **{s['task']}** | {s['base']} | {s['base + instruction']} |",
             "",
-            f"The job (upload, queue, 60 steps, validation, registration) took "
-            f"{secs['fine-tune']:.0f} s of wall time on {result['machine']['cpus']} CPU cores "
-            f"with a load average of {load[0]:.1f} at the start (other jobs shared the "
-            "machine): read it as an upper bound.",
+            f"The job (upload, queue, the search, the winner's final training, registration) "
+            f"took {secs['fine-tune']:.0f} s of wall time on {result['machine']['cpus']} CPU "
+            f"cores, load average {load[0]:.1f} at the start ({note}).",
+            "",
+            f"The job's choice: {won[-1].removeprefix('search: ') if won else '(not found)'}",
+            "",
+            "Command: `python -m bench.first_task`",
         ]
     )
 
@@ -98,7 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cache", type=Path, default=Path(".rankone/demo-smollm2"))
     p.add_argument("--url", help="a running demo server (default: start one on the cache)")
+    p.add_argument("--note", default="", help="what else the machine ran (kept in the report)")
+    p.add_argument(
+        "--report-only", action="store_true", help="rewrite the .md from the .json (and --note)"
+    )
     args = p.parse_args(argv)
+    if args.report_only:
+        result = json.loads((RESULTS / "first_task.json").read_text())
+        result["note"] = args.note or result.get("note", "")
+        write_json(RESULTS, "first_task", result)
+        (RESULTS / "first_task.md").write_text(report(result) + "\n")
+        return 0
     machine = {
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
@@ -118,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             if proc is not None:
                 proc.terminate()
                 proc.wait(timeout=60)
-    result.update(date=time.strftime("%Y-%m-%d"), machine=machine)
+    result.update(date=time.strftime("%Y-%m-%d"), machine=machine, note=args.note)
     write_json(RESULTS, "first_task", result)
     (RESULTS / "first_task.md").write_text(report(result) + "\n")
     print(report(result))
