@@ -16,14 +16,14 @@ touched. For every task, its held-out test inputs are sent to ``POST /v1/tasks/<
 - ``instruction-chat`` (backbones with a chat template): the same instruction and input as
   one user message in the model's chat template, the way an instruct model is meant to be
   asked;
-- ``none``: the input alone, no prompt at all (a floor).
+- ``base``: the served base model (``model="base"``: the backbone, no soft prompt), asked
+  the same way as ``mpt`` (the input alone, as the one user message where the data is chat).
 
 The API always puts a task's soft prompt in front of the input; the written-text methods are
 registered through the admin API as *hard* prompts: a shared prompt whose rows are the input
 embeddings of the text's tokens (identity factors), which the backbone sees exactly as if the
 text had been typed in front of the input (the benchmark checks that the tokens split the
-same way; ``token_split_mismatches`` in the JSON). ``none`` uses a one-row prompt of the
-newline token (the API has no prompt-less route), i.e. the input after a line break.
+same way; ``token_split_mismatches`` in the JSON).
 
 Scores: ``exact``: the stripped output equals the target; ``contains``: the target occurs in
 the output as a word (case-insensitive) and, for classification tasks, no other label does:
@@ -53,7 +53,7 @@ from bench import demo_methods as M
 from bench.common import RESULTS, write_json
 from trainer.demo.nl_tasks import chat_row
 
-ALL_METHODS = ("mpt", "teacher", "instruction", "instruction-chat", "none")
+ALL_METHODS = ("mpt", "teacher", "instruction", "instruction-chat", "base")
 
 
 def post(url: str, body: dict, timeout: float = 120.0) -> dict:
@@ -162,8 +162,6 @@ def register_methods(
         post(f"{url}/v1/shared-prompts", {"blob": M.shared_blob(backbone, name, rows)})
         post(f"{url}/v1/tasks", M.identity_body(name, name, rows.shape[0], rows.shape[1]))
 
-    if "none" in wanted:
-        hard("bench.none", "\n")
     for task in tasks:
         path = data / task / "instruction.txt"  # the T5 demo's letter tasks have none
         instruction = path.read_text(encoding="utf-8").strip() if path.exists() else None
@@ -171,9 +169,8 @@ def register_methods(
         chat = is_chat_data(data / task / "test.jsonl")
         if "mpt" in wanted:
             methods["mpt"][task] = M.Method(task, chat=chat)
-        if "none" in wanted:
-            methods["none"][task] = M.Method("bench.none")
-            mismatches[f"none/{task}"] = M.split_mismatches(backbone, "\n", inputs, "")
+        if "base" in wanted:
+            methods["base"][task] = M.Method("base", chat=chat)
         if "instruction" in wanted and instruction is not None:
             name, text = f"bench.{task}.instruction", instruction + "\n"
             hard(name, text)
@@ -256,7 +253,7 @@ def markdown(report: dict[str, Any]) -> str:
         "served task (shared prompt ⊙ rank-one factors; the input alone); **teacher** its "
         "prompt-tuning teacher; **instruction** the task's instruction written in front of the "
         "input; **instruction-chat** instruction + input as a user turn of the chat template; "
-        "**none** the input alone. Written text is served as a hard prompt (its token "
+        '**base** the served base model (`model="base"`, no soft prompt), asked as mpt is. Written text is served as a hard prompt (its token '
         "embeddings), identical to typing it (see bench/demo_accuracy.py). **exact**: output "
         "equals the target; **contains**: the target appears as a word (and no other label).",
         "",
