@@ -4,14 +4,17 @@ a real ``rankone serve`` on a tiny chat Llama with its embedded fine-tuning work
 Each test signs in with a key and does what a user does: find a task, chat with two models side
 by side, upload a file with a bad line, fine-tune a task to completion and read its loss chart,
 and see only its own namespace with a scoped key. The screenshots of docs/console.md are taken
-here (docs/images/console-*.png, desktop and phone width), so a run of this module refreshes
-them.
+here (docs/images/console-*.png, desktop and phone width) and written to the docs only with
+``RANKONE_SHOTS=docs`` (``RANKONE_SHOTS=docs pytest tests/service/test_console.py``); otherwise to
+a temporary folder, so a test run leaves the work tree as it was.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 SCOPED_KEY = "team-secret"
 TASKS = ["alpha", "beta", "team-a-summary", "team-a-title"]
 IMAGES = ROOT / "docs" / "images"
+SCRATCH = Path(tempfile.gettempdir()) / f"rankone-console-shots-{os.getpid()}"
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
 SHOTS = ("sign-in", "tasks", "task", "playground", "upload-error", "job")
@@ -136,14 +140,15 @@ def shoot(page: Any, name: str) -> None:
         ".filter((e) => !e.labels.length && !e.getAttribute('aria-label')).map((e) => e.id)"
     )
     assert not unlabelled, f"{name}: controls without a label: {unlabelled}"
-    IMAGES.mkdir(parents=True, exist_ok=True)
+    folder = IMAGES if os.environ.get("RANKONE_SHOTS") == "docs" else SCRATCH
+    folder.mkdir(parents=True, exist_ok=True)
     page.evaluate("window.scrollTo(0, 0)")
-    page.screenshot(path=str(IMAGES / f"console-{name}-desktop.png"))
+    page.screenshot(path=str(folder / f"console-{name}-desktop.png"))
     page.set_viewport_size(PHONE)
     page.wait_for_timeout(100)
     wide = page.evaluate("document.documentElement.scrollWidth")
     assert wide <= PHONE["width"], f"{name}: the page is {wide} px wide at phone width"
-    page.screenshot(path=str(IMAGES / f"console-{name}-phone.png"), full_page=True)
+    page.screenshot(path=str(folder / f"console-{name}-phone.png"), full_page=True)
     page.set_viewport_size(DESKTOP)
 
 
