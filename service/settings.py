@@ -77,6 +77,12 @@ class Settings(BaseSettings):
         description="prefill and decode Llama-family backbones with the engine's fused forward "
         "(false: the HF forward)",
     )
+    weights: Literal["float32", "int8"] = Field(
+        "float32",
+        description="int8: the fused forward's decoder-layer products read 8-bit weight copies "
+        "(bfloat16 activations; not exact against float32: see docs/engine.md); needs the "
+        "continuous engine's fused forward",
+    )
     max_batch_tokens: int = Field(8192, ge=1, description="input tokens per admitted batch")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="wait to fill a batch (ms)")
     max_input_tokens: int = Field(512, ge=1, description="longest accepted input, in tokens")
@@ -190,6 +196,11 @@ class Settings(BaseSettings):
         if not self.model:
             raise ValueError(
                 "RANKONE_MODEL is required: a local model directory, a .gguf file or a hub id"
+            )
+        if self.weights == "int8" and (self.engine != "continuous" or not self.fused_forward):
+            raise ValueError(
+                "RANKONE_WEIGHTS=int8 runs in the continuous engine's fused forward: it needs "
+                "RANKONE_ENGINE=continuous and RANKONE_FUSED_FORWARD=true"
             )
         return self
 

@@ -64,6 +64,7 @@ class ContinuousEngine(Engine):
         max_wait_ms: float = 0.0,
         seed: int = 0,
         fused_forward: bool = True,
+        weights: str = "float32",
         threads: int = 0,
     ) -> None:
         """``threads``: torch threads of the model thread (0: leave torch's setting)."""
@@ -87,7 +88,8 @@ class ContinuousEngine(Engine):
             prefix_cache=self.prefix_cache,
             seed=seed,
             max_rows=max_batch_size,
-            forward=choose_forward(backbone, fused=fused_forward),  # chosen once, here
+            # chosen once, here
+            forward=choose_forward(backbone, fused=fused_forward, weights=weights),
         )
         self.drain = DrainRate()
         self._waiting: deque[Row] = deque()
@@ -110,7 +112,8 @@ class ContinuousEngine(Engine):
 
     @property
     def forward_kind(self) -> str:
-        """The forward that runs the backbone: ``fused`` or ``hf`` (``forward.Forward.kind``)."""
+        """The forward that runs the backbone: ``fused``, ``fused-int8`` or ``hf``
+        (``forward.Forward.kind``)."""
         return self.loop_core.forward.kind
 
     async def start(self) -> None:

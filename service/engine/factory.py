@@ -37,6 +37,7 @@ def build_engine(name: str, backbone: Backbone, settings: Any, metrics: EngineMe
             queue_size=settings.queue_size,
             prefix_cache_bytes=settings.prefix_cache_bytes,
             fused_forward=settings.fused_forward,
+            weights=settings.weights,
             threads=threads,
             metrics=metrics,
         )

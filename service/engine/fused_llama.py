@@ -30,6 +30,7 @@ then runs the HF forward (``forwards.choose_forward``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import weakref
 from collections.abc import Callable, Sequence
@@ -69,8 +70,44 @@ def _fuse(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
     return weight, None if bias is None else bias[:, None]
 
 
-def _product_t(weight: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
-    """``(x @ weightᵀ)ᵀ`` (+ bias) computed weight-major: [n, d] -> [N, n], contiguous."""
+@dataclass(frozen=True)
+class Int8Weight:
+    """An 8-bit copy of a weight matrix: symmetric per-output-row scales (``w ≈ q · s``).
+
+    Its products read a quarter of float32's bytes, with bfloat16 activations
+    (``torch._weight_int8pack_mm``; the same kernel with float32 activations is ~10× slower on
+    this CPU). Decode steps only: at 8 rows it runs ~3× faster than the float32 GEMM, at 64 and
+    more ~1.2× slower (bench/results/int8_products.md), so prefills keep float32."""
+
+    q: Tensor  # [N, d] int8
+    scale: Tensor  # [N] bfloat16
+
+    @classmethod
+    def of(cls, w: Tensor) -> Int8Weight:
+        scale = (w.abs().amax(dim=1).float() / 127.0).clamp_min(1e-12)
+        q = torch.round(w.float() / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        return cls(q.contiguous(), scale.to(torch.bfloat16))
+
+    def product(self, x: Tensor) -> Tensor:
+        """``x @ wᵀ`` from the int8 copy: [n, d] -> [n, N] in ``x``'s dtype. On a CPU the
+        int8 kernel; elsewhere (CUDA) the same numbers dequantized into one GEMM, which a
+        compiled or graph-captured step fuses."""
+        if x.device.type == "cpu":
+            y = torch._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.q, self.scale)
+            return y.to(x.dtype)
+        w = self.q.to(torch.bfloat16) * self.scale[:, None]
+        return F.linear(x.to(torch.bfloat16), w).to(x.dtype)
+
+
+Weight = Tensor | Int8Weight
+
+
+def _product_t(weight: Weight, bias: Tensor | None, x: Tensor) -> Tensor:
+    """``(x @ weightᵀ)ᵀ`` (+ bias) computed weight-major: [n, d] -> [N, n] (contiguous for a
+    float32 weight; a transposed view for an int8 one)."""
+    if isinstance(weight, Int8Weight):
+        y = weight.product(x)  # [n, N]
+        return (y if bias is None else y + bias.t()).t()
     one = x.shape[0] == 1
     if one:  # a single column goes to a GEMV that reads the weights at half the GEMM's rate
         x = x.expand(2, -1)
@@ -79,7 +116,7 @@ def _product_t(weight: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
     return out[:, :1] if one else out
 
 
-def _product(weight: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
+def _product(weight: Weight, bias: Tensor | None, x: Tensor) -> Tensor:
     """``x @ weightᵀ`` (+ bias): [n, d] -> [n, N] (a transposed view of ``_product_t``)."""
     return _product_t(weight, bias, x).t()
 
@@ -129,16 +166,27 @@ def _rotate_half(x: Tensor) -> Tensor:
 class _Layer:
     norm1: Tensor  # [d]
     eps1: float
-    qkv: Tensor  # [Nq + 2 Nkv, d]
+    qkv: Weight  # [Nq + 2 Nkv, d]
     qkv_bias: Tensor | None
-    o: Tensor  # [d, Nq]
+    o: Weight  # [d, Nq]
     o_bias: Tensor | None
     norm2: Tensor
     eps2: float
-    gate_up: Tensor  # [2 I, d]
+    gate_up: Weight  # [2 I, d]
     gate_up_bias: Tensor | None
-    down: Tensor  # [d, I]
+    down: Weight  # [d, I]
     down_bias: Tensor | None
+
+    def int8(self) -> _Layer:
+        """This layer with 8-bit copies of its four weight matrices (norms, biases as they are)."""
+
+        def q(w: Weight) -> Int8Weight:
+            assert isinstance(w, Tensor), "already int8"
+            return Int8Weight.of(w)
+
+        return dataclasses.replace(
+            self, qkv=q(self.qkv), o=q(self.o), gate_up=q(self.gate_up), down=q(self.down)
+        )
 
 
 def _unsupported(model: Any) -> str | None:
@@ -216,6 +264,11 @@ class FusedLlama(Forward):
             _BUILT[model] = cls(model)
         return _BUILT[model]
 
+    def int8(self) -> FusedLlamaInt8:
+        """This forward with 8-bit copies of the decoder layers' weights (see ``Int8Weight``);
+        the embeddings and the lm_head stay float32. Built once per model."""
+        return FusedLlamaInt8.of(self)
+
     def embed(self, ids: Tensor) -> Tensor:
         return self.embed_tokens(ids)
 
@@ -223,7 +276,9 @@ class FusedLlama(Forward):
         """A decode step: next-token logits [n, V] for ``inputs.tokens`` [n] at their
         positions [n]; each layer's new keys/values go to the slot cache's open column."""
         x = self.embed_tokens(inputs.tokens)[:, None]
-        h = self._layers(x, inputs.positions[:, None], inputs.mask, inputs.kv.write)
+        h = self._layers(
+            x, inputs.positions[:, None], inputs.mask, inputs.kv.write, self.step_layers
+        )
         return self._logits(h[:, -1])
 
     def prefill(
@@ -255,7 +310,19 @@ class FusedLlama(Forward):
         """[n, d] last hidden states -> [n, V] logits (final norm, lm_head)."""
         return _product(self.head, None, _rms_norm(h, self.norm, self.norm_eps)).contiguous()
 
-    def _layers(self, x: Tensor, positions: Tensor, mask: Tensor, attend: Attend) -> Tensor:
+    @property
+    def step_layers(self) -> list[_Layer]:
+        """The layers a decode step runs (prefills run ``layers``)."""
+        return self.layers
+
+    def _layers(
+        self,
+        x: Tensor,
+        positions: Tensor,
+        mask: Tensor,
+        attend: Attend,
+        layers: list[_Layer] | None = None,
+    ) -> Tensor:
         """The decoder layers over ``x`` [B, T, d] at ``positions`` [B, T]: [B, T, d]."""
         b, t, d = (int(s) for s in x.shape)
         cos, sin = self.rotary(x, positions)  # [B, T, Dh]
@@ -270,7 +337,7 @@ class FusedLlama(Forward):
             # attention's scale folded into the queries' rotation (no per-layer op)
             bias = mask if mask.is_floating_point() else _additive(mask, x.dtype)
             q_cos, q_sin = cos * self.scaling, sin * self.scaling
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers if layers is None else layers):
             qkv = _product(layer.qkv, layer.qkv_bias, _rms_norm(h, layer.norm1, layer.eps1))
             qkv = qkv.reshape(b, t, -1)
             q = qkv[..., :nq].reshape(b, t, heads, dh).transpose(1, 2)  # [B, H, T, Dh]
@@ -296,3 +363,32 @@ class FusedLlama(Forward):
             act = F.silu(a[:inter]).mul_(a[inter:])  # [I, rows]
             h = h + _product(layer.down, layer.down_bias, act.t())
         return h.reshape(b, t, d)
+
+
+# One 8-bit forward per model, built from its float32 one (whose fused weights it shares).
+_BUILT_INT8: weakref.WeakKeyDictionary[FusedLlama, FusedLlamaInt8] = weakref.WeakKeyDictionary()
+
+
+class FusedLlamaInt8(FusedLlama):
+    """The fused forward whose decode steps read 8-bit copies of the decoder layers' weights
+    (``RANKONE_WEIGHTS=int8``); prefills, the embeddings and the lm_head stay float32. A row's
+    numbers never depend on the other rows (a step's products are per row, and which weights
+    a call reads depends on the call's kind only), so a mixed batch still decodes what each
+    request decodes alone; against float32 it is not exact: its greedy agreement and task
+    accuracy are measured (``python -m bench.int8_quality``)."""
+
+    kind = "fused-int8"
+    int8_layers: list[_Layer]
+
+    @classmethod
+    def of(cls, base: FusedLlama) -> FusedLlamaInt8:
+        if base not in _BUILT_INT8:
+            built = cls.__new__(cls)
+            built.__dict__.update(base.__dict__)  # the same layers, embeddings, rotary, head
+            built.int8_layers = [layer.int8() for layer in base.layers]
+            _BUILT_INT8[base] = built
+        return _BUILT_INT8[base]
+
+    @property
+    def step_layers(self) -> list[_Layer]:
+        return self.int8_layers
