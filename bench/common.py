@@ -1,10 +1,16 @@
 """What the bench scripts share: where the repo and its results are, the CPU's name, a
-result's figures written out."""
+result's figures written out, a server to measure."""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -34,3 +40,70 @@ def run_lines(results: dict[str, Any]) -> list[str]:
     """A report's lines on how it was run: its command and date, then its machine."""
     machine = ", ".join(f"{k} {v}" for k, v in results["machine"].items())
     return [f"Command: `{results['command']}` — {results['date']}", "", f"Machine: {machine}", ""]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """``rankone serve`` in a child process on 127.0.0.1, for a benchmark: ``env`` on top of
+    this process's environment (the repo on PYTHONPATH), its output in ``log`` (else
+    inherited); ``start`` returns once ``/readyz`` answers 200 (``ready_s``: how long that
+    took), or raises with the log's tail if the server exits or is not ready in ``timeout``."""
+
+    def __init__(
+        self, env: dict[str, str], log: Path | None = None, port: int | None = None
+    ) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ready_s = 0.0
+
+    def start(self, timeout: float = 300.0) -> Server:
+        cmd = [sys.executable, "-m", "rankone_cli", "serve"]
+        cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
+        out = self.log.open("ab") if self.log is not None else None
+        started = time.perf_counter()
+        err = subprocess.STDOUT if out is not None else None
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=out, stderr=err)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited ({self.proc.returncode}){self._tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        self.ready_s = time.perf_counter() - started
+                        return self
+            except OSError:  # not listening yet, or 503 while it loads
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"the server was not ready after {timeout:.0f} s{self._tail()}")
+
+    def _tail(self) -> str:
+        if self.log is None or not self.log.exists():
+            return ""
+        return ":\n" + self.log.read_text(errors="replace")[-3000:]
+
+    def stop(self, timeout: float = 60.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> Server:
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -38,8 +38,6 @@ import argparse
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import demo_methods as M
-from bench.common import RESULTS, write_json
+from bench.common import RESULTS, Server, free_port, write_json
 from trainer.demo.nl_tasks import chat_row
 
 ALL_METHODS = ("mpt", "teacher", "instruction", "instruction-chat", "base")
@@ -73,12 +71,6 @@ def post(url: str, body: dict, timeout: float = 120.0) -> dict:
 def get(url: str, timeout: float = 10.0) -> dict:
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return json.loads(r.read())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def read_jsonl(path: Path) -> list[dict[str, str]]:
@@ -122,27 +114,15 @@ def ask(url: str, how: M.Method, inputs: list[str], max_new_tokens: int) -> list
     return list(res["texts"])
 
 
-def start_server(cache: Path, port: int, store: Path) -> subprocess.Popen:
+def demo_server(cache: Path, store: Path) -> Server:
+    """``rankone serve`` on the demo cache as ``rankone demo`` runs it, with the store in
+    ``store`` (a throw-away one: what a benchmark registers stays out of the demo's)."""
     from trainer.demo import cli as demo_cli
 
+    port = free_port()
     env = demo_cli.server_env(demo_cli.DemoPaths(cache), port)
-    env["RANKONE_DATA_DIR"] = str(store)  # a throw-away store: the baselines stay out of the demo's
-    return subprocess.Popen([sys.executable, "-m", "rankone_cli", "serve"], env=env)
-
-
-def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise SystemExit(f"demo_accuracy: the server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"demo_accuracy: {url} not ready after {timeout:.0f}s")
+    env["RANKONE_DATA_DIR"] = str(store)
+    return Server(env, port=port)
 
 
 def register_methods(
@@ -353,24 +333,17 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"demo_accuracy: no {manifest_path}; build the demo or pass --tasks")
     labels = {t: NL_TASKS[t].labels for t in tasks if t in NL_TASKS}
     started = time.monotonic()
-    proc, url = None, args.url
     store = tempfile.TemporaryDirectory(prefix="rankone-bench-store-")
-    if url is None:
-        url = f"http://127.0.0.1:{free_port()}"
-        proc = start_server(args.cache, int(url.rsplit(":", 1)[1]), Path(store.name))
+    running = None if args.url else demo_server(args.cache, Path(store.name)).start()
+    url = args.url if running is None else running.url
     try:
         backbone = load_backbone(args.model or manifest.get("model") or args.cache / "backbone")
-        wait_ready(url, proc)
         methods, mismatches = register_methods(url, args.cache, data, tasks, backbone, args.methods)
         results = measure(url, data, tasks, methods, labels, args)
         line = backbone_line(url)
     finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        if running is not None:
+            running.stop()
         store.cleanup()
     previous = args.results / "demo_accuracy.json"
     command = "python -m bench.demo_accuracy " + " ".join(argv or sys.argv[1:])

@@ -31,11 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS, ROOT
+from bench.common import RESULTS, ROOT, Server
 from bench.offline_bench import machine
 from client import Client
 from prompts import decode_task, from_base64
-from tests.redis_server import free_port
 from trainer.demo.tasks import read_jsonl, write_task_data
 
 KEY = "bench-admin"
@@ -69,11 +68,8 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
+def server(args: argparse.Namespace, log: Path) -> Server:
     env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
         "RANKONE_MODEL": args.model,
         "RANKONE_SEED_DIR": str(args.source),
         "RANKONE_DATA_DIR": str(args.work / "store"),
@@ -81,16 +77,7 @@ def start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[
         "RANKONE_FINETUNE_BASE_LR": str(args.lr),
         "RANKONE_LOG_LEVEL": "WARNING",
     }
-    cmd = [sys.executable, "-m", "rankone_cli", "serve", "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    with Client(url, KEY) as c:
-        deadline = time.monotonic() + 180
-        while not c.ready():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"server did not start; see {log}")
-            time.sleep(0.3)
-    return proc, url
+    return Server(env, log).start(timeout=180)
 
 
 def fresh_shared(args: argparse.Namespace) -> None:
@@ -182,22 +169,18 @@ def main() -> None:
     write_task_data(data, [args.task], 1000, 100, args.n_test, seed=args.seed)
     test = read_jsonl(data / args.task / "test.jsonl")
     started = time.perf_counter()
-    proc, url = start_server(args, args.work / "server.log")
-    try:
-        with Client(url, KEY, timeout=300) as c:
-            api = api_jobs(c, args, data, test)  # first: only the source tasks are registered
-            cli = cli_run(args, data, c)
-            cli_acc = exact_match(c, f"{args.task}-cli", test, args.max_new_tokens)
-            served = decode_task(
-                from_base64(c.tasks.get(args.task, include_factors=True).factors or "")
-            )
-            local = decode_task(cli.pop("blob"))
-            diff = float(
-                (served.u - local.u).abs().max().item() + (served.v - local.v).abs().max().item()
-            )
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+    running = server(args, args.work / "server.log")
+    with running, Client(running.url, KEY, timeout=300) as c:
+        api = api_jobs(c, args, data, test)  # first: only the source tasks are registered
+        cli = cli_run(args, data, c)
+        cli_acc = exact_match(c, f"{args.task}-cli", test, args.max_new_tokens)
+        served = decode_task(
+            from_base64(c.tasks.get(args.task, include_factors=True).factors or "")
+        )
+        local = decode_task(cli.pop("blob"))
+        diff = float(
+            (served.u - local.u).abs().max().item() + (served.v - local.v).abs().max().item()
+        )
     report = {
         "command": "python -m bench.finetune_api " + shlex.join(sys.argv[1:]),
         "machine": machine(),

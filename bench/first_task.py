@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import RESULTS, ROOT, write_json
-from bench.demo_accuracy import free_port, start_server, wait_ready
+from bench.demo_accuracy import demo_server
 
 PAGE = ROOT / "docs" / "first-task.md"
 START, END = "<!-- walkthrough:start -->", "<!-- walkthrough:end -->"
@@ -120,20 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         "platform": platform.platform(),
         "load_average": list(os.getloadavg()),
     }
-    proc = None
-    url = args.url
     with tempfile.TemporaryDirectory(prefix="rankone-first-task-store-") as store:
-        if url is None:
-            port = free_port()
-            url = f"http://127.0.0.1:{port}"
-            proc = start_server(args.cache, port, Path(store))
-        try:
-            wait_ready(url, proc)
-            result = run(url)
-        finally:
-            if proc is not None:
-                proc.terminate()
-                proc.wait(timeout=60)
+        if args.url:
+            result = run(args.url)
+        else:
+            with demo_server(args.cache, Path(store)) as running:
+                result = run(running.url)
     result.update(date=time.strftime("%Y-%m-%d"), machine=machine, note=args.note)
     write_json(RESULTS, "first_task", result)
     (RESULTS / "first_task.md").write_text(report(result) + "\n")

@@ -34,8 +34,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from itertools import accumulate
@@ -46,12 +44,12 @@ import httpx
 import redis
 import torch
 
-from bench.common import RESULTS, ROOT, cpu_name, write_json
+from bench.common import RESULTS, Server, cpu_name, write_json
 from prompts import SharedPrompt, TaskFactors, encode_shared, encode_task, load_backbone
 from prompts.gguf import smollm2_gguf_path
 from service.store.factor_store import FactorStore
 from service.store.redis_store import RedisBackend
-from tests.redis_server import RedisServer, free_port
+from tests.redis_server import RedisServer
 
 ADMIN_KEY = "scale-admin"
 SCOPED_KEY = "scale-scoped"
@@ -97,13 +95,10 @@ def pct(samples: list[float]) -> dict[str, float]:
 # ---- the server -------------------------------------------------------------------------
 
 
-def start_server(
-    model: Path, redis_url: str, log: Path, scoped_ns: str
-) -> tuple[subprocess.Popen[bytes], str, float]:
-    port = free_port()
+def server(model: Path, redis_url: str, log: Path, scoped_ns: str) -> Server:
+    """The measured server: continuous engine on the Redis store, an admin key and a key
+    scoped to one namespace, bodies big enough for a batch of tasks."""
     env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
         "RANKONE_MODEL": str(model),
         "RANKONE_REDIS_URL": redis_url,
         "RANKONE_ADMIN_KEYS": f"{ADMIN_KEY},{SCOPED_KEY}:{scoped_ns}-*",
@@ -114,36 +109,7 @@ def start_server(
         "RANKONE_REQUEST_TIMEOUT_S": "600",
         "RANKONE_MAX_BODY_BYTES": str(64 * 2**20),
     }
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rankone_cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return proc, url, time.perf_counter() - t0
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    proc.terminate()
-    raise RuntimeError(f"server not ready:\n{log.read_text()[-3000:]}")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    return Server(env, log).start(timeout=600)
 
 
 # ---- 1. registration ----------------------------------------------------------------------
@@ -379,14 +345,15 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     # the namespace in the middle of the names: a key scoped to it lists 100 of all of them
     scoped_ns = name_of(args.tasks // 2, args.namespace).split("-")[0]
     redis_dir = args.redis_dir or workdir / "redis"
-    server = RedisServer(redis_dir, appendonly=args.redis_dir is not None).start()
-    redis_url = server.url
+    redis_server = RedisServer(redis_dir, appendonly=args.redis_dir is not None).start()
+    redis_url = redis_server.url
     result: dict[str, Any] = {"model": model.name, "L": args.length, "d": dim, "rank": 1}
     try:
         r = redis.Redis.from_url(redis_url)
-        proc, url, ready_s = start_server(model, redis_url, workdir / "server.log", scoped_ns)
+        running = server(model, redis_url, workdir / "server.log", scoped_ns)
+        url = running.url
         have = int(r.zcard("rankone:tasks"))
-        result["ready_s_at_start"] = {"tasks": have, "seconds": round(ready_s, 2)}
+        result["ready_s_at_start"] = {"tasks": have, "seconds": round(running.ready_s, 2)}
         try:
             if not r.exists("rankone:shared:family"):
                 g = torch.Generator().manual_seed(1)
@@ -418,10 +385,11 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 ),
             )
         finally:
-            stop(proc)
+            running.stop()
         print("restarting the server on the full store", flush=True)
-        proc, url, ready_s = start_server(model, redis_url, workdir / "server.log", scoped_ns)
-        result["ready_s_full"] = {"tasks": args.tasks, "seconds": round(ready_s, 2)}
+        running = server(model, redis_url, workdir / "server.log", scoped_ns)
+        url = running.url
+        result["ready_s_full"] = {"tasks": args.tasks, "seconds": round(running.ready_s, 2)}
         try:
             result["listing"] = scoped_listing(url, args.namespace, scoped_ns)
             rng = random.Random(5)
@@ -433,9 +401,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             print("serving", flush=True)
             result["serving"] = asyncio.run(serving(url, args))
         finally:
-            stop(proc)
+            running.stop()
     finally:
-        server.stop()
+        redis_server.stop()
     s = result["serving"]
     result["uniform_over_single"] = round(
         s["uniform"]["tokens_per_s"] / s["single"]["tokens_per_s"], 3

@@ -33,9 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +43,7 @@ from typing import Any
 import httpx
 import torch
 
-from bench.common import RESULTS, ROOT, run_lines, write_json
+from bench.common import RESULTS, Server, run_lines, write_json
 from bench.engine_bench import build_t5_small, machine
 from prompts import (
     Backbone,
@@ -56,7 +54,6 @@ from prompts import (
     save_shared,
     save_task,
 )
-from tests.redis_server import free_port
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -259,13 +256,9 @@ async def through_server(
         return time.perf_counter() - start, list(counts)
 
 
-def start_server(
-    model: Path, seed: Path, data: Path, batch: int, log: Path
-) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
+def server(model: Path, seed: Path, data: Path, batch: int, log: Path) -> Server:
+    """The measured server, on the bare side's threads and batch size."""
     env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
         "OMP_NUM_THREADS": str(torch.get_num_threads()),  # the bare side's threads
         "RANKONE_MODEL": str(model),
         "RANKONE_SEED_DIR": str(seed),
@@ -277,26 +270,7 @@ def start_server(
         "RANKONE_LOG_LEVEL": "WARNING",
         "RANKONE_REQUEST_TIMEOUT_S": "600",
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rankone_cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.terminate()
-    raise RuntimeError(f"server not ready:\n{log.read_text()[-3000:]}")
+    return Server(env, log).start()
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -319,8 +293,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         prompt, tasks = seed_dir(
             backbone, tmp / "seed", args.tasks, args.prompt_len, real=args.real
         )
-        proc, url = start_server(model, tmp / "seed", tmp / "data", args.batch, tmp / "server.log")
-        try:
+        with server(model, tmp / "seed", tmp / "data", args.batch, tmp / "server.log") as running:
+            url = running.url
             asyncio.run(through_server(url, texts[:2], args.tasks, 2, 2, args.real))  # warm-up
             bare(backbone, prompt, tasks, texts[:2], args.batch, 2)
             ratios, server_rates, bare_rates = [], [], []
@@ -344,9 +318,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     f"bare {bare_rates[-1]:.1f} tok/s, server {server_rates[-1]:.1f} tok/s",
                     flush=True,
                 )
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
     return {
         "model": str(args.model or model) if args.real else "random T5-small shape",
         "server_tokens_per_s": statistics.median(server_rates),
