@@ -70,7 +70,13 @@ def build_fine_tuning(settings: Settings, registry: RegistryHandler, backbone: A
     if settings.redis_url:
         from service.jobs.redis_backend import RedisJobBackend
 
-        backend = RedisJobBackend(settings.redis_url)
+        backend = RedisJobBackend(
+            settings.redis_url,
+            wait_replicas=None
+            if settings.redis_wait_replicas < 0
+            else settings.redis_wait_replicas,
+            wait_timeout_ms=settings.redis_wait_ms,
+        )
     else:
         from service.jobs.embedded import EmbeddedJobBackend
 

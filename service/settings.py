@@ -47,7 +47,8 @@ class Settings(BaseSettings):
         -1,
         ge=-1,
         le=16,
-        description="replicas that must confirm a write (Redis WAIT) before it is acknowledged; "
+        description="replicas that must confirm a write (Redis WAIT) before it is acknowledged "
+        "(tasks, shared prompts, fine-tuning files, jobs and their events); "
         "-1: 1 with a redis+sentinel:// URL, else 0",
     )
     redis_wait_ms: int = Field(

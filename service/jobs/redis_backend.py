@@ -21,6 +21,12 @@ same pure function (``service.jobs.lifecycle``) the embedded backend applies. A 
 deadline on Redis's own clock (TIME), so replicas never disagree about expiry, and the lease
 token in the document fences a worker whose job was handed out again. Two replicas claiming
 at once both WATCH the oldest job; one EXEC wins, the other retries on the next job.
+
+Acknowledged writes survive a failover as the factor store's do: with ``wait_replicas`` (by
+default 1 under Sentinel, else 0) every write goes through one dedicated connection and is
+followed by ``WAIT n`` on it (WAIT covers every write its connection made, and a WAIT inside
+MULTI would not block), so a write is answered only once a replica has it; otherwise it is a
+StoreError saying the write reached the primary but is not acknowledged.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from redis.exceptions import RedisError, WatchError
 from service.jobs.base import Change, JobBackend, check_id, suffix_taken
 from service.jobs.lifecycle import TERMINAL, Event, Job, JobStateError
 from service.store.base import NotFoundError, StoreError
-from service.store.redis_connect import pool, redact
+from service.store.redis_connect import is_sentinel, pool, redact
 
 T = TypeVar("T")
 _CLAIM_SCAN = 16  # queued ids looked at per claim (racing replicas may take the first ones)
@@ -44,15 +50,46 @@ _CLAIM_SCAN = 16  # queued ids looked at per claim (racing replicas may take the
 class RedisJobBackend(JobBackend):
     kind = "redis"
 
-    def __init__(self, url: str, *, prefix: str = "rankone") -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "rankone",
+        wait_replicas: int | None = None,
+        wait_timeout_ms: int = 1000,
+    ) -> None:
         self.where = redact(url)
         self.p = f"{prefix}:ft"
+        self.wait_replicas = (
+            (1 if is_sentinel(url) else 0) if wait_replicas is None else wait_replicas
+        )
+        self.wait_timeout_ms = wait_timeout_ms
+        timeouts: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0}
         # Any: redis-py's return types are unions over its decode modes; ours returns bytes
         self._redis: Any = Redis(
-            connection_pool=pool(
-                url, max_connections=64, timeout=5.0, socket_timeout=5.0, socket_connect_timeout=2.0
-            )
+            connection_pool=pool(url, max_connections=64, timeout=5.0, **timeouts)
         )
+        # Writes: one connection, so that the WAIT after a write runs where the write ran.
+        self._w: Any = (
+            Redis(connection_pool=pool(url, max_connections=1, timeout=10.0, **timeouts))
+            if self.wait_replicas
+            else self._redis
+        )
+
+    async def _acked(self, what: str) -> None:
+        """``what`` reached the primary: return once ``wait_replicas`` replicas have it too."""
+        if not self.wait_replicas:
+            return
+        acks = await self._call(
+            what, self._w.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+        )
+        if int(acks) < self.wait_replicas:
+            raise StoreError(
+                f"Redis at {self.where}: {what}: applied on the primary, but {acks} of the "
+                f"{self.wait_replicas} replica(s) it must reach confirmed it within "
+                f"{self.wait_timeout_ms} ms, so it is not acknowledged (a failover could lose "
+                "it): read it back before retrying"
+            )
 
     async def _call(self, what: str, awaitable: Awaitable[T]) -> T:
         try:
@@ -65,6 +102,8 @@ class RedisJobBackend(JobBackend):
 
     async def close(self) -> None:
         await self._redis.aclose()
+        if self._w is not self._redis:
+            await self._w.aclose()
 
     async def now(self) -> float:
         seconds, micros = await self._call("TIME", self._redis.time())
@@ -73,12 +112,13 @@ class RedisJobBackend(JobBackend):
     # ---- files -------------------------------------------------------------------------
 
     async def put_file(self, meta: dict[str, Any], content: bytes) -> None:
-        pipe = self._redis.pipeline(transaction=True)
+        pipe = self._w.pipeline(transaction=True)
         pipe.hset(
             f"{self.p}:file:{meta['id']}", mapping={"meta": json.dumps(meta), "content": content}
         )
         pipe.zadd(f"{self.p}:files", {meta["id"]: meta["created_at"]})
         await self._call("storing a file", pipe.execute())
+        await self._acked("storing a file")
 
     async def get_file(self, file_id: str) -> dict[str, Any]:
         raw = await self._call(
@@ -109,12 +149,13 @@ class RedisJobBackend(JobBackend):
 
     async def delete_file(self, file_id: str) -> None:
         key = f"{self.p}:file:{check_id(file_id, 'file')}"
-        pipe = self._redis.pipeline(transaction=True)
+        pipe = self._w.pipeline(transaction=True)
         pipe.delete(key)
         pipe.zrem(f"{self.p}:files", file_id)
         deleted, _ = await self._call("deleting a file", pipe.execute())
         if not deleted:
             raise NotFoundError(f"no file {file_id!r}")
+        await self._acked("deleting a file")
 
     # ---- jobs --------------------------------------------------------------------------
 
@@ -144,7 +185,7 @@ class RedisJobBackend(JobBackend):
         names, task = f"{self.p}:names", job["rankone"]["task"]
 
         async def attempt() -> None:
-            async with self._redis.pipeline(transaction=True) as pipe:
+            async with self._w.pipeline(transaction=True) as pipe:
                 while True:
                     try:
                         await pipe.watch(names)
@@ -164,6 +205,7 @@ class RedisJobBackend(JobBackend):
                         continue
 
         await self._call("storing a job", attempt())
+        await self._acked("storing a job")
 
     async def get_job(self, job_id: str) -> Job:
         raw = await self._call("reading a job", self._redis.get(self._job_key(job_id)))
@@ -190,7 +232,7 @@ class RedisJobBackend(JobBackend):
         key = self._job_key(job_id)
 
         async def attempt() -> Job:
-            async with self._redis.pipeline(transaction=True) as pipe:
+            async with self._w.pipeline(transaction=True) as pipe:
                 while True:
                     try:
                         await pipe.watch(key)
@@ -206,7 +248,9 @@ class RedisJobBackend(JobBackend):
                     except WatchError:
                         continue  # another replica changed it first: read it again
 
-        return await self._call("updating a job", attempt())
+        new = await self._call("updating a job", attempt())
+        await self._acked("updating a job")
+        return new
 
     async def claim_next(self, change: Change) -> Job | None:
         for _ in range(3):  # racing replicas may take every id we saw: look again, twice
@@ -233,8 +277,9 @@ class RedisJobBackend(JobBackend):
         if events:
             await self._call(
                 "adding events",
-                self._redis.rpush(f"{self.p}:events:{job_id}", *[json.dumps(e) for e in events]),
+                self._w.rpush(f"{self.p}:events:{job_id}", *[json.dumps(e) for e in events]),
             )
+            await self._acked("adding events")
 
     async def list_events(self, job_id: str) -> list[Event]:
         await self.get_job(job_id)

@@ -69,6 +69,36 @@ async def test_a_write_no_replica_confirms_is_not_acknowledged(redis_url: str) -
     await backend.close()
 
 
+@pytest.mark.anyio
+async def test_job_writes_wait_for_a_replica(redis_url: str, tmp_path: Path) -> None:
+    """Fine-tuning files, jobs and events are acknowledged as tasks are: once a replica has
+    them (WAIT on the connection that wrote), else a StoreError saying so."""
+    from service.jobs.redis_backend import RedisJobBackend
+    from service.store.base import StoreError
+    from tests.redis_server import RedisServer
+
+    meta = {"id": "file-a", "created_at": 1}
+    alone = RedisJobBackend(redis_url, wait_replicas=1, wait_timeout_ms=20)  # no replica here
+    with pytest.raises(StoreError, match=r"storing a file.*0 of the 1 replica.*not acknowledged"):
+        await alone.put_file(meta, b"{}")
+    await alone.close()
+
+    replica = RedisServer(
+        tmp_path / "replica",
+        extra_args=["--replicaof", *redis_url.split("//")[1].split("/")[0].split(":")],
+    ).start()
+    try:
+        backend = RedisJobBackend(redis_url, wait_replicas=1, wait_timeout_ms=5000)
+        await backend.put_file({**meta, "id": "file-b"}, b"{}")  # waits until the replica has it
+        mirrored = redis.Redis.from_url(replica.url)
+        assert mirrored.hget("rankone:ft:file:file-b", "content") == b"{}"
+        await backend.add_events("ftjob-x", [{"message": "hi"}])
+        assert mirrored.llen("rankone:ft:events:ftjob-x") == 1
+        await backend.close()
+    finally:
+        replica.stop()
+
+
 def test_primary_killed_under_load(
     sentinels: SentinelSet,
     tiny_t5_dir: Path,
