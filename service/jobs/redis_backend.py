@@ -69,9 +69,11 @@ class RedisJobBackend(JobBackend):
         self._redis: Any = Redis(
             connection_pool=pool(url, max_connections=64, timeout=5.0, **timeouts)
         )
-        # Writes: one connection, so that the WAIT after a write runs where the write ran.
+        # Writes: one connection, so that the WAIT after a write runs where the write ran; its
+        # reads wait out a WAIT's whole timeout before they time out themselves.
+        writes = {**timeouts, "socket_timeout": 5.0 + wait_timeout_ms / 1000}
         self._w: Any = (
-            Redis(connection_pool=pool(url, max_connections=1, timeout=10.0, **timeouts))
+            Redis(connection_pool=pool(url, max_connections=1, timeout=10.0, **writes))
             if self.wait_replicas
             else self._redis
         )

@@ -134,7 +134,8 @@ class RedisBackend(FactorBackend):
             connection_class=_reconnecting_ping,
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0.001,
-            **timeouts,
+            # a write's reply may wait out a WAIT's whole timeout before the socket times out
+            **{**timeouts, "socket_timeout": socket_timeout_s + wait_timeout_ms / 1000},
         )
         self._writer = Redis(connection_pool=self._write_pool)
         # The subscription never reconnects behind our back: a reconnect must emit 'reset'.

@@ -67,6 +67,11 @@ async def test_a_write_no_replica_confirms_is_not_acknowledged(redis_url: str) -
     [outcome] = await backend.put_tasks([("t", b"blob", "p", {})])
     assert isinstance(outcome, StoreError) and "not acknowledged" in str(outcome)
     await backend.close()
+    # a WAIT longer than the socket timeout is waited out, not cut short by a read timeout
+    slow = RedisBackend(redis_url, wait_replicas=1, wait_timeout_ms=1500, socket_timeout_s=1.0)
+    with pytest.raises(StoreError, match="not acknowledged"):
+        await slow.put_shared("q", b"blob", {})
+    await slow.close()
 
 
 @pytest.mark.anyio
@@ -88,9 +93,13 @@ async def test_job_writes_wait_for_a_replica(redis_url: str, tmp_path: Path) -> 
         extra_args=["--replicaof", *redis_url.split("//")[1].split("/")[0].split(":")],
     ).start()
     try:
+        mirrored = redis.Redis.from_url(replica.url)
+        deadline = time.monotonic() + 30  # the replica's first full sync
+        while mirrored.info("replication").get("master_link_status") != "up":
+            assert time.monotonic() < deadline, "the replica did not sync"
+            time.sleep(0.05)
         backend = RedisJobBackend(redis_url, wait_replicas=1, wait_timeout_ms=5000)
         await backend.put_file({**meta, "id": "file-b"}, b"{}")  # waits until the replica has it
-        mirrored = redis.Redis.from_url(replica.url)
         assert mirrored.hget("rankone:ft:file:file-b", "content") == b"{}"
         await backend.add_events("ftjob-x", [{"message": "hi"}])
         assert mirrored.llen("rankone:ft:events:ftjob-x") == 1
