@@ -45,6 +45,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # generate to max_new_tokens past EOS (vLLM's ignore_eos: benchmarks with fixed lengths)
+    ignore_eos: bool = False
 
     @property
     def greedy(self) -> bool:

@@ -177,7 +177,7 @@ class DecodeLoop:
         if token == BAD_ROW:
             self._fail(row, NonFiniteLogitsError(row.request.task.name))
             return
-        if token in self.eos_ids:
+        if token in self.eos_ids and not row.request.params.ignore_eos:
             self._finish(row, "stop", row.detok.flush(), [])
             return
         row.generated.append(token)

@@ -27,8 +27,8 @@ def group_key(request: GenerationRequest) -> Hashable:
     if p.seed is not None and not p.greedy:
         return ("seeded", id(request))
     if p.greedy:
-        return ("greedy", length, p.repetition_penalty)
-    return ("sampled", length, p.temperature, p.top_p, p.top_k, p.repetition_penalty)
+        return ("greedy", length, p.repetition_penalty, p.ignore_eos)
+    return ("sampled", length, p.temperature, p.top_p, p.top_k, p.repetition_penalty, p.ignore_eos)
 
 
 def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -53,11 +53,12 @@ def batch_prompts(
 def trim(
     tokens: list[int], params: SamplingParams, eos: set[int], decode: Callable[[list[int]], str]
 ) -> tuple[list[int], str, FinishReason]:
-    """Cut a generated row at its own limit, its first EOS and its first stop string."""
+    """Cut a generated row at its own limit, its first EOS (unless it ignores EOS) and its
+    first stop string."""
     tokens = tokens[: params.max_new_tokens]
     reason: FinishReason = "length"
     for i, t in enumerate(tokens):
-        if t in eos:
+        if t in eos and not params.ignore_eos:
             tokens, reason = tokens[:i], "stop"
             break
     text = decode(tokens)
@@ -142,7 +143,7 @@ def run_group(
             min_new_tokens=0,
             num_beams=1,
             pad_token_id=pad_id,
-            eos_token_id=sorted(eos) or None,
+            eos_token_id=None if params.ignore_eos else (sorted(eos) or None),
             logits_processor=LogitsProcessorList([guard]),
             **generate_kwargs(params),
             **extra,

@@ -81,6 +81,7 @@ class ChatCompletionRequest(BaseModel):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     user: str | None = None
+    ignore_eos: bool = Field(default=False, description="rankone/vLLM extension: past EOS")
 
     @field_validator("frequency_penalty", "presence_penalty")
     @classmethod
@@ -114,6 +115,7 @@ class ChatCompletionRequest(BaseModel):
                 "top_p": self.top_p,
                 "stop": self.stop,
                 "seed": self.seed,
+                "ignore_eos": self.ignore_eos,
             }
         )
 

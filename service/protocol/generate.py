@@ -50,6 +50,11 @@ class GenerationParameters(BaseModel):
         allow_inf_nan=False,
         description="1 → off; logits of seen tokens are divided (>1 discourages repeats)",
     )
+    ignore_eos: bool | None = Field(
+        default=None,
+        description="true: generate max_new_tokens even past the end-of-sequence token "
+        "(stop strings still stop); for benchmarks with fixed output lengths",
+    )
 
     @model_validator(mode="after")
     def _stops(self) -> GenerationParameters:
@@ -73,6 +78,7 @@ class GenerationParameters(BaseModel):
             repetition_penalty=self.repetition_penalty or 1.0,
             seed=self.seed,
             stop=tuple(stops),
+            ignore_eos=bool(self.ignore_eos),
         )
 
 

@@ -35,6 +35,7 @@ class CompletionRequest(BaseModel):
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None
+    ignore_eos: bool = Field(default=False, description="rankone/vLLM extension: past EOS")
 
     @model_validator(mode="after")
     def _supported(self) -> CompletionRequest:
@@ -64,6 +65,7 @@ class CompletionRequest(BaseModel):
                 "top_p": self.top_p,
                 "stop": self.stop,
                 "seed": self.seed,
+                "ignore_eos": self.ignore_eos,
             }
         )
 

@@ -169,3 +169,28 @@ def test_no_task_takes_the_base_model_names(client: TestClient, llama: Backbone,
     job = {"model": "family", "training_file": f.json()["id"], "suffix": name}
     r = client.post("/v1/fine_tuning/jobs", json=job, headers=ADMIN)
     expect(r, 422, "base model")
+
+
+def test_ignore_eos_reaches_the_engine_from_every_route(client: TestClient) -> None:
+    """``ignore_eos`` (vLLM's extension) maps onto the engine's parameter from completions,
+    chat and the native route (the engines' behaviour: tests/service/test_static_engine.py);
+    a non-boolean is a 422 naming the field."""
+    from service.protocol.chat import ChatCompletionRequest
+    from service.protocol.generate import GenerationParameters
+    from service.protocol.openai import CompletionRequest
+
+    completion = CompletionRequest.model_validate(
+        {"model": "base", "prompt": "x", "ignore_eos": True}
+    )
+    chat = ChatCompletionRequest.model_validate(
+        {"model": "base", "messages": CHAT, "ignore_eos": True}
+    )
+    native = GenerationParameters.model_validate({"ignore_eos": True})
+    for params in (completion.parameters(), chat.parameters(), native):
+        assert params.to_sampling_params(8).ignore_eos
+    assert not GenerationParameters().to_sampling_params(8).ignore_eos
+    body = {"model": "base", "prompt": "x", "max_tokens": 4, "ignore_eos": True}
+    r = client.post("/v1/completions", json=body, headers=CLIENT)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
+    r = client.post("/v1/completions", json={**body, "ignore_eos": "yes"}, headers=CLIENT)
+    assert r.status_code == 422 and "ignore_eos" in r.text

@@ -163,3 +163,33 @@ def test_both_engines_stop_on_the_model_configs_eos(tiny_gpt2_dir) -> None:
     for got in (static, sink.result):
         assert isinstance(got, GenerationResult)
         assert (got.finish_reason, got.token_ids) == ("stop", [])
+
+
+def test_both_engines_generate_past_eos_when_asked(tiny_gpt2_dir) -> None:
+    """``ignore_eos`` (vLLM's): a row whose first token is EOS still generates max_new_tokens,
+    the same tokens in both engines as with no EOS at all."""
+    from prompts import load_backbone
+    from service.engine.decode import DecodeLoop
+    from service.engine.static_batch import run_group
+    from tests.engine.conftest import row
+
+    bb = load_backbone(tiny_gpt2_dir)
+    task = _task(bb, "t", seed=1)
+    ids = bb.tokenizer("the quick fox")["input_ids"]
+    params = SamplingParams(max_new_tokens=6)
+    first = run_group(bb, [GenerationRequest("r", task, ids, params)])[0]
+    assert isinstance(first, GenerationResult) and first.finish_reason == "length"
+    bb.model.config.eos_token_id = first.token_ids[0]  # the row's first token now ends it
+    bb.model.generation_config.eos_token_id = first.token_ids[0]
+    past = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    static = run_group(bb, [GenerationRequest("r", task, ids, past)])[0]
+    stopped = run_group(bb, [GenerationRequest("r", task, ids, params)])[0]
+    loop = DecodeLoop(bb)
+    continuous, sink = row(GenerationRequest("r", task, ids, past))
+    loop.admit([continuous])
+    while not continuous.finished:
+        loop.step()
+    for got in (static, sink.result):
+        assert isinstance(got, GenerationResult)
+        assert (got.finish_reason, got.token_ids) == ("length", first.token_ids)
+    assert isinstance(stopped, GenerationResult) and stopped.token_ids == []
