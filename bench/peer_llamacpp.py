@@ -18,8 +18,9 @@ Finding llama.cpp: ``--llama-dir`` (a llama.cpp source tree; built there when it
 Where it cannot be had (no cmake or compiler, no network) the benchmark stops with a message
 saying so and writes nothing. Writes bench/results/peer_llamacpp.{md,json}.
 
-Not measured yet: the issue's many-task workload (32 clients over 32 tasks through rankone's
-server against ``llama-server`` with 32 LoRA adapters picked per request); the JSON says so.
+The many-task workload (``bench/peer_tasks.py``): 32 clients over 32 tasks through rankone's
+server against ``llama-server`` with 32 LoRA adapters picked per request (``--part many-tasks``
+runs it alone into the report; ``--part decode`` the sweeps alone).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -172,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--many-rounds", type=int, default=2, help="alternating runs per server")
     ap.add_argument("--many-tokens", type=int, default=64, help="generated per request")
     args = ap.parse_args(argv)
+    # a SIGTERM unwinds (the servers' context managers stop them) instead of orphaning them
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     torch.set_num_threads(args.threads)
     from prompts import load_backbone
     from prompts.gguf import converted_copy, smollm2_gguf_path

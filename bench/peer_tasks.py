@@ -232,7 +232,8 @@ async def closed_loop(
         async def client(i: int) -> None:
             j = i
             while time.perf_counter() < deadline:
-                counts["tokens"] += await one(i, texts[j % len(texts)])
+                got = await one(i, texts[j % len(texts)])  # (+= await would lose updates)
+                counts["tokens"] += got
                 counts["requests"] += 1
                 j += clients
 
