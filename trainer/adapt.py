@@ -1,6 +1,8 @@
 """Stage 3, adapt: new target task(s) on top of a distilled shared prompt (MPT §3.3).
 
-Every target task's U, V start from the average of the source tasks' factors (or ones/peft).
+Every target task's U, V start from the factors whose composed prompt is closest to the text
+init of its instruction (``--factor-init fit``; ``auto``, the default, does so for every task
+with an instruction), else from the average of the source tasks' factors (or ones/peft).
 Modes:
 
 - ``factors-only`` (default): P is frozen and stays bit-identical; only (L + d)·r numbers per
@@ -23,9 +25,11 @@ from torch import Tensor
 
 from prompts import Backbone, SharedPrompt, TaskFactors, check_name, load_artifact_dir, shared_path
 from trainer.bank import PromptBank, ones_factors, peft_factors
+from trainer.choose import fit_factors
 from trainer.data import stable_seed
 from trainer.distributed import Dist
 from trainer.errors import TrainerError
+from trainer.init_text import INSTRUCTION_FILE, resolve_init_texts, text_init_rows
 from trainer.loop import StepHook, TaskData, student_ce, train
 from trainer.options import AdaptOptions
 from trainer.plots import plot_losses
@@ -73,9 +77,10 @@ def load_source(path: Path, shared_id: str | None, backbone: Backbone) -> Source
 def initial_factors(
     source: Source, opts: AdaptOptions, dim: int, generator: torch.Generator
 ) -> tuple[Tensor, Tensor]:
-    """U [L, r], V [r, d] to start every target task from."""
+    """U [L, r], V [r, d] to start a target task without an instruction from (``auto`` and
+    ``source``: the source average)."""
     length = source.shared.length
-    if opts.factor_init == "source":
+    if opts.factor_init in ("auto", "source"):
         if not source.tasks:
             raise TrainerError(
                 f"{source.path} has no task factors over {source.shared.id!r} to "
@@ -90,6 +95,42 @@ def initial_factors(
     if opts.factor_init == "ones":
         return ones_factors(length, dim, opts.rank, opts.factor_noise, generator)
     return peft_factors(length, dim, opts.rank, generator)
+
+
+def task_starts(
+    source: Source,
+    opts: AdaptOptions,
+    backbone: Backbone,
+    names: list[str],
+    generator: torch.Generator,
+) -> dict[str, tuple[Tensor, Tensor, str]]:
+    """Each task's U [L, r], V [r, d] at step 0 and the init's name: the fit to its
+    instruction's text init (``fit``; ``auto`` where it has an instruction), else
+    ``initial_factors``."""
+    texts = resolve_init_texts(
+        names, text=opts.init_text, mapping_file=opts.init_texts, data_dir=opts.data_dir
+    )
+    missing = [t for t, text in texts.items() if text is None]
+    if opts.factor_init == "fit" and missing:
+        raise TrainerError(
+            f"--factor-init fit: no instruction for task(s) {', '.join(missing)}; give "
+            f"--init-text, --init-texts FILE or write <data-dir>/<task>/{INSTRUCTION_FILE}"
+        )
+    fits = opts.factor_init in ("auto", "fit")
+    fallback = "source" if opts.factor_init == "auto" else opts.factor_init
+    common = None
+    if missing or not fits:
+        common = initial_factors(source, opts, backbone.dim, generator)
+    out: dict[str, tuple[Tensor, Tensor, str]] = {}
+    prompt = source.shared.prompt.float()
+    for name, text in texts.items():
+        if text is not None and fits:
+            rows = text_init_rows(backbone, text, source.shared.length)
+            out[name] = (*fit_factors(prompt, rows, opts.rank), "fit")
+        else:
+            assert common is not None
+            out[name] = (*common, fallback)
+    return out
 
 
 def run(opts: AdaptOptions) -> int:
@@ -109,7 +150,7 @@ def adapt(
     tasks = load_tasks(opts, backbone)
     opts.out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(stable_seed(opts.seed, "adapt"))
-    u0, v0 = initial_factors(source, opts, backbone.dim, generator)
+    starts = task_starts(source, opts, backbone, [t.name for t in tasks], generator)
     src_id = source.shared.id
 
     # Groups of tasks trained together, and the shared id each group's tasks will reference.
@@ -132,7 +173,7 @@ def adapt(
     metrics, history, artifacts = {}, {}, []
     for shared_id, group in groups:
         label = f"adapt-{shared_id}"
-        factors = {t.name: (shared_id, u0, v0) for t in group}
+        factors = {t.name: (shared_id, *starts[t.name][:2]) for t in group}
         bank = PromptBank(
             {shared_id: source.shared.prompt},
             factors,
@@ -151,6 +192,7 @@ def adapt(
         history[label] = result.history
         metrics[label] = {
             "tasks": [t.name for t in group],
+            "factor_init": {t.name: starts[t.name][2] for t in group},
             "best_step": result.best_step,
             "best_val_loss": result.best_val_loss,
             "final_val_loss": result.final_val_loss,

@@ -223,8 +223,12 @@ class AdaptOptions(TrainOptions):
     """Shorthand for --mode paper (or multi-target with --mode multi-target)."""
     new_shared_id: str | None = None
     """Id of the new shared prompt in paper/multi-target mode (default: <source id>-<task> or <source id>-mt)."""
-    factor_init: Literal["source", "ones", "peft"] = "source"
-    """Init of U, V: source (average of the source tasks' factors), ones or peft."""
+    factor_init: Literal["auto", "fit", "source", "ones", "peft"] = "auto"
+    """Init of U, V: fit (the factors whose composed prompt is closest to the text init of the task's instruction, P ⊙ (U V) ≈ text: needs --init-text, --init-texts or <data-dir>/<task>/instruction.txt), source (average of the source tasks' factors), ones, peft; auto (the default): fit for a task with an instruction, source for the others. On SmolLM2 (bench/results/task_quality.md, capital, k = 32) fit reached 37 % exact match at lr 0.3 where source reached 0 %."""
+    init_text: str | None = None
+    """The task's instruction (one for every task of the run), e.g. 'What is the capital of this country?': the fit init starts from its text init."""
+    init_texts: Path | None = None
+    """JSON or YAML file mapping task → instruction (tasks it does not name use <data-dir>/<task>/instruction.txt if present)."""
     factor_noise: float = 0.0
     """Noise std added to the ones init."""
     lr: float | None = None  # type: ignore[assignment]
@@ -237,6 +241,18 @@ class AdaptOptions(TrainOptions):
         if self.lr is None:
             self.lr = ADAPT_LR[self.mode]
         _non_negative(factor_noise=self.factor_noise)
+        if self.init_text is not None and not self.init_text.strip():
+            raise TrainerError("--init-text is empty; give the instruction's words")
+        if self.init_text and self.init_texts is not None:
+            raise TrainerError(
+                "--init-text and --init-texts both given: use --init-text for one text for "
+                "every task, or --init-texts FILE for one text per task"
+            )
+        if self.factor_init in ("source", "ones", "peft") and (self.init_text or self.init_texts):
+            raise TrainerError(
+                f"--factor-init {self.factor_init} ignores --init-text/--init-texts; drop them "
+                "or use --factor-init fit (or auto)"
+            )
 
 
 # adapt's default lr per mode: what bench/mpt_real chose on validation loss from {0.3, 0.1}

@@ -209,7 +209,9 @@ class JobRun:
             lr=float(state["learning_rate"]),
             eval_every=int(state["eval_every"]),
             log_every=max(1, int(state["steps"]) // 50),
-            factor_init="source" if has_source else "ones",
+            # over a source: fit to the job's instruction where it gives one, else the average
+            factor_init="auto" if has_source else "ones",
+            init_text=state.get("instruction") if has_source else None,
             device=self.device,
             progress=False,
         )
