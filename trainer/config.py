@@ -135,7 +135,7 @@ def build_parser(cls: type, prog: str, description: str) -> _Parser:
             if f.default is not dataclasses.MISSING
             else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         )  # type: ignore[misc]
-        help_ = docs.get(f.name, "")
+        help_ = docs.get(f.name, "").replace("%", "%%")  # argparse formats help with %
         help_ += " (required)" if default is None and _is_required(cls, f.name) else ""
         help_ += f" [default: {default}]" if default not in (None, [], False) else ""
         if tp is bool:
