@@ -225,8 +225,9 @@ class Bench:
         return min(found)[1]
 
     def units(self) -> list[tuple[str, Any, tuple[Any, ...]]]:
-        """Every unit in run order: the sweep (targets interleaved, so early results cover
-        every method), then auto and the seeds at k = 32, then k = 8."""
+        """Every unit in run order: per target, the sweep and then auto on the sweep's rows (so
+        each finished target compares auto with every method early); then auto and the seeds
+        at k = 32, then k = 8."""
         p = self.preset
         out: list[tuple[str, Any, tuple[Any, ...]]] = []
         for target in p.targets:
@@ -239,12 +240,16 @@ class Bench:
                             (method, target, int(p.sweep_k), 0, lr),
                         )
                     )
+            out.append(
+                (f"auto-{target}-k{p.sweep_k}-s0", self.run_auto, (target, int(p.sweep_k), 0))
+            )
         for k in p.ks:
             for seed in p.seeds:
                 for target in p.targets:
-                    out.append(
-                        (f"auto-{target}-k{k}-s{seed}", self.run_auto, (target, int(k), seed))
-                    )
+                    if not (k == p.sweep_k and seed == 0):  # auto ran after its sweep
+                        out.append(
+                            (f"auto-{target}-k{k}-s{seed}", self.run_auto, (target, int(k), seed))
+                        )
                     if k == p.sweep_k and seed == 0:
                         continue  # the sweep's runs at the chosen lr
                     for method in p.methods:

@@ -81,3 +81,21 @@ def test_smoke_preset_runs_reports_and_resumes(
         other["source"]["sha256_16"]: 1,
         r["source"]["sha256_16"]: mixed["units_done"] - 1,
     }
+
+
+def test_units_run_auto_right_after_each_targets_sweep() -> None:
+    """A target's sweep is followed by auto on the same rows, so a session that finishes a
+    target can compare auto with every method; no unit is planned twice."""
+    from bench.task_quality.__main__ import Bench
+    from bench.task_quality.presets import PRESETS
+
+    bench = Bench.__new__(Bench)  # the plan needs the preset only
+    bench.preset = PRESETS["cpu"]
+    keys = [key for key, _, _ in bench.units()]
+    assert len(keys) == len(set(keys))
+    per_target = len(bench.preset.methods) * len(bench.preset.lrs)
+    first = bench.preset.targets[0]
+    assert keys[per_target] == f"auto-{first}-k32-s0"
+    assert all(k.startswith("sweep-") and f"-{first}-" in k for k in keys[:per_target])
+    seeds, ks, targets = bench.preset.seeds, bench.preset.ks, bench.preset.targets
+    assert sum(k.startswith("auto-") for k in keys) == len(seeds) * len(ks) * len(targets)
