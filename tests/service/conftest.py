@@ -6,6 +6,7 @@ user runs it — and waits for ``/readyz``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -22,6 +23,9 @@ import torch
 from prompts import Backbone, SharedPrompt, TaskFactors, encode_shared, encode_task, to_base64
 from prompts import load_backbone as _load
 from tests.redis_server import free_port
+
+if TYPE_CHECKING:
+    from fastapi.testclient import TestClient
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN_KEY = "admin-secret"
@@ -95,6 +99,34 @@ def task_body(
         tf = TaskFactors(name, shared, u, v, bb.fingerprint)
         return {"name": name, "factors": to_base64(encode_task(tf)), **extra}
     return {"name": name, "shared": shared, "u": u.tolist(), "v": v.tolist(), **extra}
+
+
+@contextlib.contextmanager
+def app_client(
+    model: Path, bb: Backbone, data_dir: Path, tasks: dict[str, dict[str, Any]], **settings: Any
+) -> Iterator[TestClient]:
+    """The app in-process on ``model`` (the admin and client keys, WARNING logs, then
+    ``settings``) with the shared prompt ``family`` and ``tasks`` ({name: task_body's
+    keyword arguments}) registered: the module-scoped client of several test modules."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    options: dict[str, Any] = {
+        "admin_keys": [ADMIN_KEY],
+        "client_keys": [CLIENT_KEY],
+        "log_level": "WARNING",
+        **settings,
+    }
+    app = create_app(Settings(model=str(model), data_dir=str(data_dir), **options))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/v1/shared-prompts", json=shared_body(shared_prompt(bb)), headers=ADMIN)
+        assert r.status_code == 201, r.text
+        for name, extra in tasks.items():
+            r = c.post("/v1/tasks", json=task_body(bb, name, **extra), headers=ADMIN)
+            assert r.status_code == 201, r.text
+        yield c
 
 
 class ServerProcess:

@@ -15,16 +15,13 @@ from fastapi.testclient import TestClient
 
 from prompts import Backbone, load_backbone
 from prompts.chat import chat_input_ids
-from service.app import create_app
-from service.settings import Settings
 from tests.gguf_files import build_tiny_tied_llama
 from tests.service.conftest import (
     ADMIN,
     ADMIN_KEY,
     CLIENT,
     CLIENT_KEY,
-    shared_body,
-    shared_prompt,
+    app_client,
     task_body,
 )
 from tests.service.test_api_errors import expect
@@ -72,19 +69,15 @@ def llama(llama_dir: Path) -> Backbone:
 def client(
     llama_dir: Path, llama: Backbone, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[TestClient]:
-    settings = Settings(
-        model=str(llama_dir),
-        data_dir=str(tmp_path_factory.mktemp("base-data")),
+    with app_client(
+        llama_dir,
+        llama,
+        tmp_path_factory.mktemp("base-data"),
+        {"alpha": {"seed": 0}},
         admin_keys=[ADMIN_KEY, "adm-scoped:team-*"],
         client_keys=[CLIENT_KEY, "sk-team:team-*", "sk-base:base"],
         max_wait_ms=100,
-        log_level="WARNING",
-    )
-    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
-        r = c.post("/v1/shared-prompts", json=shared_body(shared_prompt(llama)), headers=ADMIN)
-        assert r.status_code == 201, r.text
-        r = c.post("/v1/tasks", json=task_body(llama, "alpha", seed=0), headers=ADMIN)
-        assert r.status_code == 201, r.text
+    ) as c:
         yield c
 
 

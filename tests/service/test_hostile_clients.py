@@ -16,16 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from prompts import Backbone, load_backbone
-from service.app import create_app
-from service.settings import Settings
 from tests.gguf_files import build_tiny_tied_llama
 from tests.service.conftest import (
     ADMIN,
-    ADMIN_KEY,
     CLIENT,
-    CLIENT_KEY,
-    shared_body,
-    shared_prompt,
+    app_client,
     task_body,
 )
 
@@ -44,20 +39,16 @@ def client(
     llama: tuple[Path, Backbone], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[TestClient]:
     path, bb = llama
-    settings = Settings(
-        model=str(path),
-        data_dir=str(tmp_path_factory.mktemp("hostile-data")),
-        admin_keys=[ADMIN_KEY],
-        client_keys=[CLIENT_KEY],
+    with app_client(
+        path,
+        bb,
+        tmp_path_factory.mktemp("hostile-data"),
+        {"alpha": {"seed": 0}},
         max_new_tokens_limit=8,
         default_max_new_tokens=4,
         queue_size=QUEUE,
         finetune_worker="off",
-        log_level="WARNING",
-    )
-    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
-        assert c.post("/v1/shared-prompts", json=shared_body(shared_prompt(bb)), headers=ADMIN)
-        assert c.post("/v1/tasks", json=task_body(bb, "alpha", seed=0), headers=ADMIN)
+    ) as c:
         yield c
 
 

@@ -13,17 +13,13 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
 from prompts import Backbone
-from service.app import create_app
 from service.handlers.registry import MAX_HISTORY
 from service.metrics import OTHER_TASKS, TaskTraffic
-from service.settings import Settings
 from tests.service.conftest import (
     ADMIN,
     ADMIN_KEY,
     CLIENT,
-    CLIENT_KEY,
-    shared_body,
-    shared_prompt,
+    app_client,
     task_body,
 )
 
@@ -32,21 +28,19 @@ from tests.service.conftest import (
 def client(
     tiny_gpt2_dir: Path, gpt2_backbone: Backbone, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[TestClient]:
-    settings = Settings(
-        model=str(tiny_gpt2_dir),
-        data_dir=str(tmp_path_factory.mktemp("views")),
+    tasks = {
+        name: {"seed": seed, "description": f"{name} v1"}
+        for seed, name in enumerate(["first", "second", "team-x"])
+    }
+    with app_client(
+        tiny_gpt2_dir,
+        gpt2_backbone,
+        tmp_path_factory.mktemp("views"),
+        tasks,
         admin_keys=[ADMIN_KEY, "team-key:team-*"],
-        client_keys=[CLIENT_KEY],
         metrics_task_labels=1,
         finetune_worker="off",
-        log_level="WARNING",
-    )
-    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
-        bb = gpt2_backbone
-        c.post("/v1/shared-prompts", json=shared_body(shared_prompt(bb)), headers=ADMIN)
-        for seed, name in enumerate(["first", "second", "team-x"]):
-            body = task_body(bb, name, seed=seed, description=f"{name} v1")
-            assert c.post("/v1/tasks", json=body, headers=ADMIN).status_code == 201
+    ) as c:
         yield c
 
 
