@@ -485,6 +485,7 @@ def main() -> None:
     command = (
         f"python -m bench.scale_tasks --tasks {args.tasks} --seconds {args.seconds:g} "
         f"--rounds {args.rounds} --concurrency {args.concurrency} --new-tokens {args.new_tokens}"
+        + (f" --length {args.length}" if args.length != 100 else "")
     )
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="rankone-scale-") as tmp:
