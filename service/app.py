@@ -70,13 +70,7 @@ def build_fine_tuning(settings: Settings, registry: RegistryHandler, backbone: A
     if settings.redis_url:
         from service.jobs.redis_backend import RedisJobBackend
 
-        backend = RedisJobBackend(
-            settings.redis_url,
-            wait_replicas=None
-            if settings.redis_wait_replicas < 0
-            else settings.redis_wait_replicas,
-            wait_timeout_ms=settings.redis_wait_ms,
-        )
+        backend = RedisJobBackend(settings.redis_url, **settings.redis_wait)
     else:
         from service.jobs.embedded import EmbeddedJobBackend
 
@@ -109,13 +103,7 @@ def build_store(
     if settings.redis_url:
         from service.store.redis_store import RedisBackend
 
-        backend = RedisBackend(
-            settings.redis_url,
-            wait_replicas=None
-            if settings.redis_wait_replicas < 0
-            else settings.redis_wait_replicas,
-            wait_timeout_ms=settings.redis_wait_ms,
-        )
+        backend = RedisBackend(settings.redis_url, **settings.redis_wait)
     else:
         from service.store.embedded import EmbeddedBackend
 

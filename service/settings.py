@@ -5,7 +5,7 @@ Validated once at start; a bad value stops the server with a message naming the 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypedDict
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -204,6 +204,17 @@ class Settings(BaseSettings):
                 "RANKONE_ENGINE=continuous and RANKONE_FUSED_FORWARD=true"
             )
         return self
+
+    @property
+    def redis_wait(self) -> RedisWait:
+        """The Redis backends' write-confirmation arguments (None: chosen from the URL)."""
+        replicas = None if self.redis_wait_replicas < 0 else self.redis_wait_replicas
+        return {"wait_replicas": replicas, "wait_timeout_ms": self.redis_wait_ms}
+
+
+class RedisWait(TypedDict):
+    wait_replicas: int | None
+    wait_timeout_ms: int
 
 
 class SettingsError(ValueError):

@@ -138,6 +138,17 @@ class TrainOptions(DataOptions):
             )
 
 
+def _check_init_texts(text: str | None, mapping_file: Path | None) -> None:
+    """--init-text and --init-texts: a text with words, and not both."""
+    if text is not None and not text.strip():
+        raise TrainerError("--init-text is empty; give the instruction's words")
+    if text and mapping_file is not None:
+        raise TrainerError(
+            "--init-text and --init-texts both given: use --init-text for one text for "
+            "every task, or --init-texts FILE for one text per task"
+        )
+
+
 @dataclass
 class TeachOptions(TrainOptions):
     """Plain prompt tuning (Lester et al. 2021): one prompt per source task, the teachers."""
@@ -154,13 +165,7 @@ class TeachOptions(TrainOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         _positive(init_scale=self.init_scale)
-        if self.init_text is not None and not self.init_text.strip():
-            raise TrainerError("--init-text is empty; give the instruction's words")
-        if self.init_text and self.init_texts is not None:
-            raise TrainerError(
-                "--init-text and --init-texts both given: use --init-text for one text for "
-                "every task, or --init-texts FILE for one text per task"
-            )
+        _check_init_texts(self.init_text, self.init_texts)
         if self.init in ("vocab", "random") and (self.init_text or self.init_texts):
             raise TrainerError(
                 f"--init {self.init} ignores --init-text/--init-texts; drop them or use --init text"
@@ -241,13 +246,7 @@ class AdaptOptions(TrainOptions):
         if self.lr is None:
             self.lr = ADAPT_LR[self.mode]
         _non_negative(factor_noise=self.factor_noise)
-        if self.init_text is not None and not self.init_text.strip():
-            raise TrainerError("--init-text is empty; give the instruction's words")
-        if self.init_text and self.init_texts is not None:
-            raise TrainerError(
-                "--init-text and --init-texts both given: use --init-text for one text for "
-                "every task, or --init-texts FILE for one text per task"
-            )
+        _check_init_texts(self.init_text, self.init_texts)
         if self.factor_init in ("source", "ones", "peft") and (self.init_text or self.init_texts):
             raise TrainerError(
                 f"--factor-init {self.factor_init} ignores --init-text/--init-texts; drop them "
