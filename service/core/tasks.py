@@ -26,6 +26,11 @@ class ResolvedTask:
     u: Tensor  # [L, r]
     v: Tensor  # [r, d]
 
+    @property
+    def length(self) -> int:
+        """L: the task's prompt rows (0 for the base model)."""
+        return int(self.prompt.shape[0])
+
     @classmethod
     def without_prompt(
         cls, name: str, dim: int, *, device: torch.device | str = "cpu", dtype: torch.dtype

@@ -10,7 +10,9 @@ cache slots. Three paths:
   once per task version) and only the input tokens are prefilled, at positions ``L, L+1, ..``;
   where the input starts with the first ``j`` tokens of the task's latest input (a chat
   template's system turn), their columns come from the cache too and the prefill starts at
-  ``L + j``.
+  ``L + j``. A task whose prompt is not cached is prefilled as ``[P; x]`` in the same forward
+  as the other rows' inputs, and its prompt's columns are then cached: a cold task costs one
+  forward, not a prompt forward and then an input forward (the weights read once, not twice).
 
 A task without prompt rows (L = 0: the base model) takes the same paths with an empty prefix.
 Every forward goes through the engine's ``forward.Forward``, whichever implementation it is.
@@ -156,22 +158,31 @@ class Prefiller:
                 out[i] = prefix
         return [p for p in out if p is not None]
 
-    def _prefixes(self, tasks: Sequence[ResolvedTask]) -> list[PromptPrefix]:
-        """Each task's prompt prefix: one cache lookup per distinct (task, version)."""
+    def _prefixes(
+        self, tasks: Sequence[ResolvedTask], inputs: Sequence[Sequence[int]]
+    ) -> list[PromptPrefix | None]:
+        """Each row's prompt prefix (one cache lookup per distinct (task, version)); None for a
+        row whose prompt is not cached and is prefilled with its input (prompt rows and a
+        non-empty input in every row of that task). The prefix of a task with an empty-input
+        row is computed first (its logits after the prompt are that row's first logits)."""
         assert self.prefix_cache is not None
         # We keep our own refs, so a prefix evicted (tiny budget) by a later put is still used
         # here rather than recomputed.
-        found: dict[tuple[str, int], PromptPrefix] = {}
+        empty_input = {(t.name, t.version) for t, x in zip(tasks, inputs, strict=True) if not x}
+        found: dict[tuple[str, int], PromptPrefix | None] = {}
         missing: dict[tuple[str, int], ResolvedTask] = {}
         for task in tasks:
             key = (task.name, task.version)
             if key in found or key in missing:
                 continue
             cached = self.prefix_cache.get(task.name, task.version)
-            if cached is None:
-                missing[key] = task
-            else:
+            needs_logits = key in empty_input
+            if cached is not None and (cached.last_logits is not None or not needs_logits):
                 found[key] = cached
+            elif task.length > 0 and not needs_logits:
+                found[key] = None  # prefilled with the input, cached after
+            else:
+                missing[key] = task
         if missing:
             new = list(missing.values())
             computed = self._compute_prefixes(new, self._compose(new))
@@ -183,11 +194,15 @@ class Prefiller:
         input starts with them; prefill only the rest of the input, after them."""
         assert self.prefix_cache is not None
         tasks = [r.request.task for r in rows]
-        prompts = self._prefixes(tasks)
         inputs = [list(r.request.input_ids) for r in rows]
+        prompts = self._prefixes(tasks, inputs)
         pasts: list[tuple[KV, ...]] = []  # per row: per layer [1, H, P_b, Dh]
         skip: list[int] = []  # per row: input tokens already in its past
         for task, prompt, x in zip(tasks, prompts, inputs, strict=True):
+            if prompt is None:  # the prompt is prefilled with the input
+                pasts.append(())
+                skip.append(0)
+                continue
             latest = self.prefix_cache.get_input(task.name, task.version)
             j = 0
             if latest is not None and latest.length - len(latest.tokens) == prompt.length:
@@ -211,26 +226,56 @@ class Prefiller:
             torch.tensor(x[j:], dtype=torch.long, device=self.device)
             for x, j in zip(inputs, skip, strict=True)
         ]
-        input_ids, input_mask = pad_sequences(ids, side="left")  # [B, T]
         empty = [len(x) == 0 for x in inputs]  # such a row's next token follows its prompt
         if all(empty):
             assert layers is not None  # an empty input is refused without prompt rows
-            last_logits = torch.stack([p.last_logits for p in prompts])  # [B, V]
+            last = [p.last_logits for p in prompts if p is not None]
+            assert len(last) == len(rows) and all(t is not None for t in last)
+            last_logits = torch.stack(last)  # type: ignore[arg-type]  # [B, V]
             return Prefill(last_logits, layers, prefix_mask, decode_positions(prefix_mask))
+        cold = [b for b, p in enumerate(prompts) if p is None]
+        if cold:  # [P; x] for those rows, x alone for the others
+            composed = dict(zip(cold, self._compose([tasks[b] for b in cold]), strict=True))
+            pieces = []
+            for b, t in enumerate(ids):
+                e = self.forward.embed(t[None])[0]  # [T_b, d]
+                pieces.append(torch.cat([composed[b].to(e.dtype), e]) if b in composed else e)
+            embeds, input_mask = pad_sequences(pieces, side="left")  # [B, T, d], [B, T]
+        else:
+            input_ids, input_mask = pad_sequences(ids, side="left")  # [B, T]
+            embeds = self.forward.embed(input_ids)
         mask = torch.cat([prefix_mask, input_mask], dim=1)  # [B, Pmax + T]
         logits, layers = self.forward.prefill(
-            self.forward.embed(input_ids), prefill_positions(lengths, input_mask), mask, layers
+            embeds, prefill_positions(lengths, input_mask), mask, layers
         )
+        if cold:
+            self._keep_prompts([tasks[b] for b in cold], cold, layers, mask)
         if any(empty):
             logits = torch.stack(
                 [
-                    p.last_logits.to(logits.dtype) if e else logits[b]
+                    p.last_logits.to(logits.dtype)
+                    if e and p and p.last_logits is not None
+                    else logits[b]
                     for b, (p, e) in enumerate(zip(prompts, empty, strict=True))
                 ]
             )
         self.stats.input_tokens_reused += sum(skip)
         self._keep_inputs(tasks, inputs, layers, mask)
         return Prefill(logits, layers, mask, decode_positions(mask))
+
+    def _keep_prompts(
+        self, tasks: Sequence[ResolvedTask], rows: Sequence[int], layers: list[KV], mask: Tensor
+    ) -> None:
+        """The prompts prefilled with their rows' inputs, cached: each row's first L real
+        columns (a prompt's keys and values do not depend on what follows it)."""
+        assert self.prefix_cache is not None
+        for task, b in zip(tasks, rows, strict=True):
+            first = int(mask[b].nonzero()[0])  # the row's first real column: its prompt's
+            cols = slice(first, first + task.length)
+            kept = tuple(
+                (k[b : b + 1, :, cols].clone(), v[b : b + 1, :, cols].clone()) for k, v in layers
+            )
+            self.prefix_cache.put(task.name, task.version, PromptPrefix(kept, None))
 
     def _keep_inputs(
         self,

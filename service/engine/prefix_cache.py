@@ -44,7 +44,9 @@ class PromptPrefix:
     the prompt alone)."""
 
     layers: tuple[KV, ...]
-    last_logits: Tensor  # [V] next-token logits after the prompt (used for an empty input)
+    # [V] next-token logits after the prompt (used for an empty input); None where the prompt
+    # was prefilled together with an input (a request with an empty input computes them then)
+    last_logits: Tensor | None
     tokens: tuple[int, ...] = ()
 
     @property
@@ -56,7 +58,8 @@ class PromptPrefix:
         kv = sum(
             k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers
         )
-        return kv + self.last_logits.numel() * self.last_logits.element_size()
+        logits = self.last_logits
+        return kv + (0 if logits is None else logits.numel() * logits.element_size())
 
 
 class PrefixCache:

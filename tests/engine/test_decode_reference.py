@@ -305,3 +305,59 @@ def test_a_non_streaming_row_emits_only_its_result(backbones: dict[str, Backbone
     assert quiet_sink.result is not None and loud_sink.result is not None
     assert quiet_sink.result.token_ids == loud_sink.result.token_ids
     assert quiet_sink.result.text == "".join(d.text for d in loud_sink.deltas)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_a_cold_task_is_one_forward_and_its_cached_prompt_serves_later_rows_exactly(
+    backbones: dict[str, Backbone], kind: str
+) -> None:
+    """A task whose prompt is not cached is prefilled as [P; x] in the group's one forward (no
+    prompt-only forward before it), beside a warm task's input; its prompt columns are then
+    cached and serve its next request, and a request with an empty input (which needs the
+    logits after the prompt, not kept by that forward) recomputes them; every answer equals the
+    no-cache path."""
+    backbone = backbones[kind]
+    tasks = make_tasks(backbone)
+    cache = PrefixCache(1 << 24)
+    loop = DecodeLoop(backbone, prefix_cache=cache)
+    plain = DecodeLoop(backbone, prefix_cache=None)
+    calls: list[int] = []
+    counting = False
+    prefill = loop.prefill.forward.prefill
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if counting:  # the cached loop's (the fused forward is shared with the plain loop)
+            calls.append(int(args[0].shape[0]))
+        return prefill(*args, **kwargs)
+
+    loop.prefill.forward.prefill = counted  # type: ignore[method-assign]
+
+    def run(dl: DecodeLoop, task_texts: list[tuple[int, str]]) -> list[list[int]]:
+        nonlocal counting
+        counting = dl is loop
+        pairs = [
+            row(request(backbone, tasks[t], text, f"r{i}", max_new_tokens=6))
+            for i, (t, text) in enumerate(task_texts)
+        ]
+        for (r, _), (_, text) in zip(pairs, task_texts, strict=True):
+            if not text:
+                r.request.input_ids = []
+        dl.admit([r for r, _ in pairs])
+        while dl.running:
+            dl.step()
+        return [s.result.token_ids for _, s in pairs]
+
+    assert run(loop, [(0, TEXTS[0])]) == run(plain, [(0, TEXTS[0])])  # cold: one forward
+    assert calls == [1]
+    cached = cache.get(tasks[0].name, tasks[0].version)
+    assert cached is not None and cached.last_logits is None
+    assert cached.length == tasks[0].length
+    calls.clear()
+    group = [(0, TEXTS[1]), (1, TEXTS[2]), (1, TEXTS[3])]  # warm task 0 beside cold task 1
+    assert run(loop, group) == run(plain, group)
+    assert calls == [3]
+    calls.clear()
+    assert run(loop, [(0, "")]) == run(plain, [(0, "")])  # the logits after the prompt
+    assert calls == [1]  # the prompt alone, once
+    refreshed = cache.get(tasks[0].name, tasks[0].version)
+    assert refreshed is not None and refreshed.last_logits is not None
