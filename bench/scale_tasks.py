@@ -346,7 +346,10 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     # the namespace in the middle of the names: a key scoped to it lists 100 of all of them
     scoped_ns = name_of(args.tasks // 2, args.namespace).split("-")[0]
     redis_dir = args.redis_dir or workdir / "redis"
-    redis_server = RedisServer(redis_dir, appendonly=args.redis_dir is not None).start()
+    # a kept data set (--redis-dir) loads first: a million tasks take a minute or more
+    redis_server = RedisServer(redis_dir, appendonly=args.redis_dir is not None).start(
+        timeout=900 if args.redis_dir is not None else 10
+    )
     redis_url = redis_server.url
     result: dict[str, Any] = {"model": model.name, "L": args.length, "d": dim, "rank": 1}
     try:

@@ -39,7 +39,9 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> RedisServer:
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        """Start it and wait until it answers PING (``timeout``: longer where it loads a big
+        data set first: it answers -LOADING meanwhile); stopped again if it does not."""
         args = [
             self.binary,
             "--port",
@@ -57,7 +59,7 @@ class RedisServer:
             *self.extra_args,
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
@@ -65,8 +67,10 @@ class RedisServer:
                     if s.recv(16).startswith(b"+PONG"):
                         return self
             except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"redis-server did not start on port {self.port} in {timeout:g} s")
 
     def stop(self) -> None:
         if self.proc is not None:
