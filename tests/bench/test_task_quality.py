@@ -51,6 +51,20 @@ def test_smoke_preset_runs_reports_and_resumes(
     assert all(len(c) == 2 for per in r["auto_choices"].values() for c in per.values())
     assert "| auto |" in (state / "task_quality_smoke.md").read_text()
 
+    # the horizon check: each method at its swept lr, longer; the sweep's runs read, not redone
+    from bench.task_quality import horizon
+
+    out = tmp_path / "horizon"
+    hargv = ["--preset", "smoke", "--steps", "4", "--sweep-state", str(state)]
+    hargv += ["--state", str(tmp_path / "hstate"), "--out", str(out), "--source", str(source)]
+    assert horizon.main([*hargv, "--model", str(tiny_gpt2_dir)]) == 0
+    h = json.loads((out / "task_quality_horizon.json").read_text())
+    assert set(h["methods"]) == {"pt", "mpt_factors", "mpt_factors_r4"} and h["steps"] == [2, 4]
+    for method, row in h["methods"].items():
+        assert row["lr"] == r["chosen_lr"][method]["capital"]
+        assert row["steps_4"]["steps"] == 4 and row["steps_2"]["steps"] == 2
+    assert "| pt |" in (out / "task_quality_horizon.md").read_text()
+
     # a new machine (no state) continues from the report's units: nothing is trained again
     assert set(r["units"]) and all(
         u["source_sha"] == r["source"]["sha256_16"] for u in r["units"].values()
