@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep-state", type=Path, default=None, help="the benchmark's --state")
     ap.add_argument("--state", type=Path, default=None, help="these runs' (resumable)")
     args = ap.parse_args(argv)
+    args.command = " ".join(["python -m bench.task_quality.horizon", *(argv or sys.argv[1:])])
     base = PRESETS[args.preset]
     k = base.sweep_k
     swept = Bench.__new__(Bench)  # the sweep's runs: read from its state, nothing trained
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def write(args: argparse.Namespace, short: int, k: str, sha: str, rows: dict[str, Any]) -> None:
     result = {
-        "command": " ".join(["python -m bench.task_quality.horizon", *sys.argv[1:]]),
+        "command": args.command,
         "target": args.target,
         "k": k,
         "seed": 0,
