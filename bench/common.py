@@ -56,18 +56,31 @@ class Server:
     took), or raises with the log's tail if the server exits or is not ready in ``timeout``."""
 
     def __init__(
-        self, env: dict[str, str], log: Path | None = None, port: int | None = None
+        self,
+        env: dict[str, str],
+        log: Path | None = None,
+        port: int | None = None,
+        *,
+        cmd: list[str] | None = None,
+        ready: str = "/readyz",
     ) -> None:
+        """``cmd``: another server to run the same way (``{port}`` in it is replaced by the
+        port), ready when ``ready`` answers 200 (a peer engine's server, e.g. llama-server)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
         self.log = log
+        self.cmd = cmd
+        self.ready = ready
         self.proc: subprocess.Popen[bytes] | None = None
         self.ready_s = 0.0
 
     def start(self, timeout: float = 300.0) -> Server:
-        cmd = [sys.executable, "-m", "rankone_cli", "serve"]
-        cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
+        if self.cmd is not None:
+            cmd = [a.replace("{port}", str(self.port)) for a in self.cmd]
+        else:
+            cmd = [sys.executable, "-m", "rankone_cli", "serve"]
+            cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
         out = self.log.open("ab") if self.log is not None else None
         started = time.perf_counter()
         err = subprocess.STDOUT if out is not None else None
@@ -77,7 +90,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the server exited ({self.proc.returncode}){self._tail()}")
             try:
-                with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as r:
+                with urllib.request.urlopen(f"{self.url}{self.ready}", timeout=2) as r:
                     if r.status == 200:
                         self.ready_s = time.perf_counter() - started
                         return self

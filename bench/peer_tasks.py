@@ -25,14 +25,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import httpx
 import torch
 
-from bench.common import Server, free_port
+from bench.common import Server
 
 TASKS = 32
 LORA_RANK = 8
@@ -130,49 +129,17 @@ def lora_numbers(hidden: int, kv: int, layers: int) -> int:
     return layers * per_layer
 
 
-class LlamaServer:
+def llama_server(
+    bin_dir: Path, model: Path, loras: list[Path], threads: int, slots: int, log: Path
+) -> Server:
     """``llama-server`` on 127.0.0.1 with ``loras`` loaded unapplied, ``slots`` parallel
-    sequences of ``context`` positions each."""
-
-    def __init__(
-        self, bin_dir: Path, model: Path, loras: list[Path], threads: int, slots: int, log: Path
-    ) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [str(bin_dir / "llama-server"), "-m", str(model), "--host", "127.0.0.1"]
-        self.cmd += ["--port", str(self.port), "-t", str(threads), "-tb", str(threads)]
-        self.cmd += ["-np", str(slots), "-c", str(slots * 160), "--lora-init-without-apply"]
-        for path in loras:
-            self.cmd += ["--lora", str(path)]
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> LlamaServer:
-        out = self.log.open("ab")
-        self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                tail = self.log.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"llama-server exited ({self.proc.returncode}):\n{tail}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.25)
-        self.__exit__()
-        raise RuntimeError("llama-server was not ready after 300 s")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    sequences of 160 positions each; ready when ``/health`` answers 200."""
+    cmd = [str(bin_dir / "llama-server"), "-m", str(model), "--host", "127.0.0.1"]
+    cmd += ["--port", "{port}", "-t", str(threads), "-tb", str(threads)]
+    cmd += ["-np", str(slots), "-c", str(slots * 160), "--lora-init-without-apply"]
+    for path in loras:
+        cmd += ["--lora", str(path)]
+    return Server({}, log, cmd=cmd, ready="/health")
 
 
 def rankone_request(i: int, text: str, tokens: int) -> tuple[str, dict[str, Any]]:
@@ -283,7 +250,7 @@ def many_tasks(
         root = Path(tmp)
         seed_dir(backbone, root / "seed", TASKS, PROMPT_LENGTH, real=True)
         rankone = rankone_server(model, root / "seed", root / "data", threads, work / "rankone.log")
-        llama = LlamaServer(bin_dir, f32, loras, threads, TASKS, work / "llama-server.log")
+        llama = llama_server(bin_dir, f32, loras, threads, TASKS, work / "llama-server.log")
         with rankone, llama:
             runs = {
                 "rankone_tok_s": (rankone.url, rankone_request),

@@ -141,3 +141,27 @@ def test_report_shows_the_many_task_figures() -> None:
     }
     text = "\n".join(peer.many_lines(many))
     assert "| 150.0 | 50.0 | 3.0 | 250.0 |" in text and "460,800" in text
+
+
+def test_a_peer_server_runs_through_bench_common_server(tmp_path: Path) -> None:
+    """llama-server starts the way rankone's server does (bench.common.Server): its port put
+    into the command, ready when its health path answers; a stand-in server shows both."""
+    import sys
+    import urllib.request
+
+    from bench import peer_tasks
+    from bench.common import Server
+
+    llama = peer_tasks.llama_server(
+        tmp_path, Path("m.gguf"), [Path("a.gguf")], 2, 4, tmp_path / "l"
+    )
+    assert llama.ready == "/health" and llama.cmd is not None
+    assert llama.cmd[llama.cmd.index("--port") + 1] == "{port}"
+    assert llama.cmd[llama.cmd.index("-c") + 1] == "640" and "a.gguf" in llama.cmd
+    stand_in = [sys.executable, "-m", "http.server", "{port}", "--bind", "127.0.0.1"]
+    with (
+        Server({}, tmp_path / "log", cmd=stand_in, ready="/") as s,
+        urllib.request.urlopen(s.url, timeout=5) as r,
+    ):
+        assert r.status == 200
+    assert s.proc is not None and s.proc.poll() is not None  # stopped on exit
