@@ -236,10 +236,11 @@ class Prefiller:
         cold = [b for b, p in enumerate(prompts) if p is None]
         if cold:  # [P; x] for those rows, x alone for the others
             composed = dict(zip(cold, self._compose([tasks[b] for b in cold]), strict=True))
-            pieces = []
-            for b, t in enumerate(ids):
-                e = self.forward.embed(t[None])[0]  # [T_b, d]
-                pieces.append(torch.cat([composed[b].to(e.dtype), e]) if b in composed else e)
+            # one embedding call for every row's tokens, split back per row
+            flat = self.forward.embed(torch.cat(ids)[None])[0]  # [Σ T_b, d]
+            pieces = list(flat.split([len(t) for t in ids]))
+            for b, composed_rows in composed.items():
+                pieces[b] = torch.cat([composed_rows.to(flat.dtype), pieces[b]])
             embeds, input_mask = pad_sequences(pieces, side="left")  # [B, T, d], [B, T]
         else:
             input_ids, input_mask = pad_sequences(ids, side="left")  # [B, T]
