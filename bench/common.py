@@ -33,7 +33,10 @@ def write_json(directory: Path, name: str, data: Any, indent: int = 2) -> None:
     """``directory/name.json``, indented, a newline at the end: written before the result's
     ``.md`` is put together, so that a report that fails still leaves its figures."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / f"{name}.json").write_text(json.dumps(data, indent=indent) + "\n")
+    path = directory / f"{name}.json"
+    tmp = path.with_name(f".{name}.json.{os.getpid()}")  # whole or not at all, one writer or two
+    tmp.write_text(json.dumps(data, indent=indent) + "\n")
+    os.replace(tmp, path)
 
 
 def run_lines(results: dict[str, Any]) -> list[str]:

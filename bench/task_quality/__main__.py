@@ -304,23 +304,67 @@ class Bench:
                 flush=True,
             )
         done = 0
+        while max_units is None or done < max_units:
+            fresh, elsewhere = self.one_pass(
+                command, None if max_units is None else max_units - done
+            )
+            done += fresh
+            if fresh == 0 and not elsewhere:
+                break
+            if fresh == 0:  # what is left runs in another process, or waits on its sweep
+                time.sleep(20)
+        self.report(command)
+
+    def one_pass(self, command: str, max_units: int | None) -> tuple[int, bool]:
+        """Every unit not done yet and not claimed by another live process, in order:
+        (units run, whether another process holds a claim)."""
+        done, elsewhere = 0, False
         for key, fn, args in self.units():
+            if self.unit_path(key).exists():
+                continue
             if fn is None:  # a seed run: at the chosen lr, known once the sweep is complete
                 method, target, k, seed = args
                 lr = self.chosen_lr(method, target)
                 if lr is None:
                     continue
-                fresh = not self.unit_path(key).exists()
-                self.do(key, self.run_method, method, target, k, seed, lr)
-            else:
-                fresh = not self.unit_path(key).exists()
+                fn, args = self.run_method, (method, target, k, seed, lr)
+            if not self.claim(key):
+                elsewhere = True
+                continue
+            try:
                 self.do(key, fn, *args)
-            if fresh:
-                done += 1
-                self.report(command)
-                if max_units is not None and done >= max_units:
-                    break
-        self.report(command)
+            finally:
+                self.unit_path(key).with_suffix(".claim").unlink(missing_ok=True)
+            done += 1
+            self.report(command)
+            if max_units is not None and done >= max_units:
+                break
+        return done, elsewhere
+
+    def claim(self, key: str) -> bool:
+        """Take the unit for this process (``<unit>.claim`` holds its pid), so that several
+        processes (one thread each: ~1.2x the runs per hour of one on 2 cores) share a state
+        directory; a claim whose process is gone is taken over."""
+        path = self.unit_path(key).with_suffix(".claim")
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    pid = int(path.read_text() or "0")
+                    os.kill(pid, 0)
+                    return False  # alive (or a pid not yet written: taken a moment ago)
+                except PermissionError:
+                    return False  # alive, another user's
+                except ProcessLookupError:
+                    path.unlink(missing_ok=True)  # its process died: take it over
+                except (ValueError, FileNotFoundError):
+                    return False
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return True
+        return False
 
     # ---- report -------------------------------------------------------------------------
 

@@ -113,3 +113,35 @@ def test_units_run_auto_right_after_each_targets_sweep() -> None:
     assert all(k.startswith("sweep-") and f"-{first}-" in k for k in keys[:per_target])
     seeds, ks, targets = bench.preset.seeds, bench.preset.ks, bench.preset.targets
     assert sum(k.startswith("auto-") for k in keys) == len(seeds) * len(ks) * len(targets)
+
+
+def test_a_unit_claimed_by_a_live_process_is_left_to_it(tmp_path: Path) -> None:
+    """Several processes share a state directory: a unit claimed by a live process is not run
+    again; a claim whose process died is taken over; a finished unit frees its claim."""
+    import subprocess
+    import sys
+
+    from bench.task_quality.presets import PRESETS
+
+    bench = Bench.__new__(Bench)  # the plan and the state directory only
+    bench.preset, bench.state = PRESETS["smoke"], tmp_path
+    (tmp_path / "units").mkdir()
+    first, second = (key for key, _, _ in bench.units()[:2])
+    ran: list[str] = []
+    bench.do = lambda key, fn, *args: ran.append(key) or {}  # type: ignore[method-assign]
+    bench.report = lambda command: {}  # type: ignore[method-assign]
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        bench.unit_path(first).with_suffix(".claim").write_text(str(alive.pid))
+        bench.unit_path(second).with_suffix(".claim").write_text(str(dead.pid))
+        done, elsewhere = bench.one_pass("cmd", max_units=1)
+        assert (done, elsewhere, ran) == (1, True, [second])
+        assert not bench.unit_path(second).with_suffix(".claim").exists()
+        assert bench.unit_path(first).with_suffix(".claim").read_text() == str(alive.pid)
+    finally:
+        alive.kill()
+        alive.wait()
+    # its process gone, the first unit's claim is taken over too
+    assert bench.one_pass("cmd", max_units=1) == (1, False) and ran == [second, first]
