@@ -166,6 +166,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await store.seed_from_dir(Path(settings.seed_dir))
         metrics.watch_cache(store.cache_stats)
         engine = build_engine(settings.engine, backbone, settings, metrics.engine)
+        prefix_cache = getattr(engine, "prefix_cache", None)
+        if prefix_cache is not None:  # the continuous engine on a decoder-only backbone
+            metrics.watch_prefix_cache(prefix_cache.stats)
         store.add_listener(engine.on_store_event)
         store.add_listener(
             lambda event: metrics.store_resets.inc() if event.action == "reset" else None

@@ -193,6 +193,22 @@ class Metrics:
             "rankone_device_cache_bytes", "Bytes held by the device cache", registry=self.registry
         )
         self._cache_stats: Callable[[], Any] | None = None
+        self._prefix_lookups = Gauge(
+            "rankone_prefix_cache_lookups",
+            "Prompt KV-prefix cache lookups since start (kind: prompt = the task's L prompt "
+            "rows, input = its latest input after them; result: hit or miss)",
+            ["kind", "result"],
+            registry=self.registry,
+        )
+        self._prefix_gauges = {
+            key: Gauge(f"rankone_prefix_cache_{key}", doc, registry=self.registry)
+            for key, doc in (
+                ("refused", "Prefixes not admitted since start (a task's first miss while full)"),
+                ("entries", "Prefixes held by the prompt KV-prefix cache"),
+                ("bytes", "Bytes held by the prompt KV-prefix cache"),
+            )
+        }
+        self._prefix_stats: Callable[[], dict[str, int]] | None = None
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method=method, route=route, status=str(status)).inc()
@@ -202,7 +218,19 @@ class Metrics:
         """``stats()`` returns the store's cache stats (an object or dict with hits/misses)."""
         self._cache_stats = stats
 
+    def watch_prefix_cache(self, stats: Callable[[], dict[str, int]]) -> None:
+        """``stats()`` returns the engine's prefix-cache counters (``PrefixCache.stats``)."""
+        self._prefix_stats = stats
+
     def render(self) -> tuple[bytes, str]:
+        if self._prefix_stats is not None:
+            got = self._prefix_stats()
+            for kind in ("prompt", "input"):
+                for result, counted in (("hit", "hits"), ("miss", "misses")):
+                    gauge = self._prefix_lookups.labels(kind=kind, result=result)
+                    gauge.set(got[f"{kind}_{counted}"])
+            for key, gauge in self._prefix_gauges.items():
+                gauge.set(got[key])
         if self._cache_stats is not None:
             stats = self._cache_stats()
             for gauge, key in (

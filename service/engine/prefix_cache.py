@@ -75,19 +75,26 @@ class PrefixCache:
         self._seen: OrderedDict[str, None] = OrderedDict()  # tasks refused once, oldest first
         self._seen_names = seen_names
         self.refused = 0  # prefixes not admitted (first miss of a task while full)
+        # lookups per kind, for /metrics: a prompt hit saves the L prompt rows' prefill; an
+        # input hit (the task's latest input, then cut to the common prefix) saves more
+        self.lookups: dict[str, list[int]] = {"prompt": [0, 0], "input": [0, 0]}  # [hits, misses]
 
     def get(self, name: str, version: int) -> PromptPrefix | None:
         """The task prompt's prefix."""
+        return self._lookup((name, version, "prompt"))
+
+    def _lookup(self, key: PrefixKey) -> PromptPrefix | None:
         with self._lock:
-            return self._cache.get((name, version, "prompt"))
+            found = self._cache.get(key)
+            self.lookups[key[2]][found is None] += 1
+            return found
 
     def put(self, name: str, version: int, prefix: PromptPrefix) -> None:
         self._put((name, version, "prompt"), prefix)
 
     def get_input(self, name: str, version: int) -> PromptPrefix | None:
         """The prompt + the input of the task's latest request (``prefix.tokens``)."""
-        with self._lock:
-            return self._cache.get((name, version, "input"))
+        return self._lookup((name, version, "input"))
 
     def put_input(self, name: str, version: int, prefix: PromptPrefix) -> None:
         self._put((name, version, "input"), prefix)
@@ -135,6 +142,20 @@ class PrefixCache:
     @property
     def bytes(self) -> int:
         return self._cache.bytes
+
+    def stats(self) -> dict[str, int]:
+        """Counters since start, for /metrics."""
+        with self._lock:
+            (ph, pm), (ih, im) = self.lookups["prompt"], self.lookups["input"]
+            return {
+                "prompt_hits": ph,
+                "prompt_misses": pm,
+                "input_hits": ih,
+                "input_misses": im,
+                "refused": self.refused,
+                "entries": len(self._cache),
+                "bytes": self._cache.bytes,
+            }
 
     def __len__(self) -> int:
         return len(self._cache)

@@ -300,3 +300,40 @@ def test_chat_requests_are_in_the_metrics(client: TestClient) -> None:
         if line.startswith("rankone_http_requests_total") and "/v1/chat/completions" in line
     ]
     assert any('status="200"' in line and float(line.split()[-1]) >= 1 for line in lines), lines
+
+
+def _prefix_lookups(c: TestClient) -> dict[tuple[str, str], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found = {}
+    for family in text_string_to_metric_families(c.get("/metrics").text):
+        if family.name == "rankone_prefix_cache_lookups":
+            for s in family.samples:
+                found[(s.labels["kind"], s.labels["result"])] = s.value
+    return found
+
+
+def test_prefix_cache_lookups_are_in_the_metrics(client: TestClient, chat_llama: Backbone) -> None:
+    """A task's first request misses its prompt prefix; the same request again finds the
+    prompt's and the input's prefixes: /metrics counts each."""
+    r = client.post(
+        "/v1/tasks", json=task_body(chat_llama, "prefix-metrics", seed=7), headers=ADMIN
+    )
+    assert r.status_code == 201, r.text
+    before = _prefix_lookups(client)
+    body = {"model": "prefix-metrics", "messages": CHAT, "max_tokens": 2}
+    assert client.post("/v1/chat/completions", json=body, headers=CLIENT).status_code == 200
+    first = _prefix_lookups(client)
+    assert first[("prompt", "miss")] == before[("prompt", "miss")] + 1
+    assert first[("prompt", "hit")] == before[("prompt", "hit")]
+    assert client.post("/v1/chat/completions", json=body, headers=CLIENT).status_code == 200
+    second = _prefix_lookups(client)
+    assert second[("prompt", "hit")] == first[("prompt", "hit")] + 1
+    assert second[("input", "hit")] == first[("input", "hit")] + 1
+    text = client.get("/metrics").text
+    entries = next(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("rankone_prefix_cache_entries ")
+    )
+    assert entries >= 2  # the task's prompt and its latest input
