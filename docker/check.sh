@@ -166,6 +166,9 @@ modules="prompts, service, trainer, rankone_cli, fastapi, uvicorn, redis, promet
 (cd "$work" && venv/bin/python -c "import $modules; import torch; print('torch', torch.__version__)") \
     || fail "import $modules"
 (cd "$work" && venv/bin/rankone --help >/dev/null) || fail "the rankone console script"
-ok "import $modules; rankone --help"
+# RANKONE_MODEL=model.gguf: transformers loads a GGUF file only with gguf-py and accelerate.
+(cd "$work" && venv/bin/python -c "from transformers.utils import is_accelerate_available as a, is_gguf_available as g; assert a() and g()") \
+    || fail "'.[service]' cannot load a .gguf backbone (transformers needs gguf and accelerate)"
+ok "import $modules; rankone --help; GGUF loading available"
 
 printf '\nall deployment checks passed in %ss\n' "$((SECONDS - start))"
