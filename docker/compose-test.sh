@@ -152,4 +152,8 @@ build "rankone-proxy:$TAG-local" proxy --build-arg "BASE_IMAGE=$BASE_IMAGE" -t "
 
 # ---- 5. drive the stack -------------------------------------------------------------------
 say "driving the stack (docker/compose_test.py)"
-/usr/bin/python3 docker/compose_test.py --tag "$TAG" --workdir "$state/project"
+# COMPOSE_TEST_DRIVER: another driver on the same images and arguments (e.g. make
+# compose-affinity-bench's `.venv/bin/python -m bench.affinity_compose`).
+driver=${COMPOSE_TEST_DRIVER:-/usr/bin/python3 docker/compose_test.py}
+# shellcheck disable=SC2086  # the driver is a command line: split on spaces
+$driver --tag "$TAG" --workdir "$state/project"

@@ -9,7 +9,8 @@ demo budget), starts it, and checks, through the proxy's port on 127.0.0.1:
 
   up (init builds the demo, /readyz 200, every container healthy) · the demo seeded Redis ·
   register a task · generate (native, OpenAI) · --scale service=2 and a PUT reaches both
-  replicas · `restart redis` · SIGKILL of a replica · down + up keeps the task (AOF) ·
+  replicas · the task-affinity proxy sends each task to one replica · `restart redis` ·
+  SIGKILL of a replica · down + up keeps the task (AOF) ·
   down -v leaves nothing behind.
 
 Stdlib only (plus PyYAML, which Debian's docker-compose brings, for the ``!reset`` bridge).
@@ -118,9 +119,26 @@ def http(
 class Stack:
     """A throwaway compose project in ``workdir`` and the docker commands that inspect it."""
 
-    def __init__(self, workdir: Path, tag: str) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        tag: str,
+        *,
+        overrides: dict[str, str] | None = None,
+        settings: dict[str, str] | None = None,
+    ) -> None:
+        """``overrides``: more compose files ({file name: YAML}) after the test's own;
+        ``settings``: more .env lines ({variable: value})."""
         self.workdir = workdir
         self.tag = tag
+        self.overrides = {"docker-compose.test.yml": TEST_OVERRIDE, **(overrides or {})}
+        self.files = [
+            "docker-compose.yml",
+            "docker-compose.cpu.yml",
+            "docker-compose.local.yml",
+            *self.overrides,
+        ]
+        self.settings = settings or {}
         self.port = free_port()
         self.admin_key = secrets.token_hex(16)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -142,7 +160,8 @@ class Stack:
         shutil.copy(self.workdir / "reset/base.yml", self.workdir / "docker-compose.yml")
         shutil.copy(self.workdir / "reset/override.yml", self.workdir / "docker-compose.cpu.yml")
         shutil.copy(ROOT / "docker-compose.local.yml", self.workdir / "docker-compose.local.yml")
-        (self.workdir / "docker-compose.test.yml").write_text(TEST_OVERRIDE)
+        for name, text in self.overrides.items():
+            (self.workdir / name).write_text(text)
         settings = {
             "RANKONE_ADMIN_KEYS": self.admin_key,
             "RANKONE_HOST_PORT": str(self.port),
@@ -150,6 +169,7 @@ class Stack:
             "RANKONE_IMAGE_TAG": self.tag,
             "RANKONE_DEMO_ARGS": DEMO_ARGS,
             "RANKONE_LOG_LEVEL": "WARNING",
+            **self.settings,
         }
         lines = []
         for line in (ROOT / ".env.example").read_text().splitlines():
@@ -159,12 +179,7 @@ class Stack:
         (self.workdir / ".env").write_text("\n".join(lines) + "\n")
 
     def compose(self, *args: str, timeout: float = 900) -> str:
-        files = [
-            "docker-compose.yml",
-            "docker-compose.cpu.yml",
-            "docker-compose.local.yml",
-            "docker-compose.test.yml",
-        ]
+        files = self.files
         cmd = ["docker-compose", "-p", PROJECT, *(a for f in files for a in ("-f", f)), *args]
         env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root")}
         if "DOCKER_HOST" in os.environ:
@@ -275,6 +290,18 @@ class Driver:
 
     # -- steps --
 
+    def images_read_gguf(self) -> None:
+        """Both images can load a .gguf backbone (RANKONE_MODEL=model.gguf, the trainer's
+        SmolLM2 demo): transformers needs gguf-py and accelerate for it. Checked in the image,
+        without a model: the stack below serves the small T5 demo."""
+        check = (
+            "from transformers.utils import is_accelerate_available, is_gguf_available; "
+            "assert is_gguf_available() and is_accelerate_available(), 'gguf or accelerate missing'"
+        )
+        for image in (f"rankone-service:{self.s.tag}-cpu", f"rankone-trainer:{self.s.tag}-cpu"):
+            self.s.docker("run", "--rm", "--entrypoint", "python3", image, "-c", check)
+        self.ok("the service and trainer images have what loading a GGUF file needs")
+
     def up(self) -> None:
         # A clean slate: a run killed half way (CI timeout) may have left the project behind.
         self.s.compose("down", "-v", "--remove-orphans", timeout=300)
@@ -359,6 +386,59 @@ class Driver:
             f"proxy: {other}'s output {outputs[other]}{same}"
         )
 
+    def task_requests(self, base: str) -> dict[str, float]:
+        """The replica's generate requests per task so far (its per-task /metrics series)."""
+        with urllib.request.urlopen(f"{base}/metrics", timeout=30) as resp:
+            text = resp.read().decode()
+        found: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith("rankone_task_requests_total{") and 'outcome="ok"' in line:
+                task = line.split('task="', 1)[1].split('"', 1)[0]
+                found[task] = found.get(task, 0.0) + float(line.rsplit(" ", 1)[1])
+        return found
+
+    def use_proxy(self, affinity: bool) -> None:
+        """Recreate the proxy with docker/nginx.conf or, with the affinity override, with
+        docker/nginx.affinity.conf (which reads the replicas' addresses when it starts)."""
+        name = "docker-compose.affinity.yml"
+        if affinity and name not in self.s.files:
+            shutil.copy(ROOT / name, self.s.workdir / name)
+            self.s.files.append(name)
+        elif not affinity and name in self.s.files:
+            self.s.files.remove(name)
+        self.s.compose("up", "-d", "--no-build", "--no-deps", "--force-recreate", "proxy", timeout=300)  # fmt: skip
+        self.wait_ready(120)
+
+    def affinity_routing(self) -> None:
+        """docker-compose.affinity.yml in front of the 2 replicas: each task's generate
+        requests all reach one replica (its prompt prefix stays cached there)."""
+        self.use_proxy(affinity=True)
+        try:
+            bases = [self.s.replica_url(c) for c in self.wait_healthy("service", 2, 120)]
+            tasks = [TASK, *self.demo_tasks]
+            before = [self.task_requests(b) for b in bases]
+            for task in tasks:
+                for _ in range(4):
+                    self.generate(task)
+            after = [self.task_requests(b) for b in bases]
+            served = {
+                task: [
+                    i
+                    for i, (b, a) in enumerate(zip(before, after, strict=True))
+                    if a.get(task, 0) > b.get(task, 0)
+                ]
+                for task in tasks
+            }
+            spread = {task: on for task, on in served.items() if len(on) != 1}
+            expect(not spread, f"tasks not on exactly one replica: {spread}")
+            split = [sum(on == [i] for on in served.values()) for i in range(len(bases))]
+        finally:
+            self.use_proxy(affinity=False)
+        self.ok(
+            f"task affinity: each of {len(tasks)} tasks' 4 requests reached one replica "
+            f"(tasks per replica {split})"
+        )
+
     def restart_redis(self) -> None:
         self.s.compose("restart", "redis", timeout=300)
         self.wait_healthy("redis", 1, 120)
@@ -441,8 +521,9 @@ def main() -> int:
     stack.write()
     driver = Driver(stack)
     steps = [
-        driver.up, driver.demo_seeded, driver.register, driver.generate_native,
-        driver.generate_openai, driver.scale_and_put, driver.restart_redis,
+        driver.images_read_gguf, driver.up, driver.demo_seeded, driver.register, driver.generate_native,
+        driver.generate_openai, driver.scale_and_put, driver.affinity_routing,
+        driver.restart_redis,
         driver.kill_replica, driver.down_up, driver.down_volumes,
     ]  # fmt: skip
     failed = 0
