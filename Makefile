@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU torch wheel lives in a local wheel store on these machines; elsewhere PyPI is used.
 PIP_FLAGS ?= $(shell [ -d /opt/wheels ] && echo --find-links /opt/wheels)
 
-.PHONY: install system-deps test lint format docs demo serve bench deploy-check k8s-check compose-test clean
+.PHONY: install system-deps test lint format docs demo serve bench deploy-check k8s-check compose-test compose-affinity-bench clean
 
 install: $(STAMP)
 
@@ -73,6 +73,11 @@ k8s-check: $(STAMP)
 # offline, `docker-compose up` driven through the proxy's port, then taken down (docker/README.md).
 compose-test:
 	bash docker/compose-test.sh
+
+# Task-affinity routing measured with 2 replicas of the stack on SmolLM2 (root; ~15 min):
+# bench/results/affinity_compose.{md,json} (bench/affinity_compose.py).
+compose-affinity-bench:
+	COMPOSE_TEST_DRIVER="$(abspath $(VENV))/bin/python -m bench.affinity_compose" bash docker/compose-test.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site

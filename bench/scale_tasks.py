@@ -115,6 +115,21 @@ def server(model: Path, redis_url: str, log: Path, scoped_ns: str) -> Server:
 # ---- 1. registration ----------------------------------------------------------------------
 
 
+def register_shared(url: str, backbone: Any, length: int) -> None:
+    """The shared prompt ``family``: the embeddings of ``length`` random tokens (a prompt the
+    model can read, as a text init)."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(100, int(backbone.model.config.vocab_size), (1, length), generator=g)
+    prompt = backbone.embed(ids)[0].detach().float()
+    blob = encode_shared(SharedPrompt("family", prompt, backbone.fingerprint))
+    httpx.post(
+        f"{url}/v1/shared-prompts",
+        json={"blob": base64.b64encode(blob).decode()},
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        timeout=60,
+    ).raise_for_status()
+
+
 def encode_batch(start: int, stop_: int, args: argparse.Namespace, fp: str, dim: int) -> bytes:
     """The JSON body of one batch: tasks start..stop-1, factors near 1 (a readable prompt)."""
     g = torch.Generator().manual_seed(start)
@@ -360,17 +375,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         result["ready_s_at_start"] = {"tasks": have, "seconds": round(running.ready_s, 2)}
         try:
             if not r.exists("rankone:shared:family"):
-                g = torch.Generator().manual_seed(1)
-                config: Any = backbone.model.config
-                ids = torch.randint(100, int(config.vocab_size), (1, args.length), generator=g)
-                prompt = backbone.embed(ids)[0].detach().float()
-                blob = encode_shared(SharedPrompt("family", prompt, fp))
-                httpx.post(
-                    f"{url}/v1/shared-prompts",
-                    json={"blob": base64.b64encode(blob).decode()},
-                    headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-                    timeout=60,
-                ).raise_for_status()
+                register_shared(url, backbone, args.length)
             first = (have // args.batch) * args.batch  # resume at the batch that was cut
             print(f"registering tasks {first:,}..{args.tasks - 1:,}", flush=True)
             seconds = asyncio.run(register(url, args, fp, dim, first))
