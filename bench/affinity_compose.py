@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -192,7 +193,9 @@ def markdown(r: dict[str, Any]) -> str:
         f"{r['warmup']} s warm-up then {r['seconds']} s measured per cell, replicas restarted "
         "(empty caches) before each cell. Default prefix cache: 256 MiB per replica, which holds "
         "about 28 tasks at L = 100 (a task's prompt prefix, 4.6 MB, and its latest input's, "
-        "4.9 MB). Nothing else ran on the machine.",
+        f"4.9 MB). Load average (1 min) when it started: {r['load_before']}"
+        + (f"; {r['note']}" if r.get("note") else "")
+        + ".",
         "",
         "| tasks (uniform) | proxy | prompt-prefix hit rate | tokens/s | requests per replica "
         "| tasks per replica | tasks served by both |",
@@ -221,12 +224,16 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=30.0)
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--note", default="", help="what else ran on the machine (for the report)")
     args = p.parse_args()
+    load_before = round(os.getloadavg()[0], 2)
     bench = Bench(compose_test_module(), args)
     result = bench.run()
     result.update(
         command="make compose-affinity-bench",
         date=time.strftime("%Y-%m-%d"),
+        load_before=load_before,
+        note=args.note,
         model=bench.gguf.name,
         length=args.length,
         concurrency=args.concurrency,
