@@ -368,6 +368,48 @@ class Bench:
 
     # ---- report -------------------------------------------------------------------------
 
+    def verdict(self) -> dict[str, Any]:
+        """The issue's goals on what is done: per k, over the targets where every method
+        (auto too) has a run for the same seeds, each method's mean over those targets (a
+        target's score: the mean over its shared seeds), the best single method, auto's gap to
+        it and to each target's best method, and the best MPT mode's gap to prompt tuning."""
+        p = self.preset
+        methods = ["auto", *p.methods]
+        out: dict[str, Any] = {}
+        for k in p.ks:
+            score: dict[str, dict[str, float]] = {m: {} for m in methods}
+            seeds: dict[str, int] = {}
+            for t in p.targets:
+                shared = [s for s in p.seeds if all(self.seed_result(m, t, k, s) for m in methods)]
+                if not shared:
+                    continue
+                seeds[t] = len(shared)
+                for m in methods:
+                    ems = [self.seed_result(m, t, k, s)["test_em"] for s in shared]  # type: ignore[index]
+                    score[m][t] = statistics.mean(ems)
+            if not seeds:
+                continue
+            mean = {m: round(statistics.mean(score[m].values()), 2) for m in methods}
+            best_single = max(p.methods, key=lambda m: mean[m])
+            mpt = [m for m in p.methods if m.startswith("mpt")]
+            best_mpt = max(mpt, key=lambda m: mean[m]) if mpt else None
+            out[k] = {
+                "targets": list(seeds),
+                "seeds": seeds,
+                "mean": mean,
+                "best_single": best_single,
+                "auto_minus_best_single": round(mean["auto"] - mean[best_single], 2),
+                "auto_minus_target_best": {
+                    t: round(score["auto"][t] - max(score[m][t] for m in p.methods), 2)
+                    for t in seeds
+                },
+                "best_mpt": best_mpt,
+                "best_mpt_minus_pt": None
+                if best_mpt is None or "pt" not in mean
+                else round(mean[best_mpt] - mean["pt"], 2),
+            }
+        return out
+
     def load(self, key: str) -> dict[str, Any] | None:
         path = self.unit_path(key)
         return dict(json.loads(path.read_text())) if path.exists() else None
@@ -475,6 +517,7 @@ class Bench:
             "chosen_lr": {m: {t: self.chosen_lr(m, t) for t in p.targets} for m in p.methods},
             "sweep_k32_seed0": sweep,
             "auto_choices": auto_choices,
+            "verdict": self.verdict(),
             "steps": p.steps,
             "eval_every": p.eval_every,
             "n_test": p.n_test,
@@ -486,6 +529,29 @@ class Bench:
         write_json(results, name, out, indent=1)
         (results / f"{name}.md").write_text(markdown(out))
         return out
+
+
+def verdict_lines(verdict: dict[str, Any]) -> list[str]:
+    lines = ["## The goals, on what is done so far", ""]
+    if not verdict:
+        return [*lines, "No target has every method's run yet.", ""]
+    for k, v in verdict.items():
+        means = ", ".join(f"{m} {x:.1f}" for m, x in v["mean"].items())
+        gaps = ", ".join(f"{t} {g:+.1f}" for t, g in v["auto_minus_target_best"].items())
+        lines += [
+            f"- k = {k}, on {', '.join(v['targets'])} (seeds per target: "
+            f"{', '.join(f'{t} {n}' for t, n in v['seeds'].items())}): mean {means}.",
+            f"  Best single method `{v['best_single']}`; auto − it: "
+            f"{v['auto_minus_best_single']:+.1f} (goal ≥ 0). Auto − each target's best method: "
+            f"{gaps} (goal ≥ −5)."
+            + (
+                ""
+                if v["best_mpt_minus_pt"] is None
+                else f" Best MPT mode `{v['best_mpt']}` − pt: {v['best_mpt_minus_pt']:+.1f} "
+                "(goal ≥ 0)."
+            ),
+        ]
+    return [*lines, ""]
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -540,7 +606,7 @@ def markdown(r: dict[str, Any]) -> str:
                 if sweep
             )
         )
-    lines += ["", "## What auto chose", ""]
+    lines += ["", *verdict_lines(r["verdict"]), "## What auto chose", ""]
     for k, per_target in r["auto_choices"].items():
         lines.append(
             f"- k = {k}: " + "; ".join(f"{t}: {', '.join(c)}" for t, c in per_target.items() if c)

@@ -33,6 +33,7 @@ def test_smoke_preset_runs_reports_and_resumes(
     assert main([*argv, "--max-units", "3"]) == 0
     partial = json.loads((state / "task_quality_smoke.json").read_text())
     assert partial["partial"] and partial["units_done"] == 3
+    assert partial["verdict"] == {}  # no target has every method's run yet
     assert main(argv) == 0
     r = json.loads((state / "task_quality_smoke.json").read_text())
     assert not r["partial"] and r["units_done"] == r["units_total"]
@@ -50,6 +51,16 @@ def test_smoke_preset_runs_reports_and_resumes(
     assert r["params_per_task"]["mpt_factors"] == 4 + bb.dim
     assert all(len(c) == 2 for per in r["auto_choices"].values() for c in per.values())
     assert "| auto |" in (state / "task_quality_smoke.md").read_text()
+    for k, v in r["verdict"].items():  # the goals, computed from the same table
+        rows = r["k"][k]
+        assert v["targets"] == ["capital", "person"] and set(v["seeds"].values()) == {2}
+        assert v["mean"] == {m: row["mean"] for m, row in rows.items()}
+        best = max(("pt", "mpt_factors", "mpt_factors_r4"), key=lambda m: rows[m]["mean"])
+        assert v["best_single"] == best
+        assert v["auto_minus_best_single"] == round(rows["auto"]["mean"] - rows[best]["mean"], 2)
+        assert set(v["auto_minus_target_best"]) == {"capital", "person"}
+        assert v["best_mpt"] in ("mpt_factors", "mpt_factors_r4")
+    assert "## The goals, on what is done so far" in (state / "task_quality_smoke.md").read_text()
 
     # the horizon check: each method at its swept lr, longer; the sweep's runs read, not redone
     from bench.task_quality import horizon
