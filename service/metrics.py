@@ -208,7 +208,9 @@ class Metrics:
                 ("bytes", "Bytes held by the prompt KV-prefix cache"),
             )
         }
-        self._prefix_stats: Callable[[], dict[str, int]] | None = None
+        self._prefix_stats: (
+            Callable[[], tuple[dict[tuple[str, str], int], dict[str, int]]] | None
+        ) = None
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method=method, route=route, status=str(status)).inc()
@@ -218,19 +220,19 @@ class Metrics:
         """``stats()`` returns the store's cache stats (an object or dict with hits/misses)."""
         self._cache_stats = stats
 
-    def watch_prefix_cache(self, stats: Callable[[], dict[str, int]]) -> None:
+    def watch_prefix_cache(
+        self, stats: Callable[[], tuple[dict[tuple[str, str], int], dict[str, int]]]
+    ) -> None:
         """``stats()`` returns the engine's prefix-cache counters (``PrefixCache.stats``)."""
         self._prefix_stats = stats
 
     def render(self) -> tuple[bytes, str]:
         if self._prefix_stats is not None:
-            got = self._prefix_stats()
-            for kind in ("prompt", "input"):
-                for result, counted in (("hit", "hits"), ("miss", "misses")):
-                    gauge = self._prefix_lookups.labels(kind=kind, result=result)
-                    gauge.set(got[f"{kind}_{counted}"])
+            lookups, sizes = self._prefix_stats()
+            for (kind, result), count in lookups.items():
+                self._prefix_lookups.labels(kind=kind, result=result).set(count)
             for key, gauge in self._prefix_gauges.items():
-                gauge.set(got[key])
+                gauge.set(sizes[key])
         if self._cache_stats is not None:
             stats = self._cache_stats()
             for gauge, key in (

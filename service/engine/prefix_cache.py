@@ -77,7 +77,9 @@ class PrefixCache:
         self.refused = 0  # prefixes not admitted (first miss of a task while full)
         # lookups per kind, for /metrics: a prompt hit saves the L prompt rows' prefill; an
         # input hit (the task's latest input, then cut to the common prefix) saves more
-        self.lookups: dict[str, list[int]] = {"prompt": [0, 0], "input": [0, 0]}  # [hits, misses]
+        self.lookups = {
+            (kind, result): 0 for kind in ("prompt", "input") for result in ("hit", "miss")
+        }
 
     def get(self, name: str, version: int) -> PromptPrefix | None:
         """The task prompt's prefix."""
@@ -86,7 +88,7 @@ class PrefixCache:
     def _lookup(self, key: PrefixKey) -> PromptPrefix | None:
         with self._lock:
             found = self._cache.get(key)
-            self.lookups[key[2]][found is None] += 1
+            self.lookups[key[2], "miss" if found is None else "hit"] += 1
             return found
 
     def put(self, name: str, version: int, prefix: PromptPrefix) -> None:
@@ -143,19 +145,16 @@ class PrefixCache:
     def bytes(self) -> int:
         return self._cache.bytes
 
-    def stats(self) -> dict[str, int]:
-        """Counters since start, for /metrics."""
+    def stats(self) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
+        """For /metrics: lookups since start by (kind, hit | miss), and refused / entries /
+        bytes."""
         with self._lock:
-            (ph, pm), (ih, im) = self.lookups["prompt"], self.lookups["input"]
-            return {
-                "prompt_hits": ph,
-                "prompt_misses": pm,
-                "input_hits": ih,
-                "input_misses": im,
+            sizes = {
                 "refused": self.refused,
                 "entries": len(self._cache),
                 "bytes": self._cache.bytes,
             }
+            return dict(self.lookups), sizes
 
     def __len__(self) -> int:
         return len(self._cache)
