@@ -226,8 +226,9 @@ class Bench:
 
     def units(self) -> list[tuple[str, Any, tuple[Any, ...]]]:
         """Every unit in run order: per target, the sweep and then auto on the sweep's rows (so
-        each finished target compares auto with every method early); then auto and the seeds
-        at k = 32, then k = 8."""
+        each finished target compares auto with every method early); then auto and the methods
+        seed by seed, each seed at every k (k = 8's first seed comes before k = 32's second, so
+        a partial run already compares the methods at both k)."""
         p = self.preset
         out: list[tuple[str, Any, tuple[Any, ...]]] = []
         for target in p.targets:
@@ -243,8 +244,8 @@ class Bench:
             out.append(
                 (f"auto-{target}-k{p.sweep_k}-s0", self.run_auto, (target, int(p.sweep_k), 0))
             )
-        for k in p.ks:
-            for seed in p.seeds:
+        for seed in p.seeds:
+            for k in p.ks:
                 for target in p.targets:
                     if not (k == p.sweep_k and seed == 0):  # auto ran after its sweep
                         out.append(

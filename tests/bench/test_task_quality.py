@@ -124,6 +124,11 @@ def test_units_run_auto_right_after_each_targets_sweep() -> None:
     assert all(k.startswith("sweep-") and f"-{first}-" in k for k in keys[:per_target])
     seeds, ks, targets = bench.preset.seeds, bench.preset.ks, bench.preset.targets
     assert sum(k.startswith("auto-") for k in keys) == len(seeds) * len(ks) * len(targets)
+    # after the sweeps, seed by seed: k = 8's seed 0 comes before any seed 1
+    later = keys[len(targets) * (per_target + 1) :]
+    seed_of = [int(key.rsplit("-s", 1)[1]) for key in later]
+    assert seed_of == sorted(seed_of)
+    assert all("-k8-" in key for key, seed in zip(later, seed_of, strict=True) if seed == 0)
 
 
 def test_a_unit_claimed_by_a_live_process_is_left_to_it(tmp_path: Path) -> None:
