@@ -309,7 +309,7 @@ def test_a_non_streaming_row_emits_only_its_result(backbones: dict[str, Backbone
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_a_cold_task_is_one_forward_and_its_cached_prompt_serves_later_rows_exactly(
-    backbones: dict[str, Backbone], kind: str
+    backbones: dict[str, Backbone], kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A task whose prompt is not cached is prefilled as [P; x] in the group's one forward (no
     prompt-only forward before it), beside a warm task's input; its prompt columns are then
@@ -330,7 +330,8 @@ def test_a_cold_task_is_one_forward_and_its_cached_prompt_serves_later_rows_exac
             calls.append(int(args[0].shape[0]))
         return prefill(*args, **kwargs)
 
-    loop.prefill.forward.prefill = counted  # type: ignore[method-assign]
+    # undone after the test: the fused forward is built once per model and shared
+    monkeypatch.setattr(loop.prefill.forward, "prefill", counted)
 
     def run(dl: DecodeLoop, task_texts: list[tuple[int, str]]) -> list[list[int]]:
         nonlocal counting
