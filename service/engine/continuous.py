@@ -112,7 +112,7 @@ class ContinuousEngine(Engine):
 
     @property
     def forward_kind(self) -> str:
-        """The forward that runs the backbone: ``fused``, ``fused-int8`` or ``hf``
+        """The forward that runs the backbone: ``fused``, ``fused-int8``, ``fused-bf16`` or ``hf``
         (``forward.Forward.kind``)."""
         return self.loop_core.forward.kind
 

@@ -11,22 +11,23 @@ from service.engine.forward import Forward
 from service.engine.fused_llama import FusedLlama
 from service.engine.hf_forward import HFForward
 
-WEIGHTS = ("float32", "int8")  # RANKONE_WEIGHTS
+WEIGHTS = ("float32", "int8", "bfloat16")  # RANKONE_WEIGHTS
 
 
 def choose_forward(backbone: Backbone, *, fused: bool = True, weights: str = "float32") -> Forward:
     """``fused``: run the fused Llama forward where it covers the backbone. ``weights``
-    ``int8``: its decoder layers' products from 8-bit copies (``FusedLlamaInt8``), which only
-    the fused forward has: a ValueError where it does not run."""
+    ``int8`` / ``bfloat16``: its decode steps' products from 8-bit / bfloat16 copies
+    (``FusedLlamaInt8``, ``FusedLlamaBf16``), which only the fused forward has: a ValueError
+    where it does not run."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     found = FusedLlama.build(backbone.model) if fused else None
-    if weights == "int8":
+    if weights != "float32":
         if found is None:
             why = "RANKONE_FUSED_FORWARD is false" if not fused else "this backbone is not covered"
             raise ValueError(
-                "RANKONE_WEIGHTS=int8 needs the engine's fused Llama forward, and "
+                f"RANKONE_WEIGHTS={weights} needs the engine's fused Llama forward, and "
                 f"{why} (the log says why): use RANKONE_WEIGHTS=float32"
             )
-        return found.int8()
+        return found.decode_copies(weights)
     return found if found is not None else HFForward(backbone)

@@ -31,7 +31,9 @@ then runs the HF forward (``forwards.choose_forward``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -99,21 +101,92 @@ class Int8Weight:
         return F.linear(x.to(torch.bfloat16), w).to(x.dtype)
 
 
-Weight = Tensor | Int8Weight
+@dataclass(frozen=True)
+class Bf16Weight:
+    """A bfloat16 copy of a weight matrix (``RANKONE_WEIGHTS=bfloat16``).
+
+    Its products read half of float32's bytes and run bfloat16 GEMMs (float32 accumulation):
+    on a CPU with AMX or AVX512-BF16 (oneDNN's kernels) 3-6x faster than the float32 GEMM at
+    4-64 rows (bench/results/weights_quality.md). Activations are rounded to bfloat16 for the
+    product only; everything between the products stays float32."""
+
+    w: Tensor  # [N, d] bfloat16
+
+    @classmethod
+    def of(cls, w: Tensor) -> Bf16Weight:
+        return cls(w.detach().to(torch.bfloat16).contiguous())
+
+    def product(self, x: Tensor) -> Tensor:
+        """``x @ wᵀ``: [n, d] -> [n, N] in ``x``'s dtype (weight-major, a transposed view)."""
+        xb = x.to(torch.bfloat16)
+        if xb.shape[0] == 1 and one_row_by_gemv(xb.device, torch.bfloat16):
+            return torch.mv(self.w, xb[0])[None].to(x.dtype)
+        y = _pair_mm(self.w, xb)
+        return y.t().to(x.dtype)
+
+
+Weight = Tensor | Int8Weight | Bf16Weight
 
 
 def _product_t(weight: Weight, bias: Tensor | None, x: Tensor) -> Tensor:
     """``(x @ weightᵀ)ᵀ`` (+ bias) computed weight-major: [n, d] -> [N, n] (contiguous for a
     float32 weight; a transposed view for an int8 one)."""
-    if isinstance(weight, Int8Weight):
+    if isinstance(weight, Int8Weight | Bf16Weight):
         y = weight.product(x)  # [n, N]
         return (y if bias is None else y + bias.t()).t()
+    if x.shape[0] == 1 and one_row_by_gemv(x.device, x.dtype):
+        out = torch.mv(weight, x[0])[:, None]
+        return out if bias is None else out + bias
+    return _pair_mm(weight, x, bias)
+
+
+def _pair_mm(weight: Tensor, x: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``weight @ xᵀ`` (+ bias) [N, n] with ``xᵀ`` a view of contiguous rows (unit stride
+    along n: the BLAS's fast few-column path); a single row goes in as two (see
+    ``one_row_by_gemv``)."""
     one = x.shape[0] == 1
-    if one:  # a single column goes to a GEMV that reads the weights at half the GEMM's rate
+    if one:
         x = x.expand(2, -1)
-    xt = x.contiguous().t()  # [d, n] with unit stride along n: the BLAS's fast few-column path
+    xt = x.contiguous().t()
     out = torch.mm(weight, xt) if bias is None else torch.addmm(bias, weight, xt)
     return out[:, :1] if one else out
+
+
+@functools.cache
+def one_row_by_gemv(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a one-row product runs faster as a GEMV (``torch.mv``) than as the two-column
+    GEMM it is otherwise given, measured once per process, device and dtype.
+
+    The BLAS decides, and CPUs differ by 3x either way: on an AMD EPYC (OpenBLAS/MKL's AVX2
+    paths) float32 GEMV read the weights at half the two-column GEMM's rate; on an Intel
+    Sapphire Rapids the two-column float32 GEMM takes 3x the GEMV (bench/results/
+    weights_quality.md). The two agree to float32 rounding, not bit for bit, like every product
+    here against HF's. Off a CPU: the GEMM (a graph-captured step wants one kernel shape)."""
+    if device.type != "cpu":
+        return False
+    # larger than a CPU's last-level cache share, as a decode step's weights are
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(6144, 2048, generator=g).to(dtype)
+    x = torch.randn(1, 2048, generator=g).to(dtype)
+
+    def best(fn: Callable[[], Tensor]) -> float:
+        fn()
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    gemv = best(lambda: torch.mv(weight, x[0]))
+    pair = best(lambda: _pair_mm(weight, x))
+    log.info(
+        "one-row products (%s): gemv %.2f ms, two-column gemm %.2f ms",
+        dtype,
+        gemv * 1e3,
+        pair * 1e3,
+    )
+    return gemv < pair
 
 
 def _product(weight: Weight, bias: Tensor | None, x: Tensor) -> Tensor:
@@ -177,12 +250,12 @@ class _Layer:
     down: Weight  # [d, I]
     down_bias: Tensor | None
 
-    def int8(self) -> _Layer:
-        """This layer with 8-bit copies of its four weight matrices (norms, biases as they are)."""
+    def converted(self, copy: Callable[[Tensor], Weight]) -> _Layer:
+        """This layer with ``copy`` of its four weight matrices (norms, biases as they are)."""
 
-        def q(w: Weight) -> Int8Weight:
-            assert isinstance(w, Tensor), "already int8"
-            return Int8Weight.of(w)
+        def q(w: Weight) -> Weight:
+            assert isinstance(w, Tensor), "already converted"
+            return copy(w)
 
         return dataclasses.replace(
             self, qkv=q(self.qkv), o=q(self.o), gate_up=q(self.gate_up), down=q(self.down)
@@ -223,6 +296,7 @@ class FusedLlama(Forward):
         self.norm = inner.norm.weight.detach()
         self.norm_eps = float(inner.norm.variance_epsilon)
         self.head = model.lm_head.weight.detach()  # [V, d] (tied or not)
+        one_row_by_gemv(self.head.device, self.head.dtype)  # measured now, not in a request
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(config.num_key_value_heads)
         self.head_dim = int(
@@ -264,10 +338,17 @@ class FusedLlama(Forward):
             _BUILT[model] = cls(model)
         return _BUILT[model]
 
-    def int8(self) -> FusedLlamaInt8:
-        """This forward with 8-bit copies of the decoder layers' weights (see ``Int8Weight``);
-        the embeddings and the lm_head stay float32. Built once per model."""
-        return FusedLlamaInt8.of(self)
+    def decode_copies(self, weights: str) -> FusedLlama:
+        """This forward whose decode steps read ``weights`` copies of the weights: ``int8``
+        (``FusedLlamaInt8``) or ``bfloat16`` (``FusedLlamaBf16``); ``float32``: itself. Built
+        once per model and kind."""
+        if weights == "float32":
+            return self
+        kinds: dict[str, type[FusedLlamaCopies]] = {
+            "int8": FusedLlamaInt8,
+            "bfloat16": FusedLlamaBf16,
+        }
+        return kinds[weights].of(self)
 
     def embed(self, ids: Tensor) -> Tensor:
         return self.embed_tokens(ids)
@@ -279,7 +360,7 @@ class FusedLlama(Forward):
         h = self._layers(
             x, inputs.positions[:, None], inputs.mask, inputs.kv.write, self.step_layers
         )
-        return self._logits(h[:, -1])
+        return self._logits(h[:, -1], self.step_head)
 
     def prefill(
         self, embeds: Tensor, positions: Tensor, mask: Tensor, past: Sequence[KV] | None = None
@@ -303,17 +384,33 @@ class FusedLlama(Forward):
             layers.append((k, v))
             return k, v
 
-        h = self._layers(embeds, positions, allowed, attend)
-        return self._logits(h[:, -1]), layers
+        h = self._layers(embeds, positions, allowed, attend, self.prefill_layers)
+        return self._logits(h[:, -1], self.prefill_head), layers
 
-    def _logits(self, h: Tensor) -> Tensor:
+    def _logits(self, h: Tensor, head: Weight | None = None) -> Tensor:
         """[n, d] last hidden states -> [n, V] logits (final norm, lm_head)."""
-        return _product(self.head, None, _rms_norm(h, self.norm, self.norm_eps)).contiguous()
+        norm = _rms_norm(h, self.norm, self.norm_eps)
+        return _product(self.head if head is None else head, None, norm).contiguous()
 
     @property
     def step_layers(self) -> list[_Layer]:
         """The layers a decode step runs (prefills run ``layers``)."""
         return self.layers
+
+    @property
+    def step_head(self) -> Weight:
+        """The lm_head a decode step reads."""
+        return self.head
+
+    @property
+    def prefill_layers(self) -> list[_Layer]:
+        """The layers a prefill runs."""
+        return self.layers
+
+    @property
+    def prefill_head(self) -> Weight:
+        """The lm_head a prefill reads."""
+        return self.head
 
     def _layers(
         self,
@@ -365,30 +462,85 @@ class FusedLlama(Forward):
         return h.reshape(b, t, d)
 
 
-# One 8-bit forward per model, built from its float32 one (whose fused weights it shares).
-_BUILT_INT8: weakref.WeakKeyDictionary[FusedLlama, FusedLlamaInt8] = weakref.WeakKeyDictionary()
+# The low-precision forwards of a model, by kind, built from its float32 one (whose fused
+# weights they share).
+_BUILT_COPIES: weakref.WeakKeyDictionary[FusedLlama, dict[str, FusedLlamaCopies]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-class FusedLlamaInt8(FusedLlama):
-    """The fused forward whose decode steps read 8-bit copies of the decoder layers' weights
-    (``RANKONE_WEIGHTS=int8``); prefills, the embeddings and the lm_head stay float32. A row's
-    numbers never depend on the other rows (a step's products are per row, and which weights
-    a call reads depends on the call's kind only), so a mixed batch still decodes what each
-    request decodes alone; against float32 it is not exact: its greedy agreement and task
-    accuracy are measured (``python -m bench.int8_quality``)."""
+class FusedLlamaCopies(FusedLlama):
+    """The fused forward whose decode steps (and prefills, where ``copy_prefill``) read
+    low-precision copies of the weights (``RANKONE_WEIGHTS``); the embeddings stay float32. A
+    row's numbers never depend on the other rows (a step's products are per row, and which
+    weights a call reads depends on the call's kind only), so a mixed batch still decodes what
+    each request decodes alone; against float32 it is not exact: greedy agreement and task
+    accuracy are measured (``python -m bench.weights_quality``)."""
 
-    kind = "fused-int8"
-    int8_layers: list[_Layer]
+    kind = "fused-copies"
+    copy_head = False  # the lm_head too (else float32)
+    copy_prefill = False  # prefills read the copies too (else float32)
+    copy_layers: list[_Layer]
+    copied_head: Weight
+
+    @staticmethod
+    def copy(w: Tensor) -> Weight:
+        raise NotImplementedError
 
     @classmethod
-    def of(cls, base: FusedLlama) -> FusedLlamaInt8:
-        if base not in _BUILT_INT8:
-            built = cls.__new__(cls)
-            built.__dict__.update(base.__dict__)  # the same layers, embeddings, rotary, head
-            built.int8_layers = [layer.int8() for layer in base.layers]
-            _BUILT_INT8[base] = built
-        return _BUILT_INT8[base]
+    def of(cls, base: FusedLlama) -> FusedLlamaCopies:
+        built = _BUILT_COPIES.setdefault(base, {})
+        if cls.kind not in built:
+            made = cls.__new__(cls)
+            made.__dict__.update(base.__dict__)  # the same layers, embeddings, rotary, head
+            made.copy_layers = [layer.converted(cls.copy) for layer in base.layers]
+            made.copied_head = cls.copy(base.head) if cls.copy_head else base.head
+            if cls is FusedLlamaBf16:
+                one_row_by_gemv(base.head.device, torch.bfloat16)
+            built[cls.kind] = made
+        return built[cls.kind]
 
     @property
     def step_layers(self) -> list[_Layer]:
-        return self.int8_layers
+        return self.copy_layers
+
+    @property
+    def step_head(self) -> Weight:
+        return self.copied_head
+
+    @property
+    def prefill_layers(self) -> list[_Layer]:
+        return self.copy_layers if self.copy_prefill else self.layers
+
+    @property
+    def prefill_head(self) -> Weight:
+        return self.copied_head if self.copy_prefill else self.head
+
+
+class FusedLlamaInt8(FusedLlamaCopies):
+    """``RANKONE_WEIGHTS=int8``: decode steps read 8-bit copies of the decoder layers' weights
+    and of the lm_head (``Int8Weight``; the lm_head's one-row GEMV is 3.8x faster from 8 bits on
+    an AMX CPU); prefills stay float32 (the int8 kernel is slower than the float32 GEMM from ~64
+    rows)."""
+
+    kind = "fused-int8"
+    copy_head = True
+
+    @staticmethod
+    def copy(w: Tensor) -> Weight:
+        return Int8Weight.of(w)
+
+
+class FusedLlamaBf16(FusedLlamaCopies):
+    """``RANKONE_WEIGHTS=bfloat16``: decode steps and prefills read bfloat16 copies of the
+    decoder layers' weights and of the lm_head (``Bf16Weight``: faster than float32 at every
+    row count where the CPU has bfloat16 kernels; at 8 rows the float32 lm_head alone is a
+    quarter of a step on an AMX CPU)."""
+
+    kind = "fused-bf16"
+    copy_head = True
+    copy_prefill = True
+
+    @staticmethod
+    def copy(w: Tensor) -> Weight:
+        return Bf16Weight.of(w)
