@@ -64,16 +64,35 @@ def test_report_shows_the_ratios() -> None:
             "1": {
                 "rankone": 30.0,
                 "rankone_int8": 45.0,
+                "rankone_bf16": 36.0,
                 "llamacpp_same_precision": 40.0,
+                "llamacpp_bf16": 60.0,
                 "llamacpp_q8_0": 90.0,
             }
         },
         "prompt_tok_s": {"rankone": 300.0, "llamacpp_f32": 460.0, "llamacpp_q8_0": 470.0},
         "many_tasks": {"note": "not measured yet"},
+        "llamacpp_no_repack": ["m-q8_0.gguf"],
     }
     text = peer.report(r)
-    assert "| 1 | 30.0 | 45.0 | 40.0 | 90.0 | 0.75 | 0.50 |" in text
+    # f32 / F32, bf16 / BF16, and the best of rankone's three over Q8_0
+    assert "| 1 | 30.0 | 45.0 | 36.0 | 40.0 | 60.0 | 90.0 | 0.75 | 0.60 | 0.50 |" in text
     assert "rankone 300.0 tok/s" in text and "not measured yet" in text
+    assert "m-q8_0.gguf with its weight repacking on" in text
+
+
+def test_a_crashed_batched_bench_is_run_again_without_repacking(tmp_path: Path) -> None:
+    """llama.cpp's weight repacking crashes on some CPUs (a signal): the same run again with
+    ``--no-repack``, and the model named in the report."""
+    tool = tmp_path / "llama-batched-bench"
+    line = '{"n_kv_max": 560, "n_kv": 124, "pl": 1, "speed_pp": 400.0, "speed_tg": 90.0}'
+    tool.write_text(
+        '#!/bin/sh\ncase "$*" in *--no-repack*) echo \'' + line + "' ;; *) kill -SEGV $$ ;; esac\n"
+    )
+    tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+    peer.NO_REPACK.discard("crashy.gguf")
+    assert peer.batched_bench(tmp_path, Path("crashy.gguf"), 1, 2) == {"tg": 90.0, "pp": 400.0}
+    assert "crashy.gguf" in peer.NO_REPACK
 
 
 def test_many_tasks_closed_loop_sends_each_client_its_own_adapter() -> None:
