@@ -200,9 +200,7 @@ class Settings(BaseSettings):
             raise ValueError(
                 "RANKONE_MODEL is required: a local model directory, a .gguf file or a hub id"
             )
-        if self.weights != "float32" and (
-            self.engine != "continuous" or not self.fused_forward
-        ):
+        if self.weights != "float32" and (self.engine != "continuous" or not self.fused_forward):
             raise ValueError(
                 f"RANKONE_WEIGHTS={self.weights} runs in the continuous engine's fused forward: "
                 "it needs RANKONE_ENGINE=continuous and RANKONE_FUSED_FORWARD=true"
