@@ -197,7 +197,11 @@ class Bench:
         if path.exists():
             return dict(json.loads(path.read_text()))
         print(f"[task_quality] {key} ...", flush=True)
+        cpu = time.process_time()
         result = {**fn(*args), "source_sha": self.source_sha}
+        # this process's CPU time: unlike ``seconds`` (the wall clock) it does not count a pause
+        # (SIGSTOP while another job is timed) or waiting for a core
+        result["cpu_seconds"] = round(time.process_time() - cpu, 1)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1) + "\n")
         os.replace(tmp, path)
