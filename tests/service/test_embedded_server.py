@@ -169,16 +169,29 @@ def _metrics(url: str) -> dict[str, float]:
     return out
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize(
+    ("fused", "weights", "kind"),
+    [
+        (True, "float32", "fused"),
+        (False, "float32", "hf"),
+        (True, "int8", "fused-int8"),
+        (True, "bfloat16", "fused-bf16"),
+    ],
+)
 def test_fused_forward_setting_picks_the_forward(
-    tiny_llama_dir: Path, tmp_path: Path, fused: bool
+    tiny_llama_dir: Path, tmp_path: Path, fused: bool, weights: str, kind: str
 ) -> None:
-    """A Llama backbone runs the fused forward unless RANKONE_FUSED_FORWARD is false."""
+    """A Llama backbone runs the fused forward unless RANKONE_FUSED_FORWARD is false, reading
+    the weights RANKONE_WEIGHTS names; each serves."""
     settings = Settings(
-        model=str(tiny_llama_dir), data_dir=str(tmp_path), fused_forward=fused, log_level="WARNING"
+        model=str(tiny_llama_dir),
+        data_dir=str(tmp_path),
+        fused_forward=fused,
+        weights=weights,  # type: ignore[arg-type]
+        log_level="WARNING",
     )
     with TestClient(create_app(settings)) as c:
-        assert c.get("/v1/info").json()["forward"] == ("fused" if fused else "hf")
+        assert c.get("/v1/info").json()["forward"] == kind
         c.post("/v1/shared-prompts", json=shared_body(shared_prompt(c.app.state.backbone)))
         r = c.post("/v1/tasks", json=task_body(c.app.state.backbone, "t", seed=3))
         assert r.status_code == 201, r.text
