@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from prompts import Backbone, load_backbone
 from service.engine.decode import DecodeLoop
 from service.engine.forwards import choose_forward
-from service.engine.fused_llama import FusedLlama, _fuse
+from service.engine.fused_llama import LINEAR_BUCKETS, FusedLlama, _fuse, _product
 from service.engine.hf_forward import HFForward
 from service.engine.prefill import Prefiller
 from service.engine.prefix_cache import PrefixCache
@@ -38,6 +38,31 @@ def _tiny_llama(**overrides: object) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+@pytest.fixture(params=["weight-major", "linear"])
+def orientation(
+    request: pytest.FixtureRequest, backbones: dict[str, Backbone], monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """The float32 products of several rows computed weight-major, or by ``F.linear`` (which
+    one runs is measured per CPU: both must compute the HF forward's numbers)."""
+    fused = FusedLlama.build(backbones["llama"].model)
+    assert fused is not None
+    buckets = frozenset() if request.param == "weight-major" else frozenset(LINEAR_BUCKETS)
+    monkeypatch.setattr(fused, "linear_rows", buckets)
+    return str(request.param)
+
+
+def test_both_orientations_compute_the_same_product() -> None:
+    g = torch.Generator().manual_seed(0)
+    w, bias = torch.randn(48, 32, generator=g), torch.randn(48, 1, generator=g)
+    for n in (1, 2, 5, 32, 40):
+        x = torch.randn(n, 32, generator=g)
+        expected = torch.nn.functional.linear(x, w, bias[:, 0])
+        for linear in (False, True):
+            got = _product(w, bias, x, linear)
+            assert got.shape == (n, 48)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def _compare_steps(loop: DecodeLoop, steps: int) -> None:
     """Step ``loop`` with the fused kernel; before each step, check it against the HF forward."""
     batch = loop.batch
@@ -56,7 +81,7 @@ def _compare_steps(loop: DecodeLoop, steps: int) -> None:
 
 @pytest.mark.parametrize(("bool_mask", "first"), [(True, 2), (False, 2), (True, 1)])
 def test_fused_step_equals_hf_forward_on_a_mixed_batch(
-    backbones: dict[str, Backbone], bool_mask: bool, first: int
+    backbones: dict[str, Backbone], bool_mask: bool, first: int, orientation: str
 ) -> None:
     """``first`` rows step alone, then the others join (1: the single-column product path)."""
     backbone = backbones["llama"]
@@ -74,7 +99,9 @@ def test_fused_step_equals_hf_forward_on_a_mixed_batch(
 
 
 @pytest.mark.parametrize("cached", [False, True])
-def test_fused_prefill_equals_hf_forward(backbones: dict[str, Backbone], cached: bool) -> None:
+def test_fused_prefill_equals_hf_forward(
+    backbones: dict[str, Backbone], cached: bool, orientation: str
+) -> None:
     """Left-padded groups of different lengths, with and without a cached prompt prefix."""
     backbone = backbones["llama"]
     tasks = make_tasks(backbone)
@@ -104,7 +131,7 @@ def test_fused_prefill_equals_hf_forward(backbones: dict[str, Backbone], cached:
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_mixed_batch_matches_generate_with_either_kernel(
-    backbones: dict[str, Backbone], fused: bool
+    backbones: dict[str, Backbone], fused: bool, orientation: str
 ) -> None:
     backbone = backbones["llama"]
     forward = choose_forward(backbone, fused=fused)
