@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import logging
 import time
 import weakref
@@ -90,7 +91,7 @@ class Int8Weight:
         q = torch.round(w.float() / scale[:, None]).clamp_(-127, 127).to(torch.int8)
         return cls(q.contiguous(), scale.to(torch.bfloat16))
 
-    def product(self, x: Tensor) -> Tensor:
+    def product(self, x: Tensor, how: Products) -> Tensor:
         """``x @ wᵀ`` from the int8 copy: [n, d] -> [n, N] in ``x``'s dtype. On a CPU the
         int8 kernel; elsewhere (CUDA) the same numbers dequantized into one GEMM, which a
         compiled or graph-captured step fuses."""
@@ -116,10 +117,10 @@ class Bf16Weight:
     def of(cls, w: Tensor) -> Bf16Weight:
         return cls(w.detach().to(torch.bfloat16).contiguous())
 
-    def product(self, x: Tensor) -> Tensor:
+    def product(self, x: Tensor, how: Products) -> Tensor:
         """``x @ wᵀ``: [n, d] -> [n, N] in ``x``'s dtype (weight-major, a transposed view)."""
         xb = x.to(torch.bfloat16)
-        if xb.shape[0] == 1 and one_row_by_gemv(xb.device, torch.bfloat16):
+        if xb.shape[0] == 1 and how.gemv:
             return torch.mv(self.w, xb[0])[None].to(x.dtype)
         y = _pair_mm(self.w, xb)
         return y.t().to(x.dtype)
@@ -128,18 +129,36 @@ class Bf16Weight:
 Weight = Tensor | Int8Weight | Bf16Weight
 
 
-def _product_t(weight: Weight, bias: Tensor | None, x: Tensor, linear: bool = False) -> Tensor:
+def _compute_dtype(weight: Weight) -> torch.dtype:
+    """The dtype ``weight``'s products run in (an int8 copy: its own kernel)."""
+    if isinstance(weight, Int8Weight):
+        return torch.int8
+    return weight.w.dtype if isinstance(weight, Bf16Weight) else weight.dtype
+
+
+@dataclass(frozen=True)
+class Products:
+    """How one forward call's matrix products run: chosen once per call from its row count
+    and its weights' dtype (``FusedLlama.products``), from what was measured when the forward
+    was built, not per product."""
+
+    gemv: bool = False  # one row: torch.mv (else the two-column GEMM, ``one_row_by_gemv``)
+    linear: bool = False  # several rows, float weights: F.linear (else weight-major)
+
+
+def _product_t(weight: Weight, bias: Tensor | None, x: Tensor, how: Products) -> Tensor:
     """``(x @ weightᵀ)ᵀ`` (+ bias): [n, d] -> [N, n]. A float32 weight's product is computed
-    weight-major (contiguous), or with ``linear`` (several rows) as ``F.linear``'s ``x @ Wᵀ`` (a
-    transposed view): which one a CPU's BLAS runs faster depends on the CPU and the row count
-    (``FusedLlama.linear_rows``). A low-precision copy's is its own (a transposed view)."""
+    weight-major (contiguous), or with ``how.linear`` (several rows) as ``F.linear``'s
+    ``x @ Wᵀ`` (a transposed view): which one a CPU's BLAS runs faster depends on the CPU and
+    the row count (``FusedLlama.linear_rows``). A low-precision copy's is its own (a transposed
+    view)."""
     if isinstance(weight, Int8Weight | Bf16Weight):
-        y = weight.product(x)  # [n, N]
+        y = weight.product(x, how)  # [n, N]
         return (y if bias is None else y + bias.t()).t()
-    if x.shape[0] == 1 and one_row_by_gemv(x.device, x.dtype):
+    if x.shape[0] == 1 and how.gemv:
         out = torch.mv(weight, x[0])[:, None]
         return out if bias is None else out + bias
-    if linear and x.shape[0] > 1:
+    if how.linear and x.shape[0] > 1:
         return F.linear(x, weight, None if bias is None else bias[:, 0]).t()
     return _pair_mm(weight, x, bias)
 
@@ -239,9 +258,9 @@ def linear_rows(layers: list[_Layer]) -> frozenset[int]:
     return frozenset(chosen)
 
 
-def _product(weight: Weight, bias: Tensor | None, x: Tensor, linear: bool = False) -> Tensor:
+def _product(weight: Weight, bias: Tensor | None, x: Tensor, how: Products) -> Tensor:
     """``x @ weightᵀ`` (+ bias): [n, d] -> [n, N] (a transposed view of ``_product_t``)."""
-    return _product_t(weight, bias, x, linear).t()
+    return _product_t(weight, bias, x, how).t()
 
 
 def _rms_norm(h: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -346,7 +365,8 @@ class FusedLlama(Forward):
         self.norm = inner.norm.weight.detach()
         self.norm_eps = float(inner.norm.variance_epsilon)
         self.head = model.lm_head.weight.detach()  # [V, d] (tied or not)
-        one_row_by_gemv(self.head.device, self.head.dtype)  # measured now, not in a request
+        # per products' dtype: one row as a GEMV? (measured now, not in a request)
+        self.one_row_gemv = {self.head.dtype: one_row_by_gemv(self.head.device, self.head.dtype)}
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(config.num_key_value_heads)
         self.head_dim = int(
@@ -441,8 +461,16 @@ class FusedLlama(Forward):
     def _logits(self, h: Tensor, head: Weight | None = None) -> Tensor:
         """[n, d] last hidden states -> [n, V] logits (final norm, lm_head)."""
         norm = _rms_norm(h, self.norm, self.norm_eps)
-        linear = self.by_linear(int(norm.shape[0]))
-        return _product(self.head if head is None else head, None, norm, linear).contiguous()
+        head = self.head if head is None else head
+        return _product(head, None, norm, self.products(int(norm.shape[0]), head)).contiguous()
+
+    def products(self, rows: int, weight: Weight) -> Products:
+        """How a call's products over ``rows`` rows of weights like ``weight`` run: one row
+        as a GEMV or not (``one_row_by_gemv``), several as ``F.linear`` or weight-major
+        (``linear_rows``), as measured when this forward was built."""
+        if rows == 1:
+            return Products(gemv=self.one_row_gemv.get(_compute_dtype(weight), False))
+        return Products(linear=self.by_linear(rows))
 
     def by_linear(self, rows: int) -> bool:
         """Whether a product over ``rows`` rows runs as ``F.linear`` (see ``linear_rows``)."""
@@ -484,15 +512,16 @@ class FusedLlama(Forward):
         nq, nkv = heads * dh, kv_heads * dh
         group = heads // kv_heads
         h = x.reshape(b * t, d)  # the products' rows: every (row, position)
-        linear = self.by_linear(b * t)
+        layers = self.layers if layers is None else layers
+        how = self.products(b * t, layers[0].qkv)
         bias = None
         q_cos, q_sin = cos, sin
         if t == 1:  # the decode step's mask as one additive bias for every layer, and the
             # attention's scale folded into the queries' rotation (no per-layer op)
             bias = mask if mask.is_floating_point() else _additive(mask, x.dtype)
             q_cos, q_sin = cos * self.scaling, sin * self.scaling
-        for i, layer in enumerate(self.layers if layers is None else layers):
-            qkv = _product(layer.qkv, layer.qkv_bias, _rms_norm(h, layer.norm1, layer.eps1), linear)
+        for i, layer in enumerate(layers):
+            qkv = _product(layer.qkv, layer.qkv_bias, _rms_norm(h, layer.norm1, layer.eps1), how)
             qkv = qkv.reshape(b, t, -1)
             q = qkv[..., :nq].reshape(b, t, heads, dh).transpose(1, 2)  # [B, H, T, Dh]
             k = qkv[..., nq : nq + nkv].reshape(b, t, kv_heads, dh).transpose(1, 2)
@@ -510,14 +539,14 @@ class FusedLlama(Forward):
                     attn_mask=mask,
                     scale=self.scaling,
                 ).transpose(1, 2)  # [B, T, H, Dh]
-            h = h + _product(layer.o, layer.o_bias, out.reshape(b * t, nq), linear)
+            h = h + _product(layer.o, layer.o_bias, out.reshape(b * t, nq), how)
             # gate/up as [2 I, rows]: weight-major, the activation runs over contiguous halves
             a = _product_t(
-                layer.gate_up, layer.gate_up_bias, _rms_norm(h, layer.norm2, layer.eps2), linear
+                layer.gate_up, layer.gate_up_bias, _rms_norm(h, layer.norm2, layer.eps2), how
             )
             inter = a.shape[0] // 2
             act = F.silu(a[:inter]).mul_(a[inter:])  # [I, rows]
-            h = h + _product(layer.down, layer.down_bias, act.t(), linear)
+            h = h + _product(layer.down, layer.down_bias, act.t(), how)
         return h.reshape(b, t, d)
 
 
@@ -551,11 +580,18 @@ class FusedLlamaCopies(FusedLlama):
         built = _BUILT_COPIES.setdefault(base, {})
         if cls.kind not in built:
             made = cls.__new__(cls)
-            made.__dict__.update(base.__dict__)  # the same layers, embeddings, rotary, head
+            # the same layers, embeddings, rotary, head, measured choices; never a method
+            # bound to ``base`` (a patched instance attribute would run base's weights)
+            made.__dict__.update(
+                {k: v for k, v in base.__dict__.items() if not inspect.ismethod(v)}
+            )
             made.copy_layers = [layer.converted(cls.copy) for layer in base.layers]
             made.copied_head = cls.copy(base.head) if cls.copy_head else base.head
-            if cls is FusedLlamaBf16:
-                one_row_by_gemv(base.head.device, torch.bfloat16)
+            made.one_row_gemv = dict(base.one_row_gemv)
+            for w in (made.copy_layers[0].qkv, made.copied_head):  # the copies' own dtypes
+                dtype = _compute_dtype(w)
+                if dtype.is_floating_point and dtype not in made.one_row_gemv:
+                    made.one_row_gemv[dtype] = one_row_by_gemv(base.head.device, dtype)
             built[cls.kind] = made
         return built[cls.kind]
 

@@ -20,6 +20,7 @@ from service.engine.fused_llama import (
     FusedLlamaBf16,
     FusedLlamaInt8,
     Int8Weight,
+    Products,
     _product,
 )
 from service.engine.prefill import Prefiller
@@ -42,16 +43,20 @@ def test_int8_products_stay_within_rounding_and_rows_are_independent() -> None:
     x = torch.randn(8, 64, generator=g)
     exact = x @ w.t()
     for copy in (q, b):
-        got = _product(copy, None, x)
+        got = _product(copy, None, x, Products())
         assert got.dtype == torch.float32 and got.shape == exact.shape
         # 8-bit weights or bfloat16 (8-bit mantissas), bfloat16 activations: about 1 % of the
         # output's scale, not more
         assert float((got - exact).abs().max()) < 0.02 * float(exact.abs().max())
         assert float((got - exact).abs().max()) > 0  # and it is not the float32 product
-        alone = torch.cat([_product(copy, None, x[i : i + 1]) for i in range(8)])
+        alone = torch.cat([_product(copy, None, x[i : i + 1], Products()) for i in range(8)])
         torch.testing.assert_close(got, alone, rtol=0, atol=0)  # rows independent
+        by_gemv = torch.cat(
+            [_product(copy, None, x[i : i + 1], Products(gemv=True)) for i in range(8)]
+        )
+        torch.testing.assert_close(by_gemv, got, rtol=1e-2, atol=1e-2)  # a GEMV: rounding only
         bias = torch.randn(96, 1, generator=g)
-        torch.testing.assert_close(_product(copy, bias, x), got + bias.t())
+        torch.testing.assert_close(_product(copy, bias, x, Products()), got + bias.t())
 
 
 @pytest.mark.parametrize("weights", sorted(KINDS))
@@ -60,7 +65,7 @@ def test_copies_step_near_float32_and_keep_the_model_exact(
 ) -> None:
     copy_type, forward_type = KINDS[weights]
     backbone = backbones["llama"]
-    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    ids = torch.tensor([[1, 5, 9, 2, 7]], device=backbone.device)
     with torch.inference_mode():
         before = backbone.model(input_ids=ids).logits
     fp32 = choose_forward(backbone)

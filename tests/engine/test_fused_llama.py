@@ -12,12 +12,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from prompts import Backbone, load_backbone
 from service.engine.decode import DecodeLoop
 from service.engine.forwards import choose_forward
-from service.engine.fused_llama import LINEAR_BUCKETS, FusedLlama, _fuse, _product
+from service.engine.fused_llama import LINEAR_BUCKETS, FusedLlama, Products, _fuse, _product
 from service.engine.hf_forward import HFForward
 from service.engine.prefill import Prefiller
 from service.engine.prefix_cache import PrefixCache
 from service.engine.rows import LoopStats
-from tests.engine.conftest import TEXTS, make_tasks, reference_generate, request, row
+from tests.engine.conftest import DEVICE, TEXTS, make_tasks, reference_generate, request, row
 from tests.engine.test_decode_reference import run_schedule
 from tests.tiny_models import build_tiny_llama
 
@@ -42,12 +42,14 @@ def _tiny_llama(**overrides: object) -> LlamaForCausalLM:
 def orientation(
     request: pytest.FixtureRequest, backbones: dict[str, Backbone], monkeypatch: pytest.MonkeyPatch
 ) -> str:
-    """The float32 products of several rows computed weight-major, or by ``F.linear`` (which
-    one runs is measured per CPU: both must compute the HF forward's numbers)."""
+    """The float32 products of several rows computed weight-major, or by ``F.linear``, and of
+    one row as a two-column GEMM or as a GEMV (which ones run is measured per CPU: each must
+    compute the HF forward's numbers)."""
     fused = FusedLlama.build(backbones["llama"].model)
     assert fused is not None
-    buckets = frozenset() if request.param == "weight-major" else frozenset(LINEAR_BUCKETS)
-    monkeypatch.setattr(fused, "linear_rows", buckets)
+    linear = request.param == "linear"
+    monkeypatch.setattr(fused, "linear_rows", frozenset(LINEAR_BUCKETS) if linear else frozenset())
+    monkeypatch.setattr(fused, "one_row_gemv", {torch.float32: linear})
     return str(request.param)
 
 
@@ -57,8 +59,8 @@ def test_both_orientations_compute_the_same_product() -> None:
     for n in (1, 2, 5, 32, 40):
         x = torch.randn(n, 32, generator=g)
         expected = torch.nn.functional.linear(x, w, bias[:, 0])
-        for linear in (False, True):
-            got = _product(w, bias, x, linear)
+        for how in (Products(), Products(linear=True), Products(gemv=True)):
+            got = _product(w, bias, x, how)
             assert got.shape == (n, 48)
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -161,7 +163,7 @@ def test_fusing_shares_the_weights_and_keeps_the_hf_forward_exact() -> None:
 
 def test_biased_llama_fused_step_equals_hf_forward(tmp_path: Path) -> None:
     """Llama variants with attention/MLP biases (the fused step adds them in the GEMMs)."""
-    backbone = load_backbone(build_tiny_llama(tmp_path / "llama"))
+    backbone = load_backbone(build_tiny_llama(tmp_path / "llama"), device=DEVICE)
     model = backbone.model
     with torch.no_grad():  # give the same model biases: attention_bias / mlp_bias variants
         for layer in model.model.layers:
@@ -174,7 +176,9 @@ def test_biased_llama_fused_step_equals_hf_forward(tmp_path: Path) -> None:
                 layer.mlp.up_proj,
                 layer.mlp.down_proj,
             ):
-                lin.bias = torch.nn.Parameter(torch.randn(lin.out_features) * 0.5)
+                lin.bias = torch.nn.Parameter(
+                    torch.randn(lin.out_features, device=lin.weight.device) * 0.5
+                )
     tasks = make_tasks(backbone)
     loop = DecodeLoop(backbone)
     rows = [
