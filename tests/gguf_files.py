@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tests.tiny_models import _bpe_tokenizer
+from tests.tiny_models import bpe_tokenizer
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<s>{{ message['role'] }}\n{{ message['content'] }}</s>\n"
@@ -25,7 +25,7 @@ def build_tiny_tied_llama(path: Path, *, d_model: int = 64, seed: int = 0) -> Pa
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    tok = _bpe_tokenizer()
+    tok = bpe_tokenizer()
     tok.chat_template = CHAT_TEMPLATE
     config = LlamaConfig(
         vocab_size=len(tok),

@@ -26,7 +26,7 @@ CORPUS = [
 ] * 20
 
 
-def _bpe_tokenizer(vocab_size: int = 300):
+def bpe_tokenizer(vocab_size: int = 300):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -89,7 +89,7 @@ def build_tiny_gpt2(
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    tok = _bpe_tokenizer()
+    tok = bpe_tokenizer()
     fields: dict[str, Any] = dict(
         vocab_size=len(tok),
         n_embd=d_model,
@@ -114,7 +114,7 @@ def build_tiny_llama(path: Path, *, d_model: int = 64, seed: int = 0) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    tok = _bpe_tokenizer()
+    tok = bpe_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=d_model,

@@ -81,7 +81,9 @@ class Prefiller:
 
     def _compose(self, tasks: Sequence[ResolvedTask]) -> list[Tensor]:
         start = time.perf_counter()
-        prompts = [p.to(self.dtype) for p in compose_tasks(tasks)]
+        # on the model's device and dtype, wherever the factors came from (a no-op when
+        # the device cache already holds them there)
+        prompts = [p.to(device=self.device, dtype=self.dtype) for p in compose_tasks(tasks)]
         self.stats.compose_s += time.perf_counter() - start
         return prompts
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,9 @@ from service.engine.base import GenerationRequest, GenerationResult, ResolvedTas
 from service.engine.decode import Row
 
 PROMPT_LEN = 5
+# The engine's tests run on this torch device: ``RANKONE_TEST_DEVICE=cuda pytest tests/engine``
+# checks the GPU path (the same exactness assertions; CI has no GPU, so CI runs them on cpu).
+DEVICE = os.environ.get("RANKONE_TEST_DEVICE", "cpu")
 TEXTS = [
     "the quick brown fox",
     "question: what is",
@@ -23,9 +27,9 @@ TEXTS = [
 @pytest.fixture(scope="session")
 def backbones(tiny_t5_dir: Path, tiny_gpt2_dir: Path, tiny_llama_dir: Path) -> dict[str, Backbone]:
     return {
-        "t5": load_backbone(tiny_t5_dir),
-        "gpt2": load_backbone(tiny_gpt2_dir),
-        "llama": load_backbone(tiny_llama_dir),
+        "t5": load_backbone(tiny_t5_dir, device=DEVICE),
+        "gpt2": load_backbone(tiny_gpt2_dir, device=DEVICE),
+        "llama": load_backbone(tiny_llama_dir, device=DEVICE),
     }
 
 
@@ -41,9 +45,9 @@ def make_tasks(backbone: Backbone, n: int = 4, *, seed: int = 1) -> list[Resolve
                 name=f"task-{i}",
                 version=1,
                 shared_id=f"shared-{i % 2}",
-                prompt=shared[i % 2],
-                u=torch.randn(PROMPT_LEN, rank, generator=g),
-                v=torch.randn(rank, backbone.dim, generator=g),
+                prompt=shared[i % 2].to(backbone.device),
+                u=torch.randn(PROMPT_LEN, rank, generator=g).to(backbone.device),
+                v=torch.randn(rank, backbone.dim, generator=g).to(backbone.device),
             )
         )
     return tasks
@@ -87,7 +91,7 @@ def reference_generate(
 ) -> list[int]:
     """HF ``generate`` for the request alone (greedy), cut at EOS."""
     prompt = compose_prompt(task.prompt, task.u, task.v)[None]
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=backbone.device)
     inputs = prepend_prompts(
         backbone.embed(x), torch.ones_like(x), prompt, causal=not backbone.is_seq2seq
     )
@@ -113,7 +117,7 @@ def reference_no_cache(
 ) -> list[int]:
     """Ground truth: a full forward without cache over [prompt; input; tokens so far] per step."""
     prompt = compose_prompt(task.prompt, task.u, task.v)[None]
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=backbone.device)
     inputs = prepend_prompts(
         backbone.embed(x), torch.ones_like(x), prompt, causal=not backbone.is_seq2seq
     )
@@ -123,7 +127,7 @@ def reference_no_cache(
         for _ in range(max_new_tokens):
             if backbone.is_seq2seq:
                 start = backbone.model.config.decoder_start_token_id
-                dec = torch.tensor([[start, *tokens]])
+                dec = torch.tensor([[start, *tokens]], device=backbone.device)
                 logits = backbone.model(
                     inputs_embeds=inputs.inputs_embeds,
                     attention_mask=inputs.attention_mask,
@@ -134,7 +138,9 @@ def reference_no_cache(
                 emb = torch.cat(
                     [
                         inputs.inputs_embeds,
-                        backbone.embed(torch.tensor([tokens], dtype=torch.long)),
+                        backbone.embed(
+                            torch.tensor([tokens], dtype=torch.long, device=backbone.device)
+                        ),
                     ],
                     1,
                 )

@@ -10,6 +10,7 @@ from prompts import Backbone
 from service.engine.decode import DecodeLoop
 from service.engine.prefix_cache import PrefixCache
 from tests.engine.conftest import (
+    DEVICE,
     TEXTS,
     make_tasks,
     reference_generate,
@@ -179,7 +180,7 @@ def test_t5_with_more_decoder_than_encoder_layers(tmp_path) -> None:
     from tests.tiny_models import build_tiny_t5
 
     build_tiny_t5(tmp_path, d_model=32, num_layers=1, num_decoder_layers=3)
-    backbone = load_backbone(tmp_path)
+    backbone = load_backbone(tmp_path, device=DEVICE)
     tasks = make_tasks(backbone)
     loop = DecodeLoop(backbone)
     rows = [
@@ -243,7 +244,7 @@ def test_half_precision_runs_in_the_model_dtype(tiny_model_dirs, kind: str) -> N
 
     from prompts import load_backbone
 
-    backbone = load_backbone(tiny_model_dirs[kind], dtype="bfloat16")
+    backbone = load_backbone(tiny_model_dirs[kind], dtype="bfloat16", device=DEVICE)
     tasks = make_tasks(backbone)  # float32 factors, as a store might hand them over
     loop = DecodeLoop(backbone, prefix_cache=PrefixCache(1 << 24))
     rows = [
@@ -330,8 +331,9 @@ def test_a_cold_task_is_one_forward_and_its_cached_prompt_serves_later_rows_exac
             calls.append(int(args[0].shape[0]))
         return prefill(*args, **kwargs)
 
-    # undone after the test: the fused forward is built once per model and shared
-    monkeypatch.setattr(loop.prefill.forward, "prefill", counted)
+    # undone after the test (the fused forward is built once per model and shared): as an
+    # entry of the instance's dict, removed again, not left behind as a bound method
+    monkeypatch.setitem(vars(loop.prefill.forward), "prefill", counted)
 
     def run(dl: DecodeLoop, task_texts: list[tuple[int, str]]) -> list[list[int]]:
         nonlocal counting

@@ -16,7 +16,7 @@ from service.engine.continuous import ContinuousEngine
 from service.engine.decode import DecodeLoop
 from service.engine.sampling import NonFiniteLogitsError
 from service.engine.static import StaticBatchEngine
-from tests.engine.conftest import TEXTS, make_tasks, reference_generate, request, row
+from tests.engine.conftest import DEVICE, TEXTS, make_tasks, reference_generate, request, row
 
 
 def run(coro):
@@ -148,7 +148,7 @@ def test_the_static_engine_serves_an_uneven_t5(tmp_path) -> None:
     from tests.tiny_models import build_tiny_t5
 
     build_tiny_t5(tmp_path, d_model=32, num_layers=1, num_decoder_layers=3)
-    backbone = load_backbone(tmp_path)
+    backbone = load_backbone(tmp_path, device=DEVICE)
     tasks = make_tasks(backbone)
     reqs = [request(backbone, tasks[i], TEXTS[i], f"r{i}", max_new_tokens=6 + i) for i in range(3)]
 

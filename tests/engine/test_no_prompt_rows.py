@@ -19,7 +19,7 @@ from tests.engine.conftest import TEXTS, make_tasks, reference_generate, request
 
 def generate_without_prompt(backbone: Backbone, ids: list[int], max_new_tokens: int) -> list[int]:
     """HF ``generate`` over the input ids alone, cut at EOS."""
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=backbone.device)
     model: Any = backbone.model
     with torch.inference_mode():
         out = model.generate(
@@ -41,7 +41,9 @@ def test_a_row_without_prompt_rows_in_a_mixed_batch_equals_generate(
     backbones: dict[str, Backbone], kind: str, prefix: bool, fused: bool
 ) -> None:
     backbone = backbones[kind]
-    base = ResolvedTask.without_prompt("base", backbone.dim, dtype=backbone.dtype)
+    base = ResolvedTask.without_prompt(
+        "base", backbone.dim, device=backbone.device, dtype=backbone.dtype
+    )
     tasks = make_tasks(backbone)
     forward = choose_forward(backbone, fused=fused)
     assert forward.kind == ("fused" if fused else "hf")
@@ -78,7 +80,9 @@ def test_a_row_without_prompt_rows_in_a_mixed_batch_equals_generate(
 
 def test_a_row_without_prompt_rows_or_input_fails_alone(backbones: dict[str, Backbone]) -> None:
     backbone = backbones["gpt2"]
-    base = ResolvedTask.without_prompt("base", backbone.dim, dtype=backbone.dtype)
+    base = ResolvedTask.without_prompt(
+        "base", backbone.dim, device=backbone.device, dtype=backbone.dtype
+    )
     errors: list[BaseException] = []
     empty, _ = row(GenerationRequest("empty", base, [], SamplingParams(max_new_tokens=4)))
     empty.fail = errors.append
