@@ -46,30 +46,38 @@ def real_tasks(
     g = torch.Generator().manual_seed(seed)
     config: Any = backbone.model.config
     vocab = int(config.vocab_size)
-    shared = backbone.embed(torch.randint(100, vocab, (1, length), generator=g))[0].detach()
+    ids = torch.randint(100, vocab, (1, length), generator=g).to(backbone.device)
+    shared = backbone.embed(ids)[0].detach()
     return [
         ResolvedTask(
             f"{name}-{i}",
             1,
             f"{name}-shared",
             shared,
-            1 + 0.1 * torch.randn(length, 1, generator=g),
-            1 + 0.1 * torch.randn(1, backbone.dim, generator=g),
+            (1 + 0.1 * torch.randn(length, 1, generator=g)).to(backbone.device),
+            (1 + 0.1 * torch.randn(1, backbone.dim, generator=g)).to(backbone.device),
         )
         for i in range(n)
     ]
 
 
 def rows_for(
-    tasks: list[ResolvedTask], n: int, input_len: int, new_tokens: int, seed: int = 2
+    tasks: list[ResolvedTask],
+    n: int,
+    input_len: int,
+    new_tokens: int,
+    seed: int = 2,
+    high: int = 30000,
 ) -> list[Row]:
+    """``n`` requests over ``tasks`` (in turn) of ``input_len`` random token ids below
+    ``high``, each asking for ``new_tokens``."""
     g = torch.Generator().manual_seed(seed)
     return [
         Row(
             request=GenerationRequest(
                 f"r{i}",
                 tasks[i % len(tasks)],
-                torch.randint(100, 30000, (input_len,), generator=g).tolist(),
+                torch.randint(min(100, high - 1), high, (input_len,), generator=g).tolist(),
                 SamplingParams(max_new_tokens=new_tokens),
             ),
             emit=lambda d: None,
@@ -81,10 +89,13 @@ def rows_for(
 PREFIXES = PrefixCache(1 << 31)  # shared by the figures' loops: each prompt prefilled once
 
 
-def endless_loop(backbone: Backbone, max_rows: int = 64, *, fused: bool = True) -> DecodeLoop:
+def endless_loop(
+    backbone: Backbone, max_rows: int = 64, *, fused: bool = True, weights: str = "float32"
+) -> DecodeLoop:
     """A decode loop with a prefix cache whose rows ignore EOS (fixed token counts);
-    ``fused``: the engine's fused forward where it covers the backbone (its default)."""
-    forward = choose_forward(backbone, fused=fused)
+    ``fused``: the engine's fused forward where it covers the backbone (its default);
+    ``weights``: as ``RANKONE_WEIGHTS``."""
+    forward = choose_forward(backbone, fused=fused, weights=weights)
     loop = DecodeLoop(backbone, prefix_cache=PREFIXES, max_rows=max_rows, forward=forward)
     loop.eos_ids = set()
     return loop
