@@ -205,10 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cpu_matrix_flags() -> list[str]:
+def cpu_matrix_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
     """The CPU's matrix-math flags that decide the low-precision kernels (Linux; else [])."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = cpuinfo.read_text()
     except OSError:
         return []
     flags = next(

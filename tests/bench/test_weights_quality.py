@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from bench import weights_quality as wq
 
 
@@ -30,4 +32,12 @@ def test_report_puts_each_setting_beside_float32() -> None:
     assert "| city | 2 | 50.0% | 0.0% | 50.0% | 50.0% | 100.0% |" in text
     assert "int8 75.0%, bfloat16 100.0%" in text and "amx_bf16" in text
     assert set(wq.LOW) == {"int8", "bfloat16"}
-    assert isinstance(wq.cpu_matrix_flags(), list)
+
+
+def test_cpu_matrix_flags_reads_the_flags_line(tmp_path: Path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f amx_bf16 amx_tile\n")
+    assert wq.cpu_matrix_flags(info) == ["amx_bf16", "avx512f", "avx2"]  # the wanted order
+    info.write_text("processor\t: 0\n")
+    assert wq.cpu_matrix_flags(info) == []
+    assert wq.cpu_matrix_flags(tmp_path / "missing") == []
