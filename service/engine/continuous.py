@@ -65,6 +65,7 @@ class ContinuousEngine(Engine):
         seed: int = 0,
         fused_forward: bool = True,
         weights: str = "float32",
+        cuda_graphs: bool = False,
         threads: int = 0,
     ) -> None:
         """``threads``: torch threads of the model thread (0: leave torch's setting)."""
@@ -89,7 +90,9 @@ class ContinuousEngine(Engine):
             seed=seed,
             max_rows=max_batch_size,
             # chosen once, here
-            forward=choose_forward(backbone, fused=fused_forward, weights=weights),
+            forward=choose_forward(
+                backbone, fused=fused_forward, weights=weights, graphs=cuda_graphs
+            ),
         )
         self.drain = DrainRate()
         self._waiting: deque[Row] = deque()

@@ -38,6 +38,7 @@ def build_engine(name: str, backbone: Backbone, settings: Any, metrics: EngineMe
             prefix_cache_bytes=settings.prefix_cache_bytes,
             fused_forward=settings.fused_forward,
             weights=settings.weights,
+            cuda_graphs=settings.cuda_graphs,
             threads=threads,
             metrics=metrics,
         )

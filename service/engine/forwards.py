@@ -9,16 +9,21 @@ from __future__ import annotations
 from prompts.backbone import Backbone
 from service.engine.forward import Forward
 from service.engine.fused_llama import FusedLlama
+from service.engine.graphed import GraphedStep
 from service.engine.hf_forward import HFForward
 
 WEIGHTS = ("float32", "int8", "bfloat16")  # RANKONE_WEIGHTS
 
 
-def choose_forward(backbone: Backbone, *, fused: bool = True, weights: str = "float32") -> Forward:
+def choose_forward(
+    backbone: Backbone, *, fused: bool = True, weights: str = "float32", graphs: bool = False
+) -> Forward:
     """``fused``: run the fused Llama forward where it covers the backbone. ``weights``
     ``int8`` / ``bfloat16``: its decode steps' products from 8-bit / bfloat16 copies
     (``FusedLlamaInt8``, ``FusedLlamaBf16``), which only the fused forward has: a ValueError
-    where it does not run."""
+    where it does not run. ``graphs``: on a CUDA device the fused forward's decode steps
+    replay CUDA graphs (``graphed.GraphedStep``, one per forward; elsewhere no effect; the
+    serving engine's default, ``RANKONE_CUDA_GRAPHS``)."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     found = FusedLlama.build(backbone.model) if fused else None
@@ -29,5 +34,9 @@ def choose_forward(backbone: Backbone, *, fused: bool = True, weights: str = "fl
                 f"RANKONE_WEIGHTS={weights} needs the engine's fused Llama forward, and "
                 f"{why} (the log says why): use RANKONE_WEIGHTS=float32"
             )
-        return found.decode_copies(weights)
-    return found if found is not None else HFForward(backbone)
+        found = found.decode_copies(weights)
+    if found is None:
+        return HFForward(backbone)
+    if graphs and backbone.device.type == "cuda":
+        return GraphedStep.of(found)
+    return found

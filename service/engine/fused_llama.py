@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from service.engine.forward import Forward, StepInputs
+from service.engine.kv_cache import SlotKV
 from service.engine.kv_layout import KV
 
 log = logging.getLogger("rankone.engine")
@@ -431,6 +432,26 @@ class FusedLlama(Forward):
         h = self._layers(
             x, inputs.positions[:, None], inputs.mask, inputs.kv.write, self.step_layers
         )
+        return self._logits(h[:, -1], self.step_head)
+
+    def step_full(
+        self, tokens: Tensor, positions: Tensor, kv: SlotKV, n: int, column: Tensor
+    ) -> Tensor:
+        """A decode step with fixed shapes and addresses (what a CUDA graph captures,
+        ``graphed.GraphedStep``): ``n`` rows attend over the slot cache's whole capacity, its
+        mask hiding every column that is not a row's own (``SlotKV``'s invariant), and write
+        their keys/values at ``column`` [1] (a device tensor). The same numbers as ``step`` to
+        float32 rounding (masked columns add exact zeros)."""
+        x = self.embed_tokens(tokens)[:, None]
+        mask = kv.mask[:n][:, None, None, :]  # [n, 1, 1, C]
+
+        def attend(i: int, k: Tensor, v: Tensor) -> KV:
+            keys, values = kv.keys[i][:n], kv.values[i][:n]
+            keys.index_copy_(2, column, k)
+            values.index_copy_(2, column, v)
+            return keys, values
+
+        h = self._layers(x, positions[:, None], mask, attend, self.step_layers)
         return self._logits(h[:, -1], self.step_head)
 
     def prefill(

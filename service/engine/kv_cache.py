@@ -57,7 +57,9 @@ class SlotKV:
         self.dtype = dtype
         self.keys: list[Tensor] = []  # per layer [R, H, C, Dh]
         self.values: list[Tensor] = []
-        self.mask = torch.zeros(0, 0, dtype=torch.bool, device=device)  # [R, C] True = real
+        # [R, C] True = a live row's own real column, nowhere else (a fixed-shape step that
+        # attends over every column relies on it: FusedLlama.step_full)
+        self.mask = torch.zeros(0, 0, dtype=torch.bool, device=device)
         self.n = 0  # live rows, in slots 0 .. n-1
         self.start = 0  # first column of the window
         self.end = 0  # one past the newest column (the next write column)
@@ -210,6 +212,8 @@ class SlotKV:
             for i in range(self.n_layers):
                 self.keys[i][dst, :, sl] = self.keys[i][src, :, sl]
                 self.values[i][dst, :, sl] = self.values[i][src, :, sl]
+            # the window holds every real column of the freed rows too (``start`` shrinks
+            # after this): no stale True is left outside it
             self.mask[dst, sl] = self.mask[src, sl]
         self.first = [self.first[i] for i in order]
         self.n = n

@@ -13,6 +13,7 @@ from prompts import Backbone, load_backbone
 from service.engine.decode import DecodeLoop
 from service.engine.forwards import choose_forward
 from service.engine.fused_llama import LINEAR_BUCKETS, FusedLlama, Products, _fuse, _product
+from service.engine.graphed import GraphedStep
 from service.engine.hf_forward import HFForward
 from service.engine.prefill import Prefiller
 from service.engine.prefix_cache import PrefixCache
@@ -142,6 +143,27 @@ def test_mixed_batch_matches_generate_with_either_kernel(
     for req, sink in run_schedule(backbone, loop):
         expected = reference_generate(backbone, req.task, req.input_ids, req.params.max_new_tokens)
         assert sink.result is not None and sink.result.token_ids == expected, req.request_id
+
+
+def test_fixed_shape_step_matches_generate(backbones: dict[str, Backbone]) -> None:
+    """The step a CUDA graph captures (``step_full``: over the slot cache's whole capacity,
+    the write column a device tensor), rows joining and leaving: each row = HF ``generate``
+    alone. On a CUDA device (``RANKONE_TEST_DEVICE=cuda``) captured once per row count and
+    replayed; elsewhere the same step eagerly."""
+    backbone = backbones["llama"]
+    fused = choose_forward(backbone)
+    assert isinstance(fused, FusedLlama)
+    on_gpu = backbone.device.type == "cuda"
+    graphed = GraphedStep(fused, capture=on_gpu)
+    loop = DecodeLoop(backbone, prefix_cache=PrefixCache(1 << 24), forward=graphed)
+    for req, sink in run_schedule(backbone, loop):
+        expected = reference_generate(backbone, req.task, req.input_ids, req.params.max_new_tokens)
+        assert sink.result is not None and sink.result.token_ids == expected, req.request_id
+    assert graphed.off is None
+    assert (graphed.captures > 0) == on_gpu and graphed.kind in ("fused+graphs", "fused+full")
+    # the serving engine's choice: graphs on a CUDA device only, one graphed forward per model
+    chosen = choose_forward(backbone, graphs=True)
+    assert (chosen is GraphedStep.of(fused)) if on_gpu else (chosen is fused)
 
 
 def test_fusing_shares_the_weights_and_keeps_the_hf_forward_exact() -> None:
