@@ -65,17 +65,20 @@ def build_smollm2_shape(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def variants(path: str, device: str) -> dict[str, tuple[Backbone, bool, str]]:
-    """name -> (backbone, fused, weights): the HF forward and the fused one on the float32
-    model, the fused one with bfloat16 copies, and both on the model loaded in bfloat16."""
+def variants(path: str, device: str) -> dict[str, tuple[Backbone, bool, str, bool]]:
+    """name -> (backbone, fused, weights, graphs): the HF forward and the fused one on the
+    float32 model, the fused one with bfloat16 copies, both on the model loaded in bfloat16,
+    and the engine's CUDA-graph steps (``RANKONE_CUDA_GRAPHS``; eager off a GPU)."""
     f32 = load_backbone(path, device=device)
     bf16 = load_backbone(path, device=device, dtype="bfloat16")
     return {
-        "hf f32": (f32, False, "float32"),
-        "fused f32": (f32, True, "float32"),
-        "fused f32 + bf16 weights": (f32, True, "bfloat16"),
-        "hf bf16 model": (bf16, False, "float32"),
-        "fused bf16 model": (bf16, True, "float32"),
+        "hf f32": (f32, False, "float32", False),
+        "fused f32": (f32, True, "float32", False),
+        "fused f32 + bf16 weights": (f32, True, "bfloat16", False),
+        "hf bf16 model": (bf16, False, "float32", False),
+        "fused bf16 model": (bf16, True, "float32", False),
+        "fused f32, graphs": (f32, True, "float32", True),
+        "fused bf16 model, graphs": (bf16, True, "float32", True),
     }
 
 
@@ -169,18 +172,20 @@ def main() -> None:
     # tasks named per variant: the figures' loops share one prefix cache, keyed by task
     tasks = {
         name: real_tasks(bb, 32, 20, name=f"v{i}")
-        for i, (name, (bb, _, _)) in enumerate(runs.items())
+        for i, (name, (bb, *_)) in enumerate(runs.items())
     }
     step_ms: dict[str, dict[str, float]] = {name: {} for name in runs}
+    graphs_off: dict[str, str] = {}  # a graphed loop whose capture failed (then eager)
     busy: dict[str, dict[str, float | None]] = {name: {} for name in runs}
     forward_ms: dict[str, dict[str, dict[str, float | str]]] = {
-        name: {} for name, run in runs.items() if run[1]
+        name: {} for name, run in runs.items() if run[1] and not run[3]
     }
     for n in args.rows:
         loops = {}
-        for name, (bb, fused, weights) in runs.items():
-            loop = endless_loop(bb, max(args.rows), fused=fused, weights=weights)
-            vocab = int(bb.model.config.vocab_size)
+        for name, (bb, fused, weights, graphs) in runs.items():
+            loop = endless_loop(bb, max(args.rows), fused=fused, weights=weights, graphs=graphs)
+            config: Any = bb.model.config
+            vocab = int(config.vocab_size)
             loop.admit(rows_for(tasks[name], n, 40, 10_000, high=min(30000, vocab)))
             for _ in range(3):
                 loop.step()
@@ -190,9 +195,12 @@ def main() -> None:
             for name, loop in loops.items():
                 times[name].append(synced_step(loop, device))
         for name, loop in loops.items():
+            off = getattr(loop.batch.forward, "off", None)
+            if off is not None:
+                graphs_off.setdefault(name, f"from {n} rows: {off}")
             step_ms[name][str(n)] = statistics.median(times[name]) * 1e3
             busy[name][str(n)] = kernel_share(loop, device)
-            if runs[name][1]:  # the fused forwards: the step alone, eager and graph-captured
+            if runs[name][1] and not runs[name][3]:  # fused: the step alone, eager and graphed
                 forward_ms[name][str(n)] = forward_step_ms(loop, device, args.steps)
         print(
             f"rows {n}: " + ", ".join(f"{name} {step_ms[name][str(n)]:.1f} ms" for name in runs),
@@ -214,6 +222,7 @@ def main() -> None:
         },
         "kernel_share_by_rows": busy,
         "forward_step_ms_by_rows": forward_ms,  # the forward alone: eager, CUDA graph
+        "graphs_off": graphs_off,
     }
     write_json(RESULTS, "gpu_decode", results)
     names = list(runs)
@@ -239,6 +248,8 @@ def main() -> None:
                 head,
                 rule,
                 *lines,
+                "",
+                *(f"- {name}: graphs off {why}" for name, why in graphs_off.items()),
                 "",
                 "The fused forward's step alone (no sampling or bookkeeping), ms: eager, and "
                 "replayed from a CUDA graph captured once (tok/s of the graph in brackets):",

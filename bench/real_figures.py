@@ -90,12 +90,17 @@ PREFIXES = PrefixCache(1 << 31)  # shared by the figures' loops: each prompt pre
 
 
 def endless_loop(
-    backbone: Backbone, max_rows: int = 64, *, fused: bool = True, weights: str = "float32"
+    backbone: Backbone,
+    max_rows: int = 64,
+    *,
+    fused: bool = True,
+    weights: str = "float32",
+    graphs: bool = False,
 ) -> DecodeLoop:
     """A decode loop with a prefix cache whose rows ignore EOS (fixed token counts);
     ``fused``: the engine's fused forward where it covers the backbone (its default);
-    ``weights``: as ``RANKONE_WEIGHTS``."""
-    forward = choose_forward(backbone, fused=fused, weights=weights)
+    ``weights``, ``graphs``: as ``RANKONE_WEIGHTS``, ``RANKONE_CUDA_GRAPHS``."""
+    forward = choose_forward(backbone, fused=fused, weights=weights, graphs=graphs)
     loop = DecodeLoop(backbone, prefix_cache=PREFIXES, max_rows=max_rows, forward=forward)
     loop.eos_ids = set()
     return loop

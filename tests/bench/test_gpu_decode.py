@@ -21,6 +21,7 @@ def test_report_on_a_tiny_llama(
     gpu_decode.main()
     r = json.loads((tmp_path / "gpu_decode.json").read_text())
     names = {"hf f32", "fused f32", "fused f32 + bf16 weights", "hf bf16 model", "fused bf16 model"}
+    names |= {"fused f32, graphs", "fused bf16 model, graphs"}
     assert set(r["step_ms_by_rows"]) == names
     for name in names:
         assert set(r["step_ms_by_rows"][name]) == {"1", "3"}
@@ -28,8 +29,11 @@ def test_report_on_a_tiny_llama(
         by_ms = {n: int(n) / (ms / 1e3) for n, ms in r["step_ms_by_rows"][name].items()}
         assert r["tok_s_by_rows"][name] == pytest.approx(by_ms)
     # the fused forwards' step alone: eager only off CUDA
-    assert set(r["forward_step_ms_by_rows"]) == {n for n in names if n.startswith("fused")}
+    assert set(r["forward_step_ms_by_rows"]) == {
+        n for n in names if n.startswith("fused") and "graphs" not in n
+    }
     assert set(r["forward_step_ms_by_rows"]["fused f32"]["3"]) == {"eager"}
+    assert r["graphs_off"] == {}  # no capture off a GPU, so none failed
     text = (tmp_path / "gpu_decode.md").read_text()
     assert "| rows | hf f32 | fused f32 |" in text and "no graph" in text
 
