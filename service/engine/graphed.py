@@ -96,7 +96,8 @@ class GraphedStep(Forward):
             except Exception as exc:  # any capture failure: eager from now on
                 self.off = f"{type(exc).__name__}: {exc}"
                 log.warning("CUDA graphs off, decode steps run eagerly: %s", self.off)
-                torch.cuda.synchronize(kv.device)
+                if kv.device.type == "cuda":
+                    torch.cuda.synchronize(kv.device)
                 return self.inner.step(inputs)
             self.graphs[n] = graph
         graph.tokens.copy_(inputs.tokens)

@@ -13,7 +13,7 @@ from prompts import Backbone, load_backbone
 from service.engine.decode import DecodeLoop
 from service.engine.forwards import choose_forward
 from service.engine.fused_llama import LINEAR_BUCKETS, FusedLlama, Products, _fuse, _product
-from service.engine.graphed import GraphedStep
+from service.engine.graphed import GraphedStep, _Graph
 from service.engine.hf_forward import HFForward
 from service.engine.prefill import Prefiller
 from service.engine.prefix_cache import PrefixCache
@@ -164,6 +164,74 @@ def test_fixed_shape_step_matches_generate(backbones: dict[str, Backbone]) -> No
     # the serving engine's choice: graphs on a CUDA device only, one graphed forward per model
     chosen = choose_forward(backbone, graphs=True)
     assert (chosen is GraphedStep.of(fused)) if on_gpu else (chosen is fused)
+
+
+@pytest.mark.parametrize("fail_at", [None, 2])
+def test_graph_bookkeeping(
+    backbones: dict[str, Backbone], monkeypatch: pytest.MonkeyPatch, fail_at: int | None
+) -> None:
+    """GraphedStep's bookkeeping, with a stand-in for the CUDA capture whose replay runs the
+    fixed-shape step on the graph's own input tensors: one graph per row count on the current
+    slot buffers, all dropped (and their memory pool with them) when the buffers change, the
+    inputs copied in before each replay; a failed capture turns graphs off and the step runs
+    eagerly from then on. Every row still equals HF ``generate`` alone."""
+    backbone = backbones["llama"]
+    fused = choose_forward(backbone)
+    assert isinstance(fused, FusedLlama)
+    seen: list[tuple[int, bool, bool]] = []  # per capture: rows, fresh pool, first on buffers
+
+    def capture(self: GraphedStep, inputs, n: int, column: torch.Tensor) -> _Graph:  # type: ignore[no-untyped-def]
+        if fail_at is not None and len(seen) + 1 == fail_at:
+            raise RuntimeError("capture failed")
+        kv = inputs.kv
+        g = _Graph(None, inputs.tokens.clone(), inputs.positions.clone(), column.clone(), column)
+
+        class Replay:
+            def replay(self_) -> None:  # type: ignore[no-untyped-def]
+                g.logits = fused.step_full(g.tokens, g.positions, kv, n, g.column)
+
+        g.graph = Replay()
+        seen.append((n, self.pool is None, not self.graphs))
+        self.pool = object()  # what torch.cuda.graph_pool_handle() would give
+        self.captures += 1
+        return g
+
+    monkeypatch.setattr(GraphedStep, "_capture", capture)
+    graphed = GraphedStep(fused)
+    loop = DecodeLoop(backbone, prefix_cache=PrefixCache(1 << 24), forward=graphed)
+    generations = set()
+    original = loop.batch.kv.open_column
+
+    def open_column() -> None:
+        original()
+        generations.add(loop.batch.kv.keys[0].data_ptr())
+
+    monkeypatch.setattr(loop.batch.kv, "open_column", open_column)
+    done = run_schedule(backbone, loop)
+    # then more rows at once than the cache has slots (8): the slot buffers are reallocated
+    tasks = make_tasks(backbone)
+    long = [
+        row(request(backbone, tasks[i % 4], TEXTS[i % 4], f"more{i}", max_new_tokens=6))
+        for i in range(12)
+    ]
+    loop.admit([r for r, _ in long])
+    while loop.running:
+        loop.step()
+    for req, sink in [*done, *((r.request, sink) for r, sink in long)]:
+        expected = reference_generate(backbone, req.task, req.input_ids, req.params.max_new_tokens)
+        assert sink.result is not None and sink.result.token_ids == expected, req.request_id
+    if fail_at is None:
+        assert graphed.off is None and len(seen) >= 2
+        rows_seen = [n for n, _, _ in seen]
+        assert len(set(rows_seen)) >= 2  # rows joined and left: several row counts
+        assert len(generations) >= 2  # and the slot buffers were reallocated on the way
+        # a row count is captured again only on new buffers ...
+        assert len(rows_seen) - len(set(rows_seen)) <= len(generations) - 1
+        # ... and the first capture on new buffers goes into a fresh memory pool (torch frees
+        # a pool with its last graph), the others into that one
+        assert all(fresh == first for _, fresh, first in seen)
+    else:
+        assert graphed.off == "RuntimeError: capture failed" and len(seen) == fail_at - 1
 
 
 def test_fusing_shares_the_weights_and_keeps_the_hf_forward_exact() -> None:
