@@ -62,3 +62,38 @@ def test_the_server_deployment_probes_scales_and_reaches_the_sentinels() -> None
     assert b"rankone_queue_depth " in Metrics().render()[0]
     assert set(by_kind("PodDisruptionBudget")) == {"rankone", "rankone-redis", "rankone-sentinel"}
     assert by_kind("StatefulSet")["rankone-redis"]["spec"]["replicas"] == 3
+
+
+def test_the_ingress_routes_a_task_to_one_replica_and_the_rest_to_any() -> None:
+    """ingress-nginx: the generate route hashed on its path (which names the task), every
+    other route balanced; both to the server's Service, by its port's name."""
+    import re
+
+    ingresses = by_kind("Ingress")
+    assert set(ingresses) == {"rankone", "rankone-affinity"}
+    service = by_kind("Service")["rankone"]
+    port_names = {p["name"] for p in service["spec"]["ports"]}
+    paths = {}
+    for name, ing in ingresses.items():
+        assert ing["spec"]["ingressClassName"] == "nginx"
+        [rule] = ing["spec"]["rules"]
+        [path] = rule["http"]["paths"]
+        backend = path["backend"]["service"]
+        assert backend["name"] == "rankone" and backend["port"]["name"] in port_names
+        paths[name] = path
+    notes = ingresses["rankone-affinity"]["metadata"]["annotations"]
+    assert notes["nginx.ingress.kubernetes.io/upstream-hash-by"] == "$uri"
+    assert notes["nginx.ingress.kubernetes.io/use-regex"] == "true"
+    assert "upstream-hash-by" not in str(ingresses["rankone"]["metadata"]["annotations"])
+    # the affinity path, as nginx matches it (a regex anchored at the start of the URI)
+    pattern = re.compile("^" + paths["rankone-affinity"]["path"])
+    assert pattern.match("/v1/tasks/acme.sentiment-2/generate")
+    for other in ("/v1/tasks/acme/generatex", "/v1/tasks/a/b/generate", "/v1/tasks/acme",
+                  "/v1/chat/completions", "/v1/tasks"):  # fmt: skip
+        assert not pattern.match(other), other
+    assert paths["rankone"] == {**paths["rankone"], "path": "/", "pathType": "Prefix"}
+    # the body limit is at least the server's (fine-tuning files, batch registration)
+    body = ingresses["rankone"]["metadata"]["annotations"][
+        "nginx.ingress.kubernetes.io/proxy-body-size"
+    ]
+    assert int(body.removesuffix("m")) * 2**20 >= Settings.model_fields["max_body_bytes"].default
