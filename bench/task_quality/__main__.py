@@ -69,6 +69,9 @@ METHOD_DOC = {
     "mpt_factors_r4": "MPT factors-only, rank 4, init fit to the instruction's text init",
     "mpt_paper": "MPT paper mode: shared prompt and factors train (source-average init)",
     "auto": "the API's default fine-tuning job (trainer.choose), same validation rows",
+    "by_val": "derived, not trained: per target and seed, the tuned method (each at its chosen "
+    "lr) with the lowest validation loss on the same validation rows — what a job that trained "
+    "every method in full would pick (its cost: all of their runs)",
 }
 
 
@@ -379,7 +382,7 @@ class Bench:
         target's score: the mean over its shared seeds), the best single method, auto's gap to
         it and to each target's best method, and the best MPT mode's gap to prompt tuning."""
         p = self.preset
-        methods = ["auto", *p.methods]
+        methods = ["auto", "by_val", *p.methods]
         out: dict[str, Any] = {}
         for k in p.ks:
             score: dict[str, dict[str, float]] = {m: {} for m in methods}
@@ -420,6 +423,18 @@ class Bench:
         return dict(json.loads(path.read_text())) if path.exists() else None
 
     def seed_result(self, method: str, target: str, k: str, seed: int) -> dict[str, Any] | None:
+        if method == "by_val":  # the methods' run with the lowest validation loss
+            found = {m: self.seed_result(m, target, k, seed) for m in self.preset.methods}
+            runs = {m: r for m, r in found.items() if r is not None}
+            if len(runs) < len(found):
+                return None
+
+            def loss(m: str) -> float:
+                v = runs[m]["best_val_loss"]
+                return math.inf if v is None else float(v)
+
+            best = min(runs, key=loss)
+            return {**runs[best], "method": best}
         if method == "auto":
             return self.load(f"auto-{target}-k{k}-s{seed}")
         if k == self.preset.sweep_k and seed == 0:
@@ -429,7 +444,7 @@ class Bench:
 
     def report(self, command: str) -> dict[str, Any]:
         p = self.preset
-        methods = ["auto", *p.methods]
+        methods = ["auto", "by_val", *p.methods]
         table: dict[str, Any] = {}
         total = done = 0
         seconds = 0.0
@@ -485,6 +500,13 @@ class Bench:
             }
             for k in p.ks
         }
+        by_val_choices = {
+            k: {
+                t: [g["method"] for s in p.seeds if (g := self.seed_result("by_val", t, k, s))]
+                for t in p.targets
+            }
+            for k in p.ks
+        }
         dim, length = self.shared.prompt.shape[1], self.shared.prompt.shape[0]
         params = {
             "pt": length * dim,
@@ -493,6 +515,7 @@ class Bench:
             "mpt_factors_r4": 4 * (length + dim),
             "mpt_paper": length * dim + length + dim,
             "auto": "the winner's (see auto_choices)",
+            "by_val": "the chosen method's (see by_val_choices)",
         }
         out = {
             "backbone": f"SmolLM2-135M-Instruct ({Path(self.model).name})",
@@ -522,6 +545,7 @@ class Bench:
             "chosen_lr": {m: {t: self.chosen_lr(m, t) for t in p.targets} for m in p.methods},
             "sweep_k32_seed0": sweep,
             "auto_choices": auto_choices,
+            "by_val_choices": by_val_choices,
             "verdict": self.verdict(),
             "steps": p.steps,
             "eval_every": p.eval_every,
@@ -613,6 +637,11 @@ def markdown(r: dict[str, Any]) -> str:
         )
     lines += ["", *verdict_lines(r["verdict"]), "## What auto chose", ""]
     for k, per_target in r["auto_choices"].items():
+        lines.append(
+            f"- k = {k}: " + "; ".join(f"{t}: {', '.join(c)}" for t, c in per_target.items() if c)
+        )
+    lines += ["", "## What the lowest validation loss chose (`by_val`)", ""]
+    for k, per_target in r.get("by_val_choices", {}).items():
         lines.append(
             f"- k = {k}: " + "; ".join(f"{t}: {', '.join(c)}" for t, c in per_target.items() if c)
         )

@@ -39,10 +39,28 @@ def test_smoke_preset_runs_reports_and_resumes(
     assert not r["partial"] and r["units_done"] == r["units_total"]
     assert set(r["k"]) == {"32", "8"} and set(r["k"]["32"]) == {
         "auto",
+        "by_val",
         "pt",
         "mpt_factors",
         "mpt_factors_r4",
     }
+    # by_val, recomputed from the runs: per target and seed the method with the lowest
+    # validation loss (k = 32's seed 0: the sweep's run at the chosen lr)
+    methods = ("pt", "mpt_factors", "mpt_factors_r4")
+    for k in ("32", "8"):
+        for t in ("capital", "person"):
+            picked, ems = [], []
+            for seed in (0, 1):
+                if k == "32" and seed == 0:
+                    lr = {m: r["chosen_lr"][m][t] for m in methods}
+                    runs = {m: r["units"][f"sweep-{m}-{t}-k32-s0-lr{lr[m]:g}"] for m in methods}
+                else:
+                    runs = {m: r["units"][f"seed-{m}-{t}-k{k}-s{seed}"] for m in methods}
+                best = min(methods, key=lambda m: runs[m]["best_val_loss"])
+                picked.append(best)
+                ems.append(runs[best]["test_em"])
+            assert r["by_val_choices"][k][t] == picked
+            assert r["k"][k]["by_val"]["per_task"][t] == round(sum(ems) / 2, 2)
     for k in ("32", "8"):
         for row in r["k"][k].values():
             assert row["seeds_complete"] == 2 and row["std"] is not None
@@ -56,6 +74,7 @@ def test_smoke_preset_runs_reports_and_resumes(
         assert v["targets"] == ["capital", "person"] and set(v["seeds"].values()) == {2}
         assert v["mean"] == {m: row["mean"] for m, row in rows.items()}
         best = max(("pt", "mpt_factors", "mpt_factors_r4"), key=lambda m: rows[m]["mean"])
+        assert v["best_single"] != "by_val"  # a selection rule, not a method
         assert v["best_single"] == best
         assert v["auto_minus_best_single"] == round(rows["auto"]["mean"] - rows[best]["mean"], 2)
         assert set(v["auto_minus_target_best"]) == {"capital", "person"}
