@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import logging
 import time
 import weakref
@@ -601,10 +600,11 @@ class FusedLlamaCopies(FusedLlama):
         built = _BUILT_COPIES.setdefault(base, {})
         if cls.kind not in built:
             made = cls.__new__(cls)
-            # the same layers, embeddings, rotary, head, measured choices; never a method
-            # bound to ``base`` (a patched instance attribute would run base's weights)
+            # the same layers, embeddings, rotary, head, measured choices: base's own state,
+            # not an instance attribute shadowing the class's behaviour (a patched method
+            # would run base's weights)
             made.__dict__.update(
-                {k: v for k, v in base.__dict__.items() if not inspect.ismethod(v)}
+                {k: v for k, v in base.__dict__.items() if not hasattr(FusedLlama, k)}
             )
             made.copy_layers = [layer.converted(cls.copy) for layer in base.layers]
             made.copied_head = cls.copy(base.head) if cls.copy_head else base.head

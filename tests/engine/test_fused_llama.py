@@ -280,6 +280,16 @@ def test_biased_llama_fused_step_equals_hf_forward(tmp_path: Path) -> None:
     _compare_steps(loop, 6)
 
 
+def test_copies_take_the_base_forwards_state_not_its_patches() -> None:
+    base = FusedLlama.build(_tiny_llama())
+    assert base is not None
+    vars(base)["prefill"] = lambda *args: None  # an instance attribute shadowing a method
+    low = base.decode_copies("bfloat16")
+    assert "prefill" not in vars(low) and low.prefill.__func__ is FusedLlama.prefill  # type: ignore[attr-defined]
+    assert low.layers is base.layers and low.embed_tokens is base.embed_tokens
+    assert torch.bfloat16 in low.one_row_gemv and torch.float32 in low.one_row_gemv
+
+
 def test_fusing_refuses_a_partial_bias() -> None:
     model = _tiny_llama()
     attn = model.model.layers[0].self_attn
