@@ -23,7 +23,7 @@ def choose_forward(
     (``FusedLlamaInt8``, ``FusedLlamaBf16``), which only the fused forward has: a ValueError
     where it does not run. ``graphs``: on a CUDA device the fused forward's decode steps
     replay CUDA graphs (``graphed.GraphedStep``, one per forward; elsewhere no effect; the
-    serving engine's default, ``RANKONE_CUDA_GRAPHS``)."""
+    serving engine passes ``RANKONE_CUDA_GRAPHS``, off by default)."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     found = FusedLlama.build(backbone.model) if fused else None

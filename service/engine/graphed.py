@@ -12,8 +12,8 @@ window moving, more slots) drops them. The step's inputs are copied into the gra
 tensors before each replay, and its logits copied out.
 
 Off a GPU (``capture=False``) the same fixed-shape step runs eagerly: what the CPU tests check
-against HF ``generate``. ``choose_forward`` wraps the fused forward in this on a CUDA device
-unless ``RANKONE_CUDA_GRAPHS=false``.
+against HF ``generate``. ``choose_forward(graphs=True)`` wraps the fused forward in this on a
+CUDA device; the serving engine asks for it with ``RANKONE_CUDA_GRAPHS=true`` (off by default).
 """
 
 from __future__ import annotations
@@ -77,9 +77,8 @@ class GraphedStep(Forward):
 
     def step(self, inputs: StepInputs) -> Tensor:
         kv, n = inputs.kv, int(inputs.tokens.shape[0])
-        column = torch.full((1,), kv.end, dtype=torch.long, device=inputs.tokens.device)
         if not self.capture:
-            return self.inner.step_full(inputs.tokens, inputs.positions, kv, n, column)
+            return self.inner.step_full(inputs.tokens, inputs.positions, kv, n, self._column(kv))
         if self.off is not None:
             return self.inner.step(inputs)
         buffers = (kv.keys[0].data_ptr(), kv.values[0].data_ptr(), kv.mask.data_ptr(), kv.columns)
@@ -92,7 +91,7 @@ class GraphedStep(Forward):
         graph = self.graphs.get(n)
         if graph is None:
             try:
-                graph = self._capture(inputs, n, column)
+                graph = self._capture(inputs, n, self._column(kv))
             except Exception as exc:  # any capture failure: eager from now on
                 self.off = f"{type(exc).__name__}: {exc}"
                 log.warning("CUDA graphs off, decode steps run eagerly: %s", self.off)
@@ -102,9 +101,14 @@ class GraphedStep(Forward):
             self.graphs[n] = graph
         graph.tokens.copy_(inputs.tokens)
         graph.positions.copy_(inputs.positions)
-        graph.column.copy_(column)
+        graph.column.fill_(kv.end)
         graph.graph.replay()
         return graph.logits.clone()
+
+    @staticmethod
+    def _column(kv: SlotKV) -> Tensor:
+        """The write column as a device tensor [1]."""
+        return torch.full((1,), kv.end, dtype=torch.long, device=kv.device)
 
     def _capture(self, inputs: StepInputs, n: int, column: Tensor) -> _Graph:
         """Capture the fixed-shape step for ``n`` rows on the current buffers. The warm-up
