@@ -78,13 +78,14 @@ class Settings(BaseSettings):
         description="prefill and decode Llama-family backbones with the engine's fused forward "
         "(false: the HF forward)",
     )
-    weights: Literal["float32", "int8", "bfloat16"] = Field(
+    weights: Literal["float32", "int8", "bfloat16", "float32-packed"] = Field(
         "float32",
         description="decode steps' weights: int8, the fused forward's decoder-layer products "
         "read 8-bit copies (bfloat16 activations); bfloat16, its decoder-layer and lm_head "
         "products read bfloat16 copies (fast where the CPU has AMX or AVX512-BF16); neither is "
-        "exact against float32 (see docs/benchmarks.md); both need the continuous engine's "
-        "fused forward",
+        "exact against float32 (see docs/benchmarks.md); float32-packed, float32 products of a "
+        "few rows read MKL's packed copies where measured faster (CPU only, ~1.1x the layers' "
+        "weights in memory); all need the continuous engine's fused forward",
     )
     cuda_graphs: bool = Field(
         False,

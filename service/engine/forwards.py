@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from prompts.backbone import Backbone
 from service.engine.forward import Forward
-from service.engine.fused_llama import FusedLlama
+from service.engine.fused_llama import FusedLlama, packing_available
 from service.engine.graphed import GraphedStep
 from service.engine.hf_forward import HFForward
 
-WEIGHTS = ("float32", "int8", "bfloat16")  # RANKONE_WEIGHTS
+WEIGHTS = ("float32", "int8", "bfloat16", "float32-packed")  # RANKONE_WEIGHTS
 
 
 def choose_forward(
@@ -20,8 +20,9 @@ def choose_forward(
 ) -> Forward:
     """``fused``: run the fused Llama forward where it covers the backbone. ``weights``
     ``int8`` / ``bfloat16``: its decode steps' products from 8-bit / bfloat16 copies
-    (``FusedLlamaInt8``, ``FusedLlamaBf16``), which only the fused forward has: a ValueError
-    where it does not run. ``graphs``: on a CUDA device the fused forward's decode steps
+    (``FusedLlamaInt8``, ``FusedLlamaBf16``), ``float32-packed`` from MKL's packed float32
+    copies where measured faster (``FusedLlamaPacked``, a CPU's), which only the fused forward
+    has: a ValueError where it does not run. ``graphs``: on a CUDA device the fused forward's decode steps
     replay CUDA graphs (``graphed.GraphedStep``, one per forward; elsewhere no effect; the
     serving engine passes ``RANKONE_CUDA_GRAPHS``, off by default)."""
     if weights not in WEIGHTS:
@@ -34,6 +35,9 @@ def choose_forward(
                 f"RANKONE_WEIGHTS={weights} needs the engine's fused Llama forward, and "
                 f"{why} (the log says why): use RANKONE_WEIGHTS=float32"
             )
+        why_not = packing_available(backbone.device) if weights == "float32-packed" else None
+        if why_not is not None:
+            raise ValueError(f"RANKONE_WEIGHTS={weights}: {why_not}; use RANKONE_WEIGHTS=float32")
         found = found.decode_copies(weights)
     if found is None:
         return HFForward(backbone)

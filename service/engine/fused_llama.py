@@ -126,14 +126,65 @@ class Bf16Weight:
         return y.t().to(x.dtype)
 
 
-Weight = Tensor | Int8Weight | Bf16Weight
+@dataclass(frozen=True)
+class PackedWeight:
+    """A float32 weight matrix with MKL's packed copy of it (``RANKONE_WEIGHTS=float32-packed``).
+
+    MKL's packed GEMM (``torch.ops.mkl._mkl_linear``, what inductor's freezing runs) reads a
+    weight laid out once for small-row products: on an Intel Xeon (2 cores) a whole SmolLM2
+    decode step takes 1.2x less time at 4 and 8 rows than with the best unpacked float32
+    product, and is slower at 2 rows (``bench/results/decode_kernels.md``). Products of the row
+    buckets where it was measured faster (``Products.packed``) read the packed copy, the others
+    the float32 matrix as ``FusedLlama`` does. Float32 arithmetic either way: the numbers equal
+    HF's to float32 rounding, like every product here. The packed buffer's format does not
+    depend on the row count it was packed for (MKL's size for it is the same at every count,
+    and ``of`` checks a product against ``F.linear``): one copy serves every bucket. It costs
+    about 1.1x the matrix's memory beside it."""
+
+    w: Tensor  # [N, d] float32, the model's own
+    packed: Tensor  # MKL's packed copy (an opaque mkldnn tensor)
+
+    PACKED_FOR = 8  # the row count MKL packs for: the fastest copy at 4-8 rows here
+
+    @classmethod
+    def of(cls, w: Tensor) -> PackedWeight:
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(w, cls.PACKED_FOR)
+        made = cls(w, packed)
+        x = torch.linspace(-1, 1, 3 * w.shape[1], dtype=w.dtype).reshape(3, -1)
+        got, want = made.packed_product(x), F.linear(x, w)
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
+            raise RuntimeError("MKL's packed product disagrees with F.linear on this machine")
+        return made
+
+    def packed_product(self, x: Tensor) -> Tensor:
+        """``x @ wᵀ`` [n, N] from the packed copy, any ``n``."""
+        return torch.ops.mkl._mkl_linear(x, self.packed, self.w, None, int(x.shape[0]))
+
+    def product(self, x: Tensor, how: Products) -> Tensor:
+        """``x @ wᵀ``: [n, N], packed where ``how`` says so, else as a float32 matrix."""
+        if how.packed and x.shape[0] > 1:
+            return self.packed_product(x)
+        return _product_t(self.w, None, x, how).t()
+
+
+def packing_available(device: torch.device) -> str | None:
+    """Why ``float32-packed`` cannot run here, or None: MKL's packed GEMM is a CPU kernel of
+    torch builds with MKL and oneDNN."""
+    if device.type != "cpu":
+        return f"MKL's packed GEMM runs on a CPU, and the backbone is on {device.type}"
+    if not (torch._C.has_mkl and torch.backends.mkldnn.is_available()):
+        return "this torch build has no MKL or oneDNN"
+    return None
+
+
+Weight = Tensor | Int8Weight | Bf16Weight | PackedWeight
 
 
 def _compute_dtype(weight: Weight) -> torch.dtype:
     """The dtype ``weight``'s products run in (an int8 copy: its own kernel)."""
     if isinstance(weight, Int8Weight):
         return torch.int8
-    return weight.w.dtype if isinstance(weight, Bf16Weight) else weight.dtype
+    return weight.w.dtype if isinstance(weight, Bf16Weight | PackedWeight) else weight.dtype
 
 
 @dataclass(frozen=True)
@@ -144,6 +195,7 @@ class Products:
 
     gemv: bool = False  # one row: torch.mv (else the two-column GEMM, ``one_row_by_gemv``)
     linear: bool = False  # several rows, float weights: F.linear (else weight-major)
+    packed: bool = False  # several rows, a PackedWeight: its packed copy
 
 
 def _product_t(weight: Weight, bias: Tensor | None, x: Tensor, how: Products) -> Tensor:
@@ -152,7 +204,7 @@ def _product_t(weight: Weight, bias: Tensor | None, x: Tensor, how: Products) ->
     ``x @ Wᵀ`` (a transposed view): which one a CPU's BLAS runs faster depends on the CPU and
     the row count (``FusedLlama.linear_rows``). A low-precision copy's is its own (a transposed
     view)."""
-    if isinstance(weight, Int8Weight | Bf16Weight):
+    if isinstance(weight, Int8Weight | Bf16Weight | PackedWeight):
         y = weight.product(x, how)  # [n, N]
         return (y if bias is None else y + bias.t()).t()
     if x.shape[0] == 1 and how.gemv:
@@ -397,6 +449,7 @@ class FusedLlama(Forward):
                 )
             )
         self.linear_rows = linear_rows(self.layers)  # measured now, not in a request
+        self.packed_rows: frozenset[int] = frozenset()  # FusedLlamaPacked's
 
     @classmethod
     def build(cls, model: Any) -> FusedLlama | None:
@@ -418,6 +471,7 @@ class FusedLlama(Forward):
         kinds: dict[str, type[FusedLlamaCopies]] = {
             "int8": FusedLlamaInt8,
             "bfloat16": FusedLlamaBf16,
+            "float32-packed": FusedLlamaPacked,
         }
         return kinds[weights].of(self)
 
@@ -490,7 +544,8 @@ class FusedLlama(Forward):
         (``linear_rows``), as measured when this forward was built."""
         if rows == 1:
             return Products(gemv=self.one_row_gemv.get(_compute_dtype(weight), False))
-        return Products(linear=self.by_linear(rows))
+        packed = 1 < rows <= LINEAR_BUCKETS[-1] and _row_bucket(rows) in self.packed_rows
+        return Products(linear=self.by_linear(rows), packed=packed)
 
     def by_linear(self, rows: int) -> bool:
         """Whether a product over ``rows`` rows runs as ``F.linear`` (see ``linear_rows``)."""
@@ -613,8 +668,12 @@ class FusedLlamaCopies(FusedLlama):
                 dtype = _compute_dtype(w)
                 if dtype.is_floating_point and dtype not in made.one_row_gemv:
                     made.one_row_gemv[dtype] = one_row_by_gemv(base.head.device, dtype)
+            made.calibrate()
             built[cls.kind] = made
         return built[cls.kind]
+
+    def calibrate(self) -> None:
+        """Measure, once when built, what the copies' products choose by (none here)."""
 
     @property
     def step_layers(self) -> list[_Layer]:
@@ -660,3 +719,50 @@ class FusedLlamaBf16(FusedLlamaCopies):
     @staticmethod
     def copy(w: Tensor) -> Weight:
         return Bf16Weight.of(w)
+
+
+class FusedLlamaPacked(FusedLlamaCopies):
+    """``RANKONE_WEIGHTS=float32-packed``: decode steps' products over the row buckets where
+    MKL's packed GEMM measured faster on this CPU (``packed_rows``) read packed copies of the
+    decoder layers' float32 weights (``PackedWeight``); other row counts, prefills and the
+    lm_head read the float32 matrices. Float32 arithmetic throughout: exact against HF to float32
+    rounding, as the float32 forward is. Costs ~1.1x the decoder layers' weights in memory
+    (SmolLM2-135M: ~460 MB)."""
+
+    kind = "fused-f32-packed"
+
+    @staticmethod
+    def copy(w: Tensor) -> Weight:
+        return PackedWeight.of(w)
+
+    def calibrate(self) -> None:
+        self.packed_rows = packed_rows(self.copy_layers, self.linear_rows)
+
+
+def packed_rows(layers: list[_Layer], linear: frozenset[int]) -> frozenset[int]:
+    """The row buckets at which the packed copies run a step's products at least 10 % faster
+    than the float32 matrices as ``FusedLlama`` runs them (``linear_rows``' choice per bucket),
+    timed once over the layers' gate/up and down matrices (~1 s for SmolLM2)."""
+    mats = [
+        w for layer in layers for w in (layer.gate_up, layer.down) if isinstance(w, PackedWeight)
+    ]
+    if not mats:
+        return frozenset()
+    g = torch.Generator().manual_seed(0)
+    chosen = set()
+    for n in LINEAR_BUCKETS:
+        xs = {d: torch.randn(n, d, generator=g) for d in {w.w.shape[1] for w in mats}}
+        how = Products(linear=n in linear)
+
+        def plain(xs: dict[int, Tensor] = xs, how: Products = how) -> None:
+            for w in mats:
+                _product_t(w.w, None, xs[w.w.shape[1]], how)
+
+        def packed(xs: dict[int, Tensor] = xs) -> None:
+            for w in mats:
+                w.packed_product(xs[w.w.shape[1]])
+
+        if _fastest(packed, 3) < 0.9 * _fastest(plain, 3):
+            chosen.add(n)
+    log.info("float32 products from MKL's packed copies at row buckets %s", sorted(chosen))
+    return frozenset(chosen)

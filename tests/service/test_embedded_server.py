@@ -176,6 +176,7 @@ def _metrics(url: str) -> dict[str, float]:
         (False, "float32", "hf"),
         (True, "int8", "fused-int8"),
         (True, "bfloat16", "fused-bf16"),
+        (True, "float32-packed", "fused-f32-packed"),
     ],
 )
 def test_fused_forward_setting_picks_the_forward(

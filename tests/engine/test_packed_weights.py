@@ -1,0 +1,100 @@
+"""RANKONE_WEIGHTS=float32-packed: float32 decode products from MKL's packed copies.
+
+Float32 arithmetic, so held to what the float32 forward is held to: each product equals
+``F.linear`` to float32 rounding, the fused step equals the HF forward, and a mixed batch
+decodes what HF ``generate`` decodes for each request alone. The buckets a machine packs are
+measured (``packed_rows``); the tests pack every bucket so the packed kernel runs whatever this
+machine measured.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prompts import Backbone
+from service.engine.decode import DecodeLoop
+from service.engine.forwards import choose_forward
+from service.engine.fused_llama import (
+    LINEAR_BUCKETS,
+    FusedLlama,
+    FusedLlamaPacked,
+    PackedWeight,
+    Products,
+    _product,
+    packed_rows,
+    packing_available,
+)
+from service.engine.prefix_cache import PrefixCache
+from service.settings import Settings
+from tests.engine.conftest import DEVICE, reference_generate
+from tests.engine.test_decode_reference import run_schedule
+
+pytestmark = pytest.mark.skipif(
+    packing_available(torch.device(DEVICE)) is not None,
+    reason=f"float32-packed is refused here: {packing_available(torch.device(DEVICE))}",
+)
+
+
+@pytest.fixture
+def packed(backbones: dict[str, Backbone], monkeypatch: pytest.MonkeyPatch) -> FusedLlamaPacked:
+    forward = choose_forward(backbones["llama"], weights="float32-packed")
+    assert isinstance(forward, FusedLlamaPacked)
+    monkeypatch.setattr(forward, "packed_rows", frozenset(LINEAR_BUCKETS))  # every bucket
+    return forward
+
+
+def test_packed_products_are_float32_products() -> None:
+    g = torch.Generator().manual_seed(0)
+    w, bias = torch.randn(96, 64, generator=g), torch.randn(96, 1, generator=g)
+    p = PackedWeight.of(w)
+    assert p.w is w  # the model's own matrix, not a copy
+    for n in (1, 2, 3, 8, 13, 32, 40):
+        x = torch.randn(n, 64, generator=g)
+        want = torch.nn.functional.linear(x, w, bias[:, 0])
+        for how in (Products(packed=True), Products(), Products(linear=True, gemv=True)):
+            got = _product(p, bias, x, how)
+            assert got.shape == want.shape and got.dtype == torch.float32
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_forward_shares_the_float32_weights(
+    backbones: dict[str, Backbone], packed: FusedLlamaPacked
+) -> None:
+    fp32 = choose_forward(backbones["llama"])
+    assert isinstance(fp32, FusedLlama) and packed.kind == "fused-f32-packed"
+    assert choose_forward(backbones["llama"], weights="float32-packed") is packed
+    assert packed.layers is fp32.layers and packed.step_head is fp32.head  # prefills, lm_head
+    for mine, theirs in zip(packed.step_layers, fp32.layers, strict=True):
+        assert isinstance(mine.qkv, PackedWeight) and mine.qkv.w is theirs.qkv
+        assert isinstance(mine.down, PackedWeight) and mine.down.w is theirs.down
+    assert packed.products(4, packed.step_layers[0].qkv).packed
+    assert not packed.products(1, packed.step_layers[0].qkv).packed  # one row: GEMV or GEMM
+    assert not fp32.products(4, fp32.layers[0].qkv).packed
+
+
+def test_packed_mixed_batch_matches_generate(
+    backbones: dict[str, Backbone], packed: FusedLlamaPacked
+) -> None:
+    backbone = backbones["llama"]
+    loop = DecodeLoop(backbone, prefix_cache=PrefixCache(1 << 24), forward=packed)
+    for req, sink in run_schedule(backbone, loop):
+        expected = reference_generate(backbone, req.task, req.input_ids, req.params.max_new_tokens)
+        assert sink.result is not None and sink.result.token_ids == expected, req.request_id
+
+
+def test_packed_rows_are_measured(packed: FusedLlamaPacked) -> None:
+    chosen = packed_rows(packed.step_layers, packed.linear_rows)
+    assert chosen <= set(LINEAR_BUCKETS)  # whichever this machine runs faster packed
+    assert packed_rows([], frozenset()) == frozenset()
+
+
+def test_packed_weights_are_refused_where_they_cannot_run(backbones: dict[str, Backbone]) -> None:
+    assert "runs on a CPU" in str(packing_available(torch.device("cuda")))
+    with pytest.raises(ValueError, match="RANKONE_FUSED_FORWARD is false"):
+        choose_forward(backbones["llama"], fused=False, weights="float32-packed")
+    with pytest.raises(ValueError, match="not covered"):
+        choose_forward(backbones["gpt2"], weights="float32-packed")
+    assert Settings(model="m", weights="float32-packed").weights == "float32-packed"
+    with pytest.raises(ValueError, match="runs in the continuous"):
+        Settings(model="m", weights="float32-packed", engine="static")
