@@ -1,5 +1,6 @@
-"""Low-precision decode weights (RANKONE_WEIGHTS=int8, bfloat16) against float32 on the real
-model: decode speed and what they change.
+"""Decode weights other than float32 (RANKONE_WEIGHTS=int8, bfloat16, float32-packed) against
+float32 on the real model: decode speed and what they change (float32-packed: float32
+arithmetic, its agreement measured all the same).
 
 On SmolLM2-135M-Instruct with the demo's tasks (``rankone demo --no-serve`` builds them), in
 one run:

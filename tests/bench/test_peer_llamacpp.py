@@ -68,15 +68,28 @@ def test_report_shows_the_ratios() -> None:
                 "llamacpp_same_precision": 40.0,
                 "llamacpp_bf16": 60.0,
                 "llamacpp_q8_0": 90.0,
-            }
+            },
+            "4": {  # float32-packed faster than float32, int8 the best
+                "rankone": 80.0,
+                "rankone_f32_packed": 100.0,
+                "rankone_int8": 150.0,
+                "rankone_bf16": 120.0,
+                "llamacpp_same_precision": 100.0,
+                "llamacpp_bf16": 100.0,
+                "llamacpp_q8_0": 200.0,
+            },
         },
         "prompt_tok_s": {"rankone": 300.0, "llamacpp_f32": 460.0, "llamacpp_q8_0": 470.0},
         "many_tasks": {"note": "not measured yet"},
         "llamacpp_no_repack": ["m-q8_0.gguf"],
     }
     text = peer.report(r)
-    # f32 / F32, bf16 / BF16, and the best of rankone's three over Q8_0
-    assert "| 1 | 30.0 | 45.0 | 36.0 | 40.0 | 60.0 | 90.0 | 0.75 | 0.60 | 0.50 |" in text
+    # best f32 / F32, bf16 / BF16, and the best of rankone's settings over Q8_0 (a report
+    # from before float32-packed: its column empty)
+    assert "| 1 | 30.0 | - | 45.0 | 36.0 | 40.0 | 60.0 | 90.0 | 0.75 | 0.60 | 0.50 |" in text
+    assert (
+        "| 4 | 80.0 | 100.0 | 150.0 | 120.0 | 100.0 | 100.0 | 200.0 | 1.00 | 1.20 | 0.75 |" in text
+    )
     assert "rankone 300.0 tok/s" in text and "not measured yet" in text
     assert "m-q8_0.gguf with its weight repacking on" in text
 
