@@ -133,7 +133,8 @@ class PackedWeight:
     MKL's packed GEMM (``torch.ops.mkl._mkl_linear``, what inductor's freezing runs) reads a
     weight laid out once for small-row products: on an Intel Xeon (2 cores) a whole SmolLM2
     decode step takes 1.2x less time at 4 and 8 rows than with the best unpacked float32
-    product, and is slower at 2 rows (``bench/results/decode_kernels.md``). Products of the row
+    product (``bench/results/peer_llamacpp.md``), and the products alone are slower at 2 rows
+    (``bench/results/decode_kernels.md``). Products of the row
     buckets where it was measured faster (``Products.packed``) read the packed copy, the others
     the float32 matrix as ``FusedLlama`` does. Float32 arithmetic either way: the numbers equal
     HF's to float32 rounding, like every product here. The packed buffer's format does not
