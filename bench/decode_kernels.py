@@ -41,6 +41,7 @@ from torch import Tensor
 from bench.common import RESULTS, write_json
 from bench.engine_bench import machine
 from bench.weights_quality import cpu_matrix_flags
+from service.engine.fused_llama import _fastest  # the engine's own timing of its choices
 
 # SmolLM2-135M: hidden 576, intermediate 1536, 9 query and 3 key/value heads of 64, 30 layers
 HIDDEN, INTER, Q_OUT, KV_OUT, LAYERS = 576, 1536, 576, 192, 30
@@ -49,16 +50,6 @@ HIDDEN, INTER, Q_OUT, KV_OUT, LAYERS = 576, 1536, 576, 192, 30
 def layer_shapes(hidden: int = HIDDEN, inter: int = INTER) -> list[tuple[int, int]]:
     """One decoder layer's fused matrices [out, in]: q/k/v, o, gate/up, down."""
     return [(Q_OUT + 2 * KV_OUT, hidden), (hidden, Q_OUT), (2 * inter, hidden), (hidden, inter)]
-
-
-def _fastest(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def _row_scaled(x: Tensor, packed: Any) -> Tensor:
