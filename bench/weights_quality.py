@@ -223,7 +223,7 @@ def report(r: dict[str, Any]) -> str:
     speed, up = r["step_ms_by_rows"], r["speedup_by_rows"]
     low = list(up)
     lines = [
-        "# Low-precision decode weights (RANKONE_WEIGHTS) against float32, SmolLM2-135M-Instruct",
+        "# Decode weights (RANKONE_WEIGHTS) against float32, SmolLM2-135M-Instruct",
         "",
         *run_lines(r),
         f"CPU matrix flags: {', '.join(r['cpu_matrix_flags']) or 'none read'}.",
