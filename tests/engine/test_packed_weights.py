@@ -1,13 +1,15 @@
 """RANKONE_WEIGHTS=float32-packed: float32 decode products from MKL's packed copies.
 
 Float32 arithmetic, so held to what the float32 forward is held to: each product equals
-``F.linear`` to float32 rounding, the fused step equals the HF forward, and a mixed batch
-decodes what HF ``generate`` decodes for each request alone. The buckets a machine packs are
+``F.linear`` to float32 rounding, and a mixed batch decodes what HF ``generate`` decodes for
+each request alone. The buckets a machine packs are
 measured (``packed_rows``); the tests pack every bucket so the packed kernel runs whatever this
 machine measured.
 """
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from service.engine.fused_llama import (
     PackedWeight,
     Products,
     _product,
+    faster_buckets,
     packed_rows,
     packing_available,
 )
@@ -87,6 +90,26 @@ def test_packed_rows_are_measured(packed: FusedLlamaPacked) -> None:
     chosen = packed_rows(packed.step_layers, packed.linear_rows)
     assert chosen <= set(LINEAR_BUCKETS)  # whichever this machine runs faster packed
     assert packed_rows([], frozenset()) == frozenset()
+
+
+def test_faster_buckets_picks_the_buckets_where_the_candidate_wins() -> None:
+    """The calibration both product choices use: a bucket is the candidate's only where its
+    pass takes under 0.9 of the current one's, each pass given that bucket's inputs."""
+    seen: list[tuple[int, tuple[int, ...]]] = []
+
+    def slow_up_to_4(n: int, xs: dict[int, torch.Tensor]) -> None:
+        seen.append((n, tuple(x.shape[0] for x in xs.values())))
+        if n <= 4:
+            time.sleep(0.003)
+
+    def slow_above_4(n: int, xs: dict[int, torch.Tensor]) -> None:
+        if n > 4:
+            time.sleep(0.003)
+
+    assert faster_buckets({8, 16}, torch.float32, slow_up_to_4, slow_above_4) == {8, 16, 32}
+    assert faster_buckets({8, 16}, torch.float32, slow_above_4, slow_up_to_4) == {2, 4}
+    assert {n for n, _ in seen} == set(LINEAR_BUCKETS)
+    assert all(rows == (n, n) for n, rows in seen)  # inputs [n, w], one per width
 
 
 def test_packed_weights_are_refused_where_they_cannot_run(backbones: dict[str, Backbone]) -> None:
