@@ -48,7 +48,7 @@ from service.engine.prefix_cache import PrefixCache
 from service.engine.rows import Row
 from trainer.metrics import exact_match
 
-LOW = tuple(w for w in WEIGHTS if w != "float32")
+OTHERS = tuple(w for w in WEIGHTS if w != "float32")  # each measured against float32
 
 
 def step_times(backbone: Any, forwards: dict[str, Forward], rows: list[int], steps: int) -> dict:
@@ -149,20 +149,20 @@ def main(argv: list[str] | None = None) -> int:
         for w, forward in forwards.items():
             outputs[w] = decode_all(backbone, forward, reqs, args.max_new_tokens)
     per_task: dict[str, dict[str, Any]] = {}
-    same = dict.fromkeys(LOW, 0)
-    agreed = dict.fromkeys(LOW, 0)
+    same = dict.fromkeys(OTHERS, 0)
+    agreed = dict.fromkeys(OTHERS, 0)
     tokens = 0
     for i, (name, _, target, _) in enumerate(reqs):
         ref = outputs["float32"][i]
         row = per_task.setdefault(
-            name, {"n": 0, **dict.fromkeys(WEIGHTS, 0), **{f"same_{w}": 0 for w in LOW}}
+            name, {"n": 0, **dict.fromkeys(WEIGHTS, 0), **{f"same_{w}": 0 for w in OTHERS}}
         )
         row["n"] += 1
         tokens += len(ref)
         for w in WEIGHTS:
             text = tok.decode(outputs[w][i], skip_special_tokens=True)
             row[w] += int(exact_match(text, target))
-        for w in LOW:
+        for w in OTHERS:
             got = outputs[w][i]
             row[f"same_{w}"] += int(got == ref)
             same[w] += int(got == ref)
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 else (first or min(len(ref), len(got)))
             )
     for row in per_task.values():
-        for key in (*WEIGHTS, *(f"same_{w}" for w in LOW)):
+        for key in (*WEIGHTS, *(f"same_{w}" for w in OTHERS)):
             row[key] = round(100 * row[key] / row["n"], 1)
     n = len(reqs)
     results = {
@@ -187,12 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         "step_ms_by_rows": speed,
         "speedup_by_rows": {
             w: {r: round(speed["float32"][r] / speed[w][r], 2) for r in speed["float32"]}
-            for w in LOW
+            for w in OTHERS
         },
         "requests": n,
-        "greedy_same_output_pct": {w: round(100 * same[w] / max(n, 1), 1) for w in LOW},
+        "greedy_same_output_pct": {w: round(100 * same[w] / max(n, 1), 1) for w in OTHERS},
         "tokens_before_first_difference_pct": {
-            w: round(100 * agreed[w] / max(tokens, 1), 1) for w in LOW
+            w: round(100 * agreed[w] / max(tokens, 1), 1) for w in OTHERS
         },
         "exact_match_pct": {
             w: round(statistics.mean(r[w] for r in per_task.values()), 1) for w in WEIGHTS
