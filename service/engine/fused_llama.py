@@ -103,6 +103,81 @@ class Int8Weight:
 
 
 @dataclass(frozen=True)
+class Int4Weight:
+    """A 4-bit copy of a weight matrix in blocks of 32 along its input dim, each block 16
+    levels between its least and greatest value (``w ≈ (q - 8) · s + z``: llama.cpp's Q4_1
+    form, the block's scale and offset in bfloat16). ``RANKONE_WEIGHTS=int4``.
+
+    A GGUF file in Q4_1 (the demo's SmolLM2) holds its matrices in this form: the float32
+    weights rankone loads are their dequantization, and ``of`` recovers every block's levels
+    from them exactly, so the copy differs from the file only by its scales' rounding to
+    bfloat16 (half-precision in the file); from other weights it is a lossy copy. ``error``
+    measures either. Products read an eighth of float32's bytes, with bfloat16 activations and
+    float32 accumulation (``torch._weight_int4pack_mm_for_cpu``, whose float32 path is ~25×
+    slower; each output row depends on its own input row only). Off a CPU (CUDA): the same
+    numbers dequantized into one GEMM."""
+
+    packed: Tensor  # CPU: torch's int4 packing [N, d / 2] uint8; else the levels [N, d] uint8
+    scales_zeros: Tensor  # [d / GROUP, N, 2] bfloat16: (s, z) per block
+    shape: tuple[int, int]  # [N, d]
+    error: float  # the copy's largest difference from the matrix, relative to its largest |w|
+
+    GROUP = 32
+
+    @classmethod
+    def fits(cls, w: Tensor) -> bool:
+        """Whether ``w`` [N, d] has a 4-bit copy: whole blocks along d, N a multiple of 16
+        (the CPU kernel's tile)."""
+        n, d = w.shape
+        return d % cls.GROUP == 0 and n % 16 == 0
+
+    @classmethod
+    def of(cls, w: Tensor) -> Int4Weight:
+        n, d = w.shape
+        blocks = w.detach().float().reshape(n, d // cls.GROUP, cls.GROUP)
+        low, high = blocks.amin(-1), blocks.amax(-1)  # [N, blocks]
+        scale = (high - low) / 15
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.round((blocks - low[..., None]) / safe[..., None]).clamp_(0, 15)
+        zero = low + 8 * scale  # (q - 8) s + z = q s + low
+        scales_zeros = torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous()
+        q = q.reshape(n, d).to(torch.uint8)
+        if w.device.type == "cpu":
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
+        else:
+            packed = q
+        made = cls(packed, scales_zeros, (n, d), 0.0)
+        error = float((made.levels(q) - w).abs().max()) / max(float(w.abs().max()), 1e-30)
+        return dataclasses.replace(made, error=error)
+
+    def levels(self, q: Tensor | None = None) -> Tensor:
+        """The copy's weights as float32 [N, d] (its dequantization; ``q``: its levels [N, d]
+        where the caller has them, else read back from the packing)."""
+        n, d = self.shape
+        if q is None and self.packed.shape == (n, d):
+            q = self.packed
+        if q is None:  # the CPU packing: read back by multiplying the identity
+            unit = torch.ones_like(self.scales_zeros)
+            unit[..., 1] = 8.0  # (q - 8) · 1 + 8 = q
+            eye = torch.eye(d, dtype=torch.bfloat16, device=self.packed.device)
+            q = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.GROUP, unit).t()
+        sz = self.scales_zeros.float()
+        s = sz[..., 0].t().repeat_interleave(self.GROUP, 1)
+        z = sz[..., 1].t().repeat_interleave(self.GROUP, 1)
+        return (q.float() - 8) * s + z
+
+    def product(self, x: Tensor, how: Products) -> Tensor:
+        """``x @ wᵀ`` from the 4-bit copy: [n, d] -> [n, N] in ``x``'s dtype."""
+        xb = x.to(torch.bfloat16).contiguous()
+        if x.device.type == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                xb, self.packed, self.GROUP, self.scales_zeros
+            )
+            return y.to(x.dtype)
+        return F.linear(xb, self.levels().to(torch.bfloat16)).to(x.dtype)
+
+
+@dataclass(frozen=True)
 class Bf16Weight:
     """A bfloat16 copy of a weight matrix (``RANKONE_WEIGHTS=bfloat16``).
 
@@ -178,13 +253,15 @@ def packing_available(device: torch.device) -> str | None:
     return None
 
 
-Weight = Tensor | Int8Weight | Bf16Weight | PackedWeight
+Weight = Tensor | Int8Weight | Int4Weight | Bf16Weight | PackedWeight
 
 
 def _compute_dtype(weight: Weight) -> torch.dtype:
     """The dtype ``weight``'s products run in (an int8 copy: its own kernel)."""
     if isinstance(weight, Int8Weight):
         return torch.int8
+    if isinstance(weight, Int4Weight):
+        return torch.quint4x2
     return weight.w.dtype if isinstance(weight, Bf16Weight | PackedWeight) else weight.dtype
 
 
@@ -205,7 +282,7 @@ def _product_t(weight: Weight, bias: Tensor | None, x: Tensor, how: Products) ->
     ``x @ Wᵀ`` (a transposed view): which one a CPU's BLAS runs faster depends on the CPU and
     the row count (``FusedLlama.linear_rows``). A low-precision copy's is its own (a transposed
     view)."""
-    if isinstance(weight, Int8Weight | Bf16Weight | PackedWeight):
+    if isinstance(weight, Int8Weight | Int4Weight | Bf16Weight | PackedWeight):
         y = weight.product(x, how)  # [n, N]
         return (y if bias is None else y + bias.t()).t()
     if x.shape[0] == 1 and how.gemv:
@@ -484,6 +561,7 @@ class FusedLlama(Forward):
             return self
         kinds: dict[str, type[FusedLlamaCopies]] = {
             "int8": FusedLlamaInt8,
+            "int4": FusedLlamaInt4,
             "bfloat16": FusedLlamaBf16,
             "float32-packed": FusedLlamaPacked,
         }
@@ -665,6 +743,11 @@ class FusedLlamaCopies(FusedLlama):
         raise NotImplementedError
 
     @classmethod
+    def head_copy(cls, w: Tensor) -> Weight:
+        """The lm_head's copy (where ``copy_head``): the layers' kind, unless a forward says."""
+        return cls.copy(w)
+
+    @classmethod
     def of(cls, base: FusedLlama) -> FusedLlamaCopies:
         built = _BUILT_COPIES.setdefault(base, {})
         if cls.kind not in built:
@@ -676,7 +759,7 @@ class FusedLlamaCopies(FusedLlama):
                 {k: v for k, v in base.__dict__.items() if not hasattr(FusedLlama, k)}
             )
             made.copy_layers = [layer.converted(cls.copy) for layer in base.layers]
-            made.copied_head = cls.copy(base.head) if cls.copy_head else base.head
+            made.copied_head = cls.head_copy(base.head) if cls.copy_head else base.head
             made.one_row_gemv = dict(base.one_row_gemv)
             for w in (made.copy_layers[0].qkv, made.copied_head):  # the copies' own dtypes
                 dtype = _compute_dtype(w)
@@ -718,6 +801,44 @@ class FusedLlamaInt8(FusedLlamaCopies):
     @staticmethod
     def copy(w: Tensor) -> Weight:
         return Int8Weight.of(w)
+
+
+class FusedLlamaInt4(FusedLlamaCopies):
+    """``RANKONE_WEIGHTS=int4``: decode steps read 4-bit copies of the decoder layers' weights
+    (``Int4Weight``: blocks of 32, llama.cpp's Q4_1 form; a matrix whose shape has no such copy
+    stays float32); the lm_head and prefills read float32. On a Q4_1 GGUF file (the demo's
+    SmolLM2) the copies are the file's own weights, bit for bit, so a decode step's numbers
+    equal float32's to float32 rounding, like every product here; on other weights the copies
+    are lossy (the log says by how much: ``copy_error``)."""
+
+    kind = "fused-int4"
+    copy_head = True
+    copy_error = 0.0  # the copies' largest relative difference from the float32 weights
+
+    @staticmethod
+    def copy(w: Tensor) -> Weight:
+        return Int4Weight.of(w) if Int4Weight.fits(w) else w
+
+    @classmethod
+    def head_copy(cls, w: Tensor) -> Weight:
+        return Int8Weight.of(w)
+
+    def calibrate(self) -> None:
+        copies = [
+            w
+            for layer in self.copy_layers
+            for w in (layer.qkv, layer.o, layer.gate_up, layer.down)
+            if isinstance(w, Int4Weight)
+        ]
+        self.copy_error = max((w.error for w in copies), default=0.0)
+        log.info(
+            "int4 copies of %d of %d decoder matrices; largest difference from the float32 "
+            "weights: %.3g of a matrix's largest weight%s",
+            len(copies),
+            4 * len(self.copy_layers),
+            self.copy_error,
+            " (the weights are 4-bit blocks already: exact)" if self.copy_error == 0 else "",
+        )
 
 
 class FusedLlamaBf16(FusedLlamaCopies):

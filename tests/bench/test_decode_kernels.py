@@ -21,7 +21,8 @@ def test_every_kernel_computes_the_float32_product_to_its_precision() -> None:
         for name, product in kernels.products(n).items():
             got = product(0, x).float()
             assert got.shape == want.shape, name
-            tol = 1e-4 if name.startswith("f32") else 5e-2  # bfloat16 / 8-bit: coarser
+            # bfloat16 / 8-bit: coarser; 4 bits of random weights: half a level of 16
+            tol = 1e-4 if name.startswith("f32") else 0.15 if name.startswith("int4") else 5e-2
             rel = float((got - want).norm() / want.norm())
             assert rel < tol, (name, rel)
 
@@ -58,6 +59,7 @@ def test_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert r["batch_invariant"] == {
         "int8 W8A8 fbgemm, batch scale": False,
         "int8 W8A8 fbgemm, row-scaled": True,
+        "int4 W4A32 (int4pack, Q4_1 blocks)": True,
     }
     assert r["matrices"] == 4 and r["command"].startswith("python -m bench.decode_kernels")
     text = (tmp_path / "decode_kernels.md").read_text()

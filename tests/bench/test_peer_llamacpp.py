@@ -78,17 +78,36 @@ def test_report_shows_the_ratios() -> None:
                 "llamacpp_bf16": 100.0,
                 "llamacpp_q8_0": 200.0,
             },
+            "8": {  # int4 the best, against llama.cpp's Q4_1 too
+                "rankone": 80.0,
+                "rankone_f32_packed": 100.0,
+                "rankone_int8": 150.0,
+                "rankone_int4": 180.0,
+                "rankone_bf16": 120.0,
+                "llamacpp_same_precision": 100.0,
+                "llamacpp_bf16": 100.0,
+                "llamacpp_q8_0": 200.0,
+                "llamacpp_q4_1": 240.0,
+            },
         },
         "prompt_tok_s": {"rankone": 300.0, "llamacpp_f32": 460.0, "llamacpp_q8_0": 470.0},
         "many_tasks": {"note": "not measured yet"},
         "llamacpp_no_repack": ["m-q8_0.gguf"],
     }
     text = peer.report(r)
-    # best f32 / F32, bf16 / BF16, and the best of rankone's settings over Q8_0 (a report
-    # from before float32-packed: its column empty)
-    assert "| 1 | 30.0 | - | 45.0 | 36.0 | 40.0 | 60.0 | 90.0 | 0.75 | 0.60 | 0.50 |" in text
+    # best f32 / F32, bf16 / BF16, int4 / Q4_1, and the best of rankone's settings over Q8_0
+    # (a report from before float32-packed and int4: their columns empty)
     assert (
-        "| 4 | 80.0 | 100.0 | 150.0 | 120.0 | 100.0 | 100.0 | 200.0 | 1.00 | 1.20 | 0.75 |" in text
+        "| 1 | 30.0 | - | 45.0 | - | 36.0 | 40.0 | 60.0 | 90.0 | - | 0.75 | 0.60 | - | 0.50 |"
+        in text
+    )
+    assert (
+        "| 4 | 80.0 | 100.0 | 150.0 | - | 120.0 | 100.0 | 100.0 | 200.0 | - | 1.00 | 1.20 | - | 0.75 |"
+        in text
+    )
+    assert (
+        "| 8 | 80.0 | 100.0 | 150.0 | 180.0 | 120.0 | 100.0 | 100.0 | 200.0 | 240.0 | 1.00 | 1.20 "
+        "| 0.75 | 0.90 |" in text
     )
     assert "rankone 300.0 tok/s" in text and "not measured yet" in text
     assert "m-q8_0.gguf with its weight repacking on" in text

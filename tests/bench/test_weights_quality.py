@@ -31,7 +31,8 @@ def test_report_puts_each_setting_beside_float32() -> None:
     assert "| 1 | 30.0 | 20.0 | 1.5 | 24.0 | 1.25 |" in text
     assert "| city | 2 | 50.0% | 0.0% | 50.0% | 50.0% | 100.0% |" in text
     assert "int8 75.0%, bfloat16 100.0%" in text and "amx_bf16" in text
-    assert set(wq.OTHERS) == {"int8", "bfloat16", "float32-packed"}  # every setting but float32
+    # every setting but float32
+    assert set(wq.OTHERS) == {"int8", "int4", "bfloat16", "float32-packed"}
 
 
 def test_cpu_matrix_flags_reads_the_flags_line(tmp_path: Path) -> None:

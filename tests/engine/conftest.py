@@ -33,6 +33,24 @@ def backbones(tiny_t5_dir: Path, tiny_gpt2_dir: Path, tiny_llama_dir: Path) -> d
     }
 
 
+@pytest.fixture(scope="session")
+def q4_llama(tiny_llama_dir: Path) -> Backbone:
+    """The tiny Llama with every decoder matrix made 4-bit blocks (llama.cpp's Q4_1 form, as
+    the demo's GGUF file holds them; ``RANKONE_WEIGHTS=int4`` copies such weights to its scales'
+    rounding): a model of its own, the shared fixture's weights stay as they are."""
+    from service.engine.fused_llama import Int4Weight
+
+    backbone = load_backbone(tiny_llama_dir, device=DEVICE)
+    with torch.no_grad():
+        for layer in backbone.model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+                lin.weight.copy_(Int4Weight.of(lin.weight.cpu()).levels())
+            for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                lin.weight.copy_(Int4Weight.of(lin.weight.cpu()).levels())
+    return backbone
+
+
 def make_tasks(backbone: Backbone, n: int = 4, *, seed: int = 1) -> list[ResolvedTask]:
     """``n`` tasks over two shared prompts, with random rank-1 (and one rank-2) factors."""
     g = torch.Generator().manual_seed(seed)

@@ -1,4 +1,5 @@
-"""RANKONE_WEIGHTS=int8 / bfloat16: the fused forward's decode steps from low-precision copies.
+"""RANKONE_WEIGHTS=int8 / int4 / bfloat16: the fused forward's decode steps from low-precision
+copies.
 
 Not exact against float32 (that is measured on the real model by ``bench.weights_quality``);
 what holds here: the products stay within their rounding of float32, rows never see each other
@@ -18,7 +19,9 @@ from service.engine.fused_llama import (
     Bf16Weight,
     FusedLlama,
     FusedLlamaBf16,
+    FusedLlamaInt4,
     FusedLlamaInt8,
+    Int4Weight,
     Int8Weight,
     Products,
     _product,
@@ -30,7 +33,12 @@ from service.settings import Settings
 from tests.engine.conftest import TEXTS, make_tasks, request, row
 from tests.engine.test_decode_reference import run_schedule
 
-KINDS = {"int8": (Int8Weight, FusedLlamaInt8), "bfloat16": (Bf16Weight, FusedLlamaBf16)}
+KINDS = {
+    "int8": (Int8Weight, FusedLlamaInt8),
+    "int4": (Int4Weight, FusedLlamaInt4),
+    "bfloat16": (Bf16Weight, FusedLlamaBf16),
+}
+HEADS = {"int8": Int8Weight, "int4": Int8Weight, "bfloat16": Bf16Weight}  # the lm_head's copy
 
 
 def test_int8_products_stay_within_rounding_and_rows_are_independent() -> None:
@@ -61,10 +69,12 @@ def test_int8_products_stay_within_rounding_and_rows_are_independent() -> None:
 
 @pytest.mark.parametrize("weights", sorted(KINDS))
 def test_copies_step_near_float32_and_keep_the_model_exact(
-    backbones: dict[str, Backbone], weights: str
+    backbones: dict[str, Backbone], q4_llama: Backbone, weights: str
 ) -> None:
     copy_type, forward_type = KINDS[weights]
-    backbone = backbones["llama"]
+    # int4: a model whose weights are 4-bit blocks, as a Q4_1 file's are (on the tiny model's
+    # large random weights 4 bits lose ~5 % of each weight; test_int4_weights bounds that)
+    backbone = q4_llama if weights == "int4" else backbones["llama"]
     ids = torch.tensor([[1, 5, 9, 2, 7]], device=backbone.device)
     with torch.inference_mode():
         before = backbone.model(input_ids=ids).logits
@@ -74,7 +84,7 @@ def test_copies_step_near_float32_and_keep_the_model_exact(
     assert low.kind == forward_type.kind and choose_forward(backbone, weights=weights) is low
     assert low.embed_tokens is fp32.embed_tokens and low.head is fp32.head
     assert all(isinstance(layer.down, copy_type) for layer in low.step_layers)
-    assert isinstance(low.step_head, copy_type)  # the lm_head too
+    assert isinstance(low.step_head, HEADS[weights])  # the lm_head too
     assert low.layers is fp32.layers  # prefills: the float32 layers, shared
     assert fp32.step_head is fp32.head
     assert all(isinstance(layer.qkv, torch.Tensor) for layer in fp32.step_layers)
@@ -94,14 +104,15 @@ def test_copies_step_near_float32_and_keep_the_model_exact(
     torch.testing.assert_close(logits["low"], logits["fp32"], rtol=0, atol=0.1 * scale)
     assert not torch.equal(logits["low"], logits["fp32"])
 
-    # int8: a prefill is the float32 one, number for number; bfloat16 prefills from its copies
+    # int8, int4: a prefill is the float32 one, number for number; bfloat16 prefills from its
+    # copies
     prefilled = []
     for forward in (fp32, low):
         rows = [row(request(backbone, tasks[i], TEXTS[i], f"r{i}"))[0] for i in range(3)]
         with torch.inference_mode():
             prefilled.append(Prefiller(backbone, None, LoopStats(), forward)(rows).logits)
-    assert torch.equal(prefilled[0], prefilled[1]) == (weights == "int8")
-    assert (low.prefill_layers is fp32.layers) == (weights == "int8")
+    assert torch.equal(prefilled[0], prefilled[1]) == (weights != "bfloat16")
+    assert (low.prefill_layers is fp32.layers) == (weights != "bfloat16")
     scale = float(prefilled[0].abs().max())
     torch.testing.assert_close(prefilled[1], prefilled[0], rtol=0, atol=0.1 * scale)
 
@@ -132,7 +143,7 @@ def test_copies_are_refused_where_they_cannot_run(
     with pytest.raises(ValueError, match="not covered"):
         choose_forward(backbones["gpt2"], weights=weights)
     with pytest.raises(ValueError, match="weights must be one of"):
-        choose_forward(backbones["llama"], weights="int4")
+        choose_forward(backbones["llama"], weights="int2")
     for env in ({"engine": "static"}, {"fused_forward": False}):
         with pytest.raises(ValueError, match=f"RANKONE_WEIGHTS={weights} runs in the continuous"):
             Settings(model="m", weights=weights, **env)  # type: ignore[arg-type]

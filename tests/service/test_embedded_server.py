@@ -175,6 +175,7 @@ def _metrics(url: str) -> dict[str, float]:
         (True, "float32", "fused"),
         (False, "float32", "hf"),
         (True, "int8", "fused-int8"),
+        (True, "int4", "fused-int4"),
         (True, "bfloat16", "fused-bf16"),
         (True, "float32-packed", "fused-f32-packed"),
     ],
