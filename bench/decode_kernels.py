@@ -18,7 +18,7 @@ kernel's extra memory and its error against the float32 product:
   ``torch.ops.quantized.linear_dynamic``) as it is (one scale for the whole batch: a row's
   numbers then depend on the other rows) and with each row scaled to [-1, 1] first (a fixed
   quantization: batch-invariant, as rankone's mixed batches must be);
-- 4-bit weights: ``torch._weight_int4pack_mm_for_cpu`` with float32 activations, blocks of 32
+- 4-bit weights: ``torch._weight_int4pack_mm_for_cpu`` with bfloat16 activations, blocks of 32
   in llama.cpp's Q4_1 form (what ``RANKONE_WEIGHTS=int4`` runs; its error here is the random
   weights' quantization: on a Q4_1 file's weights the copy is exact).
 
@@ -114,7 +114,7 @@ class Kernels:
             "int8 W8A16 (int8pack)": lambda i, x: torch._weight_int8pack_mm(
                 x.bfloat16(), self.int8[i], self.int8_scale[i]
             ),
-            "int4 W4A32 (int4pack, Q4_1 blocks)": lambda i, x: self.int4[i].product(x, Products()),
+            "int4 W4A16 (int4pack, Q4_1 blocks)": lambda i, x: self.int4[i].product(x, Products()),
             "int8 W8A8 fbgemm, batch scale": lambda i, x: torch.ops.quantized.linear_dynamic(
                 x, self.fbgemm[i], False
             ),

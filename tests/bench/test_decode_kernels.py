@@ -59,7 +59,7 @@ def test_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert r["batch_invariant"] == {
         "int8 W8A8 fbgemm, batch scale": False,
         "int8 W8A8 fbgemm, row-scaled": True,
-        "int4 W4A32 (int4pack, Q4_1 blocks)": True,
+        "int4 W4A16 (int4pack, Q4_1 blocks)": True,
     }
     assert r["matrices"] == 4 and r["command"].startswith("python -m bench.decode_kernels")
     text = (tmp_path / "decode_kernels.md").read_text()
