@@ -181,24 +181,51 @@ class Int4Weight:
 class Bf16Weight:
     """A bfloat16 copy of a weight matrix (``RANKONE_WEIGHTS=bfloat16``).
 
-    Its products read half of float32's bytes and run bfloat16 GEMMs (float32 accumulation):
-    on a CPU with AMX or AVX512-BF16 (oneDNN's kernels) 3-6x faster than the float32 GEMM at
-    4-64 rows (bench/results/weights_quality.md). Activations are rounded to bfloat16 for the
-    product only; everything between the products stays float32."""
+    Its products read half of float32's bytes and run bfloat16 GEMMs (float32 accumulation).
+    On a CPU with oneDNN's bfloat16 kernels the copy is oneDNN's prepacked layout of the matrix
+    (``torch.ops.mkldnn._linear_pointwise``, what inductor's freezing runs; ``prepacked``), which
+    ran a pass over SmolLM2's decoder matrices 1.2-2x faster than the plain bfloat16 GEMM on an
+    AMD EPYC without AMX and within 3 % of it on an Intel Xeon with AMX
+    (bench/results/decode_kernels.md), with the same numbers as ``torch.mm``, whatever the rows
+    beside (checked when made); elsewhere the plain matrix (``w``). Activations are rounded to
+    bfloat16 for the product only; everything between the products stays float32."""
 
-    w: Tensor  # [N, d] bfloat16
+    w: Tensor | None  # [N, d] bfloat16, where not prepacked
+    prepacked: Tensor | None = None  # oneDNN's layout of it (an opaque mkldnn tensor)
 
     @classmethod
     def of(cls, w: Tensor) -> Bf16Weight:
-        return cls(w.detach().to(torch.bfloat16).contiguous())
+        wb = w.detach().to(torch.bfloat16).contiguous()
+        if not _onednn_bf16(wb.device):
+            return cls(wb)
+        made = cls(None, torch.ops.mkldnn._reorder_linear_weight(wb, 1))
+        x = torch.linspace(-1, 1, 3 * wb.shape[1], dtype=torch.bfloat16).reshape(3, -1)
+        if not torch.equal(made.product(x, Products()), torch.mm(x, wb.t()).float()):
+            return cls(wb)  # not the GEMM's numbers on this machine: the plain matrix
+        return made
 
     def product(self, x: Tensor, how: Products) -> Tensor:
-        """``x @ wᵀ``: [n, d] -> [n, N] in ``x``'s dtype (weight-major, a transposed view)."""
+        """``x @ wᵀ``: [n, d] -> [n, N] in ``x``'s dtype (the prepacked product, else
+        weight-major: a transposed view)."""
         xb = x.to(torch.bfloat16)
+        if self.prepacked is not None:
+            y = torch.ops.mkldnn._linear_pointwise(xb, self.prepacked, None, "none", [], "")
+            return y.to(x.dtype)
+        assert self.w is not None
         if xb.shape[0] == 1 and how.gemv:
             return torch.mv(self.w, xb[0])[None].to(x.dtype)
-        y = _pair_mm(self.w, xb)
-        return y.t().to(x.dtype)
+        return _pair_mm(self.w, xb).t().to(x.dtype)
+
+
+@functools.cache
+def _onednn_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 products on ``device`` can run oneDNN's prepacked kernels (a CPU with
+    bfloat16 support in a torch build with oneDNN)."""
+    return (
+        device.type == "cpu"
+        and torch.backends.mkldnn.is_available()
+        and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    )
 
 
 @dataclass(frozen=True)
@@ -262,7 +289,9 @@ def _compute_dtype(weight: Weight) -> torch.dtype:
         return torch.int8
     if isinstance(weight, Int4Weight):
         return torch.quint4x2
-    return weight.w.dtype if isinstance(weight, Bf16Weight | PackedWeight) else weight.dtype
+    if isinstance(weight, Bf16Weight):
+        return torch.bfloat16
+    return weight.w.dtype if isinstance(weight, PackedWeight) else weight.dtype
 
 
 @dataclass(frozen=True)
@@ -313,24 +342,35 @@ def one_row_by_gemv(device: torch.device, dtype: torch.dtype) -> bool:
     The BLAS decides, and CPUs differ by 3x either way: on an AMD EPYC (OpenBLAS/MKL's AVX2
     paths) float32 GEMV read the weights at half the two-column GEMM's rate; on an Intel
     Sapphire Rapids the two-column float32 GEMM takes 3x the GEMV (bench/results/
-    weights_quality.md). The two agree to float32 rounding, not bit for bit, like every product
-    here against HF's. Off a CPU: the GEMM (a graph-captured step wants one kernel shape)."""
+    weights_quality.md). The GEMV is chosen where it is at least 10 % faster. The two agree to
+    float32 rounding, not bit for bit, like every product here against HF's. Off a CPU: the
+    GEMM (a graph-captured step wants one kernel shape)."""
     if device.type != "cpu":
         return False
-    # larger than a CPU's last-level cache share, as a decode step's weights are
+    # a decode step's kind of matrices (SmolLM2's gate/up and down shapes, ~85 MB in float32:
+    # larger than a CPU's last-level cache share): one 6144 x 2048 matrix and no margin chose
+    # the GEMV in 1 of 4 processes on an AMD EPYC, where it makes a step 2x slower
     g = torch.Generator().manual_seed(0)
-    weight = torch.randn(6144, 2048, generator=g).to(dtype)
-    x = torch.randn(1, 2048, generator=g).to(dtype)
+    weights = [torch.randn(3072, 576, generator=g).to(dtype) for _ in range(8)]
+    weights += [torch.randn(576, 1536, generator=g).to(dtype) for _ in range(8)]
+    xs = {d: torch.randn(1, d, generator=g).to(dtype) for d in (576, 1536)}
 
-    gemv = _fastest(lambda: torch.mv(weight, x[0]))
-    pair = _fastest(lambda: _pair_mm(weight, x))
+    def by_gemv() -> None:
+        for w in weights:
+            torch.mv(w, xs[w.shape[1]][0])
+
+    def by_pair() -> None:
+        for w in weights:
+            _pair_mm(w, xs[w.shape[1]])
+
+    gemv, pair = _fastest(by_gemv), _fastest(by_pair)
     log.info(
         "one-row products (%s): gemv %.2f ms, two-column gemm %.2f ms",
         dtype,
         gemv * 1e3,
         pair * 1e3,
     )
-    return gemv < pair
+    return gemv < 0.9 * pair
 
 
 def _fastest(fn: Callable[[], object], repeats: int = 5) -> float:

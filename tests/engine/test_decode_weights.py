@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from prompts import Backbone
+from service.engine import fused_llama
 from service.engine.decode import DecodeLoop
 from service.engine.forwards import choose_forward
 from service.engine.fused_llama import (
@@ -47,7 +48,10 @@ def test_int8_products_stay_within_rounding_and_rows_are_independent() -> None:
     q = Int8Weight.of(w)
     assert q.q.dtype == torch.int8 and q.scale.dtype == torch.bfloat16
     b = Bf16Weight.of(w)
-    assert b.w.dtype == torch.bfloat16 and b.w.is_contiguous()
+    if b.prepacked is None:  # no oneDNN bfloat16 here: the plain matrix
+        assert b.w is not None and b.w.dtype == torch.bfloat16 and b.w.is_contiguous()
+    else:  # oneDNN's layout of the same matrix, and no second copy beside it
+        assert b.w is None and torch.equal(b.prepacked.to_dense(), w.bfloat16())
     x = torch.randn(8, 64, generator=g)
     exact = x @ w.t()
     for copy in (q, b):
@@ -65,6 +69,31 @@ def test_int8_products_stay_within_rounding_and_rows_are_independent() -> None:
         torch.testing.assert_close(by_gemv, got, rtol=1e-2, atol=1e-2)  # a GEMV: rounding only
         bias = torch.randn(96, 1, generator=g)
         torch.testing.assert_close(_product(copy, bias, x, Products()), got + bias.t())
+
+
+def test_bf16_copies_prepacked_or_plain_compute_the_same_products(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """oneDNN's prepacked bfloat16 copy where this CPU has it, the plain matrix elsewhere (or
+    where a prepacked product would not equal the GEMM's): the same numbers to bfloat16
+    rounding, rows independent either way."""
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(96, 64, generator=g), torch.randn(5, 64, generator=g)
+    made = Bf16Weight.of(w)
+    monkeypatch.setattr(fused_llama, "_onednn_bf16", lambda device: False)
+    plain = Bf16Weight.of(w)
+    assert plain.prepacked is None and plain.w is not None
+    for how in (Products(), Products(gemv=True)):
+        want = _product(plain, None, x, how)
+        torch.testing.assert_close(_product(made, None, x, how), want, rtol=1e-2, atol=1e-2)
+        alone = torch.cat([_product(made, None, x[i : i + 1], how) for i in range(5)])
+        assert torch.equal(alone, _product(made, None, x, how))
+    if made.prepacked is not None:  # and a prepacked product that is not the GEMM's is refused
+        monkeypatch.setattr(fused_llama, "_onednn_bf16", lambda device: True)
+        monkeypatch.setattr(
+            torch.ops.mkldnn, "_linear_pointwise", lambda x, *a: torch.zeros(x.shape[0], 96)
+        )
+        assert Bf16Weight.of(w).prepacked is None
 
 
 @pytest.mark.parametrize("weights", sorted(KINDS))
