@@ -84,7 +84,7 @@ class Settings(BaseSettings):
         "read 8-bit copies (bfloat16 activations); int4, 4-bit copies in blocks of 32 "
         "(llama.cpp's Q4_1 form: a Q4_1 GGUF file's own levels; bfloat16 activations, an 8-bit "
         "lm_head); bfloat16, its decoder-layer and lm_head "
-        "products read bfloat16 copies (fast where the CPU has AMX or AVX512-BF16); neither is "
+        "products read bfloat16 copies (fast where the CPU has AMX or AVX512-BF16); none is "
         "exact against float32 (see docs/benchmarks.md); float32-packed, float32 products of a "
         "few rows read MKL's packed copies where measured faster (CPU only, ~1.1x the layers' "
         "weights in memory); all need the continuous engine's fused forward",

@@ -595,8 +595,9 @@ class FusedLlama(Forward):
 
     def decode_copies(self, weights: str) -> FusedLlama:
         """This forward whose decode steps read ``weights`` copies of the weights: ``int8``
-        (``FusedLlamaInt8``) or ``bfloat16`` (``FusedLlamaBf16``); ``float32``: itself. Built
-        once per model and kind."""
+        (``FusedLlamaInt8``), ``int4`` (``FusedLlamaInt4``), ``bfloat16`` (``FusedLlamaBf16``)
+        or ``float32-packed`` (``FusedLlamaPacked``); ``float32``: itself. Built once per model
+        and kind."""
         if weights == "float32":
             return self
         kinds: dict[str, type[FusedLlamaCopies]] = {
