@@ -23,8 +23,9 @@ def choose_forward(
     bfloat16 copies (``FusedLlamaInt8``, ``FusedLlamaInt4``, ``FusedLlamaBf16``),
     ``float32-packed`` from MKL's packed float32 copies where measured faster
     (``FusedLlamaPacked``, a CPU's), which only the fused forward has: a ValueError where it
-    does not run. ``graphs``: on a CUDA device the fused forward's decode steps replay CUDA graphs (``graphed.GraphedStep``, one per forward; elsewhere no effect; the
-    serving engine passes ``RANKONE_CUDA_GRAPHS``, off by default)."""
+    does not run. ``graphs``: on a CUDA device the fused forward's decode steps replay CUDA
+    graphs (``graphed.GraphedStep``, one per forward; elsewhere no effect; the serving engine
+    passes ``RANKONE_CUDA_GRAPHS``, off by default)."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     found = FusedLlama.build(backbone.model) if fused else None

@@ -847,10 +847,11 @@ class FusedLlamaInt8(FusedLlamaCopies):
 class FusedLlamaInt4(FusedLlamaCopies):
     """``RANKONE_WEIGHTS=int4``: decode steps read 4-bit copies of the decoder layers' weights
     (``Int4Weight``: blocks of 32, llama.cpp's Q4_1 form; a matrix whose shape has no such copy
-    stays float32); the lm_head and prefills read float32. On a Q4_1 GGUF file (the demo's
-    SmolLM2) the copies are the file's own weights, bit for bit, so a decode step's numbers
-    equal float32's to float32 rounding, like every product here; on other weights the copies
-    are lossy (the log says by how much: ``copy_error``)."""
+    stays float32) and an 8-bit copy of the lm_head (``Int8Weight``: the demo file holds it in
+    Q8_0), with bfloat16 activations; prefills read float32. On a Q4_1 GGUF file (the demo's
+    SmolLM2) the 4-bit copies hold the file's own levels, their block scales rounded to
+    bfloat16; on other weights they are lossier (the log says by how much: ``copy_error``).
+    Greedy agreement with float32 is measured (``python -m bench.weights_quality``)."""
 
     kind = "fused-int4"
     copy_head = True
