@@ -115,8 +115,8 @@ class ContinuousEngine(Engine):
 
     @property
     def forward_kind(self) -> str:
-        """The forward that runs the backbone: ``fused``, ``fused-int8``, ``fused-bf16``,
-        ``fused-f32-packed`` or ``hf`` (``forward.Forward.kind``)."""
+        """The forward that runs the backbone: ``fused``, ``fused-int8``, ``fused-int4``,
+        ``fused-bf16``, ``fused-f32-packed`` or ``hf`` (``forward.Forward.kind``)."""
         return self.loop_core.forward.kind
 
     async def start(self) -> None:
