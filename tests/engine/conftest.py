@@ -44,9 +44,10 @@ def q4_llama(tiny_llama_dir: Path) -> Backbone:
     with torch.no_grad():
         for layer in backbone.model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
-                lin.weight.copy_(Int4Weight.of(lin.weight.cpu()).levels())
-            for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            for lin in (
+                *(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj),
+                *(mlp.gate_proj, mlp.up_proj, mlp.down_proj),
+            ):
                 lin.weight.copy_(Int4Weight.of(lin.weight.cpu()).levels())
     return backbone
 
