@@ -442,15 +442,19 @@ def faster_buckets(
 
 
 def _product(weight: Weight, bias: Tensor | None, x: Tensor, how: Products) -> Tensor:
-    """``x @ weightᵀ`` (+ bias): [n, d] -> [n, N] (a transposed view of ``_product_t``)."""
+    """``x @ weightᵀ`` (+ bias): [n, d] -> [n, N] (a low-precision copy's own product, else a
+    transposed view of ``_product_t``)."""
+    if isinstance(weight, Int8Weight | Int4Weight | Bf16Weight | PackedWeight):
+        y = weight.product(x, how)
+        return y if bias is None else y + bias.t()
     return _product_t(weight, bias, x, how).t()
 
 
 def _rms_norm(h: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """HF's Llama RMSNorm over the last dim (in float32, like HF)."""
-    x = h.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x.to(h.dtype)
+    """HF's Llama RMSNorm over the last dim of float32 ``h``: ``torch.rms_norm``, whose CPU
+    kernel is HF's formula (``h · rsqrt(mean(h²) + eps) · weight``, the same numbers) in one
+    operator call instead of seven (at one row a decode step's norms are their calls' cost)."""
+    return torch.rms_norm(h, (int(h.shape[-1]),), weight, eps)
 
 
 def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -468,10 +472,16 @@ def _decode_attention(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor | No
     the time of CPU SDPA over the same views (its math path, taken here, also rescales the keys).
     Every row attends to its own new column, so no row is fully masked.
     """
-    scores = torch.matmul(q, keys.transpose(-1, -2))  # [B, H_kv, g, W]
+    b, kv_heads, g, dh = (int(s) for s in q.shape)
+    w = int(keys.shape[2])
+    # [B · H_kv, ...] batches: the cache's windows flatten to views (rows and heads are its
+    # outer dims), so each product is one bmm call, as matmul would run it
+    scores = torch.bmm(q.reshape(b * kv_heads, g, dh), keys.flatten(0, 1).transpose(1, 2))
+    scores = scores.view(b, kv_heads, g, w)
     if bias is not None:
         scores = scores + bias
-    return torch.matmul(scores.softmax(-1), values)
+    probs = scores.softmax(-1).view(b * kv_heads, g, w)
+    return torch.bmm(probs, values.flatten(0, 1)).view(b, kv_heads, g, dh)
 
 
 def _repeat_kv(x: Tensor, group: int) -> Tensor:
@@ -485,6 +495,13 @@ def _repeat_kv(x: Tensor, group: int) -> Tensor:
 def _rotate_half(x: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """HF's rotary embedding ``x · cos + rotate_half(x) · sin`` with ``sin``'s first half
+    negated beforehand (``_step_rotation``): the halves swapped by one ``roll``, the same
+    numbers in three calls instead of seven."""
+    return x * cos + torch.roll(x, int(x.shape[-1]) // 2, -1) * sin
 
 
 @dataclass
@@ -614,11 +631,9 @@ class FusedLlama(Forward):
     def step(self, inputs: StepInputs) -> Tensor:
         """A decode step: next-token logits [n, V] for ``inputs.tokens`` [n] at their
         positions [n]; each layer's new keys/values go to the slot cache's open column."""
-        x = self.embed_tokens(inputs.tokens)[:, None]
-        h = self._layers(
-            x, inputs.positions[:, None], inputs.mask, inputs.kv.write, self.step_layers
-        )
-        return self._logits(h[:, -1], self.step_head)
+        x = self.embed_tokens(inputs.tokens)
+        h = self._step_layers(x, inputs.positions, inputs.mask, inputs.kv.write, self.step_layers)
+        return self._logits(h, self.step_head)
 
     def step_full(
         self, tokens: Tensor, positions: Tensor, kv: SlotKV, n: int, column: Tensor
@@ -628,7 +643,7 @@ class FusedLlama(Forward):
         mask hiding every column that is not a row's own (``SlotKV``'s invariant), and write
         their keys/values at ``column`` [1] (a device tensor). The same numbers as ``step`` to
         float32 rounding (masked columns add exact zeros)."""
-        x = self.embed_tokens(tokens)[:, None]
+        x = self.embed_tokens(tokens)
         mask = kv.mask[:n][:, None, None, :]  # [n, 1, 1, C]
 
         def attend(i: int, k: Tensor, v: Tensor) -> KV:
@@ -637,8 +652,8 @@ class FusedLlama(Forward):
             values.index_copy_(2, column, v)
             return keys, values
 
-        h = self._layers(x, positions[:, None], mask, attend, self.step_layers)
-        return self._logits(h[:, -1], self.step_head)
+        h = self._step_layers(x, positions, mask, attend, self.step_layers)
+        return self._logits(h, self.step_head)
 
     def prefill(
         self, embeds: Tensor, positions: Tensor, mask: Tensor, past: Sequence[KV] | None = None
@@ -713,49 +728,91 @@ class FusedLlama(Forward):
         layers: list[_Layer] | None = None,
     ) -> Tensor:
         """The decoder layers over ``x`` [B, T, d] at ``positions`` [B, T]: [B, T, d]."""
+        layers = self.layers if layers is None else layers
         b, t, d = (int(s) for s in x.shape)
+        if t == 1:
+            return self._step_layers(x[:, 0], positions[:, 0], mask, attend, layers)[:, None]
         cos, sin = self.rotary(x, positions)  # [B, T, Dh]
         cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, Dh]: broadcast over heads
         dh, heads, kv_heads = self.head_dim, self.heads, self.kv_heads
         nq, nkv = heads * dh, kv_heads * dh
         group = heads // kv_heads
         h = x.reshape(b * t, d)  # the products' rows: every (row, position)
-        layers = self.layers if layers is None else layers
         how = self.products(b * t, layers[0].qkv)
-        bias = None
-        q_cos, q_sin = cos, sin
-        if t == 1:  # the decode step's mask as one additive bias for every layer, and the
-            # attention's scale folded into the queries' rotation (no per-layer op)
-            bias = mask if mask.is_floating_point() else _additive(mask, x.dtype)
-            q_cos, q_sin = cos * self.scaling, sin * self.scaling
         for i, layer in enumerate(layers):
             qkv = _product(layer.qkv, layer.qkv_bias, _rms_norm(h, layer.norm1, layer.eps1), how)
             qkv = qkv.reshape(b, t, -1)
             q = qkv[..., :nq].reshape(b, t, heads, dh).transpose(1, 2)  # [B, H, T, Dh]
             k = qkv[..., nq : nq + nkv].reshape(b, t, kv_heads, dh).transpose(1, 2)
             v = qkv[..., nq + nkv :].reshape(b, t, kv_heads, dh).transpose(1, 2)
-            q = q * q_cos + _rotate_half(q) * q_sin
+            q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             keys, values = attend(i, k, v)  # [B, H_kv, W, Dh], this call's columns included
-            if t == 1:  # one query per row: a group's heads attend as queries of one KV head
-                out = _decode_attention(q.reshape(b, kv_heads, group, dh), keys, values, bias)
-            else:  # each query head over its KV head's keys (HF's repeat_kv)
-                out = F.scaled_dot_product_attention(
-                    q,
-                    _repeat_kv(keys, group),
-                    _repeat_kv(values, group),
-                    attn_mask=mask,
-                    scale=self.scaling,
-                ).transpose(1, 2)  # [B, T, H, Dh]
+            out = F.scaled_dot_product_attention(  # each query head over its KV head's keys
+                q,
+                _repeat_kv(keys, group),
+                _repeat_kv(values, group),
+                attn_mask=mask,
+                scale=self.scaling,
+            ).transpose(1, 2)  # [B, T, H, Dh]
             h = h + _product(layer.o, layer.o_bias, out.reshape(b * t, nq), how)
-            # gate/up as [2 I, rows]: weight-major, the activation runs over contiguous halves
-            a = _product_t(
-                layer.gate_up, layer.gate_up_bias, _rms_norm(h, layer.norm2, layer.eps2), how
-            )
-            inter = a.shape[0] // 2
-            act = F.silu(a[:inter]).mul_(a[inter:])  # [I, rows]
-            h = h + _product(layer.down, layer.down_bias, act.t(), how)
+            h = self._mlp(layer, h, how)
         return h.reshape(b, t, d)
+
+    def _step_layers(
+        self, x: Tensor, positions: Tensor, mask: Tensor, attend: Attend, layers: list[_Layer]
+    ) -> Tensor:
+        """The decoder layers over one token per row, ``x`` [n, d] at ``positions`` [n]:
+        [n, d]. ``_layers``' numbers at one position, in fewer operator calls: at one row a
+        step's time beyond its products is mostly the calls' own cost (~4,300 calls took
+        ~6.5 of a 12.5 ms int4 step on an AMD EPYC). Per step, not per layer: the mask as one
+        additive bias, the rotation's tables for queries and keys together, the attention's
+        scale folded into the queries' (``_step_rotation``)."""
+        n = int(x.shape[0])
+        dh, heads, kv_heads = self.head_dim, self.heads, self.kv_heads
+        nqk = (heads + kv_heads) * dh
+        cos, sin = self._step_rotation(x, positions)  # [n, H + H_kv, Dh]
+        bias = mask if mask.is_floating_point() else _additive(mask, x.dtype)
+        how = self.products(n, layers[0].qkv)
+        h = x
+        for i, layer in enumerate(layers):
+            qkv = _product(layer.qkv, layer.qkv_bias, _rms_norm(h, layer.norm1, layer.eps1), how)
+            qk = _rotate(qkv[:, :nqk].reshape(n, heads + kv_heads, dh), cos, sin)
+            v = qkv[:, nqk:].reshape(n, kv_heads, 1, dh)
+            keys, values = attend(i, qk[:, heads:, None], v)  # [n, H_kv, W, Dh]
+            # one query per row: a group's heads attend as queries of one KV head
+            q = qk[:, :heads].view(n, kv_heads, heads // kv_heads, dh)
+            out = _decode_attention(q, keys, values, bias)  # [n, H_kv, g, Dh]
+            h = h + _product(layer.o, layer.o_bias, out.view(n, heads * dh), how)
+            h = self._mlp(layer, h, how)
+        return h
+
+    def _step_rotation(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """A decode step's rotary tables for its queries and keys at once, (cos, sin)
+        [n, H + H_kv, Dh]: the sines' first half negated (``_rotate``), the queries' heads
+        scaled by the attention's scale."""
+        n = int(x.shape[0])
+        cos, sin = self.rotary(x[:, None], positions[:, None])  # [n, 1, Dh]
+        half = self.head_dim // 2
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], -1)
+        tables = [
+            torch.cat(
+                [(t * self.scaling).expand(n, self.heads, -1), t.expand(n, self.kv_heads, -1)], 1
+            )
+            for t in (cos, sin)
+        ]
+        return tables[0], tables[1]
+
+    @staticmethod
+    def _mlp(layer: _Layer, h: Tensor, how: Products) -> Tensor:
+        """``h`` [rows, d] after the layer's MLP block (norm, gate/up, SiLU, down, residual)."""
+        # gate/up as [2 I, rows]: weight-major, the activation runs over contiguous halves
+        a = _product_t(
+            layer.gate_up, layer.gate_up_bias, _rms_norm(h, layer.norm2, layer.eps2), how
+        )
+        inter = a.shape[0] // 2
+        act = F.silu(a[:inter]).mul_(a[inter:])  # [I, rows]
+        return h + _product(layer.down, layer.down_bias, act.t(), how)
 
 
 # The low-precision forwards of a model, by kind, built from its float32 one (whose fused
