@@ -8,9 +8,11 @@ This times one pass over the decoder's 4 x ``layers`` weight matrices (SmolLM2-1
 random weights) at each row count with every kernel, interleaved in one run, and records each
 kernel's extra memory and its error against the float32 product:
 
-- float32: ``F.linear`` (``x @ Wᵀ``), weight-major ``W @ xᵀ``, ``torch.mv`` (one row), and
+- float32: ``F.linear`` (``x @ Wᵀ``), weight-major ``W @ xᵀ``, ``torch.mv`` (one row),
   MKL's packed GEMM (``torch.ops.mkl._mkl_linear``, what inductor's freezing uses), packed
-  for one row and for the row count itself;
+  for one row and for the row count itself, and oneDNN's packed GEMM
+  (``torch.ops.mkldnn._linear_pointwise``; ``RANKONE_WEIGHTS=float32-packed`` takes the faster
+  of the two packings);
 - bfloat16: weight-major, ``torch.mv``, and oneDNN's prepacked weights
   (``torch.ops.mkldnn._linear_pointwise``);
 - 8-bit weights: ``torch._weight_int8pack_mm`` with bfloat16 activations (W8A16, what
@@ -46,6 +48,7 @@ from bench.engine_bench import machine
 from bench.weights_quality import cpu_matrix_flags
 from service.engine.fused_llama import (
     Int4Weight,
+    PackedWeight,
     Products,
     _fastest,  # the engine's own timing of its choices
 )
@@ -76,6 +79,10 @@ class Kernels:
         self.f32 = weights
         self.bf16 = [w.to(torch.bfloat16) for w in weights]
         self.dnn_bf16 = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in self.bf16]
+        # what RANKONE_WEIGHTS=float32-packed copies where oneDNN's packing is the faster one
+        self.dnn_f32 = [
+            torch.ops.mkldnn._reorder_linear_weight(w, PackedWeight.PACKED_FOR) for w in self.f32
+        ]
         self.int8, self.int8_scale, self.fbgemm = [], [], []
         with warnings.catch_warnings():  # quantized tensors are deprecated; the kernels are not
             warnings.simplefilter("ignore")
@@ -106,6 +113,9 @@ class Kernels:
             ),
             "f32 MKL packed (n rows)": lambda i, x: torch.ops.mkl._mkl_linear(
                 x, mkl_n[i], self.f32[i], None, n
+            ),
+            "f32 oneDNN packed": lambda i, x: torch.ops.mkldnn._linear_pointwise(
+                x, self.dnn_f32[i], None, "none", [], ""
             ),
             "bf16 weight-major": lambda i, x: torch.mm(self.bf16[i], x.bfloat16().t()).t(),
             "bf16 oneDNN prepacked": lambda i, x: torch.ops.mkldnn._linear_pointwise(
@@ -171,6 +181,8 @@ def measure(rows: list[int], repeats: int, layers: int = LAYERS) -> dict[str, An
         "f32 MKL packed (per packing)": sum(
             int(torch.ops.mkldnn._nbytes(p)) for p in kernels.mkl_packed(1)
         )
+        / f32_bytes,
+        "f32 oneDNN packed": sum(int(torch.ops.mkldnn._nbytes(p)) for p in kernels.dnn_f32)
         / f32_bytes,
         "bf16 oneDNN prepacked": sum(int(torch.ops.mkldnn._nbytes(p)) for p in kernels.dnn_bf16)
         / f32_bytes,

@@ -230,37 +230,46 @@ def _onednn_bf16(device: torch.device) -> bool:
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """A float32 weight matrix with MKL's packed copy of it (``RANKONE_WEIGHTS=float32-packed``).
+    """A float32 weight matrix with a packed copy of it for small-row GEMMs
+    (``RANKONE_WEIGHTS=float32-packed``): oneDNN's (``torch.ops.mkldnn._linear_pointwise``) or
+    MKL's (``torch.ops.mkl._mkl_linear``), the two kernels inductor's freezing runs, whichever
+    ran a pass over decoder-shaped matrices faster on this CPU (``packing_kind``).
 
-    MKL's packed GEMM (``torch.ops.mkl._mkl_linear``, what inductor's freezing runs) reads a
-    weight laid out once for small-row products: on an Intel Xeon (2 cores) a whole SmolLM2
-    decode step takes 1.2x less time at 4 and 8 rows than with the best unpacked float32
-    product (``bench/results/peer_llamacpp.md``), and the products alone are slower at 2 rows
-    (``bench/results/decode_kernels.md``). Products of the row
-    buckets where it was measured faster (``Products.packed``) read the packed copy, the others
-    the float32 matrix as ``FusedLlama`` does. Float32 arithmetic either way: the numbers equal
-    HF's to float32 rounding, like every product here. The packed buffer's format does not
-    depend on the row count it was packed for (MKL's size for it is the same at every count,
-    and ``of`` checks a product against ``F.linear``): one copy serves every bucket. It costs
-    about 1.1x the matrix's memory beside it."""
+    Measured (2 cores): on an AMD EPYC oneDNN's packed float32 GEMM read SmolLM2's decoder
+    matrices 1.3x faster than the best unpacked product at 4 rows, 1.7x at 8, 1.4x at 16 and 32,
+    where MKL's was slower than unpacked at every row count (bench/results/decode_kernels.md);
+    on an Intel Xeon MKL's made a whole step 1.2x faster at 4 and 8 rows
+    (bench/results/peer_llamacpp_intel.md). Products of the row buckets where the packed copy
+    measured faster (``Products.packed``) read it, the others the float32 matrix as
+    ``FusedLlama`` does. Float32 arithmetic either way (``of`` checks a product against
+    ``F.linear``): the numbers equal HF's to float32 rounding, like every product here. One
+    copy serves every bucket (the packed format does not depend on the row count it was packed
+    for). It costs about the matrix's memory again."""
 
     w: Tensor  # [N, d] float32, the model's own
-    packed: Tensor  # MKL's packed copy (an opaque mkldnn tensor)
+    packed: Tensor  # the packed copy (an opaque mkldnn tensor)
+    by: str = "mkl"  # whose packed GEMM: "mkl" or "onednn"
 
-    PACKED_FOR = 8  # the row count MKL packs for: the fastest copy at 4-8 rows here
+    PACKED_FOR = 8  # the row count the copy is packed for: the fastest copy at 4-8 rows here
+    KINDS = ("onednn", "mkl")
 
     @classmethod
-    def of(cls, w: Tensor) -> PackedWeight:
-        packed = torch.ops.mkl._mkl_reorder_linear_weight(w, cls.PACKED_FOR)
-        made = cls(w, packed)
+    def of(cls, w: Tensor, by: str = "mkl") -> PackedWeight:
+        if by == "onednn":
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, cls.PACKED_FOR)
+        else:
+            packed = torch.ops.mkl._mkl_reorder_linear_weight(w, cls.PACKED_FOR)
+        made = cls(w, packed, by)
         x = torch.linspace(-1, 1, 3 * w.shape[1], dtype=w.dtype).reshape(3, -1)
         got, want = made.packed_product(x), F.linear(x, w)
         if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
-            raise RuntimeError("MKL's packed product disagrees with F.linear on this machine")
+            raise RuntimeError(f"{by}'s packed product disagrees with F.linear on this machine")
         return made
 
     def packed_product(self, x: Tensor) -> Tensor:
         """``x @ wᵀ`` [n, N] from the packed copy, any ``n``."""
+        if self.by == "onednn":
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         return torch.ops.mkl._mkl_linear(x, self.packed, self.w, None, int(x.shape[0]))
 
     def product(self, x: Tensor, how: Products) -> Tensor:
@@ -270,11 +279,48 @@ class PackedWeight:
         return _product_t(self.w, None, x, how).t()
 
 
+@functools.cache
+def packing_kind(device: torch.device) -> str:
+    """Whose packed float32 GEMM ``float32-packed`` copies use on ``device``: oneDNN's or
+    MKL's, whichever passes over decoder-shaped matrices (SmolLM2's gate/up and down shapes, 2 to
+    32 rows) faster, measured once per process (~2 s). A kind whose product is not float32's
+    here (an oneDNN set to lower its float32 precision) is not taken."""
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(3072, 576, generator=g) for _ in range(4)]
+    weights += [torch.randn(576, 1536, generator=g) for _ in range(4)]
+    copies: dict[str, list[PackedWeight]] = {}
+    for by in PackedWeight.KINDS:
+        try:
+            copies[by] = [PackedWeight.of(w, by) for w in weights]
+        except RuntimeError as e:
+            log.info("float32 packing by %s not taken: %s", by, e)
+    if not copies:
+        raise RuntimeError("neither oneDNN's nor MKL's packed float32 GEMM is exact here")
+    xs = {n: {d: torch.randn(n, d, generator=g) for d in (576, 1536)} for n in LINEAR_BUCKETS}
+
+    def passes(by: str) -> float:
+        def one() -> None:
+            for x in xs.values():
+                for p in copies[by]:
+                    p.packed_product(x[p.w.shape[1]])
+
+        return _fastest(one, 3)
+
+    times = {by: passes(by) for by in copies}
+    chosen = min(times, key=times.__getitem__)
+    log.info(
+        "float32 packing: %s (%s)",
+        chosen,
+        ", ".join(f"{by} {t * 1e3:.1f} ms" for by, t in times.items()),
+    )
+    return chosen
+
+
 def packing_available(device: torch.device) -> str | None:
-    """Why ``float32-packed`` cannot run here, or None: MKL's packed GEMM is a CPU kernel of
+    """Why ``float32-packed`` cannot run here, or None: the packed GEMMs are CPU kernels of
     torch builds with MKL and oneDNN."""
     if device.type != "cpu":
-        return f"MKL's packed GEMM runs on a CPU, and the backbone is on {device.type}"
+        return f"the packed float32 GEMMs run on a CPU, and the backbone is on {device.type}"
     if not (torch._C.has_mkl and torch.backends.mkldnn.is_available()):
         return "this torch build has no MKL or oneDNN"
     return None
@@ -957,17 +1003,20 @@ class FusedLlamaBf16(FusedLlamaCopies):
 
 class FusedLlamaPacked(FusedLlamaCopies):
     """``RANKONE_WEIGHTS=float32-packed``: decode steps' products over the row buckets where
-    MKL's packed GEMM measured faster on this CPU (``packed_rows``) read packed copies of the
-    decoder layers' float32 weights (``PackedWeight``); other row counts, prefills and the
-    lm_head read the float32 matrices. Float32 arithmetic throughout: exact against HF to float32
-    rounding, as the float32 forward is. Costs ~1.1x the decoder layers' weights in memory
-    (SmolLM2-135M: ~460 MB)."""
+    the packed GEMM (oneDNN's or MKL's, ``packing_kind``) measured faster on this CPU
+    (``packed_rows``) read packed copies of the decoder layers' float32 weights
+    (``PackedWeight``) and of the lm_head (at 16 and 32 rows oneDNN's packed lm_head took
+    under half the unpacked one's time on an AMD EPYC); other row counts and prefills read the
+    float32 matrices. Float32 arithmetic throughout: exact against HF to float32 rounding, as
+    the float32 forward is. Costs about the decoder layers' and the lm_head's weights again in
+    memory (SmolLM2-135M: ~540 MB)."""
 
     kind = "fused-f32-packed"
+    copy_head = True
 
     @staticmethod
     def copy(w: Tensor) -> Weight:
-        return PackedWeight.of(w)
+        return PackedWeight.of(w, packing_kind(w.device))
 
     def calibrate(self) -> None:
         self.packed_rows = packed_rows(self.copy_layers, self.linear_rows)
@@ -993,5 +1042,5 @@ def packed_rows(layers: list[_Layer], linear: frozenset[int]) -> frozenset[int]:
             w.packed_product(xs[w.w.shape[1]])
 
     chosen = faster_buckets({w.w.shape[1] for w in mats}, mats[0].w.dtype, packed, plain)
-    log.info("float32 products from MKL's packed copies at row buckets %s", sorted(chosen))
+    log.info("float32 products from packed copies at row buckets %s", sorted(chosen))
     return chosen

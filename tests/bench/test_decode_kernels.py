@@ -64,3 +64,6 @@ def test_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert r["matrices"] == 4 and r["command"].startswith("python -m bench.decode_kernels")
     text = (tmp_path / "decode_kernels.md").read_text()
     assert "| f32 MKL packed (n rows) |" in text and "Extra memory" in text
+    assert "| f32 oneDNN packed |" in text
+    assert r["relative_error_vs_float32"]["f32 oneDNN packed"] < 1e-5  # float32's numbers
+    assert 0.9 < r["extra_bytes_over_float32_weights"]["f32 oneDNN packed"] < 1.5

@@ -1,4 +1,5 @@
-"""RANKONE_WEIGHTS=float32-packed: float32 decode products from MKL's packed copies.
+"""RANKONE_WEIGHTS=float32-packed: float32 decode products from oneDNN's or MKL's packed
+copies.
 
 Float32 arithmetic, so held to what the float32 forward is held to: each product equals
 ``F.linear`` to float32 rounding, and a mixed batch decodes what HF ``generate`` decodes for
@@ -27,6 +28,7 @@ from service.engine.fused_llama import (
     faster_buckets,
     packed_rows,
     packing_available,
+    packing_kind,
 )
 from service.engine.prefix_cache import PrefixCache
 from service.settings import Settings
@@ -47,11 +49,12 @@ def packed(backbones: dict[str, Backbone], monkeypatch: pytest.MonkeyPatch) -> F
     return forward
 
 
-def test_packed_products_are_float32_products() -> None:
+@pytest.mark.parametrize("by", PackedWeight.KINDS)
+def test_packed_products_are_float32_products(by: str) -> None:
     g = torch.Generator().manual_seed(0)
     w, bias = torch.randn(96, 64, generator=g), torch.randn(96, 1, generator=g)
-    p = PackedWeight.of(w)
-    assert p.w is w  # the model's own matrix, not a copy
+    p = PackedWeight.of(w, by)
+    assert p.w is w and p.by == by  # the model's own matrix, not a copy
     for n in (1, 2, 3, 8, 13, 32, 40):
         x = torch.randn(n, 64, generator=g)
         want = torch.nn.functional.linear(x, w, bias[:, 0])
@@ -67,7 +70,8 @@ def test_packed_forward_shares_the_float32_weights(
     fp32 = choose_forward(backbones["llama"])
     assert isinstance(fp32, FusedLlama) and packed.kind == "fused-f32-packed"
     assert choose_forward(backbones["llama"], weights="float32-packed") is packed
-    assert packed.layers is fp32.layers and packed.step_head is fp32.head  # prefills, lm_head
+    assert packed.layers is fp32.layers and packed.prefill_head is fp32.head  # prefills
+    assert isinstance(packed.step_head, PackedWeight) and packed.step_head.w is fp32.head
     for mine, theirs in zip(packed.step_layers, fp32.layers, strict=True):
         assert isinstance(mine.qkv, PackedWeight) and mine.qkv.w is theirs.qkv
         assert isinstance(mine.down, PackedWeight) and mine.down.w is theirs.down
@@ -90,6 +94,31 @@ def test_packed_rows_are_measured(packed: FusedLlamaPacked) -> None:
     chosen = packed_rows(packed.step_layers, packed.linear_rows)
     assert chosen <= set(LINEAR_BUCKETS)  # whichever this machine runs faster packed
     assert packed_rows([], frozenset()) == frozenset()
+    kind = packing_kind(torch.device("cpu"))  # whichever packing this machine runs faster
+    assert kind in PackedWeight.KINDS
+    assert {w.by for layer in packed.step_layers for w in (layer.qkv, layer.down)} == {kind}
+
+
+def test_a_packing_whose_numbers_are_not_float32_is_not_taken(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """oneDNN can be told to run float32 GEMMs in bfloat16 (``fp32_precision``): a packed copy
+    whose product is not float32's is refused, and the packing choice falls back to MKL's."""
+    w = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    real = PackedWeight.packed_product
+
+    def rounded(self: PackedWeight, x: torch.Tensor) -> torch.Tensor:
+        y = real(self, x)
+        return y.bfloat16().float() if self.by == "onednn" else y
+
+    monkeypatch.setattr(PackedWeight, "packed_product", rounded)
+    with pytest.raises(RuntimeError, match="onednn's packed product disagrees"):
+        PackedWeight.of(w, "onednn")
+    packing_kind.cache_clear()
+    try:
+        assert packing_kind(torch.device("cpu")) == "mkl"
+    finally:
+        packing_kind.cache_clear()
 
 
 def test_faster_buckets_picks_the_buckets_where_the_candidate_wins() -> None:
@@ -113,7 +142,7 @@ def test_faster_buckets_picks_the_buckets_where_the_candidate_wins() -> None:
 
 
 def test_packed_weights_are_refused_where_they_cannot_run(backbones: dict[str, Backbone]) -> None:
-    assert "runs on a CPU" in str(packing_available(torch.device("cuda")))
+    assert "run on a CPU" in str(packing_available(torch.device("cuda")))
     with pytest.raises(ValueError, match="RANKONE_FUSED_FORWARD is false"):
         choose_forward(backbones["llama"], fused=False, weights="float32-packed")
     with pytest.raises(ValueError, match="not covered"):
