@@ -340,6 +340,16 @@ def _compute_dtype(weight: Weight) -> torch.dtype:
     return weight.w.dtype if isinstance(weight, PackedWeight) else weight.dtype
 
 
+def _gemv_or_gemm(weight: Weight) -> bool:
+    """Whether ``weight``'s one-row product is a GEMV or a two-column GEMM as measured
+    (``one_row_by_gemv``): a float matrix's, a plain bfloat16 copy's; not a kernel of its own
+    (int8, int4, oneDNN's prepacked bfloat16) nor a float32 packed copy (its float32 matrix's,
+    measured with the float32 forward)."""
+    if isinstance(weight, Bf16Weight):
+        return weight.prepacked is None
+    return isinstance(weight, Tensor) and weight.is_floating_point()
+
+
 @dataclass(frozen=True)
 class Products:
     """How one forward call's matrix products run: chosen once per call from its row count
@@ -907,7 +917,7 @@ class FusedLlamaCopies(FusedLlama):
             made.one_row_gemv = dict(base.one_row_gemv)
             for w in (made.copy_layers[0].qkv, made.copied_head):  # the copies' own dtypes
                 dtype = _compute_dtype(w)
-                if dtype.is_floating_point and dtype not in made.one_row_gemv:
+                if _gemv_or_gemm(w) and dtype not in made.one_row_gemv:
                     made.one_row_gemv[dtype] = one_row_by_gemv(base.head.device, dtype)
             made.calibrate()
             built[cls.kind] = made
