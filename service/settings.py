@@ -86,8 +86,9 @@ class Settings(BaseSettings):
         "lm_head); bfloat16, its decoder-layer and lm_head "
         "products read bfloat16 copies (fast where the CPU has AMX or AVX512-BF16); none is "
         "exact against float32 (see docs/benchmarks.md); float32-packed, float32 products of a "
-        "few rows read MKL's packed copies where measured faster (CPU only, ~1.1x the layers' "
-        "weights in memory); all need the continuous engine's fused forward",
+        "few rows read oneDNN's or MKL's packed copies (whichever measures faster) where "
+        "measured faster (CPU only, about the layers' and lm_head's weights again in memory); "
+        "all need the continuous engine's fused forward",
     )
     cuda_graphs: bool = Field(
         False,
