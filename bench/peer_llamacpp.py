@@ -255,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                     ("llamacpp_q4_1", q4["pp"]),
                 ):
                     pp_samples.setdefault(key, []).append(value)
-                for w in ("float32", "bfloat16"):
-                    key = "rankone" if w == "float32" else f"rankone_{w}"
+                for w in ("float32", "float32-packed", "bfloat16"):
+                    key = "rankone" if w == "float32" else f"rankone_{w.replace('-', '_')}"
                     pp_samples.setdefault(key, []).append(
                         rankone_prefill_tok_s(backbone, forwards[w])
                     )
@@ -343,8 +343,9 @@ def report(r: dict[str, Any]) -> str:
         "",
         f"Prompt processing, one sequence of {r['tokens']['prompt']} tokens (llama.cpp's S_PP at "
         f"{min(r['rows'], key=int)} sequence(s)): rankone "
-        f"{pp.get('rankone')} tok/s (float32 prefill), {pp.get('rankone_bfloat16', '-')} "
-        f"(bfloat16); llama.cpp F32 {pp.get('llamacpp_f32')}, BF16 {pp.get('llamacpp_bf16', '-')}, "
+        f"{pp.get('rankone')} tok/s (float32 prefill), "
+        f"{pp.get('rankone_float32_packed', '-')} (float32-packed), "
+        f"{pp.get('rankone_bfloat16', '-')} (bfloat16); llama.cpp F32 {pp.get('llamacpp_f32')}, BF16 {pp.get('llamacpp_bf16', '-')}, "
         f"Q8_0 {pp.get('llamacpp_q8_0')}, Q4_1 {pp.get('llamacpp_q4_1', '-')}.",
         "",
         "",

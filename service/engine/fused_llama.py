@@ -441,6 +441,8 @@ def _fastest(fn: Callable[[], object], repeats: int = 5) -> float:
 
 
 LINEAR_BUCKETS = (2, 4, 8, 16, 32)  # row counts (rounded up to a power of two) calibrated
+# float32-packed's: LINEAR_BUCKETS and 64, which stands for every count above 32 (prefills)
+PACKED_BUCKETS = (*LINEAR_BUCKETS, 64)
 
 
 def _row_bucket(n: int) -> int:
@@ -482,14 +484,18 @@ Pass = Callable[[int, dict[int, Tensor]], None]
 
 
 def faster_buckets(
-    widths: set[int], dtype: torch.dtype, candidate: Pass, current: Pass
+    widths: set[int],
+    dtype: torch.dtype,
+    candidate: Pass,
+    current: Pass,
+    buckets: tuple[int, ...] = LINEAR_BUCKETS,
 ) -> frozenset[int]:
-    """The row buckets (``LINEAR_BUCKETS``) at which ``candidate``'s pass runs at least 10 %
-    faster than ``current``'s, each timed as the fastest of 3 on the same random inputs [n, w]
-    for every width: how the forward chooses its products' kinds when it is built."""
+    """The row ``buckets`` at which ``candidate``'s pass runs at least 10 % faster than
+    ``current``'s, each timed as the fastest of 3 on the same random inputs [n, w] for every
+    width: how the forward chooses its products' kinds when it is built."""
     g = torch.Generator().manual_seed(0)
     chosen = set()
-    for n in LINEAR_BUCKETS:
+    for n in buckets:
         xs = {w: torch.randn(n, w, generator=g).to(dtype) for w in widths}
         fast = _fastest(functools.partial(candidate, n, xs), 3)
         if fast < 0.9 * _fastest(functools.partial(current, n, xs), 3):
@@ -748,7 +754,7 @@ class FusedLlama(Forward):
         (``linear_rows``), as measured when this forward was built."""
         if rows == 1:
             return Products(gemv=self.one_row_gemv.get(_compute_dtype(weight), False))
-        packed = 1 < rows <= LINEAR_BUCKETS[-1] and _row_bucket(rows) in self.packed_rows
+        packed = min(_row_bucket(rows), PACKED_BUCKETS[-1]) in self.packed_rows
         return Products(linear=self.by_linear(rows), packed=packed)
 
     def by_linear(self, rows: int) -> bool:
@@ -1016,13 +1022,16 @@ class FusedLlamaPacked(FusedLlamaCopies):
     the packed GEMM (oneDNN's or MKL's, ``packing_kind``) measured faster on this CPU
     (``packed_rows``) read packed copies of the decoder layers' float32 weights
     (``PackedWeight``) and of the lm_head (at 16 and 32 rows oneDNN's packed lm_head took
-    under half the unpacked one's time on an AMD EPYC); other row counts and prefills read the
+    under half the unpacked one's time on an AMD EPYC), in decode steps and in prefills (a
+    prefill of more than 32 rows where the 64-row bucket measured faster: oneDNN's packed GEMM
+    ran 64-256 rows 1.3x faster than the unpacked one on that CPU); other row counts read the
     float32 matrices. Float32 arithmetic throughout: exact against HF to float32 rounding, as
     the float32 forward is. Costs about the decoder layers' and the lm_head's weights again in
     memory (SmolLM2-135M: ~540 MB)."""
 
     kind = "fused-f32-packed"
     copy_head = True
+    copy_prefill = True
 
     @staticmethod
     def copy(w: Tensor) -> Weight:
@@ -1033,9 +1042,10 @@ class FusedLlamaPacked(FusedLlamaCopies):
 
 
 def packed_rows(layers: list[_Layer], linear: frozenset[int]) -> frozenset[int]:
-    """The row buckets at which the packed copies run a step's products at least 10 % faster
-    than the float32 matrices as ``FusedLlama`` runs them (``linear_rows``' choice per bucket),
-    timed once over the layers' gate/up and down matrices (~1 s for SmolLM2)."""
+    """The row buckets (``PACKED_BUCKETS``; 64: every count above 32) at which the packed
+    copies run a call's products at least 10 % faster than the float32 matrices as
+    ``FusedLlama`` runs them (``linear_rows``' choice per bucket), timed once over the layers'
+    gate/up and down matrices (~2 s for SmolLM2)."""
     mats = [
         w for layer in layers for w in (layer.gate_up, layer.down) if isinstance(w, PackedWeight)
     ]
@@ -1051,6 +1061,8 @@ def packed_rows(layers: list[_Layer], linear: frozenset[int]) -> frozenset[int]:
         for w in mats:
             w.packed_product(xs[w.w.shape[1]])
 
-    chosen = faster_buckets({w.w.shape[1] for w in mats}, mats[0].w.dtype, packed, plain)
+    chosen = faster_buckets(
+        {w.w.shape[1] for w in mats}, mats[0].w.dtype, packed, plain, PACKED_BUCKETS
+    )
     log.info("float32 products from packed copies at row buckets %s", sorted(chosen))
     return chosen

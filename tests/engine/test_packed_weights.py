@@ -20,6 +20,7 @@ from service.engine.decode import DecodeLoop
 from service.engine.forwards import choose_forward
 from service.engine.fused_llama import (
     LINEAR_BUCKETS,
+    PACKED_BUCKETS,
     FusedLlama,
     FusedLlamaPacked,
     PackedWeight,
@@ -45,7 +46,7 @@ pytestmark = pytest.mark.skipif(
 def packed(backbones: dict[str, Backbone], monkeypatch: pytest.MonkeyPatch) -> FusedLlamaPacked:
     forward = choose_forward(backbones["llama"], weights="float32-packed")
     assert isinstance(forward, FusedLlamaPacked)
-    monkeypatch.setattr(forward, "packed_rows", frozenset(LINEAR_BUCKETS))  # every bucket
+    monkeypatch.setattr(forward, "packed_rows", frozenset(PACKED_BUCKETS))  # every bucket
     return forward
 
 
@@ -70,8 +71,12 @@ def test_packed_forward_shares_the_float32_weights(
     fp32 = choose_forward(backbones["llama"])
     assert isinstance(fp32, FusedLlama) and packed.kind == "fused-f32-packed"
     assert choose_forward(backbones["llama"], weights="float32-packed") is packed
-    assert packed.layers is fp32.layers and packed.prefill_head is fp32.head  # prefills
+    assert packed.layers is fp32.layers  # the HF forward's, fused
     assert isinstance(packed.step_head, PackedWeight) and packed.step_head.w is fp32.head
+    # prefills read the packed copies too, where their bucket (64: above 32 rows) was faster
+    assert packed.prefill_layers is packed.step_layers and packed.prefill_head is packed.step_head
+    assert packed.products(33, packed.step_layers[0].qkv).packed
+    assert packed.products(500, packed.step_layers[0].qkv).packed
     for mine, theirs in zip(packed.step_layers, fp32.layers, strict=True):
         assert isinstance(mine.qkv, PackedWeight) and mine.qkv.w is theirs.qkv
         assert isinstance(mine.down, PackedWeight) and mine.down.w is theirs.down
@@ -92,7 +97,7 @@ def test_packed_mixed_batch_matches_generate(
 
 def test_packed_rows_are_measured(packed: FusedLlamaPacked) -> None:
     chosen = packed_rows(packed.step_layers, packed.linear_rows)
-    assert chosen <= set(LINEAR_BUCKETS)  # whichever this machine runs faster packed
+    assert chosen <= set(PACKED_BUCKETS)  # whichever this machine runs faster packed
     assert packed_rows([], frozenset()) == frozenset()
     kind = packing_kind(torch.device("cpu"))  # whichever packing this machine runs faster
     assert kind in PackedWeight.KINDS
