@@ -85,9 +85,10 @@ class Settings(BaseSettings):
         "(llama.cpp's Q4_1 form: a Q4_1 GGUF file's own levels; bfloat16 activations, an 8-bit "
         "lm_head); bfloat16, its decoder-layer and lm_head "
         "products read bfloat16 copies (fast where the CPU has AMX or AVX512-BF16); none is "
-        "exact against float32 (see docs/benchmarks.md); float32-packed, float32 products of a "
-        "few rows read oneDNN's or MKL's packed copies (whichever measures faster) where "
-        "measured faster (CPU only, about the layers' and lm_head's weights again in memory); "
+        "exact against float32 (see docs/benchmarks.md); float32-packed, float32 products "
+        "(decode steps and prefills) read oneDNN's or MKL's packed copies (whichever measures "
+        "faster) at the row counts where measured faster (CPU only, about the layers' and "
+        "lm_head's weights again in memory); "
         "all need the continuous engine's fused forward",
     )
     cuda_graphs: bool = Field(
