@@ -105,7 +105,7 @@ def server(
 ) -> Server:
     """The measured server: continuous engine on the Redis store, an admin key and a key
     scoped to one namespace, bodies big enough for a batch of tasks, ``weights`` its decode
-    (and, for bfloat16, prefill) weights."""
+    (and, for bfloat16 and float32-packed, prefill) weights."""
     env = {
         "RANKONE_MODEL": str(model),
         "RANKONE_REDIS_URL": redis_url,

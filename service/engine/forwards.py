@@ -21,7 +21,7 @@ def choose_forward(
     """``fused``: run the fused Llama forward where it covers the backbone. ``weights``
     ``int8`` / ``int4`` / ``bfloat16``: its decode steps' products from 8-bit / 4-bit /
     bfloat16 copies (``FusedLlamaInt8``, ``FusedLlamaInt4``, ``FusedLlamaBf16``),
-    ``float32-packed`` from MKL's packed float32 copies where measured faster
+    ``float32-packed`` from oneDNN's or MKL's packed float32 copies where measured faster
     (``FusedLlamaPacked``, a CPU's), which only the fused forward has: a ValueError where it
     does not run. ``graphs``: on a CUDA device the fused forward's decode steps replay CUDA
     graphs (``graphed.GraphedStep``, one per forward; elsewhere no effect; the serving engine

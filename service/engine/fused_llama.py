@@ -286,8 +286,7 @@ def packing_kind(device: torch.device) -> str:
     32 rows) faster, measured once per process (~2 s). A kind whose product is not float32's
     here (an oneDNN set to lower its float32 precision) is not taken."""
     g = torch.Generator().manual_seed(0)
-    weights = [torch.randn(3072, 576, generator=g) for _ in range(4)]
-    weights += [torch.randn(576, 1536, generator=g) for _ in range(4)]
+    weights = _decoder_shaped(4, torch.float32, g)
     copies: dict[str, list[PackedWeight]] = {}
     for by in PackedWeight.KINDS:
         try:
@@ -326,7 +325,8 @@ def packing_available(device: torch.device) -> str | None:
     return None
 
 
-Weight = Tensor | Int8Weight | Int4Weight | Bf16Weight | PackedWeight
+Copy = Int8Weight | Int4Weight | Bf16Weight | PackedWeight  # a copy with its own product
+Weight = Tensor | Copy
 
 
 def _compute_dtype(weight: Weight) -> torch.dtype:
@@ -367,7 +367,7 @@ def _product_t(weight: Weight, bias: Tensor | None, x: Tensor, how: Products) ->
     ``x @ Wᵀ`` (a transposed view): which one a CPU's BLAS runs faster depends on the CPU and
     the row count (``FusedLlama.linear_rows``). A low-precision copy's is its own (a transposed
     view)."""
-    if isinstance(weight, Int8Weight | Int4Weight | Bf16Weight | PackedWeight):
+    if isinstance(weight, Copy):
         y = weight.product(x, how)  # [n, N]
         return (y if bias is None else y + bias.t()).t()
     if x.shape[0] == 1 and how.gemv:
@@ -407,8 +407,7 @@ def one_row_by_gemv(device: torch.device, dtype: torch.dtype) -> bool:
     # larger than a CPU's last-level cache share): one 6144 x 2048 matrix and no margin chose
     # the GEMV in 1 of 4 processes on an AMD EPYC, where it makes a step 2x slower
     g = torch.Generator().manual_seed(0)
-    weights = [torch.randn(3072, 576, generator=g).to(dtype) for _ in range(8)]
-    weights += [torch.randn(576, 1536, generator=g).to(dtype) for _ in range(8)]
+    weights = _decoder_shaped(8, dtype, g)
     xs = {d: torch.randn(1, d, generator=g).to(dtype) for d in (576, 1536)}
 
     def by_gemv() -> None:
@@ -427,6 +426,14 @@ def one_row_by_gemv(device: torch.device, dtype: torch.dtype) -> bool:
         pair * 1e3,
     )
     return gemv < 0.9 * pair
+
+
+def _decoder_shaped(each: int, dtype: torch.dtype, g: torch.Generator) -> list[Tensor]:
+    """Random matrices of a decode step's kind, to time kernels on when a forward is built:
+    ``each`` of SmolLM2's gate/up shape [3072, 576] and ``each`` of its down shape [576, 1536]
+    (~85 MB in float32 at 8 each: beyond a CPU's last-level cache share, as a step's are)."""
+    weights = [torch.randn(3072, 576, generator=g).to(dtype) for _ in range(each)]
+    return weights + [torch.randn(576, 1536, generator=g).to(dtype) for _ in range(each)]
 
 
 def _fastest(fn: Callable[[], object], repeats: int = 5) -> float:
@@ -506,7 +513,7 @@ def faster_buckets(
 def _product(weight: Weight, bias: Tensor | None, x: Tensor, how: Products) -> Tensor:
     """``x @ weightᵀ`` (+ bias): [n, d] -> [n, N] (a low-precision copy's own product, else a
     transposed view of ``_product_t``)."""
-    if isinstance(weight, Int8Weight | Int4Weight | Bf16Weight | PackedWeight):
+    if isinstance(weight, Copy):
         y = weight.product(x, how)
         return y if bias is None else y + bias.t()
     return _product_t(weight, bias, x, how).t()
