@@ -151,10 +151,9 @@ class Prefiller:
                 torch.ones(m, length, dtype=torch.long, device=self.device),
             )  # logits [m, V]
             for j, i in enumerate(members):
-                # Clones: a cached prefix must not keep its whole group's tensors alive.
+                # views: the cache copies what it admits (not the whole group's tensors)
                 prefix = PromptPrefix(
-                    tuple((k[j : j + 1].clone(), v[j : j + 1].clone()) for k, v in layers),
-                    logits[j].clone(),
+                    tuple((k[j : j + 1], v[j : j + 1]) for k, v in layers), logits[j]
                 )
                 self.prefix_cache.put(tasks[i].name, tasks[i].version, prefix)
                 out[i] = prefix
@@ -207,11 +206,10 @@ class Prefiller:
                 continue
             latest = self.prefix_cache.get_input(task.name, task.version)
             j = 0
-            if latest is not None and latest.length - len(latest.tokens) == prompt.length:
+            if latest is not None and latest.length == len(latest.tokens):
                 j = common_prefix(latest.tokens, x, limit=len(x) - 1)  # >= 1 token to prefill
-            if latest is not None and j > 0:
-                cols = prompt.length + j
-                pasts.append(tuple((k[:, :, :cols], v[:, :, :cols]) for k, v in latest.layers))
+            if latest is not None and j > 0:  # the prompt's columns, then the input's first j
+                pasts.append(_joined(prompt.layers, latest.layers, j))
             else:
                 pasts.append(prompt.layers)
             skip.append(j)
@@ -270,14 +268,13 @@ class Prefiller:
         self, tasks: Sequence[ResolvedTask], rows: Sequence[int], layers: list[KV], mask: Tensor
     ) -> None:
         """The prompts prefilled with their rows' inputs, cached: each row's first L real
-        columns (a prompt's keys and values do not depend on what follows it)."""
+        columns (a prompt's keys and values do not depend on what follows it), as views: the
+        cache copies those it admits."""
         assert self.prefix_cache is not None
         for task, b in zip(tasks, rows, strict=True):
             first = int(mask[b].nonzero()[0])  # the row's first real column: its prompt's
             cols = slice(first, first + task.length)
-            kept = tuple(
-                (k[b : b + 1, :, cols].clone(), v[b : b + 1, :, cols].clone()) for k, v in layers
-            )
+            kept = tuple((k[b : b + 1, :, cols], v[b : b + 1, :, cols]) for k, v in layers)
             self.prefix_cache.put(task.name, task.version, PromptPrefix(kept, None))
 
     def _keep_inputs(
@@ -287,18 +284,31 @@ class Prefiller:
         layers: list[KV],
         mask: Tensor,
     ) -> None:
-        """Each task's prompt + its latest input, for the next request that starts alike."""
+        """Each task's latest input's columns (after its prompt's, which the task's prompt
+        entry holds), for the next request that starts alike."""
         assert self.prefix_cache is not None
         for b, (task, x) in enumerate(zip(tasks, inputs, strict=True)):
             if not x:
                 continue
-            real = mask[b].nonzero().squeeze(1)  # the row's columns: prompt, then input
+            # the row's columns are its prompt's, then its input's: keep the input's
+            real = mask[b].nonzero().squeeze(1)[-len(x) :]
             kept = tuple(
                 (k[b : b + 1].index_select(2, real), v[b : b + 1].index_select(2, real))
                 for k, v in layers
             )
             prefix = PromptPrefix(kept, layers[0][0].new_zeros(0), tokens=tuple(x))
             self.prefix_cache.put_input(task.name, task.version, prefix)
+
+
+def _joined(prompt: tuple[KV, ...], latest: tuple[KV, ...], j: int) -> tuple[KV, ...]:
+    """Per layer the prompt's columns (none for a task without prompt rows), then the first
+    ``j`` of the latest input's."""
+    if not prompt:
+        return tuple((k[:, :, :j], v[:, :, :j]) for k, v in latest)
+    return tuple(
+        (torch.cat([pk, k[:, :, :j]], 2), torch.cat([pv, v[:, :, :j]], 2))
+        for (pk, pv), (k, v) in zip(prompt, latest, strict=True)
+    )
 
 
 def _stack_pasts(pasts: Sequence[tuple[KV, ...]], longest: int) -> list[KV] | None:

@@ -6,11 +6,12 @@ the engine computes them once per (task name, version), keeps them in a bytes-bo
 the model's device, and prefills only the input tokens after them (positions ``L ..``).
 
 The same holds for the input's first tokens: the keys/values of prompt + ``x[:j]`` depend on
-those tokens only. So the cache also keeps, per task, the prompt + the whole input of its
-latest request (``put_input``), and a new request whose input starts with the same ``j``
-tokens (a chat template's system turn, a shared instruction) reuses the first ``L + j``
-columns and prefills only the rest: one entry per task, reused up to the longest common
-prefix.
+those tokens only. So the cache also keeps, per task, the input columns of its latest request
+(``put_input``: the input's alone, after the prompt's, which the task's prompt entry holds, so
+a task costs its L columns once), and a new request whose input starts with the same ``j``
+tokens (a chat template's system turn, a shared instruction) reuses the prompt's columns and
+the input's first ``j`` and prefills only the rest: one entry per task, reused up to the
+longest common prefix.
 
 Admission under a long tail: a prefix is megabytes (L rows × layers × keys and values), so the
 cache holds tens of tasks, while requests may draw from a million. Once the cache is full, a
@@ -39,9 +40,9 @@ PrefixKey = tuple[str, int, str]  # (task name, version, "prompt" | "input")
 
 @dataclass(frozen=True)
 class PromptPrefix:
-    """One task prompt's cache: per layer keys/values [1, H, L + len(tokens), Dh], and the
-    logits after them. ``tokens``: the input tokens whose columns follow the prompt's (none for
-    the prompt alone)."""
+    """One task prompt's cache: per layer keys/values [1, H, L, Dh] and the logits after them
+    (the prompt entry); or an input's columns [1, H, len(tokens), Dh] that follow the prompt's
+    (the input entry: ``tokens`` are that input's, ``last_logits`` empty)."""
 
     layers: tuple[KV, ...]
     # [V] next-token logits after the prompt (used for an empty input); None where the prompt
@@ -52,6 +53,15 @@ class PromptPrefix:
     @property
     def length(self) -> int:
         return int(self.layers[0][0].shape[2]) if self.layers else 0
+
+    def compact(self) -> PromptPrefix:
+        """The prefix with each tensor in storage of its own size: a view into a whole batch's
+        keys/values (or logits) is copied, so that caching it does not keep the batch alive."""
+        return PromptPrefix(
+            tuple((_own(k), _own(v)) for k, v in self.layers),
+            None if self.last_logits is None else _own(self.last_logits),
+            self.tokens,
+        )
 
     @property
     def nbytes(self) -> int:
@@ -95,13 +105,16 @@ class PrefixCache:
         self._put((name, version, "prompt"), prefix)
 
     def get_input(self, name: str, version: int) -> PromptPrefix | None:
-        """The prompt + the input of the task's latest request (``prefix.tokens``)."""
+        """The columns of the task's latest request's input (``prefix.tokens``), which follow
+        its prompt's."""
         return self._lookup((name, version, "input"))
 
     def put_input(self, name: str, version: int, prefix: PromptPrefix) -> None:
         self._put((name, version, "input"), prefix)
 
     def _put(self, key: PrefixKey, prefix: PromptPrefix) -> None:
+        """Cache ``prefix`` (views are fine: it is copied into its own storage only once
+        admitted, so a refused prefix costs no copy)."""
         name, version, _ = key
         with self._lock:
             # Older versions of the task can never be asked for again.
@@ -109,7 +122,7 @@ class PrefixCache:
             if not self._admit(key, prefix.nbytes):
                 self.refused += 1
                 return
-            self._cache.put(key, prefix, prefix.nbytes)
+            self._cache.put(key, prefix.compact(), prefix.nbytes)
 
     def _admit(self, key: PrefixKey, nbytes: int) -> bool:
         """Room for it, a replacement of the same key, or the task's second miss while full."""
@@ -158,3 +171,8 @@ class PrefixCache:
 
     def __len__(self) -> int:
         return len(self._cache)
+
+
+def _own(t: Tensor) -> Tensor:
+    """``t``, or a copy of it where its storage holds more than ``t`` (a view)."""
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()

@@ -114,6 +114,10 @@ def test_inputs_that_start_alike_reuse_the_cached_columns(
     assert loop.stats.input_tokens_reused == 0
     latest = cache.get_input(tasks[0].name, tasks[0].version)
     assert latest is not None and list(latest.tokens) == first[0].request.input_ids
+    # the input entry holds the input's columns only: the prompt's are the prompt entry's
+    prompt = cache.get(tasks[0].name, tasks[0].version)
+    assert prompt is not None and prompt.length == tasks[0].length
+    assert latest.length == len(latest.tokens)
     group = [
         row(request(backbone, tasks[0], text, f"g{i}", max_new_tokens=6))
         for i, text in enumerate(texts[1:])

@@ -39,3 +39,22 @@ def test_the_doorkeeper_forgets_old_names() -> None:
     assert cache.get("b", 1) is None and cache.get("a", 1) is not None
     cache.put("d", 1, prefix())
     assert cache.get("d", 1) is not None
+
+
+def test_a_cached_prefix_owns_its_storage() -> None:
+    """A prefix put as views into a whole batch's keys/values is copied when admitted (the
+    batch is not kept alive by the cache); one that owns its storage is kept as it is."""
+    batch = torch.arange(4 * 2 * 6 * 8, dtype=torch.float32).reshape(4, 2, 6, 8)
+    view = PromptPrefix(((batch[1:2, :, 2:5], batch[1:2, :, 2:5]),), batch[1, 0, 0])
+    own = prefix()
+    cache = PrefixCache(1 << 20)
+    cache.put("views", 1, view)
+    cache.put("own", 1, own)
+    got = cache.get("views", 1)
+    assert got is not None and got.nbytes == view.nbytes
+    k, v = got.layers[0]
+    assert v.untyped_storage().nbytes() == v.nbytes
+    assert torch.equal(k, batch[1:2, :, 2:5]) and k.untyped_storage().nbytes() == k.nbytes
+    assert got.last_logits is not None and got.last_logits.untyped_storage().nbytes() == 32
+    kept = cache.get("own", 1)
+    assert kept is not None and kept.layers[0][0] is own.layers[0][0]
