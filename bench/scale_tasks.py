@@ -313,19 +313,33 @@ async def closed_loop(
 
 
 def cache_counters(url: str) -> dict[str, float]:
+    """The device cache's hits and misses, and the prompt-prefix cache's prompt lookups."""
     out = {}
+    keys = {
+        "rankone_device_cache_hits ": "device_hit",
+        "rankone_device_cache_misses ": "device_miss",
+        'rankone_prefix_cache_lookups{kind="prompt",result="hit"} ': "prefix_hit",
+        'rankone_prefix_cache_lookups{kind="prompt",result="miss"} ': "prefix_miss",
+    }
     for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
-        for key in ("rankone_device_cache_hits", "rankone_device_cache_misses"):
-            if line.startswith(key + " "):
+        for prefix, key in keys.items():
+            if line.startswith(prefix):
                 out[key] = float(line.split()[-1])
-    return out
+    return {key: out.get(key, 0.0) for key in keys.values()}
+
+
+COUNTERS = ("device_hit", "device_miss", "prefix_hit", "prefix_miss")
+
+
+def rate(hits: float, misses: float) -> float:
+    return round(hits / max(1.0, hits + misses), 3)
 
 
 async def serving(url: str, args: argparse.Namespace) -> dict[str, Any]:
     kinds = ["single", "32", "uniform", "zipf"]
     pickers = {k: Picker(k, args.tasks, seed=i) for i, k in enumerate(kinds)}
     totals = {k: {"requests": 0.0, "tokens": 0.0, "errors": 0.0, "seconds": 0.0} for k in kinds}
-    hits = {k: [0.0, 0.0] for k in kinds}
+    counts = {k: dict.fromkeys(COUNTERS, 0.0) for k in kinds}
     await closed_loop(url, pickers["single"], args.namespace, args.concurrency, 3, args.new_tokens)
     for r in range(args.rounds):
         for k in kinds:
@@ -336,10 +350,8 @@ async def serving(url: str, args: argparse.Namespace) -> dict[str, Any]:
             after = cache_counters(url)
             for key in totals[k]:
                 totals[k][key] += got[key]
-            hits[k][0] += after["rankone_device_cache_hits"] - before["rankone_device_cache_hits"]
-            hits[k][1] += (
-                after["rankone_device_cache_misses"] - before["rankone_device_cache_misses"]
-            )
+            for key in COUNTERS:
+                counts[k][key] += after[key] - before[key]
             print(
                 f"  round {r + 1} {k:>7}: {got['tokens'] / got['seconds']:.1f} tok/s, "
                 f"{got['requests'] / got['seconds']:.2f} req/s",
@@ -353,7 +365,9 @@ async def serving(url: str, args: argparse.Namespace) -> dict[str, Any]:
             "requests_per_s": round(t["requests"] / t["seconds"], 3),
             "requests": int(t["requests"]),
             "errors": int(t["errors"]),
-            "device_cache_hit_rate": round(hits[k][0] / max(1.0, sum(hits[k])), 3),
+            "device_cache_hit_rate": rate(counts[k]["device_hit"], counts[k]["device_miss"]),
+            # prompt-prefix lookups that found the task's prompt KV (a miss prefills L rows)
+            "prefix_cache_hit_rate": rate(counts[k]["prefix_hit"], counts[k]["prefix_miss"]),
         }
     return out
 
@@ -472,8 +486,9 @@ def write(result: dict[str, Any], out: Path) -> None:
         f"Closed loop, {result['concurrency']} clients, max_new_tokens {result['new_tokens']} (ignore_eos: every request generates them), "
         f"{result['rounds']} interleaved rounds of {result['seconds']:.0f} s per workload:",
         "",
-        "| tasks drawn from | tokens/s | requests/s | device-cache hit rate | over one task |",
-        "|---|---|---|---|---|",
+        "| tasks drawn from | tokens/s | requests/s | device-cache hit rate "
+        "| prompt-prefix hit rate | over one task |",
+        "|---|---|---|---|---|---|",
     ]
     labels = {
         "single": "one task",
@@ -485,7 +500,8 @@ def write(result: dict[str, Any], out: Path) -> None:
         ratio = s[k]["tokens_per_s"] / s["single"]["tokens_per_s"]
         rows.append(
             f"| {label} | {s[k]['tokens_per_s']} | {s[k]['requests_per_s']} | "
-            f"{s[k]['device_cache_hit_rate']} | {ratio:.2f} |"
+            f"{s[k]['device_cache_hit_rate']} | {s[k].get('prefix_cache_hit_rate', '–')} | "
+            f"{ratio:.2f} |"
         )
     rows += [
         "",
