@@ -18,7 +18,9 @@ cache holds tens of tasks, while requests may draw from a million. Once the cach
 task's prefix is admitted only on its second miss among the last ``seen_names`` tasks that
 missed (a doorkeeper, as in TinyLFU): a task asked for once does not evict the prefixes of
 the tasks asked for again and again, and a task that comes back is cached from its second
-request on. While there is room, every prefix is admitted.
+request on. While there is room, every prefix is admitted. A task's latest-input entry is
+admitted only beside its prompt entry (its columns follow the prompt's, useless alone) and
+never through the doorkeeper: the prompt's refusal is what the doorkeeper remembers.
 
 Seq2seq backbones cannot use this: their encoder is bidirectional, so the prompt rows' encoder
 states depend on the input and must be recomputed for every request.
@@ -119,7 +121,10 @@ class PrefixCache:
         with self._lock:
             # Older versions of the task can never be asked for again.
             self._cache.drop(lambda k, _: k[0] == name and k[1] != version)
-            if not self._admit(key, prefix.nbytes):
+            if key[2] == "input":
+                if (name, version, "prompt") not in self._cache:
+                    return  # an input's columns are of no use without its prompt's
+            elif not self._admit(key, prefix.nbytes):
                 self.refused += 1
                 return
             self._cache.put(key, prefix.compact(), prefix.nbytes)

@@ -58,3 +58,22 @@ def test_a_cached_prefix_owns_its_storage() -> None:
     assert got.last_logits is not None and got.last_logits.untyped_storage().nbytes() == 32
     kept = cache.get("own", 1)
     assert kept is not None and kept.layers[0][0] is own.layers[0][0]
+
+
+def test_an_input_entry_rides_on_its_prompt_entry() -> None:
+    """A task's latest-input entry is kept only beside its prompt entry, and never spends the
+    doorkeeper's memory of the prompt's refusal: a one-off task's input does not evict a hot
+    task, and a task that comes back still gets its prompt admitted on its second miss."""
+    cache = PrefixCache(3 * 320, seen_names=100)
+    cache.put("hot", 1, prefix())
+    cache.put_input("hot", 1, prefix())  # beside its prompt: kept
+    cache.put("warm", 1, prefix())
+    assert cache.get_input("hot", 1) is not None
+    cache.put("tail", 1, prefix())  # full: refused (first miss), remembered
+    cache.put_input("tail", 1, prefix())  # no prompt entry: not kept, evicts nothing
+    assert cache.get_input("tail", 1) is None and len(cache) == 3
+    assert cache.get("hot", 1) is not None and cache.get("warm", 1) is not None
+    cache.put("tail", 1, prefix())  # its second miss: admitted
+    assert cache.get("tail", 1) is not None
+    cache.put_input("tail", 1, prefix())  # now beside its prompt: kept (evicting the LRU)
+    assert cache.get_input("tail", 1) is not None
