@@ -85,7 +85,8 @@ class DecodeLoop:
 
     @torch.inference_mode()
     def admit(self, rows: Sequence[Row]) -> None:
-        """Prefill ``rows`` as one group, choose their first tokens, add them to the batch."""
+        """Prefill ``rows`` (in groups of like lengths: ``Prefiller.groups``), choose their
+        first tokens, add them to the batch."""
         rows = [r for r in rows if not self._finish_early(r)]
         if not rows:
             return
@@ -95,6 +96,11 @@ class DecodeLoop:
             )
             if not row.request.params.greedy:
                 row.generator = make_generator(row.request.params.seed, self.device, self.rng)
+        for group in self.prefill.groups(rows):
+            self._admit_group(group)
+
+    def _admit_group(self, rows: list[Row]) -> None:
+        """Prefill ``rows`` as one group (one forward) and add them to the batch."""
         start = time.perf_counter()
         try:
             prefill = self.prefill(rows)

@@ -14,13 +14,21 @@ cache slots. Three paths:
   as the other rows' inputs, and its prompt's columns are then cached: a cold task costs one
   forward, not a prompt forward and then an input forward (the weights read once, not twice).
 
+A group's forward pads every row to its longest, so ``Prefiller.groups`` first splits what the
+engine admits together into groups of like lengths where the padding would cost more than one
+more forward (a cold task's ``L + T`` positions beside warm rows' ``T``, a long input beside
+short ones): a forward's time is about ``a + c · positions``, and ``a / c``, what one more
+forward costs in positions, is timed once per forward (``forward_positions``).
+
 A task without prompt rows (L = 0: the base model) takes the same paths with an empty prefix.
 Every forward goes through the engine's ``forward.Forward``, whichever implementation it is.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -71,6 +79,28 @@ class Prefiller:
         # Seq2seq encoders are bidirectional: a prompt's states depend on the input.
         self.prefix_cache = None if self.seq2seq else prefix_cache
         self.stats = stats
+
+    def groups(self, rows: Sequence[Row]) -> list[list[Row]]:
+        """``rows`` as the groups to prefill, one forward each: rows of like lengths together,
+        split where padding the shorter rows to the longest would cost more positions than
+        one more forward does (``forward_positions``); the rows' order kept within a group."""
+        if len(rows) < 2:
+            return [list(rows)]
+        fixed = forward_positions(self.forward, self.backbone) if not self.seq2seq else None
+        if fixed is None:
+            return [list(rows)]
+        lengths = [self._new_positions(r) for r in rows]
+        order = sorted(range(len(rows)), key=lambda i: -lengths[i])
+        cuts = split_by_length([lengths[i] for i in order], fixed)
+        return [[rows[i] for i in sorted(order[a:b])] for a, b in itertools.pairwise(cuts)]
+
+    def _new_positions(self, row: Row) -> int:
+        """The positions a row's prefill computes: its input's, after its prompt's where the
+        prompt's prefix is cached, else the prompt's too."""
+        task, n = row.request.task, len(row.request.input_ids)
+        if self.prefix_cache is not None and self.prefix_cache.holds(task.name, task.version):
+            return n
+        return task.length + n
 
     def __call__(self, rows: Sequence[Row]) -> Prefill:
         if self.seq2seq:
@@ -298,6 +328,66 @@ class Prefiller:
             )
             prefix = PromptPrefix(kept, layers[0][0].new_zeros(0), tokens=tuple(x))
             self.prefix_cache.put_input(task.name, task.version, prefix)
+
+
+def split_by_length(lengths: Sequence[int], fixed: float) -> list[int]:
+    """Where to cut ``lengths`` (sorted, longest first) into groups, as boundaries
+    ``[0, .., len]``: the cuts that minimise the groups' padded positions (each group pads
+    to its first) plus ``fixed`` per group (one forward's cost, in positions)."""
+    n = len(lengths)
+    best = [0.0] + [float("inf")] * n  # best[j]: the first j rows' cost
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):  # rows i..j-1 as one group
+            cost = best[i] + fixed + (j - i) * lengths[i]
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    bounds = [n]
+    while bounds[-1] > 0:
+        bounds.append(cut[bounds[-1]])
+    return bounds[::-1]
+
+
+# what one more forward costs, in prefill positions, per forward (timed once)
+_FORWARD_POSITIONS: weakref.WeakKeyDictionary[Forward, float | None] = weakref.WeakKeyDictionary()
+
+
+def forward_positions(forward: Forward, backbone: Backbone) -> float | None:
+    """What one more prefill forward costs, in positions: a forward's time is about
+    ``a + c · positions`` (the weights' read and the per-operator cost, then the products'
+    work), timed once per forward at 8 and 64 positions (best of 3, ~0.1-0.5 s on a CPU);
+    ``a / c``, or None where a forward's time did not grow with its positions (a GPU at
+    these sizes: then a group is never split)."""
+    if forward in _FORWARD_POSITIONS:
+        return _FORWARD_POSITIONS[forward]
+    times = {}
+    with torch.inference_mode():
+        for n in (8, 64, 8, 64, 8, 64):
+            embeds = torch.zeros(1, n, backbone.dim, dtype=backbone.dtype, device=backbone.device)
+            positions = torch.arange(n, device=backbone.device)[None]
+            mask = torch.ones(1, n, dtype=torch.long, device=backbone.device)
+            _sync(backbone.device)
+            start = time.perf_counter()
+            forward.prefill(embeds, positions, mask)
+            _sync(backbone.device)
+            took = time.perf_counter() - start
+            times[n] = min(times.get(n, took), took)
+    fixed = fixed_positions(times)
+    _FORWARD_POSITIONS[forward] = fixed
+    return fixed
+
+
+def fixed_positions(times: dict[int, float]) -> float | None:
+    """From a forward's times at two position counts, ``{n: seconds}``: the positions its fixed
+    cost is worth (``a / c`` in ``a + c · n``), or None where it did not grow with ``n``."""
+    (n1, t1), (n2, t2) = sorted(times.items())
+    per_position = (t2 - t1) / (n2 - n1)
+    return None if per_position <= 0 else max(0.0, t1 / per_position - n1)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _joined(prompt: tuple[KV, ...], latest: tuple[KV, ...], j: int) -> tuple[KV, ...]:

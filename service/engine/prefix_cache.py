@@ -97,6 +97,11 @@ class PrefixCache:
         """The task prompt's prefix."""
         return self._lookup((name, version, "prompt"))
 
+    def holds(self, name: str, version: int) -> bool:
+        """Whether the task prompt's prefix is cached (no lookup counted, recency untouched)."""
+        with self._lock:
+            return self._cache.get_quiet((name, version, "prompt")) is not None
+
     def _lookup(self, key: PrefixKey) -> PromptPrefix | None:
         with self._lock:
             found = self._cache.get(key)

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 from prompts import Backbone
+from service.engine import prefill as prefill_module
 from service.engine.decode import DecodeLoop
 from service.engine.prefix_cache import PrefixCache
 from tests.engine.conftest import (
@@ -338,6 +339,8 @@ def test_a_cold_task_is_one_forward_and_its_cached_prompt_serves_later_rows_exac
     # undone after the test (the fused forward is built once per model and shared): as an
     # entry of the instance's dict, removed again, not left behind as a bound method
     monkeypatch.setitem(vars(loop.prefill.forward), "prefill", counted)
+    # as where a forward's time does not grow with its positions: the group is never split
+    monkeypatch.setitem(prefill_module._FORWARD_POSITIONS, loop.prefill.forward, None)
 
     def run(dl: DecodeLoop, task_texts: list[tuple[int, str]]) -> list[list[int]]:
         nonlocal counting
