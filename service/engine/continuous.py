@@ -242,6 +242,7 @@ class ContinuousEngine(Engine):
     def _run(self) -> None:
         enter_model_thread(self.threads)
         core = self.loop_core
+        core.prefill.prepare()
         while True:
             with self._cond:
                 while not self._stop and not self._waiting and not core.running:

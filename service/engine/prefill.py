@@ -27,6 +27,7 @@ Every forward goes through the engine's ``forward.Forward``, whichever implement
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 import weakref
 from collections.abc import Sequence
@@ -48,6 +49,8 @@ from service.engine.kv_layout import (
 )
 from service.engine.prefix_cache import PrefixCache, PromptPrefix
 from service.engine.rows import LoopStats, Row
+
+log = logging.getLogger("rankone.engine")
 
 
 @dataclass
@@ -93,6 +96,12 @@ class Prefiller:
         order = sorted(range(len(rows)), key=lambda i: -lengths[i])
         cuts = split_by_length([lengths[i] for i in order], fixed)
         return [[rows[i] for i in sorted(order[a:b])] for a, b in itertools.pairwise(cuts)]
+
+    def prepare(self) -> None:
+        """Time what one more forward costs (``forward_positions``) before serving, so that
+        no request waits for it (the engine's model thread calls it first)."""
+        if not self.seq2seq:
+            forward_positions(self.forward, self.backbone)
 
     def _new_positions(self, row: Row) -> int:
         """The positions a row's prefill computes: its input's, after its prompt's where the
@@ -360,18 +369,24 @@ def forward_positions(forward: Forward, backbone: Backbone) -> float | None:
     these sizes: then a group is never split)."""
     if forward in _FORWARD_POSITIONS:
         return _FORWARD_POSITIONS[forward]
-    times = {}
-    with torch.inference_mode():
-        for n in (8, 64, 8, 64, 8, 64):
-            embeds = torch.zeros(1, n, backbone.dim, dtype=backbone.dtype, device=backbone.device)
-            positions = torch.arange(n, device=backbone.device)[None]
-            mask = torch.ones(1, n, dtype=torch.long, device=backbone.device)
-            _sync(backbone.device)
-            start = time.perf_counter()
-            forward.prefill(embeds, positions, mask)
-            _sync(backbone.device)
-            took = time.perf_counter() - start
-            times[n] = min(times.get(n, took), took)
+    times: dict[int, float] = {}
+    try:
+        with torch.inference_mode():
+            for n in (8, 64, 8, 64, 8, 64):
+                embeds = torch.zeros(
+                    1, n, backbone.dim, dtype=backbone.dtype, device=backbone.device
+                )
+                positions = torch.arange(n, device=backbone.device)[None]
+                mask = torch.ones(1, n, dtype=torch.long, device=backbone.device)
+                _sync(backbone.device)
+                start = time.perf_counter()
+                forward.prefill(embeds, positions, mask)
+                _sync(backbone.device)
+                took = time.perf_counter() - start
+                times[n] = min(times.get(n, took), took)
+    except Exception:  # a model that cannot run this probe: groups are never split
+        log.warning("could not time a prefill forward; admitted groups stay whole", exc_info=True)
+        times = {8: 1.0, 64: 1.0}
     fixed = fixed_positions(times)
     _FORWARD_POSITIONS[forward] = fixed
     return fixed

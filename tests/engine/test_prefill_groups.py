@@ -75,3 +75,27 @@ def test_a_cold_task_beside_warm_rows_is_its_own_forward_and_exact(
     counting = False
     assert got == run(plain, group)
     assert sorted(sizes) == [1, 2]  # the cold row alone, the two warm rows together
+
+
+def test_the_engine_times_a_forward_before_serving(backbones: dict[str, Backbone]) -> None:
+    """The engine's model thread times a prefill forward's fixed cost first, so that no
+    request waits for it (a seq2seq engine's groups are never split: nothing is timed)."""
+    import asyncio
+
+    from service.engine.continuous import ContinuousEngine
+
+    async def main(kind: str) -> bool:
+        engine = ContinuousEngine(backbones[kind], prefix_cache_bytes=1 << 20)
+        forward = engine.loop_core.forward  # built once per model: forget its timing
+        prefill_module._FORWARD_POSITIONS.pop(forward, None)
+        await engine.start()
+        # one row: its admission times nothing itself
+        await engine.generate(
+            request(backbones[kind], make_tasks(backbones[kind])[0], TEXTS[0], "a")
+        )
+        timed = forward in prefill_module._FORWARD_POSITIONS
+        await engine.shutdown()
+        return timed
+
+    assert asyncio.run(main("llama"))
+    assert not asyncio.run(main("t5"))
