@@ -26,6 +26,7 @@ Every forward goes through the engine's ``forward.Forward``, whichever implement
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
@@ -39,11 +40,10 @@ from torch import Tensor
 from prompts.backbone import Backbone
 from prompts.inputs import PromptedInputs, prepend_prompts
 from service.core.tasks import ResolvedTask, compose_tasks
-from service.engine.forward import EncoderSide, Forward
+from service.engine.forward import EncoderSide, Forward, fastest
 from service.engine.kv_layout import (
     KV,
     decode_positions,
-    left_pad,
     pad_sequences,
     prefill_positions,
 )
@@ -236,23 +236,25 @@ class Prefiller:
         tasks = [r.request.task for r in rows]
         inputs = [list(r.request.input_ids) for r in rows]
         prompts = self._prefixes(tasks, inputs)
-        pasts: list[tuple[KV, ...]] = []  # per row: per layer [1, H, P_b, Dh]
+        # per row: its past as segments, each per layer [1, H, P_s, Dh] (views: the prompt's
+        # columns, then the reused input's); _stack_pasts copies each column once
+        pasts: list[list[tuple[KV, ...]]] = []
         skip: list[int] = []  # per row: input tokens already in its past
         for task, prompt, x in zip(tasks, prompts, inputs, strict=True):
             if prompt is None:  # the prompt is prefilled with the input
-                pasts.append(())
+                pasts.append([])
                 skip.append(0)
                 continue
             latest = self.prefix_cache.get_input(task.name, task.version)
             j = 0
             if latest is not None and latest.length == len(latest.tokens):
                 j = common_prefix(latest.tokens, x, limit=len(x) - 1)  # >= 1 token to prefill
-            if latest is not None and j > 0:  # the prompt's columns, then the input's first j
-                pasts.append(_joined(prompt.layers, latest.layers, j))
-            else:
-                pasts.append(prompt.layers)
+            segments = [prompt.layers] if prompt.layers else []
+            if latest is not None and j > 0:  # the input's first j columns after the prompt's
+                segments.append(tuple((k[:, :, :j], v[:, :, :j]) for k, v in latest.layers))
+            pasts.append(segments)
             skip.append(j)
-        past_lengths = [int(p[0][0].shape[2]) if p else 0 for p in pasts]
+        past_lengths = [sum(int(seg[0][0].shape[2]) for seg in p) for p in pasts]
         longest = max(past_lengths)
         layers = _stack_pasts(pasts, longest)  # per layer [B, H, Pmax, Dh]; None: no past at all
         prefix_mask, _ = pad_sequences(
@@ -369,21 +371,16 @@ def forward_positions(forward: Forward, backbone: Backbone) -> float | None:
     these sizes: then a group is never split)."""
     if forward in _FORWARD_POSITIONS:
         return _FORWARD_POSITIONS[forward]
-    times: dict[int, float] = {}
+
+    def prefill(n: int) -> None:
+        embeds = torch.zeros(1, n, backbone.dim, dtype=backbone.dtype, device=backbone.device)
+        positions = torch.arange(n, device=backbone.device)[None]
+        forward.prefill(embeds, positions, torch.ones_like(positions))
+        _sync(backbone.device)
+
     try:
         with torch.inference_mode():
-            for n in (8, 64, 8, 64, 8, 64):
-                embeds = torch.zeros(
-                    1, n, backbone.dim, dtype=backbone.dtype, device=backbone.device
-                )
-                positions = torch.arange(n, device=backbone.device)[None]
-                mask = torch.ones(1, n, dtype=torch.long, device=backbone.device)
-                _sync(backbone.device)
-                start = time.perf_counter()
-                forward.prefill(embeds, positions, mask)
-                _sync(backbone.device)
-                took = time.perf_counter() - start
-                times[n] = min(times.get(n, took), took)
+            times = {n: fastest(functools.partial(prefill, n), 3) for n in (8, 64)}
     except Exception:  # a model that cannot run this probe: groups are never split
         log.warning("could not time a prefill forward; admitted groups stay whole", exc_info=True)
         times = {8: 1.0, 64: 1.0}
@@ -405,32 +402,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _joined(prompt: tuple[KV, ...], latest: tuple[KV, ...], j: int) -> tuple[KV, ...]:
-    """Per layer the prompt's columns (none for a task without prompt rows), then the first
-    ``j`` of the latest input's."""
-    if not prompt:
-        return tuple((k[:, :, :j], v[:, :, :j]) for k, v in latest)
-    return tuple(
-        (torch.cat([pk, k[:, :, :j]], 2), torch.cat([pv, v[:, :, :j]], 2))
-        for (pk, pv), (k, v) in zip(prompt, latest, strict=True)
-    )
-
-
-def _stack_pasts(pasts: Sequence[tuple[KV, ...]], longest: int) -> list[KV] | None:
-    """Per-row pasts (per layer [1, H, P_b, Dh]; none for a row without prompt rows) as one
-    left-padded past per layer [B, H, longest, Dh]; None when no row has a past."""
-    template = next((p for p in pasts if p), None)
+def _stack_pasts(pasts: Sequence[Sequence[tuple[KV, ...]]], longest: int) -> list[KV] | None:
+    """Per-row pasts, each as segments (per layer [1, H, P_s, Dh]: a prompt's columns, then
+    the reused input's; none for a row without a past), as one left-padded past per layer
+    [B, H, longest, Dh]: each column copied once, the padding zeroed. None when no row has a
+    past."""
+    template = next((seg for row in pasts for seg in row), None)
     if template is None:
         return None
-    empty = tuple((k[:, :, :0], v[:, :, :0]) for k, v in template)
-    full = [p or empty for p in pasts]
-    return [
-        (
-            torch.cat([left_pad(p[i][0], longest, 2) for p in full]),
-            torch.cat([left_pad(p[i][1], longest, 2) for p in full]),
-        )
-        for i in range(len(template))
-    ]
+    stacked: list[KV] = []
+    for i, layer in enumerate(template):
+        pair = []
+        for which, t in enumerate(layer):  # keys, then values
+            out = t.new_empty(len(pasts), t.shape[1], longest, t.shape[3])
+            for b, row in enumerate(pasts):
+                end = longest
+                for seg in reversed(row):
+                    piece = seg[i][which][0]  # [H, P_s, Dh]
+                    out[b, :, end - piece.shape[1] : end].copy_(piece)
+                    end -= piece.shape[1]
+                if end:
+                    out[b, :, :end].zero_()
+            pair.append(out)
+        stacked.append((pair[0], pair[1]))
+    return stacked
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int], *, limit: int) -> int:
