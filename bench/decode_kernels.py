@@ -46,12 +46,8 @@ from torch import Tensor
 from bench.common import RESULTS, write_json
 from bench.engine_bench import machine
 from bench.weights_quality import cpu_matrix_flags
-from service.engine.fused_llama import (
-    Int4Weight,
-    PackedWeight,
-    Products,
-    _fastest,  # the engine's own timing of its choices
-)
+from service.engine.forward import fastest  # the engine's own timing of its choices
+from service.engine.fused_llama import Int4Weight, PackedWeight, Products
 
 # SmolLM2-135M: hidden 576, intermediate 1536, 9 query and 3 key/value heads of 64, 30 layers
 HIDDEN, INTER, Q_OUT, KV_OUT, LAYERS = 576, 1536, 576, 192, 30
@@ -160,7 +156,7 @@ def measure(rows: list[int], repeats: int, layers: int = LAYERS) -> dict[str, An
                     for i, w in enumerate(weights):
                         fn(i, xs[w.shape[1]])
 
-                timed[name].append(_fastest(one_pass, repeats))
+                timed[name].append(fastest(one_pass, repeats))
         for name, t in timed.items():
             ms.setdefault(name, {})[str(n)] = round(statistics.median(t) * 1e3, 2)
         # error of the gate/up product against float32, worst row (relative norm)

@@ -22,6 +22,8 @@ yields for each alone.
 from __future__ import annotations
 
 import abc
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -87,3 +89,15 @@ class Forward(abc.ABC):
         """The encoder over ``embeds`` [B, S, d] (``mask`` [B, S], right padding), then the
         decoder's first step."""
         raise NotImplementedError(f"the {self.kind} forward runs decoder-only backbones only")
+
+
+def fastest(fn: Callable[[], object], repeats: int = 5) -> float:
+    """The least of ``repeats`` timings of ``fn`` (seconds), after one untimed call: how a
+    forward times its choices when it is built (``fn`` waits for a GPU itself)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from service.engine.forward import Forward, StepInputs
+from service.engine.forward import Forward, StepInputs, fastest
 from service.engine.kv_cache import SlotKV
 from service.engine.kv_layout import KV
 
@@ -303,7 +302,7 @@ def packing_kind(device: torch.device) -> str:
                 for p in copies[by]:
                     p.packed_product(x[p.w.shape[1]])
 
-        return _fastest(one, 3)
+        return fastest(one, 3)
 
     times = {by: passes(by) for by in copies}
     chosen = min(times, key=times.__getitem__)
@@ -418,7 +417,7 @@ def one_row_by_gemv(device: torch.device, dtype: torch.dtype) -> bool:
         for w in weights:
             _pair_mm(w, xs[w.shape[1]])
 
-    gemv, pair = _fastest(by_gemv), _fastest(by_pair)
+    gemv, pair = fastest(by_gemv), fastest(by_pair)
     log.info(
         "one-row products (%s): gemv %.2f ms, two-column gemm %.2f ms",
         dtype,
@@ -434,17 +433,6 @@ def _decoder_shaped(each: int, dtype: torch.dtype, g: torch.Generator) -> list[T
     (~85 MB in float32 at 8 each: beyond a CPU's last-level cache share, as a step's are)."""
     weights = [torch.randn(3072, 576, generator=g).to(dtype) for _ in range(each)]
     return weights + [torch.randn(576, 1536, generator=g).to(dtype) for _ in range(each)]
-
-
-def _fastest(fn: Callable[[], object], repeats: int = 5) -> float:
-    """The least of ``repeats`` timings of ``fn`` (seconds), after one untimed call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 LINEAR_BUCKETS = (2, 4, 8, 16, 32)  # row counts (rounded up to a power of two) calibrated
@@ -504,8 +492,8 @@ def faster_buckets(
     chosen = set()
     for n in buckets:
         xs = {w: torch.randn(n, w, generator=g).to(dtype) for w in widths}
-        fast = _fastest(functools.partial(candidate, n, xs), 3)
-        if fast < 0.9 * _fastest(functools.partial(current, n, xs), 3):
+        fast = fastest(functools.partial(candidate, n, xs), 3)
+        if fast < 0.9 * fastest(functools.partial(current, n, xs), 3):
             chosen.add(n)
     return frozenset(chosen)
 
