@@ -66,6 +66,7 @@ class ContinuousEngine(Engine):
         fused_forward: bool = True,
         weights: str = "float32",
         cuda_graphs: bool = False,
+        compiled_step: bool = False,
         threads: int = 0,
     ) -> None:
         """``threads``: torch threads of the model thread (0: leave torch's setting)."""
@@ -91,7 +92,11 @@ class ContinuousEngine(Engine):
             max_rows=max_batch_size,
             # chosen once, here
             forward=choose_forward(
-                backbone, fused=fused_forward, weights=weights, graphs=cuda_graphs
+                backbone,
+                fused=fused_forward,
+                weights=weights,
+                graphs=cuda_graphs,
+                compiled=compiled_step,
             ),
         )
         self.drain = DrainRate()

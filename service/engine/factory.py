@@ -39,6 +39,7 @@ def build_engine(name: str, backbone: Backbone, settings: Any, metrics: EngineMe
             fused_forward=settings.fused_forward,
             weights=settings.weights,
             cuda_graphs=settings.cuda_graphs,
+            compiled_step=settings.compiled_step,
             threads=threads,
             metrics=metrics,
         )

@@ -85,6 +85,10 @@ class Forward(abc.ABC):
         """One decode step: next-token logits [n, V]; each layer's new keys/values are
         written at ``inputs.kv``'s open column."""
 
+    def prepare(self) -> None:  # noqa: B027 (optional: most forwards have nothing to do)
+        """Whatever the forward does once before serving (the engine's model thread calls it
+        first: compiling, timing its choices); nothing by default."""
+
     def prefill_seq2seq(self, embeds: Tensor, mask: Tensor) -> Seq2SeqPrefill:
         """The encoder over ``embeds`` [B, S, d] (``mask`` [B, S], right padding), then the
         decoder's first step."""

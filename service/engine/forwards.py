@@ -7,6 +7,7 @@ backend is a ``forward.Forward`` subclass in its own file and one line here.
 from __future__ import annotations
 
 from prompts.backbone import Backbone
+from service.engine.compiled_step import CompiledStep
 from service.engine.forward import Forward
 from service.engine.fused_llama import FusedLlama, packing_available
 from service.engine.graphed import GraphedStep
@@ -16,7 +17,12 @@ WEIGHTS = ("float32", "int8", "int4", "bfloat16", "float32-packed")  # RANKONE_W
 
 
 def choose_forward(
-    backbone: Backbone, *, fused: bool = True, weights: str = "float32", graphs: bool = False
+    backbone: Backbone,
+    *,
+    fused: bool = True,
+    weights: str = "float32",
+    graphs: bool = False,
+    compiled: bool = False,
 ) -> Forward:
     """``fused``: run the fused Llama forward where it covers the backbone. ``weights``
     ``int8`` / ``int4`` / ``bfloat16``: its decode steps' products from 8-bit / 4-bit /
@@ -25,7 +31,10 @@ def choose_forward(
     (``FusedLlamaPacked``, a CPU's), which only the fused forward has: a ValueError where it
     does not run. ``graphs``: on a CUDA device the fused forward's decode steps replay CUDA
     graphs (``graphed.GraphedStep``, one per forward; elsewhere no effect; the serving engine
-    passes ``RANKONE_CUDA_GRAPHS``, off by default)."""
+    passes ``RANKONE_CUDA_GRAPHS``, off by default). ``compiled``: on a CPU the fused
+    forward's one-row decode steps run compiled by inductor (``compiled_step.CompiledStep``,
+    compiled by its ``prepare``; ``RANKONE_COMPILED_STEP``, off by default; a ValueError
+    without the fused forward)."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     found = FusedLlama.build(backbone.model) if fused else None
@@ -40,8 +49,16 @@ def choose_forward(
         if why_not is not None:
             raise ValueError(f"RANKONE_WEIGHTS={weights}: {why_not}; use RANKONE_WEIGHTS=float32")
         found = found.decode_copies(weights)
+    if compiled and found is None:
+        why = "RANKONE_FUSED_FORWARD is false" if not fused else "this backbone is not covered"
+        raise ValueError(
+            f"RANKONE_COMPILED_STEP compiles the engine's fused Llama forward, and {why} "
+            "(the log says why): use RANKONE_COMPILED_STEP=false"
+        )
     if found is None:
         return HFForward(backbone)
+    if compiled and backbone.device.type == "cpu":
+        return CompiledStep.of(found)
     if graphs and backbone.device.type == "cuda":
         return GraphedStep.of(found)
     return found

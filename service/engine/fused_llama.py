@@ -94,6 +94,9 @@ class Int8Weight:
         """``x @ wᵀ`` from the int8 copy: [n, d] -> [n, N] in ``x``'s dtype. On a CPU the
         int8 kernel; elsewhere (CUDA) the same numbers dequantized into one GEMM, which a
         compiled or graph-captured step fuses."""
+        if how.reduce:  # the kernel's numbers (bfloat16 in and out) as one fused reduction
+            y = (self.q.float() * x.to(torch.bfloat16).float()).sum(-1) * self.scale.float()
+            return y.to(torch.bfloat16)[None].to(x.dtype)
         if x.device.type == "cpu":
             y = torch._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.q, self.scale)
             return y.to(x.dtype)
@@ -358,6 +361,7 @@ class Products:
     gemv: bool = False  # one row: torch.mv (else the two-column GEMM, ``one_row_by_gemv``)
     linear: bool = False  # several rows, float weights: F.linear (else weight-major)
     packed: bool = False  # several rows, a PackedWeight: its packed copy
+    reduce: bool = False  # one row as a reduction over the weights (a compiled step's only)
 
 
 def _product_t(weight: Weight, bias: Tensor | None, x: Tensor, how: Products) -> Tensor:
@@ -369,6 +373,9 @@ def _product_t(weight: Weight, bias: Tensor | None, x: Tensor, how: Products) ->
     if isinstance(weight, Copy):
         y = weight.product(x, how)  # [n, N]
         return (y if bias is None else y + bias.t()).t()
+    if how.reduce:
+        out = (weight * x).sum(-1)[:, None]
+        return out if bias is None else out + bias
     if x.shape[0] == 1 and how.gemv:
         out = torch.mv(weight, x[0])[:, None]
         return out if bias is None else out + bias
@@ -521,7 +528,9 @@ def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     )
 
 
-def _decode_attention(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor | None) -> Tensor:
+def _decode_attention(
+    q: Tensor, keys: Tensor, values: Tensor, bias: Tensor | None, reduce: bool = False
+) -> Tensor:
     """Softmax attention of ``q`` [B, H_kv, g, Dh] (pre-scaled) over ``keys``/``values``
     [B, H_kv, W, Dh] with an additive ``bias`` [B, 1, 1, W]: [B, H_kv, g, Dh].
 
@@ -529,6 +538,12 @@ def _decode_attention(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor | No
     the time of CPU SDPA over the same views (its math path, taken here, also rescales the keys).
     Every row attends to its own new column, so no row is fully masked.
     """
+    if reduce:  # products as reductions over the window: a compiled step fuses them
+        scores = (q[:, :, :, None, :] * keys[:, :, None]).sum(-1)  # [B, H_kv, g, W]
+        if bias is not None:
+            scores = scores + bias
+        probs = scores.softmax(-1)
+        return (probs[..., None] * values[:, :, None]).sum(-2)
     b, kv_heads, g, dh = (int(s) for s in q.shape)
     w = int(keys.shape[2])
     # [B · H_kv, ...] batches: the cache's windows flatten to views (rows and heads are its
@@ -737,11 +752,12 @@ class FusedLlama(Forward):
         h = self._layers(embeds, positions, allowed, attend, self.prefill_layers)
         return self._logits(h[:, -1], self.prefill_head), layers
 
-    def _logits(self, h: Tensor, head: Weight | None = None) -> Tensor:
+    def _logits(self, h: Tensor, head: Weight | None = None, how: Products | None = None) -> Tensor:
         """[n, d] last hidden states -> [n, V] logits (final norm, lm_head)."""
         norm = _rms_norm(h, self.norm, self.norm_eps)
         head = self.head if head is None else head
-        return _product(head, None, norm, self.products(int(norm.shape[0]), head)).contiguous()
+        how = self.products(int(norm.shape[0]), head) if how is None else how
+        return _product(head, None, norm, how).contiguous()
 
     def products(self, rows: int, weight: Weight) -> Products:
         """How a call's products over ``rows`` rows of weights like ``weight`` run: one row
@@ -817,7 +833,13 @@ class FusedLlama(Forward):
         return h.reshape(b, t, d)
 
     def _step_layers(
-        self, x: Tensor, positions: Tensor, mask: Tensor, attend: Attend, layers: list[_Layer]
+        self,
+        x: Tensor,
+        positions: Tensor,
+        mask: Tensor,
+        attend: Attend,
+        layers: list[_Layer],
+        how: Products | None = None,
     ) -> Tensor:
         """The decoder layers over one token per row, ``x`` [n, d] at ``positions`` [n]:
         [n, d]. ``_layers``' numbers at one position, bit for bit, in fewer operator calls: at
@@ -830,7 +852,7 @@ class FusedLlama(Forward):
         nqk = (heads + kv_heads) * dh
         cos, sin = self._step_rotation(x, positions)  # [n, H + H_kv, Dh]
         bias = mask if mask.is_floating_point() else _additive(mask, x.dtype)
-        how = self.products(n, layers[0].qkv)
+        how = self.products(n, layers[0].qkv) if how is None else how
         h = x
         for i, layer in enumerate(layers):
             qkv = _product(layer.qkv, layer.qkv_bias, _rms_norm(h, layer.norm1, layer.eps1), how)
@@ -839,8 +861,8 @@ class FusedLlama(Forward):
             keys, values = attend(i, qk[:, heads:, None], v)  # [n, H_kv, W, Dh]
             # one query per row: a group's heads attend as queries of one KV head
             q = qk[:, :heads].view(n, kv_heads, heads // kv_heads, dh)
-            out = _decode_attention(q, keys, values, bias)  # [n, H_kv, g, Dh]
-            h = h + _product(layer.o, layer.o_bias, out.view(n, heads * dh), how)
+            out = _decode_attention(q, keys, values, bias, how.reduce)  # [n, H_kv, g, Dh]
+            h = h + _product(layer.o, layer.o_bias, out.reshape(n, heads * dh), how)
             h = self._mlp(layer, h, how)
         return h
 

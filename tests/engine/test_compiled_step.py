@@ -1,0 +1,159 @@
+"""RANKONE_COMPILED_STEP: one-row decode steps compiled by inductor (``CompiledStep``).
+
+Compiled with the tiny Llama (a C++ compiler is on every machine the tests run on). What holds:
+float32 rows decoded alone (every step compiled) and in mixed batches (several rows eager, one
+row compiled) equal HF ``generate``; one graph serves every window, cache size and move; int8
+rows decode alone what they decode in a batch; a compile that fails or a graph that does not fit
+leaves steps eager, never wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from prompts import Backbone
+from service.engine.compiled_step import CompiledStep
+from service.engine.decode import DecodeLoop
+from service.engine.forwards import choose_forward
+from service.engine.fused_llama import FusedLlama
+from service.engine.prefix_cache import PrefixCache
+from service.settings import Settings
+from tests.engine.conftest import (
+    TEXTS,
+    make_tasks,
+    reference_generate,
+    reference_no_cache,
+    request,
+    row,
+)
+from tests.engine.test_decode_reference import run_schedule
+
+
+def compiled(backbone: Backbone, weights: str = "float32") -> CompiledStep:
+    forward = choose_forward(backbone, weights=weights, compiled=True)
+    assert isinstance(forward, CompiledStep)
+    forward.prepare()
+    assert forward.off is None, forward.off
+    return forward
+
+
+def decode_alone(backbone: Backbone, forward: Any, req: Any) -> list[int]:
+    loop = DecodeLoop(backbone, prefix_cache=PrefixCache(1 << 24), forward=forward)
+    r, sink = row(req)
+    loop.admit([r])
+    while loop.running:
+        loop.step()
+    assert sink.result is not None
+    return sink.result.token_ids
+
+
+def test_one_row_steps_compiled_equal_generate(backbones: dict[str, Backbone]) -> None:
+    backbone = backbones["llama"]
+    forward = compiled(backbone)
+    assert forward.kind == "fused+compiled" and isinstance(forward.inner, FusedLlama)
+    assert choose_forward(backbone, compiled=True) is forward  # one per forward
+    tasks = make_tasks(backbone)
+    for i in range(3):
+        req = request(backbone, tasks[i], TEXTS[i], f"a{i}", max_new_tokens=12)
+        expected = reference_generate(backbone, req.task, req.input_ids, 12)
+        before = forward.steps
+        assert decode_alone(backbone, forward, req) == expected
+        assert forward.steps - before == len(expected) - 1  # every step compiled
+    # mixed batches: steps of several rows eager, of one row compiled, rows joining and leaving
+    loop = DecodeLoop(backbone, prefix_cache=PrefixCache(1 << 24), forward=forward)
+    for req, sink in run_schedule(backbone, loop):
+        expected = reference_generate(backbone, req.task, req.input_ids, req.params.max_new_tokens)
+        assert sink.result is not None and sink.result.token_ids == expected, req.request_id
+    assert forward.misses == 0
+
+
+def test_one_graph_serves_every_window_and_cache_move(backbones: dict[str, Backbone]) -> None:
+    """A long one-row decode moves the window and reallocates the slot cache (other rows' and
+    columns' capacities, windows starting at column 0): every step compiled, none recompiled,
+    the tokens the no-cache ground truth's."""
+    backbone = backbones["llama"]
+    forward = compiled(backbone)
+    tasks = make_tasks(backbone)
+    loop = DecodeLoop(backbone, prefix_cache=PrefixCache(1 << 24), forward=forward)
+    loop.eos_ids = set()
+    r, sink = row(request(backbone, tasks[1], TEXTS[1], "long", max_new_tokens=300))
+    loop.admit([r])
+    steps, misses = forward.steps, forward.misses
+    while loop.running:
+        loop.step()
+    assert loop.batch.kv.moves >= 2
+    assert forward.misses == misses and forward.steps - steps == 299
+    expected = reference_no_cache(
+        backbone, r.request.task, r.request.input_ids, 300, stop_at_eos=False
+    )
+    assert sink.result is not None and sink.result.token_ids == expected
+
+
+def test_int8_rows_decode_alone_what_they_decode_in_a_batch(
+    backbones: dict[str, Backbone],
+) -> None:
+    """Alone every step is the compiled reduction, in a batch the int8 kernel: the same
+    numbers up to the order of each sum (both round activations and outputs to bfloat16)."""
+    backbone = backbones["llama"]
+    forward = compiled(backbone, "int8")
+    assert forward.kind == "fused-int8+compiled"
+    mixed = DecodeLoop(backbone, prefix_cache=PrefixCache(1 << 24), forward=forward.inner)
+    for req, sink in run_schedule(backbone, mixed):
+        assert sink.result is not None
+        assert decode_alone(backbone, forward, req) == sink.result.token_ids, req.request_id
+    assert forward.steps > 0 and forward.misses == 0
+    # one step's logits against the eager int8 step's: rounding apart, no more
+    loop = DecodeLoop(backbone, prefix_cache=PrefixCache(1 << 24), forward=forward)
+    loop.admit([row(request(backbone, make_tasks(backbone)[0], TEXTS[0], "one"))[0]])
+    with torch.inference_mode():
+        loop.batch.kv.open_column()
+        inputs = loop.batch.step_inputs()
+        eager, fast = forward.inner.step(inputs), forward.step(inputs)
+    scale = float(eager.abs().max())
+    torch.testing.assert_close(fast, eager, rtol=0, atol=0.02 * scale)
+
+
+def test_steps_run_eagerly_where_the_graph_cannot_run(
+    backbones: dict[str, Backbone], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backbone = backbones["llama"]
+    fused = choose_forward(backbone)
+    assert isinstance(fused, FusedLlama)
+    tasks = make_tasks(backbone)
+    req = request(backbone, tasks[0], TEXTS[0], "r", max_new_tokens=6)
+    expected = reference_generate(backbone, req.task, req.input_ids, 6)
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("no C++ compiler")
+
+    failing = CompiledStep(fused)  # a compile that fails: eager, said why
+    monkeypatch.setattr(torch, "compile", refuse)
+    failing.prepare()
+    assert failing.off is not None and "no C++ compiler" in failing.off
+    assert decode_alone(backbone, failing, req) == expected and failing.steps == 0
+    monkeypatch.undo()
+
+    unfit = compiled(backbone)  # a graph whose guards refuse the inputs: that step eager
+
+    def recompile(*args: Any) -> Any:
+        raise torch._dynamo.exc.RecompileError("guards failed")
+
+    monkeypatch.setattr(unfit, "compiled", recompile)
+    misses = unfit.misses
+    assert decode_alone(backbone, unfit, req) == expected
+    assert unfit.misses - misses == len(expected) - 1
+
+
+def test_the_setting_is_refused_where_it_cannot_run(backbones: dict[str, Backbone]) -> None:
+    with pytest.raises(ValueError, match="RANKONE_COMPILED_STEP compiles"):
+        choose_forward(backbones["gpt2"], compiled=True)
+    with pytest.raises(ValueError, match="RANKONE_FUSED_FORWARD is false"):
+        choose_forward(backbones["llama"], fused=False, compiled=True)
+    for env in ({"engine": "static"}, {"fused_forward": False}):
+        with pytest.raises(ValueError, match="RANKONE_COMPILED_STEP compiles the continuous"):
+            Settings(model="m", compiled_step=True, **env)  # type: ignore[arg-type]
+    assert Settings(model="m", compiled_step=True).compiled_step
+    assert not Settings(model="m").compiled_step
