@@ -6,7 +6,9 @@ of the GGUF file) to llama.cpp's F32, BF16 and Q8_0 files, and for each number o
 batch runs, back to back: rankone's decode step (every row a different task; float32, and
 ``RANKONE_WEIGHTS=float32-packed``, ``int8``, ``int4`` and ``bfloat16``) and
 ``llama-batched-bench`` on F32, BF16, Q8_0 and the Q4_1 file itself (one prompt per sequence,
-60 prompt tokens, 64 generated); the whole sweep ``--repeats`` times, medians reported. Prompt processing: llama.cpp's S_PP at one sequence against rankone's prefill of one
+60 prompt tokens, 64 generated); the whole sweep ``--repeats`` times, medians reported. At one
+row rankone's one-row steps compiled by inductor (``RANKONE_COMPILED_STEP=true``) run too, for
+the ``--compiled`` weights (each compiled once before the sweeps, ~1-2 minutes). Prompt processing: llama.cpp's S_PP at one sequence against rankone's prefill of one
 60-position row (20 prompt rows + 40 input tokens, uncached).
 
     python -m bench.peer_llamacpp [--llama-dir DIR] [--threads 2] [--rows 1 4 8 16 32] [--repeats 3]
@@ -174,6 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--repeats", type=int, default=3, help="sweeps over the row counts (medians reported)"
     )
+    ap.add_argument(
+        "--compiled",
+        nargs="*",
+        default=list(COMPILED),
+        choices=WEIGHTS,
+        help="weights whose one-row step also runs compiled (RANKONE_COMPILED_STEP)",
+    )
     ap.add_argument("--note", default="", help="what else the machine ran (kept in the report)")
     ap.add_argument(
         "--part",
@@ -208,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     except Unavailable as e:
         print(f"peer_llamacpp skipped: {e}", file=sys.stderr)
         return 3
+    from service.engine.compiled_step import CompiledStep
     from service.engine.forwards import choose_forward
 
     backbone = load_backbone(str(gguf))
@@ -231,11 +241,21 @@ def main(argv: list[str] | None = None) -> int:
         print(report(kept))
         return 0
     forwards = {w: choose_forward(backbone, weights=w) for w in WEIGHTS}
+    compiled: dict[str, Any] = {}  # by weights: the one-row steps compiled (at one row only)
+    compile_s: dict[str, float] = {}
+    for w in args.compiled:
+        forward = choose_forward(backbone, weights=w, compiled=True)
+        assert isinstance(forward, CompiledStep)
+        forward.prepare()
+        if forward.off is not None:
+            print(f"[peer] {w}: no compiled step ({forward.off})", file=sys.stderr)
+            continue
+        compiled[f"{w}+compiled"], compile_s[w] = forward, round(forward.compile_s, 1)
     samples: dict[str, dict[str, list[float]]] = {str(n): {} for n in args.rows}
     pp_samples: dict[str, list[float]] = {}
     for _ in range(args.repeats):
         for n in args.rows:  # interleaved: every engine at n, then the next n
-            ms = step_times(backbone, forwards, [n], args.steps)
+            ms = step_times(backbone, {**forwards, **(compiled if n == 1 else {})}, [n], args.steps)
             f32 = batched_bench(bin_dir, files["f32"], n, args.threads)
             bf16 = batched_bench(bin_dir, files["bf16"], n, args.threads)
             q8 = batched_bench(bin_dir, files["q8_0"], n, args.threads)
@@ -246,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
                 "rankone_int4": n / ms["int4"][str(n)] * 1e3,
                 "rankone_bf16": n / ms["bfloat16"][str(n)] * 1e3,
                 "rankone_f32_packed": n / ms["float32-packed"][str(n)] * 1e3,
+                **{
+                    _compiled_key(key): n / ms[key][str(n)] * 1e3
+                    for key in (compiled if n == 1 else {})
+                },
                 "llamacpp_same_precision": f32["tg"],
                 "llamacpp_bf16": bf16["tg"],
                 "llamacpp_q8_0": q8["tg"],
@@ -288,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         "precision": "rankone float32 (and RANKONE_WEIGHTS=float32-packed, int8, int4, bfloat16) "
         "vs llama.cpp F32 (and BF16, Q8_0; int4 vs Q4_1, the same 4-bit weights)",
         "threads": args.threads,
+        "compiled_s": compile_s,  # each compiled step's compile (in this process)
         "llamacpp_no_repack": sorted(NO_REPACK),
         "tokens": {"prompt": PROMPT, "generated": GENERATED},
         "repeats": args.repeats,
@@ -323,18 +348,35 @@ def report(r: dict[str, Any]) -> str:
     ]
     for n, v in r["rows"].items():
         packed = v.get("rankone_f32_packed")
-        best_f32 = max(v["rankone"], packed or 0.0)
-        i4 = v.get("rankone_int4")
-        best = max(best_f32, v["rankone_int8"], v.get("rankone_bf16", 0.0), i4 or 0.0)
-        bf = v.get("rankone_bf16")
+        best_f32 = max(v["rankone"], packed or 0.0, v.get("rankone_compiled", 0.0))
+        i4 = _best(v, "rankone_int4")
+        bf = _best(v, "rankone_bf16")
+        best = max(best_f32, _best(v, "rankone_int8") or 0.0, bf or 0.0, i4 or 0.0)
         lines.append(
-            f"| {n} | {v['rankone']} | {packed or '-'} | {v['rankone_int8']} | {i4 or '-'} | "
-            f"{bf or '-'} | {v['llamacpp_same_precision']} | {v.get('llamacpp_bf16', '-')} | "
+            f"| {n} | {v['rankone']} | {packed or '-'} | {v['rankone_int8']} | "
+            f"{v.get('rankone_int4', '-')} | {v.get('rankone_bf16', '-')} | {v['llamacpp_same_precision']} | {v.get('llamacpp_bf16', '-')} | "
             f"{v['llamacpp_q8_0']} | {v.get('llamacpp_q4_1', '-')} | "
             f"{best_f32 / v['llamacpp_same_precision']:.2f} | "
             f"{_ratio(bf, v.get('llamacpp_bf16'))} | {_ratio(i4, v.get('llamacpp_q4_1'))} | "
             f"{best / v['llamacpp_q8_0']:.2f} |"
         )
+    one = r["rows"].get("1", {})
+    done = [
+        k
+        for k in ("rankone", "rankone_int8", "rankone_int4", "rankone_bf16")
+        if f"{k}_compiled" in one
+    ]
+    if done:
+        names = {"rankone": "float32", "rankone_int8": "int8", "rankone_int4": "int4"}
+        lines += [
+            "",
+            "At one sequence the ratios take rankone's one-row step compiled "
+            "(`RANKONE_COMPILED_STEP=true`) where it is faster; tokens/s eager → compiled: "
+            + ", ".join(
+                f"{names.get(k, 'bfloat16')} {one[k]} → {one[k + '_compiled']}" for k in done
+            )
+            + f" (compiled once each before the sweeps: {r.get('compiled_s')} s).",
+        ]
     flags = r.get("cpu_matrix_flags")
     if flags is not None:
         lines += ["", f"CPU matrix flags: {', '.join(flags) or 'none read'}."]
@@ -358,6 +400,25 @@ def report(r: dict[str, Any]) -> str:
         *many_lines(r["many_tasks"]),
     ]
     return "\n".join(lines) + "\n"
+
+
+COMPILED = ("float32", "int8", "int4")  # --compiled's default
+
+
+def _best(v: dict[str, float], key: str) -> float | None:
+    """A setting's figure at a row count: eager or compiled, whichever is faster (None: not
+    measured)."""
+    found = [v[k] for k in (key, f"{key}_compiled") if k in v]
+    return max(found) if found else None
+
+
+_KEYS = {"float32": "rankone", "float32-packed": "rankone_f32_packed", "bfloat16": "rankone_bf16"}
+
+
+def _compiled_key(key: str) -> str:
+    """The report's key for a compiled forward ``<weights>+compiled``: ``rankone_int8_compiled``."""
+    weights = key.removesuffix("+compiled")
+    return _KEYS.get(weights, f"rankone_{weights}") + "_compiled"
 
 
 def _ratio(mine: float | None, theirs: float | None) -> str:

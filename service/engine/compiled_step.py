@@ -19,7 +19,9 @@ One graph serves every step: the window's bounds, the slot cache's size and the 
 are symbols (``dynamic=True``; the model's weights and head sizes are static). It is compiled
 before serving (``prepare``, on a scratch cache whose sizes are not 0, 1 nor each other, so that
 no size is specialised), ~30-90 s on 2 cores the first time on a machine and less after
-(inductor's on-disk cache, ``TORCHINDUCTOR_CACHE_DIR``). A step that would need another graph
+(inductor's on-disk cache, ``TORCHINDUCTOR_CACHE_DIR``). ``bfloat16``'s copies are oneDNN's
+prepacked layout, which inductor cannot lower: its compiled step reads plain bfloat16 copies of
+them (``_plain``: the bfloat16 weights again in memory). A step that would need another graph
 (or a compile that fails: no C++ compiler) runs eagerly instead, counted in ``misses`` and
 logged, never compiled while serving. CPU only: on a GPU the decode step replays CUDA graphs
 (``graphed.GraphedStep``).
@@ -40,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from service.engine.forward import Forward, StepInputs
-from service.engine.fused_llama import FusedLlama, Products
+from service.engine.fused_llama import Bf16Weight, FusedLlama, Products, Weight, _Layer
 from service.engine.kv_cache import SlotKV
 from service.engine.kv_layout import KV
 
@@ -68,6 +70,8 @@ class CompiledStep(Forward):
         self.steps = 0  # one-row steps run compiled
         self.misses = 0  # one-row steps run eagerly because the graph did not fit them
         self.compile_s = 0.0
+        self.layers = inner.step_layers  # what the compiled step reads (``_plain`` copies)
+        self.head = inner.step_head
 
     @classmethod
     def of(cls, inner: FusedLlama) -> CompiledStep:
@@ -91,13 +95,16 @@ class CompiledStep(Forward):
             return
         self.prepared = True
         if self.inner.head.device.type != "cpu":
-            self.off = "compiled steps run on a CPU (a GPU replays CUDA graphs)"
+            self._eager("compiled steps run on a CPU (a GPU replays CUDA graphs)")
             return
         start = time.perf_counter()
+        # oneDNN's prepacked bfloat16 copies do not lower (inductor asserts): the compiled
+        # step reads plain copies of them
+        self.layers = [_plain(layer) for layer in self.inner.step_layers]
+        self.head = _plain_weight(self.inner.step_head)
         try:
-            for t in _weights(self.inner):
-                if t.layout == torch.strided:  # not oneDNN's opaque prepacked copies
-                    torch._dynamo.mark_static(t)
+            for t in _weights(self):
+                torch._dynamo.mark_static(t)
             compiled = torch.compile(self._one_row, dynamic=True, fullgraph=True, options=_OPTIONS)
             # in inference mode, as the engine's caches are made and its steps run
             no_duck = fx_config.patch(use_duck_shape=False)  # type: ignore[attr-defined]
@@ -105,12 +112,19 @@ class CompiledStep(Forward):
                 kv, tokens, positions = self._scratch()
                 compiled(tokens, positions, kv.mask, kv.keys, kv.values, kv.start, kv.end)
         except Exception as exc:  # no compiler, an unsupported op: eager steps, said once
-            self.off = f"compile failed: {type(exc).__name__}: {exc}"[:500]
-            log.warning("one-row decode steps run eagerly: %s", self.off)
+            self._eager(f"compile failed: {type(exc).__name__}: {exc}"[:500])
             return
         self.compiled, self.off = compiled, None
         self.compile_s = time.perf_counter() - start
         log.info("one-row decode step compiled in %.1f s", self.compile_s)
+
+    def _eager(self, why: str) -> None:
+        """Every step eager from now on, for ``why`` (logged; ``/v1/info`` then reports the
+        inner forward's kind)."""
+        self.off = why
+        self.kind = self.inner.kind  # type: ignore[misc]
+        self.layers, self.head = self.inner.step_layers, self.inner.step_head  # no copies kept
+        log.warning("one-row decode steps run eagerly: %s", why)
 
     def _scratch(self) -> tuple[SlotKV, Tensor, Tensor]:
         """A one-row slot cache with ``_SCRATCH``'s sizes, its column open, and a step's
@@ -168,8 +182,8 @@ class CompiledStep(Forward):
 
         bias = mask[:_ROWS, window][:, None, None, :]
         how = Products(reduce=True)
-        h = inner._step_layers(x, positions, bias, attend, inner.step_layers, how)
-        return inner._logits(h, inner.step_head, how)
+        h = inner._step_layers(x, positions, bias, attend, self.layers, how)
+        return inner._logits(h, self.head, how)
 
 
 def _refused(exc: RuntimeError) -> bool:
@@ -179,9 +193,26 @@ def _refused(exc: RuntimeError) -> bool:
     )
 
 
-def _weights(inner: FusedLlama) -> list[Tensor]:
+def _plain_weight(w: Weight) -> Weight:
+    return w.plain() if isinstance(w, Bf16Weight) else w
+
+
+def _plain(layer: _Layer) -> _Layer:
+    """``layer`` with plain copies of oneDNN's prepacked bfloat16 matrices (``Bf16Weight.plain``:
+    about the bfloat16 weights again in memory), its other weights shared."""
+    return dataclasses.replace(
+        layer,
+        qkv=_plain_weight(layer.qkv),
+        o=_plain_weight(layer.o),
+        gate_up=_plain_weight(layer.gate_up),
+        down=_plain_weight(layer.down),
+    )
+
+
+def _weights(step: CompiledStep) -> list[Tensor]:
     """Every tensor the one-row step reads besides its inputs (weights, norms, the rotary
     tables): marked static, so that only the cache's sizes are symbols."""
+    inner = step.inner
     found: list[Tensor] = [inner.embed_tokens.weight, inner.norm, inner.head]
     found += [b for b in inner.rotary.buffers()]
 
@@ -192,7 +223,7 @@ def _weights(inner: FusedLlama) -> list[Tensor]:
             for field in dataclasses.fields(value):
                 walk(getattr(value, field.name))
 
-    for layer in inner.step_layers:
+    for layer in step.layers:
         walk(layer)
-    walk(inner.step_head)
+    walk(step.head)
     return found

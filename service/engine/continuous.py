@@ -106,6 +106,7 @@ class ContinuousEngine(Engine):
         self._stop = False
         self._abort = False
         self._thread: threading.Thread | None = None
+        self._prepared = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- Engine interface ------------------------------------------------------------------
@@ -121,7 +122,8 @@ class ContinuousEngine(Engine):
     @property
     def forward_kind(self) -> str:
         """The forward that runs the backbone: ``fused``, ``fused-int8``, ``fused-int4``,
-        ``fused-bf16``, ``fused-f32-packed`` or ``hf`` (``forward.Forward.kind``)."""
+        ``fused-bf16``, ``fused-f32-packed`` (each with ``+compiled`` where its one-row steps
+        are) or ``hf`` (``forward.Forward.kind``)."""
         return self.loop_core.forward.kind
 
     async def start(self) -> None:
@@ -130,6 +132,9 @@ class ContinuousEngine(Engine):
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="rankone-engine", daemon=True)
         self._thread.start()
+        # ready once the forward has prepared (its timings; a compiled step's compile): no
+        # request waits behind it
+        await asyncio.to_thread(self._prepared.wait)
 
     async def shutdown(self, *, drain_timeout_s: float = 30.0) -> None:
         with self._cond:
@@ -247,7 +252,10 @@ class ContinuousEngine(Engine):
     def _run(self) -> None:
         enter_model_thread(self.threads)
         core = self.loop_core
-        core.prefill.prepare()
+        try:
+            core.prefill.prepare()
+        finally:
+            self._prepared.set()
         while True:
             with self._cond:
                 while not self._stop and not self._waiting and not core.running:

@@ -206,10 +206,20 @@ class Bf16Weight:
             return cls(wb)  # not the GEMM's numbers on this machine: the plain matrix
         return made
 
+    def plain(self) -> Bf16Weight:
+        """This copy as the plain bfloat16 matrix (a compiled step's reductions read it:
+        oneDNN's prepacked layout does not compile)."""
+        if self.w is not None:
+            return self
+        assert self.prepacked is not None
+        return Bf16Weight(self.prepacked.to_dense().contiguous())
+
     def product(self, x: Tensor, how: Products) -> Tensor:
         """``x @ wᵀ``: [n, d] -> [n, N] in ``x``'s dtype (the prepacked product, else
-        weight-major: a transposed view)."""
+        weight-major: a transposed view; ``how.reduce``: a reduction over the plain matrix)."""
         xb = x.to(torch.bfloat16)
+        if how.reduce and self.w is not None:  # the GEMM's numbers (bfloat16 out), fused
+            return (self.w.float() * xb.float()).sum(-1).to(torch.bfloat16)[None].to(x.dtype)
         if self.prepacked is not None:
             y = torch.ops.mkldnn._linear_pointwise(xb, self.prepacked, None, "none", [], "")
             return y.to(x.dtype)

@@ -113,6 +113,35 @@ def test_report_shows_the_ratios() -> None:
     assert "m-q8_0.gguf with its weight repacking on" in text
 
 
+def test_report_takes_the_compiled_one_row_steps_where_faster() -> None:
+    one = {
+        "rankone": 30.0,
+        "rankone_compiled": 36.0,  # float32 compiled: faster, its ratio taken
+        "rankone_int8": 45.0,
+        "rankone_int8_compiled": 99.0,  # the best setting
+        "rankone_int4": 60.0,
+        "rankone_int4_compiled": 50.0,  # slower: the eager figure stays
+        "rankone_bf16": 36.0,
+        "llamacpp_same_precision": 40.0,
+        "llamacpp_bf16": 60.0,
+        "llamacpp_q8_0": 90.0,
+        "llamacpp_q4_1": 100.0,
+    }
+    r = {
+        "command": "c", "date": "d", "machine": {"cpu": "x"}, "llama_cpp": "l", "model": "m",
+        "threads": 2, "tokens": {"prompt": 60, "generated": 64}, "rows": {"1": one},
+        "prompt_tok_s": {}, "many_tasks": {"note": "n"}, "compiled_s": {"int8": 80.0},
+    }  # fmt: skip
+    text = peer.report(r)
+    assert (
+        "| 1 | 30.0 | - | 45.0 | 60.0 | 36.0 | 40.0 | 60.0 | 90.0 | 100.0 | 0.90 | 0.60 | 0.60 "
+        "| 1.10 |" in text
+    )
+    assert "float32 30.0 → 36.0, int8 45.0 → 99.0, int4 60.0 → 50.0" in text
+    assert peer._compiled_key("int8+compiled") == "rankone_int8_compiled"
+    assert peer._compiled_key("float32+compiled") == "rankone_compiled"
+
+
 def test_a_crashed_batched_bench_is_run_again_without_repacking(tmp_path: Path) -> None:
     """llama.cpp's weight repacking crashes on some CPUs (a signal): the same run again with
     ``--no-repack``, and the model named in the report."""

@@ -92,14 +92,18 @@ def test_one_graph_serves_every_window_and_cache_move(backbones: dict[str, Backb
     assert sink.result is not None and sink.result.token_ids == expected
 
 
-def test_int8_rows_decode_alone_what_they_decode_in_a_batch(
-    backbones: dict[str, Backbone],
+@pytest.mark.parametrize("weights", ["int8", "int4", "bfloat16"])
+def test_low_precision_rows_decode_alone_what_they_decode_in_a_batch(
+    backbones: dict[str, Backbone], weights: str
 ) -> None:
-    """Alone every step is the compiled reduction, in a batch the int8 kernel: the same
-    numbers up to the order of each sum (both round activations and outputs to bfloat16)."""
+    """Alone every step is compiled (int8, bfloat16: a reduction; int4: torch's kernel), in a
+    batch eager: the same numbers up to the order of each sum (both round activations and
+    outputs to bfloat16)."""
     backbone = backbones["llama"]
-    forward = compiled(backbone, "int8")
-    assert forward.kind == "fused-int8+compiled"
+    forward = compiled(backbone, weights)
+    assert forward.kind == forward.inner.kind + "+compiled"
+    if weights == "bfloat16":  # the compiled step reads plain copies of prepacked matrices
+        assert all(layer.down.w is not None for layer in forward.layers)
     mixed = DecodeLoop(backbone, prefix_cache=PrefixCache(1 << 24), forward=forward.inner)
     for req, sink in run_schedule(backbone, mixed):
         assert sink.result is not None
@@ -133,6 +137,7 @@ def test_steps_run_eagerly_where_the_graph_cannot_run(
     monkeypatch.setattr(torch, "compile", refuse)
     failing.prepare()
     assert failing.off is not None and "no C++ compiler" in failing.off
+    assert failing.kind == "fused"  # what /v1/info reports: not compiled
     assert decode_alone(backbone, failing, req) == expected and failing.steps == 0
     monkeypatch.undo()
 
@@ -157,3 +162,29 @@ def test_the_setting_is_refused_where_it_cannot_run(backbones: dict[str, Backbon
             Settings(model="m", compiled_step=True, **env)  # type: ignore[arg-type]
     assert Settings(model="m", compiled_step=True).compiled_step
     assert not Settings(model="m").compiled_step
+
+
+def test_the_engine_compiles_before_it_is_started(backbones: dict[str, Backbone]) -> None:
+    """``start`` returns once the model thread has compiled the step (readiness waits for
+    it: no request queues behind a compile); a lone request's steps then run compiled."""
+    import asyncio
+
+    from service.engine.continuous import ContinuousEngine
+
+    backbone = backbones["llama"]
+    req = request(backbone, make_tasks(backbone)[2], TEXTS[2], "e", max_new_tokens=8)
+
+    async def main() -> tuple[Any, Any, bool]:
+        engine = ContinuousEngine(backbone, prefix_cache_bytes=1 << 20, compiled_step=True)
+        forward = engine.loop_core.forward
+        assert isinstance(forward, CompiledStep) and engine.forward_kind == "fused+compiled"
+        await engine.start()
+        prepared = forward.prepared and forward.compiled is not None
+        steps = forward.steps
+        result = await engine.generate(req)
+        await engine.shutdown()
+        return result, forward.steps - steps, prepared
+
+    result, steps, prepared = asyncio.run(asyncio.wait_for(main(), timeout=300))
+    assert prepared and steps == len(result.token_ids) - 1
+    assert result.token_ids == reference_generate(backbone, req.task, req.input_ids, 8)
