@@ -375,7 +375,9 @@ def report(r: dict[str, Any]) -> str:
             + ", ".join(
                 f"{names.get(k, 'bfloat16')} {one[k]} → {one[k + '_compiled']}" for k in done
             )
-            + f" (compiled once each before the sweeps: {r.get('compiled_s')} s).",
+            + " (each compiled once before the sweeps: "
+            + ", ".join(f"{w} {t} s" for w, t in (r.get("compiled_s") or {}).items())
+            + ").",
         ]
     flags = r.get("cpu_matrix_flags")
     if flags is not None:
@@ -402,7 +404,7 @@ def report(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-COMPILED = ("float32", "int8", "int4")  # --compiled's default
+COMPILED = ("float32", "int8", "int4", "bfloat16")  # --compiled's default
 
 
 def _best(v: dict[str, float], key: str) -> float | None:
