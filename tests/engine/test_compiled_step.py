@@ -188,3 +188,28 @@ def test_the_engine_compiles_before_it_is_started(backbones: dict[str, Backbone]
     result, steps, prepared = asyncio.run(asyncio.wait_for(main(), timeout=300))
     assert prepared and steps == len(result.token_ids) - 1
     assert result.token_ids == reference_generate(backbone, req.task, req.input_ids, 8)
+
+
+def test_a_half_precision_model_compiles_within_its_rounding(tiny_model_dirs: Any) -> None:
+    """A bfloat16 backbone (``RANKONE_DTYPE``): its one-row step compiles in its own dtype and
+    its logits stay within bfloat16's rounding of the eager step's (eagerly every operator
+    rounds to 8 bits; compiled, values fused in one loop are rounded once, so greedy tokens
+    part at near ties, as two bfloat16 kernels' would)."""
+    from prompts import load_backbone
+
+    backbone = load_backbone(tiny_model_dirs["llama"], dtype="bfloat16")
+    forward = compiled(backbone)
+    tasks = make_tasks(backbone)
+    loop = DecodeLoop(backbone, prefix_cache=PrefixCache(1 << 24), forward=forward)
+    loop.admit([row(request(backbone, tasks[0], TEXTS[0], "h", max_new_tokens=40))[0]])
+    for _ in range(12):  # a few steps in: the cache holds compiled steps' keys and values
+        loop.step()
+    with torch.inference_mode():
+        loop.batch.kv.open_column()
+        inputs = loop.batch.step_inputs()
+        eager, fast = forward.inner.step(inputs), forward.step(inputs)
+    assert fast.dtype == eager.dtype == torch.bfloat16
+    scale = float(eager.float().abs().max())
+    err = float((fast.float() - eager.float()).abs().max())
+    assert err < 0.03 * scale, (err, scale)  # 1.3 % measured
+    assert forward.steps >= 12 and forward.misses == 0
