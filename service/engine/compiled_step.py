@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,14 +40,12 @@ import torch.fx.experimental._config as fx_config
 import torch.nn.functional as F
 from torch import Tensor
 
-from service.engine.forward import Forward, StepInputs
+from service.engine.forward import StepInputs, StepOf
 from service.engine.fused_llama import Bf16Weight, FusedLlama, Products, Weight, _Layer
 from service.engine.kv_cache import SlotKV
 from service.engine.kv_layout import KV
 
 log = logging.getLogger("rankone.engine")
-# One compiled step per forward (its graph reads that forward's weights).
-_BUILT: weakref.WeakKeyDictionary[FusedLlama, CompiledStep] = weakref.WeakKeyDictionary()
 # inductor's options for this graph: every elementwise result is its own buffer (without it a
 # product's loop recomputes its input's norm for every weight row: half the speed), and casts
 # to bfloat16 round as they do eagerly (the eager kernels' numbers)
@@ -57,9 +54,11 @@ _ROWS = 1  # the row count compiled
 _SCRATCH = {"rows": 9, "columns": 130, "start": 5, "end": 70}  # prepare's sizes: see module doc
 
 
-class CompiledStep(Forward):
+class CompiledStep(StepOf):
     """A fused forward whose one-row decode steps run compiled (see module doc); its other
     steps, prefills and embeddings are the fused forward's."""
+
+    inner: FusedLlama
 
     def __init__(self, inner: FusedLlama) -> None:
         self.inner = inner
@@ -72,21 +71,6 @@ class CompiledStep(Forward):
         self.compile_s = 0.0
         self.layers = inner.step_layers  # what the compiled step reads (``_plain`` copies)
         self.head = inner.step_head
-
-    @classmethod
-    def of(cls, inner: FusedLlama) -> CompiledStep:
-        """The compiled step of ``inner``, built once (compiled by ``prepare``)."""
-        if inner not in _BUILT:
-            _BUILT[inner] = cls(inner)
-        return _BUILT[inner]
-
-    def embed(self, ids: Tensor) -> Tensor:
-        return self.inner.embed(ids)
-
-    def prefill(
-        self, embeds: Tensor, positions: Tensor, mask: Tensor, past: list[KV] | None = None
-    ) -> tuple[Tensor, list[KV]]:
-        return self.inner.prefill(embeds, positions, mask, past)
 
     def prepare(self) -> None:
         """Compile the one-row step on a scratch cache, once (the engine's model thread calls

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import abc
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 from torch import Tensor
 
@@ -93,6 +94,40 @@ class Forward(abc.ABC):
         """The encoder over ``embeds`` [B, S, d] (``mask`` [B, S], right padding), then the
         decoder's first step."""
         raise NotImplementedError(f"the {self.kind} forward runs decoder-only backbones only")
+
+
+S = TypeVar("S", bound="StepOf")
+
+
+class StepOf(Forward):
+    """A forward whose decode steps run another way than ``inner``'s (CUDA graphs, a
+    compiled step); its embeddings and prefills are ``inner``'s. One per ``inner`` and kind
+    (``of``): its state (graphs, a compiled graph) belongs to that forward."""
+
+    _built: ClassVar[weakref.WeakKeyDictionary[Forward, dict[type, StepOf]]] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(self, inner: Forward) -> None:
+        self.inner = inner
+
+    @classmethod
+    def of(cls: type[S], inner: Forward) -> S:
+        """This kind's forward over ``inner``, built once."""
+        built = StepOf._built.setdefault(inner, {})
+        if cls not in built:
+            built[cls] = cls(inner)
+        made = built[cls]
+        assert isinstance(made, cls)
+        return made
+
+    def embed(self, ids: Tensor) -> Tensor:
+        return self.inner.embed(ids)
+
+    def prefill(
+        self, embeds: Tensor, positions: Tensor, mask: Tensor, past: list[KV] | None = None
+    ) -> tuple[Tensor, list[KV]]:
+        return self.inner.prefill(embeds, positions, mask, past)
 
 
 def fastest(fn: Callable[[], object], repeats: int = 5) -> float:

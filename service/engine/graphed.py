@@ -19,21 +19,17 @@ CUDA device; the serving engine asks for it with ``RANKONE_CUDA_GRAPHS=true`` (o
 from __future__ import annotations
 
 import logging
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from service.engine.forward import Forward, StepInputs
+from service.engine.forward import StepInputs, StepOf
 from service.engine.fused_llama import FusedLlama
 from service.engine.kv_cache import SlotKV
-from service.engine.kv_layout import KV
 
 log = logging.getLogger("rankone.engine")
-# One graphed forward per fused forward (its graphs belong to the slot cache it steps).
-_BUILT: weakref.WeakKeyDictionary[FusedLlama, GraphedStep] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -45,9 +41,11 @@ class _Graph:
     logits: Tensor  # [n, V] its output
 
 
-class GraphedStep(Forward):
+class GraphedStep(StepOf):
     """A fused forward whose decode steps replay CUDA graphs (see module doc); its prefills
     and embeddings are the fused forward's."""
+
+    inner: FusedLlama
 
     def __init__(self, inner: FusedLlama, *, capture: bool = True) -> None:
         self.inner = inner
@@ -59,21 +57,6 @@ class GraphedStep(Forward):
         self.pool: Any = None
         self.off: str | None = None  # why graphs stopped (a capture failed): eager from then
         self.captures = 0
-
-    @classmethod
-    def of(cls, inner: FusedLlama) -> GraphedStep:
-        """The graphed forward of ``inner`` (capturing), built once."""
-        if inner not in _BUILT:
-            _BUILT[inner] = cls(inner)
-        return _BUILT[inner]
-
-    def embed(self, ids: Tensor) -> Tensor:
-        return self.inner.embed(ids)
-
-    def prefill(
-        self, embeds: Tensor, positions: Tensor, mask: Tensor, past: list[KV] | None = None
-    ) -> tuple[Tensor, list[KV]]:
-        return self.inner.prefill(embeds, positions, mask, past)
 
     def step(self, inputs: StepInputs) -> Tensor:
         kv, n = inputs.kv, int(inputs.tokens.shape[0])
