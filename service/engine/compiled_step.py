@@ -7,8 +7,9 @@ memory's rate (``torch._weight_int8pack_mm`` reads 8-bit weights at ~14 GB/s on 
 fused reduction at ~27 GB/s). ``torch.compile`` (inductor's C++ backend) turns the whole
 one-row step into a few C++ loops: every product a reduction over the weights fused with its
 dequantization, its norm and the elementwise work around it, the attention over the window as
-two fused reductions. On SmolLM2-135M in ``int8`` (AMD EPYC, 2 threads) a one-row step takes
-~6.6 ms against ~14 ms eager (``bench/results/peer_llamacpp.md``).
+two fused reductions. On SmolLM2-135M in ``int8`` (AMD EPYC, 2 threads) a one-row forward takes
+~6.5 ms against ~14 ms eager; one sequence decodes 113 tokens/s against 64
+(``bench/results/peer_llamacpp.md``).
 
 What is compiled is ``FusedLlama._step_layers`` itself with ``Products(reduce=True)``: the
 same code, so the same numbers up to the order of each sum (each low-precision product rounds
@@ -18,8 +19,9 @@ more rows run eagerly: a reduction reads the weights once per row, where a GEMM 
 One graph serves every step: the window's bounds, the slot cache's size and the rows' capacity
 are symbols (``dynamic=True``; the model's weights and head sizes are static). It is compiled
 before serving (``prepare``, on a scratch cache whose sizes are not 0, 1 nor each other, so that
-no size is specialised), ~30-90 s on 2 cores the first time on a machine and less after
-(inductor's on-disk cache, ``TORCHINDUCTOR_CACHE_DIR``). ``bfloat16``'s copies are oneDNN's
+no size is specialised): 1.5-2.5 minutes for SmolLM2 on 2 cores the first time on a machine,
+about one after (inductor's on-disk cache, ``TORCHINDUCTOR_CACHE_DIR``; Dynamo's tracing is
+paid by every process). ``bfloat16``'s copies are oneDNN's
 prepacked layout, which inductor cannot lower: its compiled step reads plain bfloat16 copies of
 them (``_plain``: the bfloat16 weights again in memory). A step that would need another graph
 (or a compile that fails: no C++ compiler) runs eagerly instead, counted in ``misses`` and
