@@ -100,7 +100,7 @@ class Settings(BaseSettings):
     compiled_step: bool = Field(
         False,
         description="on a CPU, the fused forward's one-row decode steps run compiled by "
-        "inductor (2x faster steps for a lone request on SmolLM2; needs a C++ compiler; "
+        "inductor (a lone request decodes 1.15-1.8x faster on SmolLM2; needs a C++ compiler; "
         "compiles before serving: ~30-90 s at the first start on a machine, less after, "
         "inductor's cache in TORCHINDUCTOR_CACHE_DIR); off by default",
     )
