@@ -253,7 +253,7 @@ class ContinuousEngine(Engine):
         enter_model_thread(self.threads)
         core = self.loop_core
         try:
-            core.prefill.prepare()
+            core.prepare()
         finally:
             self._prepared.set()
         while True:

@@ -83,6 +83,12 @@ class DecodeLoop:
 
     # -- admission -------------------------------------------------------------------------
 
+    def prepare(self) -> None:
+        """What the forward and the prefill do once before serving (a compile, timings): the
+        engine's model thread calls it first, so that no request waits for it."""
+        self.forward.prepare()
+        self.prefill.prepare()
+
     @torch.inference_mode()
     def admit(self, rows: Sequence[Row]) -> None:
         """Prefill ``rows`` (in groups of like lengths: ``Prefiller.groups``), choose their

@@ -99,8 +99,7 @@ class Prefiller:
 
     def prepare(self) -> None:
         """Time what one more forward costs (``forward_positions``) before serving, so that
-        no request waits for it (the engine's model thread calls it first)."""
-        self.forward.prepare()
+        no request waits for it (``DecodeLoop.prepare``)."""
         if not self.seq2seq:
             forward_positions(self.forward, self.backbone)
 
