@@ -378,13 +378,12 @@ def forward_positions(forward: Forward, backbone: Backbone) -> float | None:
         forward.prefill(embeds, positions, torch.ones_like(positions))
         _sync(backbone.device)
 
+    fixed = None  # a model that cannot run this probe: groups are never split
     try:
         with torch.inference_mode():
-            times = {n: fastest(functools.partial(prefill, n), 3) for n in (8, 64)}
-    except Exception:  # a model that cannot run this probe: groups are never split
+            fixed = fixed_positions({n: fastest(functools.partial(prefill, n), 3) for n in (8, 64)})
+    except Exception:
         log.warning("could not time a prefill forward; admitted groups stay whole", exc_info=True)
-        times = {8: 1.0, 64: 1.0}
-    fixed = fixed_positions(times)
     _FORWARD_POSITIONS[forward] = fixed
     return fixed
 
