@@ -53,7 +53,9 @@ log = logging.getLogger("rankone.engine")
 # to bfloat16 round as they do eagerly (the eager kernels' numbers)
 _OPTIONS: dict[str, Any] = {"realize_opcount_threshold": 0, "emulate_precision_casts": True}
 _ROWS = 1  # the row count compiled
-_SCRATCH = {"rows": 9, "columns": 130, "start": 5, "end": 70}  # prepare's sizes: see module doc
+# prepare's scratch cache: 9 row slots, one row of 65 columns (its window then starts at column
+# 64, ends at 129, in 256 columns): no size 0, 1 or another's (see module doc)
+_SCRATCH_ROWS, _SCRATCH_COLUMNS = 9, 65
 
 
 class CompiledStep(StepOf):
@@ -113,17 +115,18 @@ class CompiledStep(StepOf):
         log.warning("one-row decode steps run eagerly: %s", why)
 
     def _scratch(self) -> tuple[SlotKV, Tensor, Tensor]:
-        """A one-row slot cache with ``_SCRATCH``'s sizes, its column open, and a step's
-        token and position: what ``prepare`` compiles on."""
-        inner, size = self.inner, _SCRATCH
-        device = inner.head.device
-        kv = SlotKV(len(inner.layers), device, inner.head.dtype, min_rows=size["rows"])
-        kv.shapes = [(inner.kv_heads, inner.head_dim) * 2] * len(inner.layers)
-        kv._reallocate(size["rows"], size["columns"], size["end"])
-        kv.n, kv.start, kv.first = 1, size["start"], [size["start"]]
-        kv.mask[0, size["start"] : size["end"] + 1] = True
-        one = torch.ones(1, dtype=torch.long, device=device)
-        return kv, one, one * (size["end"] - size["start"])
+        """A slot cache holding one admitted row of ``_SCRATCH_COLUMNS`` columns, its next
+        column open, and a step's token and position: what ``prepare`` compiles on."""
+        inner = self.inner
+        device, dtype = inner.head.device, inner.head.dtype
+        kv = SlotKV(len(inner.layers), device, dtype, min_rows=_SCRATCH_ROWS)
+        past = torch.zeros(
+            1, inner.kv_heads, _SCRATCH_COLUMNS, inner.head_dim, dtype=dtype, device=device
+        )
+        kv.admit([(past, past)] * len(inner.layers), torch.ones(1, _SCRATCH_COLUMNS))
+        kv.open_column()
+        token = torch.ones(1, dtype=torch.long, device=device)
+        return kv, token, token * _SCRATCH_COLUMNS
 
     def step(self, inputs: StepInputs) -> Tensor:
         n = int(inputs.tokens.shape[0])
