@@ -36,7 +36,7 @@ import logging
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -337,8 +337,15 @@ def packing_available(device: torch.device) -> str | None:
     return None
 
 
+class OwnProduct(Protocol):
+    """A weight whose products are its own: a copy above, or a compiled step's opaque
+    operator over one (``compiled_step.ExternWeight``)."""
+
+    def product(self, x: Tensor, how: Products) -> Tensor: ...
+
+
 Copy = Int8Weight | Int4Weight | Bf16Weight | PackedWeight  # a copy with its own product
-Weight = Tensor | Copy
+Weight = Tensor | Copy | OwnProduct
 
 
 def _compute_dtype(weight: Weight) -> torch.dtype:
@@ -349,7 +356,11 @@ def _compute_dtype(weight: Weight) -> torch.dtype:
         return torch.quint4x2
     if isinstance(weight, Bf16Weight):
         return torch.bfloat16
-    return weight.w.dtype if isinstance(weight, PackedWeight) else weight.dtype
+    if isinstance(weight, PackedWeight):
+        return weight.w.dtype
+    if isinstance(weight, Tensor):
+        return weight.dtype
+    raise TypeError(f"{type(weight).__name__} runs its products itself: no dtype to choose by")
 
 
 def _gemv_or_gemm(weight: Weight) -> bool:
@@ -380,7 +391,7 @@ def _product_t(weight: Weight, bias: Tensor | None, x: Tensor, how: Products) ->
     ``x @ Wᵀ`` (a transposed view): which one a CPU's BLAS runs faster depends on the CPU and
     the row count (``FusedLlama.linear_rows``). A low-precision copy's is its own (a transposed
     view)."""
-    if isinstance(weight, Copy):
+    if not isinstance(weight, Tensor):  # a copy with its own product
         y = weight.product(x, how)  # [n, N]
         return (y if bias is None else y + bias.t()).t()
     if how.reduce:
@@ -518,7 +529,7 @@ def faster_buckets(
 def _product(weight: Weight, bias: Tensor | None, x: Tensor, how: Products) -> Tensor:
     """``x @ weightᵀ`` (+ bias): [n, d] -> [n, N] (a low-precision copy's own product, else a
     transposed view of ``_product_t``)."""
-    if isinstance(weight, Copy):
+    if not isinstance(weight, Tensor):  # a copy with its own product
         y = weight.product(x, how)
         return y if bias is None else y + bias.t()
     return _product_t(weight, bias, x, how).t()
