@@ -1,4 +1,4 @@
-"""One-row decode steps compiled by inductor: the fused forward's step without its operator calls.
+"""Decode steps compiled by inductor: the fused forward's step without its operator calls.
 
 A decode step with one running request reads every weight once for one row of activations. On a
 CPU the eager fused step spends half of it outside its products: ~600 operator calls at ~7 µs
@@ -11,31 +11,39 @@ two fused reductions. On SmolLM2-135M in ``int8`` (AMD EPYC, 2 threads) a one-ro
 ~6.5 ms against ~14 ms eager; one sequence decodes 113 tokens/s against 64
 (``bench/results/peer_llamacpp.md``).
 
-What is compiled is ``FusedLlama._step_layers`` itself with ``Products(reduce=True)``: the
-same code, so the same numbers up to the order of each sum (each low-precision product rounds
-as its eager kernel does: bfloat16 activations, an int8 product's output in bfloat16). Steps of
-more rows run eagerly: a reduction reads the weights once per row, where a GEMM reads them once.
+Steps of several rows have a second graph: a reduction reads the weights once per row, where a
+GEMM reads them once, so there every product stays the eager forward's own kernel, called from
+the graph as one opaque operator (``ExternWeight``, ``rankone::product``: oneDNN's prepacked
+bfloat16 or float32 copies, the int8 and int4 kernels, the float32 GEMM measured fastest at
+that row count), and the graph fuses what lies between them (norms, rotations, the attention,
+residuals, the copies' bfloat16 roundings). The rows' count is a symbol: one graph for 2 rows
+and for 32.
 
-One graph serves every step: the window's bounds, the slot cache's size and the rows' capacity
-are symbols (``dynamic=True``; the model's weights and head sizes are static). It is compiled
-before serving (``prepare``, on a scratch cache whose sizes are not 0, 1 nor each other, so that
-no size is specialised): 1.5-2.5 minutes for SmolLM2 on 2 cores the first time on a machine,
-about one after (inductor's on-disk cache, ``TORCHINDUCTOR_CACHE_DIR``; Dynamo's tracing is
-paid by every process). ``bfloat16``'s copies are oneDNN's
-prepacked layout, which inductor cannot lower: its compiled step reads plain bfloat16 copies of
-them (``_plain``: the bfloat16 weights again in memory). A step that would need another graph
-(or a compile that fails: no C++ compiler) runs eagerly instead, counted in ``misses`` and
-logged, never compiled while serving. CPU only: on a GPU the decode step replays CUDA graphs
-(``graphed.GraphedStep``).
+What is compiled is ``FusedLlama._step_layers`` itself: the same code, so the same numbers up
+to the order of each sum (each low-precision product rounds as its eager kernel does: bfloat16
+activations, an int8 product's output in bfloat16; extern products are the eager ones).
+
+One graph serves every step of its kind: the window's bounds, the slot cache's size and the
+rows' capacity are symbols (``dynamic=True``; the model's weights and head sizes are static).
+Both are compiled before serving (``prepare``, on scratch caches whose sizes are not 0, 1 nor
+each other, so that no size is specialised): 3-5 minutes for SmolLM2 on 2 cores the first time
+on a machine, less after (inductor's on-disk cache, ``TORCHINDUCTOR_CACHE_DIR``; Dynamo's
+tracing is paid by every process). ``bfloat16``'s copies are oneDNN's prepacked layout, which
+inductor cannot lower: its one-row step reads plain bfloat16 copies of them (``_plain``: the
+bfloat16 weights again in memory). A step that would need another graph (or a compile that
+fails: no C++ compiler) runs eagerly instead, counted in ``misses`` and logged, never compiled
+while serving. CPU only: on a GPU the decode step replays CUDA graphs (``graphed.GraphedStep``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.fx.experimental._config as fx_config
@@ -43,42 +51,121 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from service.engine.forward import StepInputs, StepOf
-from service.engine.fused_llama import Bf16Weight, FusedLlama, Products, Weight, _Layer
+from service.engine.fused_llama import (
+    Bf16Weight,
+    FusedLlama,
+    Int4Weight,
+    Int8Weight,
+    Products,
+    Weight,
+    _Layer,
+    _product,
+    _product_t,
+)
 from service.engine.kv_cache import SlotKV
 from service.engine.kv_layout import KV
 
 log = logging.getLogger("rankone.engine")
-# inductor's options for this graph: every elementwise result is its own buffer (without it a
-# product's loop recomputes its input's norm for every weight row: half the speed), and casts
-# to bfloat16 round as they do eagerly (the eager kernels' numbers)
+# inductor's options for these graphs: every elementwise result is its own buffer (without it
+# a product's loop recomputes its input's norm for every weight row: half the speed; the
+# several-row graph measured slower without it too, 2026-12-05), and casts to bfloat16 round as
+# they do eagerly (the eager kernels' numbers)
 _OPTIONS: dict[str, Any] = {"realize_opcount_threshold": 0, "emulate_precision_casts": True}
-_ROWS = 1  # the row count compiled
-# prepare's scratch cache: 9 row slots, one row of 65 columns (its window then starts at column
-# 64, ends at 129, in 256 columns): no size 0, 1 or another's (see module doc)
-_SCRATCH_ROWS, _SCRATCH_COLUMNS = 9, 65
+# prepare's scratch caches: 9 row slots, rows of 65 columns (their window then starts at column
+# 64, ends at 129, in 256 columns); one row, or _SCRATCH_SEVERAL rows: no size 0, 1 or
+# another's (see module doc)
+_SCRATCH_SLOTS, _SCRATCH_COLUMNS, _SCRATCH_SEVERAL = 9, 65, 5
+
+
+class ExternWeight:
+    """A weight whose product runs inside a compiled step as one opaque operator
+    (``rankone::product``) that calls the eager forward's own product for the call's row count
+    (``products``): the same kernel and numbers as an eager step (oneDNN's prepacked bfloat16
+    or float32 copies, the int8 and int4 kernels, the float32 GEMM measured fastest at that
+    many rows), the graph fusing everything between the products. The operator finds the
+    weight by ``key`` (a string in the graph: a constant, where an int would become a symbol;
+    not a tensor: no guards over the weights)."""
+
+    _keys: ClassVar[Iterator[int]] = itertools.count()
+    by_key: ClassVar[weakref.WeakValueDictionary[str, ExternWeight]] = weakref.WeakValueDictionary()
+
+    def __init__(
+        self,
+        weight: Weight,
+        out: int,
+        products: Callable[[int, Weight], Products],
+        dtype: torch.dtype | None = None,
+    ):
+        self.weight, self.out, self.products = weight, out, products
+        self.dtype = dtype  # what the product's kernel takes and gives (None: the rows')
+        # a float matrix's product comes weight-major ([N, n], ``_product_t``: the MLP's
+        # activation then runs over contiguous halves, as eagerly), a copy's as [n, N]
+        self.weight_major = isinstance(weight, Tensor)
+        self.key = f"w{next(ExternWeight._keys)}"
+        ExternWeight.by_key[self.key] = self
+
+    @classmethod
+    def of(
+        cls, weight: Weight, width: int, products: Callable[[int, Weight], Products], like: Tensor
+    ) -> ExternWeight:
+        """``weight`` (taking rows of ``width``) as an extern product; its output width found
+        by one product of zeros of ``like``'s dtype."""
+        x = torch.zeros(2, width, dtype=like.dtype, device=like.device)
+        out = int(_product(weight, None, x, products(2, weight)).shape[1])
+        # copies whose kernels take bfloat16 rows: the graph rounds the rows (and widens the
+        # product) in its own loops, as the copy's product does eagerly
+        low = isinstance(weight, Int8Weight | Int4Weight | Bf16Weight) and like.is_floating_point()
+        return cls(weight, out, products, torch.bfloat16 if low else None)
+
+    def product(self, x: Tensor, how: Products) -> Tensor:
+        """``x @ wᵀ`` [n, N] (a transposed view where the operator gives it weight-major)."""
+        y = torch.ops.rankone.product(x if self.dtype is None else x.to(self.dtype), self.key)
+        y = y.t() if self.weight_major else y
+        return y if self.dtype is None else y.to(x.dtype)
+
+
+@torch.library.custom_op("rankone::product", mutates_args=(), device_types="cpu")
+def _extern_product(x: Tensor, key: str) -> Tensor:
+    """``x @ wᵀ`` for ExternWeight ``key``, its eager product at ``n`` rows: [n, N], or
+    [N, n] where the weight is a float matrix (``weight_major``)."""
+    w = ExternWeight.by_key[key]
+    how = w.products(int(x.shape[0]), w.weight)
+    if w.weight_major:
+        return _product_t(w.weight, None, x, how).contiguous()
+    return _product(w.weight, None, x, how).contiguous()
+
+
+@_extern_product.register_fake
+def _(x: Tensor, key: str) -> Tensor:
+    w = ExternWeight.by_key[key]
+    return x.new_empty((w.out, x.shape[0]) if w.weight_major else (x.shape[0], w.out))
 
 
 class CompiledStep(StepOf):
-    """A fused forward whose one-row decode steps run compiled (see module doc); its other
-    steps, prefills and embeddings are the fused forward's."""
+    """A fused forward whose decode steps run compiled (see module doc): one graph for steps
+    of one row, one for steps of several; its prefills and embeddings are the fused forward's
+    (and every step eager where a graph does not fit it)."""
 
     inner: FusedLlama
 
     def __init__(self, inner: FusedLlama) -> None:
         self.inner = inner
         self.kind = inner.kind + "+compiled"  # type: ignore[misc]  # per instance: the inner's
-        self.compiled: Any = None
+        self.graphs: dict[bool, Any] = {}  # several rows? -> the compiled step
         self.prepared = False
         self.off: str | None = "not compiled yet (prepare)"  # why steps run eagerly
-        self.steps = 0  # one-row steps run compiled
-        self.misses = 0  # one-row steps run eagerly because the graph did not fit them
+        self.steps = 0  # steps run compiled
+        self.several = 0  # of them, steps of several rows
+        self.misses = 0  # steps run eagerly because the graph did not fit them
         self.compile_s = 0.0
-        self.layers = inner.step_layers  # what the compiled step reads (``_plain`` copies)
+        self.layers = inner.step_layers  # what the one-row step reads (``_plain`` copies)
         self.head = inner.step_head
+        self.extern_layers: list[_Layer] = []  # what the several-row step reads
+        self.extern_head: Weight = inner.step_head
 
     def prepare(self) -> None:
-        """Compile the one-row step on a scratch cache, once (the engine's model thread calls
-        it before serving); a failure leaves every step eager, with the reason in ``off``."""
+        """Compile both steps on scratch caches, once (the engine's model thread calls it
+        before serving); a failure leaves every step eager, with the reason in ``off``."""
         if self.prepared:
             return
         self.prepared = True
@@ -86,25 +173,48 @@ class CompiledStep(StepOf):
             self._eager("compiled steps run on a CPU (a GPU replays CUDA graphs)")
             return
         start = time.perf_counter()
-        # oneDNN's prepacked bfloat16 copies do not lower (inductor asserts): the compiled
-        # step reads plain copies of them
+        # oneDNN's prepacked bfloat16 copies do not lower (inductor asserts): the one-row
+        # step's reductions read plain copies of them
         self.layers = [_plain(layer) for layer in self.inner.step_layers]
         self.head = _plain_weight(self.inner.step_head)
+        self.extern_layers = [self._extern(layer) for layer in self.inner.step_layers]
+        self.extern_head = self._extern_weight(self.inner.step_head, self.inner.norm.shape[0])
         try:
             for t in _weights(self):
                 torch._dynamo.mark_static(t)
-            compiled = torch.compile(self._one_row, dynamic=True, fullgraph=True, options=_OPTIONS)
-            # in inference mode, as the engine's caches are made and its steps run
-            no_duck = fx_config.patch(use_duck_shape=False)  # type: ignore[attr-defined]
-            with torch.inference_mode(), no_duck:
-                kv, tokens, positions = self._scratch()
-                compiled(tokens, positions, kv.mask, kv.keys, kv.values, kv.start, kv.end)
+            for several, fn in ((False, self._one_row), (True, self._several_rows)):
+                graph = torch.compile(
+                    fn, dynamic=True, fullgraph=True, options=_OPTIONS
+                )
+                # in inference mode, as the engine's caches are made and its steps run
+                no_duck = fx_config.patch(use_duck_shape=False)  # type: ignore[attr-defined]
+                with torch.inference_mode(), no_duck:
+                    kv, tokens, positions = self._scratch(_SCRATCH_SEVERAL if several else 1)
+                    graph(tokens, positions, kv.mask, kv.keys, kv.values, kv.start, kv.end)
+                self.graphs[several] = graph
         except Exception as exc:  # no compiler, an unsupported op: eager steps, said once
+            self.graphs.clear()
             self._eager(f"compile failed: {type(exc).__name__}: {exc}"[:500])
             return
-        self.compiled, self.off = compiled, None
+        self.off = None
         self.compile_s = time.perf_counter() - start
-        log.info("one-row decode step compiled in %.1f s", self.compile_s)
+        log.info("decode steps compiled in %.1f s", self.compile_s)
+
+    def _extern_weight(self, weight: Weight, width: int) -> ExternWeight:
+        return ExternWeight.of(weight, width, self.inner.products, self.inner.head)
+
+    def _extern(self, layer: _Layer) -> _Layer:
+        """``layer`` with its products as extern products (``ExternWeight``)."""
+        inner = self.inner
+        d, nq = int(inner.norm.shape[0]), inner.heads * inner.head_dim
+        gate_up = self._extern_weight(layer.gate_up, d)
+        return dataclasses.replace(
+            layer,
+            qkv=self._extern_weight(layer.qkv, d),
+            o=self._extern_weight(layer.o, nq),
+            gate_up=gate_up,
+            down=self._extern_weight(layer.down, gate_up.out // 2),
+        )
 
     def _eager(self, why: str) -> None:
         """Every step eager from now on, for ``why`` (logged; ``/v1/info`` then reports the
@@ -112,30 +222,32 @@ class CompiledStep(StepOf):
         self.off = why
         self.kind = self.inner.kind  # type: ignore[misc]
         self.layers, self.head = self.inner.step_layers, self.inner.step_head  # no copies kept
-        log.warning("one-row decode steps run eagerly: %s", why)
+        self.extern_layers, self.extern_head = [], self.inner.step_head
+        log.warning("decode steps run eagerly: %s", why)
 
-    def _scratch(self) -> tuple[SlotKV, Tensor, Tensor]:
-        """A slot cache holding one admitted row of ``_SCRATCH_COLUMNS`` columns, its next
-        column open, and a step's token and position: what ``prepare`` compiles on."""
+    def _scratch(self, rows: int) -> tuple[SlotKV, Tensor, Tensor]:
+        """A slot cache holding ``rows`` admitted rows of ``_SCRATCH_COLUMNS`` columns, their
+        next column open, and a step's tokens and positions: what ``prepare`` compiles on."""
         inner = self.inner
         device, dtype = inner.head.device, inner.head.dtype
-        kv = SlotKV(len(inner.layers), device, dtype, min_rows=_SCRATCH_ROWS)
+        kv = SlotKV(len(inner.layers), device, dtype, min_rows=_SCRATCH_SLOTS)
         past = torch.zeros(
-            1, inner.kv_heads, _SCRATCH_COLUMNS, inner.head_dim, dtype=dtype, device=device
+            rows, inner.kv_heads, _SCRATCH_COLUMNS, inner.head_dim, dtype=dtype, device=device
         )
-        kv.admit([(past, past)] * len(inner.layers), torch.ones(1, _SCRATCH_COLUMNS))
+        kv.admit([(past, past)] * len(inner.layers), torch.ones(rows, _SCRATCH_COLUMNS))
         kv.open_column()
-        token = torch.ones(1, dtype=torch.long, device=device)
-        return kv, token, token * _SCRATCH_COLUMNS
+        tokens = torch.ones(rows, dtype=torch.long, device=device)
+        return kv, tokens, tokens * _SCRATCH_COLUMNS
 
     def step(self, inputs: StepInputs) -> Tensor:
-        n = int(inputs.tokens.shape[0])
-        if n != _ROWS or self.compiled is None or inputs.encoder is not None:
+        several = int(inputs.tokens.shape[0]) > 1
+        graph = self.graphs.get(several)
+        if graph is None or inputs.encoder is not None:
             return self.inner.step(inputs)
         kv = inputs.kv
         try:
             with torch.compiler.set_stance("fail_on_recompile"):
-                logits = self.compiled(
+                logits = graph(
                     inputs.tokens, inputs.positions, kv.mask, kv.keys, kv.values, kv.start, kv.end
                 )
         except RuntimeError as exc:
@@ -143,9 +255,10 @@ class CompiledStep(StepOf):
                 raise
             self.misses += 1  # the graph does not fit these inputs: this step eager
             if self.misses == 1:
-                log.warning("a one-row step ran eagerly (the compiled graph did not fit): %s", exc)
+                log.warning("a decode step ran eagerly (the compiled graph did not fit): %s", exc)
             return self.inner.step(inputs)
         self.steps += 1
+        self.several += several
         return logits
 
     def _one_row(
@@ -158,21 +271,56 @@ class CompiledStep(StepOf):
         start: int,
         end: int,
     ) -> Tensor:
-        """The traced step: one row (slot 0) at the slot cache's write column ``end``,
-        attending over ``start .. end``; writes each layer's keys/values there."""
+        """The traced one-row step: every product a reduction over the weights."""
+        return self._traced(
+            self.layers, self.head, tokens, positions, mask, keys, values, start, end
+        )
+
+    def _several_rows(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        mask: Tensor,
+        keys: Sequence[Tensor],
+        values: Sequence[Tensor],
+        start: int,
+        end: int,
+    ) -> Tensor:
+        """The traced step of several rows (their count a symbol): every product extern."""
+        return self._traced(
+            self.extern_layers, self.extern_head, tokens, positions, mask, keys, values, start, end
+        )
+
+    def _traced(
+        self,
+        layers: list[_Layer],
+        head: Weight,
+        tokens: Tensor,
+        positions: Tensor,
+        mask: Tensor,
+        keys: Sequence[Tensor],
+        values: Sequence[Tensor],
+        start: int,
+        end: int,
+    ) -> Tensor:
+        """A step of ``tokens``' rows (slots 0 .. n-1) at the slot cache's write column
+        ``end``, attending over ``start .. end``; writes each layer's keys/values there. Its
+        attention runs as fused reductions over the window (``Products(reduce=True)``), its
+        products as ``layers``' weights run them."""
         inner = self.inner
+        n = tokens.shape[0]
         x = F.embedding(tokens, inner.embed_tokens.weight)
         window = slice(start, end + 1)
 
         def attend(i: int, k: Tensor, v: Tensor) -> KV:
-            keys[i][:_ROWS, :, end : end + 1] = k
-            values[i][:_ROWS, :, end : end + 1] = v
-            return keys[i][:_ROWS, :, window], values[i][:_ROWS, :, window]
+            keys[i][:n, :, end : end + 1] = k
+            values[i][:n, :, end : end + 1] = v
+            return keys[i][:n, :, window], values[i][:n, :, window]
 
-        bias = mask[:_ROWS, window][:, None, None, :]
+        bias = mask[:n, window][:, None, None, :]
         how = Products(reduce=True)
-        h = inner._step_layers(x, positions, bias, attend, self.layers, how)
-        return inner._logits(h, self.head, how)
+        h = inner._step_layers(x, positions, bias, attend, layers, how)
+        return inner._logits(h, head, how)
 
 
 def _refused(exc: RuntimeError) -> bool:
@@ -199,8 +347,9 @@ def _plain(layer: _Layer) -> _Layer:
 
 
 def _weights(step: CompiledStep) -> list[Tensor]:
-    """Every tensor the one-row step reads besides its inputs (weights, norms, the rotary
-    tables): marked static, so that only the cache's sizes are symbols."""
+    """Every tensor the compiled steps read besides their inputs (weights, norms, the rotary
+    tables; an extern product's weights are not read by the graph): marked static, so that
+    only the cache's sizes and the rows' count are symbols."""
     inner = step.inner
     found: list[Tensor] = [inner.embed_tokens.weight, inner.norm, inner.head]
     found += [b for b in inner.rotary.buffers()]
@@ -212,7 +361,7 @@ def _weights(step: CompiledStep) -> list[Tensor]:
             for field in dataclasses.fields(value):
                 walk(getattr(value, field.name))
 
-    for layer in step.layers:
+    for layer in [*step.layers, *step.extern_layers]:
         walk(layer)
     walk(step.head)
     return found

@@ -122,7 +122,7 @@ class ContinuousEngine(Engine):
     @property
     def forward_kind(self) -> str:
         """The forward that runs the backbone: ``fused``, ``fused-int8``, ``fused-int4``,
-        ``fused-bf16``, ``fused-f32-packed`` (each with ``+compiled`` where its one-row steps
+        ``fused-bf16``, ``fused-f32-packed`` (each with ``+compiled`` where its decode steps
         are) or ``hf`` (``forward.Forward.kind``)."""
         return self.loop_core.forward.kind
 

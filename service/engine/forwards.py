@@ -32,7 +32,7 @@ def choose_forward(
     does not run. ``graphs``: on a CUDA device the fused forward's decode steps replay CUDA
     graphs (``graphed.GraphedStep``, one per forward; elsewhere no effect; the serving engine
     passes ``RANKONE_CUDA_GRAPHS``, off by default). ``compiled``: on a CPU the fused
-    forward's one-row decode steps run compiled by inductor (``compiled_step.CompiledStep``,
+    forward's decode steps run compiled by inductor (``compiled_step.CompiledStep``,
     compiled by its ``prepare``; ``RANKONE_COMPILED_STEP``, off by default; a ValueError
     without the fused forward)."""
     if weights not in WEIGHTS:

@@ -1,10 +1,12 @@
-"""RANKONE_COMPILED_STEP: one-row decode steps compiled by inductor (``CompiledStep``).
+"""RANKONE_COMPILED_STEP: decode steps compiled by inductor (``CompiledStep``).
 
 Compiled with the tiny Llama (a C++ compiler is on every machine the tests run on). What holds:
-float32 rows decoded alone (every step compiled) and in mixed batches (several rows eager, one
-row compiled) equal HF ``generate``; one graph serves every window, cache size and move; int8
-rows decode alone what they decode in a batch; a compile that fails or a graph that does not fit
-leaves steps eager, never wrong.
+float32 rows decoded alone and in mixed batches (every step compiled: one graph for one row,
+one for any number of rows above) equal HF ``generate``; one graph serves every window, cache
+size and move; low-precision rows decode alone what they decode in an eager batch, and a
+compiled step of several rows gives the eager step's logits to rounding; the extern product is
+its weight's eager product; a compile that fails or a graph that does not fit leaves steps
+eager, never wrong.
 """
 
 from __future__ import annotations
@@ -62,12 +64,13 @@ def test_one_row_steps_compiled_equal_generate(backbones: dict[str, Backbone]) -
         before = forward.steps
         assert decode_alone(backbone, forward, req) == expected
         assert forward.steps - before == len(expected) - 1  # every step compiled
-    # mixed batches: steps of several rows eager, of one row compiled, rows joining and leaving
+    # mixed batches, rows joining and leaving: steps of one row and of 2, 3, ... rows compiled
     loop = DecodeLoop(backbone, prefix_cache=PrefixCache(1 << 24), forward=forward)
+    several = forward.several
     for req, sink in run_schedule(backbone, loop):
         expected = reference_generate(backbone, req.task, req.input_ids, req.params.max_new_tokens)
         assert sink.result is not None and sink.result.token_ids == expected, req.request_id
-    assert forward.misses == 0
+    assert forward.misses == 0 and forward.several - several > 0
 
 
 def test_one_graph_serves_every_window_and_cache_move(backbones: dict[str, Backbone]) -> None:
@@ -96,9 +99,10 @@ def test_one_graph_serves_every_window_and_cache_move(backbones: dict[str, Backb
 def test_low_precision_rows_decode_alone_what_they_decode_in_a_batch(
     backbones: dict[str, Backbone], weights: str
 ) -> None:
-    """Alone every step is compiled (int8, bfloat16: a reduction; int4: torch's kernel), in a
-    batch eager: the same numbers up to the order of each sum (both round activations and
-    outputs to bfloat16)."""
+    """Alone every step is compiled (int8, bfloat16: a reduction; int4: torch's kernel), in an
+    eager batch not: the same numbers up to the order of each sum (both round activations and
+    outputs to bfloat16); a compiled step of several rows (the copies' own kernels) gives the
+    eager step's logits to rounding."""
     backbone = backbones["llama"]
     forward = compiled(backbone, weights)
     assert forward.kind == forward.inner.kind + "+compiled"
@@ -109,15 +113,45 @@ def test_low_precision_rows_decode_alone_what_they_decode_in_a_batch(
         assert sink.result is not None
         assert decode_alone(backbone, forward, req) == sink.result.token_ids, req.request_id
     assert forward.steps > 0 and forward.misses == 0
-    # one step's logits against the eager int8 step's: rounding apart, no more
-    loop = DecodeLoop(backbone, prefix_cache=PrefixCache(1 << 24), forward=forward)
-    loop.admit([row(request(backbone, make_tasks(backbone)[0], TEXTS[0], "one"))[0]])
-    with torch.inference_mode():
-        loop.batch.kv.open_column()
-        inputs = loop.batch.step_inputs()
-        eager, fast = forward.inner.step(inputs), forward.step(inputs)
-    scale = float(eager.abs().max())
-    torch.testing.assert_close(fast, eager, rtol=0, atol=0.02 * scale)
+    # one step's logits against the eager step's, of one row and of three: rounding apart
+    tasks = make_tasks(backbone)
+    for n in (1, 3):
+        loop = DecodeLoop(backbone, prefix_cache=PrefixCache(1 << 24), forward=forward)
+        loop.admit([row(request(backbone, tasks[i], TEXTS[i], f"r{i}"))[0] for i in range(n)])
+        several = forward.several
+        with torch.inference_mode():
+            loop.batch.kv.open_column()
+            inputs = loop.batch.step_inputs()
+            eager, fast = forward.inner.step(inputs), forward.step(inputs)
+        assert forward.several - several == (n > 1)
+        scale = float(eager.abs().max())
+        torch.testing.assert_close(fast, eager, rtol=0, atol=0.02 * scale)
+
+
+@pytest.mark.parametrize("weights", ["float32", "float32-packed", "int8", "int4", "bfloat16"])
+def test_an_extern_product_is_its_weights_eager_product(
+    backbones: dict[str, Backbone], weights: str
+) -> None:
+    """``rankone::product`` runs the eager forward's own product for the call's row count,
+    bit for bit, and its fake (what the graph is traced with) agrees with it (opcheck)."""
+    from service.engine.compiled_step import ExternWeight
+    from service.engine.fused_llama import _product
+
+    inner = choose_forward(backbones["llama"], weights=weights)
+    assert isinstance(inner, FusedLlama)
+    layer = inner.step_layers[0]
+    d = int(inner.norm.shape[0])
+    extern = ExternWeight.of(layer.gate_up, d, inner.products, inner.head)
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 5, 17):
+        x = torch.randn(n, d, generator=g)
+        with torch.inference_mode():
+            got = extern.product(x, inner.products(n, layer.gate_up))
+            want = _product(layer.gate_up, None, x, inner.products(n, layer.gate_up))
+        assert got.dtype == x.dtype and torch.equal(got, want), n
+        assert got.shape == (n, extern.out)
+        xk = x.to(extern.dtype or x.dtype)
+        torch.library.opcheck(torch.ops.rankone.product.default, (xk, extern.key))
 
 
 def test_steps_run_eagerly_where_the_graph_cannot_run(
@@ -146,7 +180,8 @@ def test_steps_run_eagerly_where_the_graph_cannot_run(
     def recompile(*args: Any) -> Any:
         raise torch._dynamo.exc.RecompileError("guards failed")
 
-    monkeypatch.setattr(unfit, "compiled", recompile)
+    monkeypatch.setitem(unfit.graphs, False, recompile)
+    monkeypatch.setitem(unfit.graphs, True, recompile)
     misses = unfit.misses
     assert decode_alone(backbone, unfit, req) == expected
     assert unfit.misses - misses == len(expected) - 1
@@ -179,7 +214,7 @@ def test_the_engine_compiles_before_it_is_started(backbones: dict[str, Backbone]
         forward = engine.loop_core.forward
         assert isinstance(forward, CompiledStep) and engine.forward_kind == "fused+compiled"
         await engine.start()
-        prepared = forward.prepared and forward.compiled is not None
+        prepared = forward.prepared and set(forward.graphs) == {False, True}
         steps = forward.steps
         result = await engine.generate(req)
         await engine.shutdown()
@@ -191,8 +226,8 @@ def test_the_engine_compiles_before_it_is_started(backbones: dict[str, Backbone]
 
 
 def test_a_half_precision_model_compiles_within_its_rounding(tiny_model_dirs: Any) -> None:
-    """A bfloat16 backbone (``RANKONE_DTYPE``): its one-row step compiles in its own dtype and
-    its logits stay within bfloat16's rounding of the eager step's (eagerly every operator
+    """A bfloat16 backbone (``RANKONE_DTYPE``): its steps compile in its own dtype and
+    a one-row step's logits stay within bfloat16's rounding of the eager step's (eagerly every operator
     rounds to 8 bits; compiled, values fused in one loop are rounded once, so greedy tokens
     part at near ties, as two bfloat16 kernels' would)."""
     from prompts import load_backbone
