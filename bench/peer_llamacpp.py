@@ -6,9 +6,9 @@ of the GGUF file) to llama.cpp's F32, BF16 and Q8_0 files, and for each number o
 batch runs, back to back: rankone's decode step (every row a different task; float32, and
 ``RANKONE_WEIGHTS=float32-packed``, ``int8``, ``int4`` and ``bfloat16``) and
 ``llama-batched-bench`` on F32, BF16, Q8_0 and the Q4_1 file itself (one prompt per sequence,
-60 prompt tokens, 64 generated); the whole sweep ``--repeats`` times, medians reported. At one
-row rankone's one-row steps compiled by inductor (``RANKONE_COMPILED_STEP=true``) run too, for
-the ``--compiled`` weights (each compiled once before the sweeps, ~1-2 minutes). Prompt processing: llama.cpp's S_PP at one sequence against rankone's prefill of one
+60 prompt tokens, 64 generated); the whole sweep ``--repeats`` times, medians reported. rankone's
+steps compiled by inductor (``RANKONE_COMPILED_STEP=true``) run too, at every row count, for
+the ``--compiled`` weights (each compiled once before the sweeps, ~2-5 minutes). Prompt processing: llama.cpp's S_PP at one sequence against rankone's prefill of one
 60-position row (20 prompt rows + 40 input tokens, uncached).
 
     python -m bench.peer_llamacpp [--llama-dir DIR] [--threads 2] [--rows 1 4 8 16 32] [--repeats 3]
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         nargs="*",
         default=list(COMPILED),
         choices=WEIGHTS,
-        help="weights whose one-row step also runs compiled (RANKONE_COMPILED_STEP)",
+        help="weights whose steps also run compiled (RANKONE_COMPILED_STEP)",
     )
     ap.add_argument("--note", default="", help="what else the machine ran (kept in the report)")
     ap.add_argument(
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         print(report(kept))
         return 0
     forwards = {w: choose_forward(backbone, weights=w) for w in WEIGHTS}
-    compiled: dict[str, Any] = {}  # by weights: the one-row steps compiled (at one row only)
+    compiled: dict[str, Any] = {}  # by weights: the steps compiled (RANKONE_COMPILED_STEP)
     compile_s: dict[str, float] = {}
     for w in args.compiled:
         forward = choose_forward(backbone, weights=w, compiled=True)
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     pp_samples: dict[str, list[float]] = {}
     for _ in range(args.repeats):
         for n in args.rows:  # interleaved: every engine at n, then the next n
-            ms = step_times(backbone, {**forwards, **(compiled if n == 1 else {})}, [n], args.steps)
+            ms = step_times(backbone, {**forwards, **compiled}, [n], args.steps)
             f32 = batched_bench(bin_dir, files["f32"], n, args.threads)
             bf16 = batched_bench(bin_dir, files["bf16"], n, args.threads)
             q8 = batched_bench(bin_dir, files["q8_0"], n, args.threads)
@@ -266,10 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rankone_int4": n / ms["int4"][str(n)] * 1e3,
                 "rankone_bf16": n / ms["bfloat16"][str(n)] * 1e3,
                 "rankone_f32_packed": n / ms["float32-packed"][str(n)] * 1e3,
-                **{
-                    _compiled_key(key): n / ms[key][str(n)] * 1e3
-                    for key in (compiled if n == 1 else {})
-                },
+                **{_compiled_key(key): n / ms[key][str(n)] * 1e3 for key in compiled},
                 "llamacpp_same_precision": f32["tg"],
                 "llamacpp_bf16": bf16["tg"],
                 "llamacpp_q8_0": q8["tg"],
@@ -348,7 +345,7 @@ def report(r: dict[str, Any]) -> str:
     ]
     for n, v in r["rows"].items():
         packed = v.get("rankone_f32_packed")
-        best_f32 = max(v["rankone"], packed or 0.0, v.get("rankone_compiled", 0.0))
+        best_f32 = max(_best(v, "rankone") or 0.0, _best(v, "rankone_f32_packed") or 0.0)
         i4 = _best(v, "rankone_int4")
         bf = _best(v, "rankone_bf16")
         best = max(best_f32, _best(v, "rankone_int8") or 0.0, bf or 0.0, i4 or 0.0)
@@ -360,24 +357,30 @@ def report(r: dict[str, Any]) -> str:
             f"{_ratio(bf, v.get('llamacpp_bf16'))} | {_ratio(i4, v.get('llamacpp_q4_1'))} | "
             f"{best / v['llamacpp_q8_0']:.2f} |"
         )
-    one = r["rows"].get("1", {})
-    done = [
-        k
-        for k in ("rankone", "rankone_int8", "rankone_int4", "rankone_bf16")
-        if f"{k}_compiled" in one
+    names = {
+        "rankone": "float32",
+        "rankone_f32_packed": "float32-packed",
+        "rankone_int8": "int8",
+        "rankone_int4": "int4",
+        "rankone_bf16": "bfloat16",
+    }
+    changes = [
+        f"{n} sequence(s): "
+        + ", ".join(
+            f"{w} {v[k]} → {v[k + '_compiled']}" for k, w in names.items() if k + "_compiled" in v
+        )
+        for n, v in r["rows"].items()
+        if any(k + "_compiled" in v for k in names)
     ]
-    if done:
-        names = {"rankone": "float32", "rankone_int8": "int8", "rankone_int4": "int4"}
+    if changes:
         lines += [
             "",
-            "At one sequence the ratios take rankone's one-row step compiled "
-            "(`RANKONE_COMPILED_STEP=true`) where it is faster; tokens/s eager → compiled: "
-            + ", ".join(
-                f"{names.get(k, 'bfloat16')} {one[k]} → {one[k + '_compiled']}" for k in done
-            )
-            + " (each compiled once before the sweeps: "
+            "The ratios take rankone's steps compiled (`RANKONE_COMPILED_STEP=true`) where they "
+            "are faster (each compiled once before the sweeps: "
             + ", ".join(f"{w} {t} s" for w, t in (r.get("compiled_s") or {}).items())
-            + ").",
+            + "); tokens/s eager → compiled:",
+            "",
+            *(f"- {line}" for line in changes),
         ]
     flags = r.get("cpu_matrix_flags")
     if flags is not None:
@@ -404,7 +407,7 @@ def report(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-COMPILED = ("float32", "int8", "int4", "bfloat16")  # --compiled's default
+COMPILED = ("float32", "float32-packed", "int8", "int4", "bfloat16")  # --compiled's default
 
 
 def _best(v: dict[str, float], key: str) -> float | None:

@@ -113,7 +113,7 @@ def test_report_shows_the_ratios() -> None:
     assert "m-q8_0.gguf with its weight repacking on" in text
 
 
-def test_report_takes_the_compiled_one_row_steps_where_faster() -> None:
+def test_report_takes_the_compiled_steps_where_faster() -> None:
     one = {
         "rankone": 30.0,
         "rankone_compiled": 36.0,  # float32 compiled: faster, its ratio taken
@@ -127,9 +127,20 @@ def test_report_takes_the_compiled_one_row_steps_where_faster() -> None:
         "llamacpp_q8_0": 90.0,
         "llamacpp_q4_1": 100.0,
     }
+    four = {
+        "rankone": 80.0,
+        "rankone_f32_packed": 100.0,
+        "rankone_f32_packed_compiled": 120.0,  # the best float32 at 4 rows
+        "rankone_int8": 150.0,
+        "rankone_bf16": 120.0,
+        "rankone_bf16_compiled": 130.0,
+        "llamacpp_same_precision": 100.0,
+        "llamacpp_bf16": 100.0,
+        "llamacpp_q8_0": 200.0,
+    }
     r = {
         "command": "c", "date": "d", "machine": {"cpu": "x"}, "llama_cpp": "l", "model": "m",
-        "threads": 2, "tokens": {"prompt": 60, "generated": 64}, "rows": {"1": one},
+        "threads": 2, "tokens": {"prompt": 60, "generated": 64}, "rows": {"1": one, "4": four},
         "prompt_tok_s": {}, "many_tasks": {"note": "n"}, "compiled_s": {"int8": 80.0},
     }  # fmt: skip
     text = peer.report(r)
@@ -137,9 +148,15 @@ def test_report_takes_the_compiled_one_row_steps_where_faster() -> None:
         "| 1 | 30.0 | - | 45.0 | 60.0 | 36.0 | 40.0 | 60.0 | 90.0 | 100.0 | 0.90 | 0.60 | 0.60 "
         "| 1.10 |" in text
     )
-    assert "float32 30.0 → 36.0, int8 45.0 → 99.0, int4 60.0 → 50.0" in text
+    assert (
+        "| 4 | 80.0 | 100.0 | 150.0 | - | 120.0 | 100.0 | 100.0 | 200.0 | - | 1.20 | 1.30 | - | 0.75 |"
+        in text
+    )
+    assert "- 1 sequence(s): float32 30.0 → 36.0, int8 45.0 → 99.0, int4 60.0 → 50.0" in text
+    assert "- 4 sequence(s): float32-packed 100.0 → 120.0, bfloat16 120.0 → 130.0" in text
     assert peer._compiled_key("int8+compiled") == "rankone_int8_compiled"
     assert peer._compiled_key("float32+compiled") == "rankone_compiled"
+    assert peer._compiled_key("float32-packed+compiled") == "rankone_f32_packed_compiled"
 
 
 def test_a_crashed_batched_bench_is_run_again_without_repacking(tmp_path: Path) -> None:
