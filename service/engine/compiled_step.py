@@ -183,9 +183,7 @@ class CompiledStep(StepOf):
             for t in _weights(self):
                 torch._dynamo.mark_static(t)
             for several, fn in ((False, self._one_row), (True, self._several_rows)):
-                graph = torch.compile(
-                    fn, dynamic=True, fullgraph=True, options=_OPTIONS
-                )
+                graph = torch.compile(fn, dynamic=True, fullgraph=True, options=_OPTIONS)
                 # in inference mode, as the engine's caches are made and its steps run
                 no_duck = fx_config.patch(use_duck_shape=False)  # type: ignore[attr-defined]
                 with torch.inference_mode(), no_duck:
