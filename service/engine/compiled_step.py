@@ -177,9 +177,9 @@ class CompiledStep(StepOf):
         # step's reductions read plain copies of them
         self.layers = [_plain(layer) for layer in self.inner.step_layers]
         self.head = _plain_weight(self.inner.step_head)
-        self.extern_layers = [self._extern(layer) for layer in self.inner.step_layers]
-        self.extern_head = self._extern_weight(self.inner.step_head, self.inner.norm.shape[0])
         try:
+            self.extern_layers = [self._extern(layer) for layer in self.inner.step_layers]
+            self.extern_head = self._extern_weight(self.inner.step_head, self.inner.norm.shape[0])
             for t in _weights(self):
                 torch._dynamo.mark_static(t)
             for several, fn in ((False, self._one_row), (True, self._several_rows)):
@@ -259,35 +259,15 @@ class CompiledStep(StepOf):
         self.several += several
         return logits
 
-    def _one_row(
-        self,
-        tokens: Tensor,
-        positions: Tensor,
-        mask: Tensor,
-        keys: Sequence[Tensor],
-        values: Sequence[Tensor],
-        start: int,
-        end: int,
-    ) -> Tensor:
-        """The traced one-row step: every product a reduction over the weights."""
-        return self._traced(
-            self.layers, self.head, tokens, positions, mask, keys, values, start, end
-        )
+    # two functions, so two code objects: Dynamo keeps each one's graph (and guards) apart
+    def _one_row(self, *step: Any) -> Tensor:
+        """The traced one-row step (``_traced``'s step arguments): every product a reduction
+        over the weights."""
+        return self._traced(self.layers, self.head, *step)
 
-    def _several_rows(
-        self,
-        tokens: Tensor,
-        positions: Tensor,
-        mask: Tensor,
-        keys: Sequence[Tensor],
-        values: Sequence[Tensor],
-        start: int,
-        end: int,
-    ) -> Tensor:
+    def _several_rows(self, *step: Any) -> Tensor:
         """The traced step of several rows (their count a symbol): every product extern."""
-        return self._traced(
-            self.extern_layers, self.extern_head, tokens, positions, mask, keys, values, start, end
-        )
+        return self._traced(self.extern_layers, self.extern_head, *step)
 
     def _traced(
         self,
