@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,17 @@ def write_json(directory: Path, name: str, data: Any, indent: int = 2) -> None:
     tmp = path.with_name(f".{name}.json.{os.getpid()}")  # whole or not at all, one writer or two
     tmp.write_text(json.dumps(data, indent=indent) + "\n")
     os.replace(tmp, path)
+
+
+def publish(
+    directory: Path, name: str, results: dict[str, Any], report: Callable[[dict[str, Any]], str]
+) -> None:
+    """A bench's results as ``directory/name.json`` (first: a report that fails still leaves
+    its figures) and ``name.md`` (``report`` of them), the report printed too."""
+    write_json(directory, name, results)
+    text = report(results)
+    (directory / f"{name}.md").write_text(text)
+    print(text)
 
 
 def run_lines(results: dict[str, Any]) -> list[str]:

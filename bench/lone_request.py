@@ -25,7 +25,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS, Server, run_lines, write_json
+from bench.common import RESULTS, Server, publish, run_lines
 from bench.engine_bench import machine
 
 QUESTION = "Tell me a long story about a city by the sea."
@@ -102,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in runs.items()
         },
     }
-    write_json(RESULTS, "lone_request", results)
-    (RESULTS / "lone_request.md").write_text(report(results))
-    print(report(results))
+    publish(RESULTS, "lone_request", results, report)
     return 0
 
 

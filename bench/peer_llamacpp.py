@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from bench.common import RESULTS, ROOT, run_lines, write_json
+from bench.common import RESULTS, ROOT, publish, run_lines
 from bench.engine_bench import machine
 from bench.peer_tasks import many_tasks
 from bench.real_figures import real_tasks, rows_for
@@ -236,9 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("--part many-tasks updates a report: run the decode part first")
         kept["many_tasks"] = many
         kept["many_tasks_command"] = " ".join(["python -m bench.peer_llamacpp", *sys.argv[1:]])
-        write_json(RESULTS, args.name, kept)
-        (RESULTS / f"{args.name}.md").write_text(report(kept))
-        print(report(kept))
+        publish(RESULTS, args.name, kept, report)
         return 0
     forwards = {w: choose_forward(backbone, weights=w) for w in WEIGHTS}
     compiled: dict[str, Any] = {}  # by weights: the steps compiled (RANKONE_COMPILED_STEP)
@@ -318,9 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_tok_s": pp,
         "many_tasks": many,
     }
-    write_json(RESULTS, args.name, results)
-    (RESULTS / f"{args.name}.md").write_text(report(results))
-    print(report(results))
+    publish(RESULTS, args.name, results, report)
     return 0
 
 
