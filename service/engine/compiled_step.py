@@ -101,6 +101,7 @@ class ExternWeight:
         # a float matrix's product comes weight-major ([N, n], ``_product_t``: the MLP's
         # activation then runs over contiguous halves, as eagerly), a copy's as [n, N]
         self.weight_major = isinstance(weight, Tensor)
+        self._how: dict[int, Products] = {}  # by row count: ``products``' answer, asked once
         self.key = f"w{next(ExternWeight._keys)}"
         ExternWeight.by_key[self.key] = self
 
@@ -117,6 +118,13 @@ class ExternWeight:
         low = isinstance(weight, Int8Weight | Int4Weight | Bf16Weight) and like.is_floating_point()
         return cls(weight, out, products, torch.bfloat16 if low else None)
 
+    def how(self, rows: int) -> Products:
+        """How the eager forward runs this weight's product over ``rows`` rows (fixed when it
+        was built: asked once per row count, not in every step's every product)."""
+        if rows not in self._how:
+            self._how[rows] = self.products(rows, self.weight)
+        return self._how[rows]
+
     def product(self, x: Tensor, how: Products) -> Tensor:
         """``x @ wᵀ`` [n, N] (a transposed view where the operator gives it weight-major)."""
         y = torch.ops.rankone.product(x if self.dtype is None else x.to(self.dtype), self.key)
@@ -129,7 +137,7 @@ def _extern_product(x: Tensor, key: str) -> Tensor:
     """``x @ wᵀ`` for ExternWeight ``key``, its eager product at ``n`` rows: [n, N], or
     [N, n] where the weight is a float matrix (``weight_major``)."""
     w = ExternWeight.by_key[key]
-    how = w.products(int(x.shape[0]), w.weight)
+    how = w.how(int(x.shape[0]))
     if w.weight_major:
         return _product_t(w.weight, None, x, how).contiguous()
     return _product(w.weight, None, x, how).contiguous()
