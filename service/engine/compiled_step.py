@@ -7,7 +7,9 @@ memory's rate (``torch._weight_int8pack_mm`` reads 8-bit weights at ~14 GB/s on 
 fused reduction at ~27 GB/s). ``torch.compile`` (inductor's C++ backend) turns the whole
 one-row step into a few C++ loops: every product a reduction over the weights fused with its
 dequantization, its norm and the elementwise work around it, the attention over the window as
-two fused reductions. On SmolLM2-135M in ``int8`` (AMD EPYC, 2 threads) a one-row forward takes
+the eager step's two batched products (the BLAS's: as reductions inductor stored every term
+of them, and steps slowed with the window, 2× the eager step's time at 8 rows and ~800
+columns). On SmolLM2-135M in ``int8`` (AMD EPYC, 2 threads) a one-row forward takes
 ~6.5 ms against ~14 ms eager; one sequence decodes 113 tokens/s against 64
 (``bench/results/peer_llamacpp.md``).
 
@@ -291,8 +293,8 @@ class CompiledStep(StepOf):
     ) -> Tensor:
         """A step of ``tokens``' rows (slots 0 .. n-1) at the slot cache's write column
         ``end``, attending over ``start .. end``; writes each layer's keys/values there. Its
-        attention runs as fused reductions over the window (``Products(reduce=True)``), its
-        products as ``layers``' weights run them."""
+        products run as ``layers``' weights run them (``Products(reduce=True)``: a plain
+        matrix's as a reduction over it)."""
         inner = self.inner
         n = tokens.shape[0]
         x = F.embedding(tokens, inner.embed_tokens.weight)
