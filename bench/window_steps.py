@@ -28,7 +28,7 @@ from bench.engine_bench import machine
 from bench.real_figures import real_tasks, rows_for
 
 MARKS = (40, 250, 500, 750, 1000, 1500, 2000)
-PROMPT = 60  # columns a row holds when admitted: 20 prompt rows + 40 input tokens
+PROMPT_ROWS, INPUT_TOKENS = 20, 40  # a row holds their sum in columns when admitted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if compiled.off is not None:
         raise SystemExit(f"no compiled steps here: {compiled.off}")
     forwards = {"compiled": compiled, "eager": compiled.inner}
-    tasks = real_tasks(backbone, 32, 20)
+    tasks = real_tasks(backbone, 32, PROMPT_ROWS)
     marks = [m for m in MARKS if m <= args.steps]
     rows: dict[str, dict[str, dict[str, float]]] = {}
     for n in args.rows:
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, forward in forwards.items():
             loop = DecodeLoop(backbone, prefix_cache=PrefixCache(1 << 30), forward=forward)
             loop.eos_ids = set()  # fixed token counts
-            loop.admit(rows_for(tasks, n, 40, args.steps + 10))
+            loop.admit(rows_for(tasks, n, INPUT_TOKENS, args.steps + 10))
             loops[name] = loop
         times: dict[str, list[float]] = {name: [] for name in forwards}
         by_mark: dict[str, dict[str, float]] = {}
@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
                 got = {
                     name: round(statistics.median(t[-20:]) * 1e3, 2) for name, t in times.items()
                 }
-                by_mark[str(PROMPT + k)] = got
-                print(f"[window] {n} rows, ~{PROMPT + k} columns: {got}", flush=True)
+                columns = PROMPT_ROWS + INPUT_TOKENS + k
+                by_mark[str(columns)] = got
+                print(f"[window] {n} rows, ~{columns} columns: {got}", flush=True)
         rows[str(n)] = by_mark
     results = {
         "command": " ".join(["python -m bench.window_steps", *sys.argv[1:]]),
