@@ -6,11 +6,10 @@ each (norms, rotations, attention, residuals) and products whose one-row kernels
 memory's rate (``torch._weight_int8pack_mm`` reads 8-bit weights at ~14 GB/s on an AMD EPYC, a
 fused reduction at ~27 GB/s). ``torch.compile`` (inductor's C++ backend) turns the whole
 one-row step into a few C++ loops: every product a reduction over the weights fused with its
-dequantization, its norm and the elementwise work around it, the attention over the window as
-the eager step's two batched products (the BLAS's: as reductions inductor stored every term
-of them, and steps slowed with the window, 2× the eager step's time at 8 rows and ~800
-columns). On SmolLM2-135M in ``int8`` (AMD EPYC, 2 threads) a one-row forward takes
-~6.5 ms against ~14 ms eager; one sequence decodes 113 tokens/s against 64
+dequantization, its norm and the elementwise work around it, the attention over the window
+as reductions too (``_decode_attention(reduce=True)``, written so that inductor keeps each
+product's terms inside its loop: stored, they slowed steps with the window). On SmolLM2-135M
+in ``int8`` (AMD EPYC, 2 threads) a one-row forward takes ~6 ms against ~14 ms eager
 (``bench/results/peer_llamacpp.md``).
 
 Steps of several rows have a second graph: a reduction reads the weights once per row, where a
@@ -19,7 +18,7 @@ the graph as one opaque operator (``ExternWeight``, ``rankone::product``: oneDNN
 bfloat16 or float32 copies, the int8 and int4 kernels, the float32 GEMM measured fastest at
 that row count), and the graph fuses what lies between them (norms, rotations, the attention,
 residuals, the copies' bfloat16 roundings). The rows' count is a symbol: one graph for 2 rows
-and for 32.
+and for 32. Its attention stays the eager step's two batched products (the BLAS's).
 
 What is compiled is ``FusedLlama._step_layers`` itself: the same code, so the same numbers up
 to the order of each sum (each low-precision product rounds as its eager kernel does: bfloat16
@@ -28,9 +27,12 @@ activations, an int8 product's output in bfloat16; extern products are the eager
 One graph serves every step of its kind: the window's bounds, the slot cache's size and the
 rows' capacity are symbols (``dynamic=True``; the model's weights and head sizes are static).
 Both are compiled before serving (``prepare``, on scratch caches whose sizes are not 0, 1 nor
-each other, so that no size is specialised): 3-5 minutes for SmolLM2 on 2 cores the first time
-on a machine, less after (inductor's on-disk cache, ``TORCHINDUCTOR_CACHE_DIR``; Dynamo's
-tracing is paid by every process). ``bfloat16``'s copies are oneDNN's prepacked layout, which
+each other, so that no size is specialised) and precompiled (``aot_compile``): a step calls
+the graph as a plain function, without Dynamo's frame hook and cache lookup, after checking
+Dynamo's guards over its arguments only (``_input_guards``: not over the weights, which
+nothing changes; ~0.05 ms where all guards took 0.2). 3-5 minutes for SmolLM2 on 2 cores
+the first time on a machine, less after (inductor's on-disk cache,
+``TORCHINDUCTOR_CACHE_DIR``; Dynamo's tracing is paid by every process). ``bfloat16``'s copies are oneDNN's prepacked layout, which
 inductor cannot lower: its one-row step reads plain bfloat16 copies of them (``_plain``: the
 bfloat16 weights again in memory). A step that would need another graph (or a compile that
 fails: no C++ compiler) runs eagerly instead, counted in ``misses`` and logged, never compiled
@@ -42,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import re
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -73,6 +76,10 @@ log = logging.getLogger("rankone.engine")
 # several-row graph measured slower without it too, 2026-12-05), and casts to bfloat16 round as
 # they do eagerly (the eager kernels' numbers)
 _OPTIONS: dict[str, Any] = {"realize_opcount_threshold": 0, "emulate_precision_casts": True}
+# ... except that the one-row graph keeps a product of two loads inside the reduction that
+# reads it (the attention's, ``_decode_attention(reduce=True)``; at 0 inductor stores every
+# term of them); norms and roundings, more than three operations, are still stored
+_ONE_ROW_REALIZE = 3
 # prepare's scratch caches: 9 row slots, rows of 65 columns (their window then starts at column
 # 64, ends at 129, in 256 columns); one row, or _SCRATCH_SEVERAL rows: no size 0, 1 or
 # another's (see module doc)
@@ -193,12 +200,21 @@ class CompiledStep(StepOf):
             for t in _weights(self):
                 torch._dynamo.mark_static(t)
             for several, fn in ((False, self._one_row), (True, self._several_rows)):
-                graph = torch.compile(fn, dynamic=True, fullgraph=True, options=_OPTIONS)
-                # in inference mode, as the engine's caches are made and its steps run
+                # the step's own guard check (``step``) covers its arguments' sizes, so the
+                # graph does not assert them again (~370 asserts a one-row call, ~3 %)
+                options = {**_OPTIONS, "guard_filter_fn": _input_guards, "size_asserts": False}
+                if not several:
+                    options["realize_opcount_threshold"] = _ONE_ROW_REALIZE
+                compiled: Any = torch.compile(fn, dynamic=True, fullgraph=True, options=options)
+                # in inference mode, as the engine's caches are made and its steps run; its
+                # Python floats (norms' eps, the rotation's scale) constants, as the model's
                 no_duck = fx_config.patch(use_duck_shape=False)  # type: ignore[attr-defined]
-                with torch.inference_mode(), no_duck:
+                floats = torch._dynamo.config.patch(specialize_float=True)
+                with torch.inference_mode(), no_duck, floats:
                     kv, tokens, positions = self._scratch(_SCRATCH_SEVERAL if several else 1)
-                    graph(tokens, positions, kv.mask, kv.keys, kv.values, kv.start, kv.end)
+                    step = (tokens, positions, kv.mask, kv.keys, kv.values, kv.start, kv.end)
+                    graph = compiled.aot_compile((step, {}))
+                graph.disable_guard_check()  # ``step`` checks them, to run eagerly instead
                 self.graphs[several] = graph
         except Exception as exc:  # no compiler, an unsupported op: eager steps, said once
             self.graphs.clear()
@@ -253,18 +269,13 @@ class CompiledStep(StepOf):
         if graph is None or inputs.encoder is not None:
             return self.inner.step(inputs)
         kv = inputs.kv
-        try:
-            with torch.compiler.set_stance("fail_on_recompile"):
-                logits = graph(
-                    inputs.tokens, inputs.positions, kv.mask, kv.keys, kv.values, kv.start, kv.end
-                )
-        except RuntimeError as exc:
-            if not _refused(exc):
-                raise
+        step = (inputs.tokens, inputs.positions, kv.mask, kv.keys, kv.values, kv.start, kv.end)
+        if not graph.guard_check(self, *step):
             self.misses += 1  # the graph does not fit these inputs: this step eager
             if self.misses == 1:
-                log.warning("a decode step ran eagerly (the compiled graph did not fit): %s", exc)
+                log.warning("a decode step ran eagerly (the compiled graph's guards refused it)")
             return self.inner.step(inputs)
+        logits = graph(self, *step)
         self.steps += 1
         self.several += several
         return logits
@@ -273,16 +284,17 @@ class CompiledStep(StepOf):
     def _one_row(self, *step: Any) -> Tensor:
         """The traced one-row step (``_traced``'s step arguments): every product a reduction
         over the weights."""
-        return self._traced(self.layers, self.head, *step)
+        return self._traced(self.layers, self.head, Products(reduce=True), *step)
 
     def _several_rows(self, *step: Any) -> Tensor:
         """The traced step of several rows (their count a symbol): every product extern."""
-        return self._traced(self.extern_layers, self.extern_head, *step)
+        return self._traced(self.extern_layers, self.extern_head, Products(), *step)
 
     def _traced(
         self,
         layers: list[_Layer],
         head: Weight,
+        how: Products,
         tokens: Tensor,
         positions: Tensor,
         mask: Tensor,
@@ -306,16 +318,23 @@ class CompiledStep(StepOf):
             return keys[i][:n, :, window], values[i][:n, :, window]
 
         bias = mask[:n, window][:, None, None, :]
-        how = Products(reduce=True)
         h = inner._step_layers(x, positions, bias, attend, layers, how)
         return inner._logits(h, head, how)
 
 
-def _refused(exc: RuntimeError) -> bool:
-    """Whether ``exc`` is the compiled graph's guards refusing a call (it would recompile)."""
-    return isinstance(exc, torch._dynamo.exc.RecompileError) or str(exc).startswith(
-        "Detected recompile"
-    )
+def _input_guards(guards: Sequence[Any]) -> list[bool]:
+    """Which of Dynamo's guards a compiled step checks (``guard_filter_fn``): those over the
+    step's arguments (their dtypes, ranks, the window's bounds and the caches' sizes), not
+    those over the forward itself (``self``: its weights, settings and modules, which no one
+    changes once it is compiled: ~860 of ~930 guards, 0.15 of 0.2 ms a call) nor over globals;
+    and only those a precompiled function can hold (``aot_compile``)."""
+    from torch._dynamo.guards import CheckFunctionManager
+
+    unsupported = CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES
+    return [
+        not (g.is_global or g.guard_type in unsupported or re.search(r"\bself\b", g.name))
+        for g in guards
+    ]
 
 
 def _plain_weight(w: Weight) -> Weight:

@@ -549,18 +549,31 @@ def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     )
 
 
-def _decode_attention(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor | None) -> Tensor:
+def _decode_attention(
+    q: Tensor, keys: Tensor, values: Tensor, bias: Tensor | None, reduce: bool = False
+) -> Tensor:
     """Softmax attention of ``q`` [B, H_kv, g, Dh] (pre-scaled) over ``keys``/``values``
     [B, H_kv, W, Dh] with an additive ``bias`` [B, 1, 1, W]: [B, H_kv, g, Dh].
 
     Two batched products and a softmax: at one query per row this runs in about two thirds of
     the time of CPU SDPA over the same views (its math path, taken here, also rescales the keys).
-    Every row attends to its own new column, so no row is fully masked. A compiled step runs
-    the same two products (inductor calls the BLAS's batched product); written as reductions
-    over the window instead, inductor stores each product's terms ([B, H_kv, g, W, Dh]) before
-    summing them: at ~1,050 columns a one-row bfloat16 step took 17.7 ms against 13.4, at 8
-    rows and ~800 columns 92 ms against 46 (2026-12-05, ``docs/internals.md``).
+    Every row attends to its own new column, so no row is fully masked.
+
+    ``reduce`` (a compiled one-row step's, ``Products.reduce``): the same sums written as
+    reductions over the window, which inductor fuses into the loops around them, where the two
+    products are two BLAS calls a layer (~20-30 µs each at one row: ~1.4 ms of an 8.4 ms
+    ``int8`` step). The weights are normalised after the product with the values (one division
+    of [B, H_kv, g, Dh], not of every term): so each product's terms are a product of two
+    loads, which the graph's options keep inside the reduction's loop (their terms,
+    [B, H_kv, g, W, Dh], stored before summing slowed steps with the window: 2× the eager
+    step at 8 rows and ~800 columns, ``docs/internals.md``).
     """
+    if reduce:
+        scores = (q[:, :, :, None] * keys[:, :, None]).sum(-1)  # [B, H_kv, g, W]
+        if bias is not None:
+            scores = scores + bias
+        e = (scores - scores.amax(-1, keepdim=True)).exp()
+        return (e[..., None] * values[:, :, None]).sum(-2) / e.sum(-1, keepdim=True)
     b, kv_heads, g, dh = (int(s) for s in q.shape)
     w = int(keys.shape[2])
     # [B · H_kv, ...] batches: the cache's windows flatten to views (rows and heads are its
@@ -878,7 +891,7 @@ class FusedLlama(Forward):
             keys, values = attend(i, qk[:, heads:, None], v)  # [n, H_kv, W, Dh]
             # one query per row: a group's heads attend as queries of one KV head
             q = qk[:, :heads].view(n, kv_heads, heads // kv_heads, dh)
-            out = _decode_attention(q, keys, values, bias)  # [n, H_kv, g, Dh]
+            out = _decode_attention(q, keys, values, bias, how.reduce)  # [n, H_kv, g, Dh]
             h = h + _product(layer.o, layer.o_bias, out.reshape(n, heads * dh), how)
             h = self._mlp(layer, h, how)
         return h

@@ -177,14 +177,48 @@ def test_steps_run_eagerly_where_the_graph_cannot_run(
 
     unfit = compiled(backbone)  # a graph whose guards refuse the inputs: that step eager
 
-    def recompile(*args: Any) -> Any:
-        raise torch._dynamo.exc.RecompileError("guards failed")
+    class Refusing:
+        def guard_check(self, *args: Any) -> bool:
+            return False
 
-    monkeypatch.setitem(unfit.graphs, False, recompile)
-    monkeypatch.setitem(unfit.graphs, True, recompile)
+        def __call__(self, *args: Any) -> Any:
+            raise AssertionError("a graph whose guards refused the step ran it")
+
+    monkeypatch.setitem(unfit.graphs, False, Refusing())
+    monkeypatch.setitem(unfit.graphs, True, Refusing())
     misses = unfit.misses
     assert decode_alone(backbone, unfit, req) == expected
     assert unfit.misses - misses == len(expected) - 1
+
+
+def test_the_guards_kept_are_the_steps_inputs(backbones: dict[str, Backbone]) -> None:
+    """A compiled step checks Dynamo's guards over its arguments only (not over its own
+    weights): inputs the graph was not traced for are refused (the step then runs eagerly)."""
+    forward = compiled(backbones["llama"])
+    with torch.inference_mode():  # as the engine's caches are made and its steps run
+        check_guards(forward)
+
+
+def check_guards(forward: CompiledStep) -> None:
+    for several, rows in ((False, 1), (True, 3)):
+        graph = forward.graphs[several]
+        step = forward_step(forward, rows)
+        assert graph.guard_check(forward, *step), several
+        tokens, positions, kv_keys, kv_values = step[0], step[1], step[3], step[4]
+        wrong = {
+            0: tokens.int(),  # another dtype
+            1: positions[:, None],  # another rank
+            3: kv_keys[:-1],  # a layer short
+            4: [v.to(torch.float64) for v in kv_values],
+        }
+        for i, bad in wrong.items():
+            assert not graph.guard_check(forward, *step[:i], bad, *step[i + 1 :]), (several, i)
+    assert not forward.graphs[False].guard_check(forward, *forward_step(forward, 2))
+
+
+def forward_step(forward: CompiledStep, rows: int) -> list[Any]:
+    kv, tokens, positions = forward._scratch(rows)
+    return [tokens, positions, kv.mask, kv.keys, kv.values, kv.start, kv.end]
 
 
 def test_the_setting_is_refused_where_it_cannot_run(backbones: dict[str, Backbone]) -> None:
