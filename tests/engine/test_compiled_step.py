@@ -195,30 +195,25 @@ def test_the_guards_kept_are_the_steps_inputs(backbones: dict[str, Backbone]) ->
     """A compiled step checks Dynamo's guards over its arguments only (not over its own
     weights): inputs the graph was not traced for are refused (the step then runs eagerly)."""
     forward = compiled(backbones["llama"])
+
+    def scratch_step(rows: int) -> list[Any]:
+        kv, tokens, positions = forward._scratch(rows)
+        return [tokens, positions, kv.mask, kv.keys, kv.values, kv.start, kv.end]
+
     with torch.inference_mode():  # as the engine's caches are made and its steps run
-        check_guards(forward)
-
-
-def check_guards(forward: CompiledStep) -> None:
-    for several, rows in ((False, 1), (True, 3)):
-        graph = forward.graphs[several]
-        step = forward_step(forward, rows)
-        assert graph.guard_check(forward, *step), several
-        tokens, positions, kv_keys, kv_values = step[0], step[1], step[3], step[4]
-        wrong = {
-            0: tokens.int(),  # another dtype
-            1: positions[:, None],  # another rank
-            3: kv_keys[:-1],  # a layer short
-            4: [v.to(torch.float64) for v in kv_values],
-        }
-        for i, bad in wrong.items():
-            assert not graph.guard_check(forward, *step[:i], bad, *step[i + 1 :]), (several, i)
-    assert not forward.graphs[False].guard_check(forward, *forward_step(forward, 2))
-
-
-def forward_step(forward: CompiledStep, rows: int) -> list[Any]:
-    kv, tokens, positions = forward._scratch(rows)
-    return [tokens, positions, kv.mask, kv.keys, kv.values, kv.start, kv.end]
+        for several, rows in ((False, 1), (True, 3)):
+            graph = forward.graphs[several]
+            step = scratch_step(rows)
+            assert graph.guard_check(forward, *step), several
+            wrong = {
+                0: step[0].int(),  # tokens of another dtype
+                1: step[1][:, None],  # positions of another rank
+                3: step[3][:-1],  # keys a layer short
+                4: [v.to(torch.float64) for v in step[4]],  # values of another dtype
+            }
+            for i, bad in wrong.items():
+                assert not graph.guard_check(forward, *step[:i], bad, *step[i + 1 :]), (several, i)
+        assert not forward.graphs[False].guard_check(forward, *scratch_step(2))
 
 
 def test_the_setting_is_refused_where_it_cannot_run(backbones: dict[str, Backbone]) -> None:
