@@ -51,6 +51,17 @@ def publish(
     print(text)
 
 
+def run_header(module: str, machine: dict[str, Any], note: str = "") -> dict[str, Any]:
+    """A result's first keys, which ``run_lines`` reports: the command that produced it
+    (``python -m <module>`` and this process's arguments, plus ``note``), its date (UTC) and
+    ``machine``."""
+    return {
+        "command": " ".join([f"python -m {module}", *sys.argv[1:]]) + note,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine,
+    }
+
+
 def run_lines(results: dict[str, Any]) -> list[str]:
     """A report's lines on how it was run: its command and date, then its machine."""
     machine = ", ".join(f"{k} {v}" for k, v in results["machine"].items())

@@ -33,7 +33,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import Any
 
 import torch
 
-from bench.common import RESULTS, cpu_name, run_lines, write_json
+from bench.common import RESULTS, cpu_name, run_header, run_lines, write_json
 from prompts import Backbone, compose_prompt, load_backbone
 from service.engine.base import GenerationRequest, ResolvedTask, SamplingParams
 from service.engine.continuous import ContinuousEngine
@@ -524,9 +523,7 @@ def main() -> None:
     # descheduled (measured 5-20x slower forwards with 2 threads under load): use one.
     torch.set_num_threads(args.threads)
     results: dict[str, Any] = {
-        "command": " ".join(["python -m bench.engine_bench", *sys.argv[1:]]),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": machine(),
+        **run_header("bench.engine_bench", machine()),
         "args": vars(args),
     }
     if args.real:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.common import RESULTS, run_lines, write_json
+from bench.common import RESULTS, run_header, run_lines, write_json
 from bench.real_figures import endless_loop, real_tasks, rows_for
 from prompts import Backbone, load_backbone
 
@@ -208,13 +207,14 @@ def main() -> None:
         )
     props = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
     results: dict[str, Any] = {
-        "command": " ".join(["python -m bench.gpu_decode", *sys.argv[1:]]),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": {
-            "device": props.name if props else args.device,
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-        },
+        **run_header(
+            "bench.gpu_decode",
+            {
+                "device": props.name if props else args.device,
+                "torch": torch.__version__,
+                "cuda": torch.version.cuda,
+            },
+        ),
         "model": args.model or "SmolLM2-135M shape, random weights",
         "step_ms_by_rows": step_ms,
         "tok_s_by_rows": {

@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS, Server, publish, run_lines
+from bench.common import RESULTS, Server, publish, run_header, run_lines
 from bench.engine_bench import machine
 
 QUESTION = "Tell me a long story about a city by the sea."
@@ -92,9 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 run["tok_s"] += [round(r, 1) for r in got["tok_s"]]
                 print(f"[lone] {key}: {got}", flush=True)
     results = {
-        "command": " ".join(["python -m bench.lone_request", *sys.argv[1:]]),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": machine(),
+        **run_header("bench.lone_request", machine()),
         "tokens": args.tokens,
         "rounds": args.rounds,
         "runs": {

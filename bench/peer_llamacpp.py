@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from bench.common import RESULTS, ROOT, publish, run_lines
+from bench.common import RESULTS, ROOT, publish, run_header, run_lines
 from bench.engine_bench import machine
 from bench.peer_tasks import many_tasks
 from bench.real_figures import real_tasks, rows_for
@@ -295,9 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     pp = {k: round(statistics.median(v), 1) for k, v in pp_samples.items()}
     results = {
-        "command": " ".join(["python -m bench.peer_llamacpp", *sys.argv[1:]]),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": machine(),
+        **run_header("bench.peer_llamacpp", machine()),
         "cpu_matrix_flags": cpu_matrix_flags(),
         "note": args.note,
         "llama_cpp": f"{SDIST} {SDIST_VERSION} sdist, built with GGML_NATIVE on this machine",

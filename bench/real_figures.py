@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -313,6 +312,7 @@ def bench_server_real(backbone: Backbone, args: Any) -> dict[str, Any]:
     """bench.server_bench's --real comparison, run from here so it lands in the same report (and
     in engine_server_real.{md,json}, the same figures)."""
     from bench import server_bench
+    from bench.common import run_header
     from bench.engine_bench import machine
 
     argv = ["--real", "--repeats", str(args.server_repeats), "--model", args.model]
@@ -320,10 +320,7 @@ def bench_server_real(backbone: Backbone, args: Any) -> dict[str, Any]:
     server_args = server_bench.parse_args(argv)
     out = server_bench.measure(server_args)
     report = {
-        "command": " ".join(["python -m bench.engine_bench", *sys.argv[1:]])
-        + " (its server figure)",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": machine(),
+        **run_header("bench.engine_bench", machine(), " (its server figure)"),
         "args": vars(server_args),
         **out,
     }

@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ from typing import Any
 import httpx
 import torch
 
-from bench.common import RESULTS, Server, run_lines, write_json
+from bench.common import RESULTS, Server, run_header, run_lines, write_json
 from bench.engine_bench import build_t5_small, machine
 from prompts import (
     Backbone,
@@ -445,9 +444,7 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)  # engine_bench.py: 1 is far faster on a shared box
     results: dict[str, Any] = {
-        "command": " ".join(["python -m bench.server_bench", *sys.argv[1:]]),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": machine(),
+        **run_header("bench.server_bench", machine()),
         "args": vars(args),
     }
     results.update(measure(args))

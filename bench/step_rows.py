@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.common import RESULTS, run_lines, write_json
+from bench.common import RESULTS, run_header, run_lines, write_json
 from bench.engine_bench import machine, weights_read
 from bench.real_figures import endless_loop, real_tasks, rows_for
 
@@ -88,9 +87,7 @@ def main() -> None:
     gemm_gbs = weights_mb * 2**20 / 1e9 / (by_rows[str(lo)] / 1e3 * mm_share[str(lo)])
     read_gbs = weights_mb * 2**20 / 1e9 / (read_ms / 1e3)
     results = {
-        "command": " ".join(["python -m bench.step_rows", *sys.argv[1:]]),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": machine(),
+        **run_header("bench.step_rows", machine()),
         "model": model,
         "step_ms_by_rows": by_rows,
         "hf_step_ms_by_rows": hf_by_rows,

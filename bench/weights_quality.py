@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from bench.common import RESULTS, ROOT, run_lines, write_json
+from bench.common import RESULTS, ROOT, run_header, run_lines, write_json
 from bench.engine_bench import machine
 from bench.real_figures import real_tasks, rows_for
 from prompts import load_artifact_dir, load_backbone
@@ -179,9 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             row[key] = round(100 * row[key] / row["n"], 1)
     n = len(reqs)
     results = {
-        "command": " ".join(["python -m bench.weights_quality", *sys.argv[1:]]),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": machine(),
+        **run_header("bench.weights_quality", machine()),
         "cpu_matrix_flags": cpu_matrix_flags(),
         "model": "SmolLM2-135M-Instruct (the demo's GGUF cache)",
         "step_ms_by_rows": speed,

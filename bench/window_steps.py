@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from bench.common import RESULTS, publish, run_lines
+from bench.common import RESULTS, publish, run_header, run_lines
 from bench.engine_bench import machine
 from bench.real_figures import real_tasks, rows_for
 
@@ -83,9 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[window] {n} rows, ~{columns} columns: {got}", flush=True)
         rows[str(n)] = by_mark
     results = {
-        "command": " ".join(["python -m bench.window_steps", *sys.argv[1:]]),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": machine(),
+        **run_header("bench.window_steps", machine()),
         "note": args.note,
         "weights": args.weights,
         "threads": args.threads,
