@@ -10,7 +10,8 @@ tokens/s, end to end (HTTP, prefill, decode, detokenisation), medians per server
 
     python -m bench.lone_request [--weights int8 int4] [--rounds 2] [--requests 6] [--tokens 96]
 
-Writes bench/results/lone_request.{md,json}.
+Writes bench/results/lone_request.{md,json} (``--name`` another name: one report per kind of
+CPU, e.g. ``lone_request_intel``).
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=6, help="per server, the first a warm-up")
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--name",
+        default="lone_request",
+        help="the report's file name in bench/results (.md, .json): one per machine kind",
+    )
     args = ap.parse_args(argv)
     from prompts.gguf import smollm2_gguf_path
 
@@ -99,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in runs.items()
         },
     }
-    publish(RESULTS, "lone_request", results, report)
+    publish(RESULTS, args.name, results, report)
     return 0
 
 
