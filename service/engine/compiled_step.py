@@ -33,8 +33,9 @@ guards over its arguments only (``_input_guards``: not over the weights, which n
 ~0.05 ms where all guards took 0.2). 2.5-3.5 minutes for SmolLM2 on 2 cores, in every process
 (AOTAutograd's on-disk cache missed in each new process: ``docs/internals.md``).
 ``bfloat16``'s copies are oneDNN's prepacked layout, which inductor cannot lower: its one-row
-step reads plain bfloat16 copies of them (``_plain``: the bfloat16 weights again in memory). A step that would need another graph (or a compile that fails: no C++
-compiler) runs eagerly instead, counted in ``misses`` and logged, never compiled while serving.
+step reads plain bfloat16 copies of them (``_plain``: the bfloat16 weights again in memory). A
+step that would need another graph (or a compile that fails: no C++ compiler) runs eagerly
+instead, counted in ``misses`` and logged, never compiled while serving.
 CPU only: on a GPU the decode step replays CUDA graphs (``graphed.GraphedStep``).
 """
 
