@@ -101,8 +101,9 @@ class Settings(BaseSettings):
         False,
         description="on a CPU, the fused forward's decode steps run compiled by inductor "
         "(a lone request decodes 1.3-2.1x faster on SmolLM2, batches of 4-16 rows "
-        "0.98-1.17x; needs a C++ compiler; compiles before serving: 2.5-3.5 minutes at every "
-        "start on 2 cores); off by default",
+        "0.98-1.17x; needs a C++ compiler; compiles before serving: 2.5-3.5 minutes at the first "
+        "start on a machine, ~40 s after, inductor's cache in TORCHINDUCTOR_CACHE_DIR); off by "
+        "default",
     )
     max_batch_tokens: int = Field(8192, ge=1, description="input tokens per admitted batch")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="wait to fill a batch (ms)")

@@ -30,8 +30,9 @@ Both are compiled before serving (``prepare``, on scratch caches whose sizes are
 each other, so that no size is specialised) and precompiled (``aot_compile``): a step calls the
 graph as a plain function, without Dynamo's frame hook and cache lookup, after checking Dynamo's
 guards over its arguments only (``_input_guards``: not over the weights, which nothing changes;
-~0.05 ms where all guards took 0.2). 2.5-3.5 minutes for SmolLM2 on 2 cores, in every process
-(AOTAutograd's on-disk cache missed in each new process: ``docs/internals.md``).
+~0.05 ms where all guards took 0.2). 2.5-3.5 minutes for SmolLM2 on 2 cores the first time on
+a machine, ~40 s after (AOTAutograd's and inductor's on-disk caches, ``TORCHINDUCTOR_CACHE_DIR``,
+found by name: ``_stable_graph_names``).
 ``bfloat16``'s copies are oneDNN's prepacked layout, which inductor cannot lower: its one-row
 step reads plain bfloat16 copies of them (``_plain``: the bfloat16 weights again in memory). A
 step that would need another graph (or a compile that fails: no C++ compiler) runs eagerly
@@ -41,6 +42,7 @@ CPU only: on a GPU the decode step replays CUDA graphs (``graphed.GraphedStep``)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -51,6 +53,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
+import torch._dynamo.output_graph as dynamo_output
 import torch.fx.experimental._config as fx_config
 import torch.nn.functional as F
 from torch import Tensor
@@ -210,7 +213,7 @@ class CompiledStep(StepOf):
                 # Python floats (norms' eps, the rotation's scale) constants, as the model's
                 no_duck = fx_config.patch(use_duck_shape=False)  # type: ignore[attr-defined]
                 floats = torch._dynamo.config.patch(specialize_float=True)
-                with torch.inference_mode(), no_duck, floats:
+                with torch.inference_mode(), no_duck, floats, _stable_graph_names():
                     kv, tokens, positions = self._scratch(_SCRATCH_SEVERAL if several else 1)
                     step = (tokens, positions, kv.mask, kv.keys, kv.values, kv.start, kv.end)
                     graph = compiled.aot_compile((step, {}))
@@ -320,6 +323,25 @@ class CompiledStep(StepOf):
         bias = mask[:n, window][:, None, None, :]
         h = inner._step_layers(x, positions, bias, attend, layers, how)
         return inner._logits(h, head, how)
+
+
+@contextlib.contextmanager
+def _stable_graph_names() -> Iterator[None]:
+    """Dynamo names a precompiled graph ``__compiled_fn_<n>_<uuid4>`` and AOTAutograd's on-disk
+    cache keys it by that name (``precompile_backend_id``), so no process found another's
+    entries and every start paid the whole compile. While compiling here the names keep their
+    counter (unique within the process) without the random part; the graphs are never saved to
+    be loaded beside another process's."""
+    unique_id = dynamo_output.unique_id
+
+    def stable(name: str, with_uuid: bool = False) -> str:
+        return unique_id(name) + ("_rankone" if with_uuid else "")
+
+    dynamo_output.unique_id = stable
+    try:
+        yield
+    finally:
+        dynamo_output.unique_id = unique_id
 
 
 def _input_guards(guards: Sequence[Any]) -> list[bool]:

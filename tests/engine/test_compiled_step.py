@@ -11,13 +11,15 @@ eager, never wrong.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
 import torch
+import torch._dynamo.output_graph as dynamo_output
 
 from prompts import Backbone
-from service.engine.compiled_step import CompiledStep
+from service.engine.compiled_step import CompiledStep, _stable_graph_names
 from service.engine.decode import DecodeLoop
 from service.engine.forwards import choose_forward
 from service.engine.fused_llama import FusedLlama
@@ -277,3 +279,16 @@ def test_a_half_precision_model_compiles_within_its_rounding(tiny_model_dirs: An
     err = float((fast.float() - eager.float()).abs().max())
     assert err < 0.03 * scale, (err, scale)  # 1.3 % measured
     assert forward.steps >= 12 and forward.misses == 0
+
+
+def test_precompiled_graphs_are_named_without_a_random_part() -> None:
+    """AOTAutograd's on-disk cache keys a precompiled graph by its name: a name with a uuid in it
+    missed in every new process (each start paid the whole compile). While compiling, the names
+    keep only their counter; outside, Dynamo's own naming is back."""
+    with _stable_graph_names():
+        inside = dynamo_output.unique_id("__compiled_fn", with_uuid=True)
+        plain = dynamo_output.unique_id("__resume")
+    outside = dynamo_output.unique_id("__compiled_fn", with_uuid=True)
+    assert re.fullmatch(r"__compiled_fn_\d+_rankone", inside)
+    assert re.fullmatch(r"__resume_\d+", plain)
+    assert re.fullmatch(r"__compiled_fn_\d+_[0-9a-f_]{36}", outside)
