@@ -48,6 +48,7 @@ import itertools
 import logging
 import re
 import time
+import unittest.mock
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
@@ -325,8 +326,7 @@ class CompiledStep(StepOf):
         return inner._logits(h, head, how)
 
 
-@contextlib.contextmanager
-def _stable_graph_names() -> Iterator[None]:
+def _stable_graph_names() -> contextlib.AbstractContextManager[Any]:
     """Dynamo names a precompiled graph ``__compiled_fn_<n>_<uuid4>`` and AOTAutograd's on-disk
     cache keys it by that name (``precompile_backend_id``), so no process found another's
     entries and every start paid the whole compile. While compiling here the names keep their
@@ -337,11 +337,7 @@ def _stable_graph_names() -> Iterator[None]:
     def stable(name: str, with_uuid: bool = False) -> str:
         return unique_id(name) + ("_rankone" if with_uuid else "")
 
-    dynamo_output.unique_id = stable
-    try:
-        yield
-    finally:
-        dynamo_output.unique_id = unique_id
+    return unittest.mock.patch.object(dynamo_output, "unique_id", stable)
 
 
 def _input_guards(guards: Sequence[Any]) -> list[bool]:
