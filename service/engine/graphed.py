@@ -13,7 +13,7 @@ tensors before each replay, and its logits copied out.
 
 Off a GPU (``capture=False``) the same fixed-shape step runs eagerly: what the CPU tests check
 against HF ``generate``. ``choose_forward(graphs=True)`` wraps the fused forward in this on a
-CUDA device; the serving engine asks for it with ``RANKONE_CUDA_GRAPHS=true`` (off by default).
+CUDA device; the serving engine asks for it unless ``RANKONE_CUDA_GRAPHS=false``.
 """
 
 from __future__ import annotations
@@ -73,13 +73,15 @@ class GraphedStep(StepOf):
             self.buffers = buffers
         graph = self.graphs.get(n)
         if graph is None:
+            on_gpu = kv.device.type == "cuda"  # (a stand-in capture runs on a CPU in the tests)
+            stream = torch.cuda.current_stream(kv.device) if on_gpu else None
             try:
                 graph = self._capture(inputs, n, self._column(kv))
             except Exception as exc:  # any capture failure: eager from now on
                 self.off = f"{type(exc).__name__}: {exc}"
                 log.warning("CUDA graphs off, decode steps run eagerly: %s", self.off)
-                if kv.device.type == "cuda":
-                    torch.cuda.synchronize(kv.device)
+                if stream is not None:
+                    recover(kv.device, stream)
                 return self.inner.step(inputs)
             self.graphs[n] = graph
         graph.tokens.copy_(inputs.tokens)
@@ -113,3 +115,22 @@ class GraphedStep(StepOf):
                 logits = self.inner.step_full(tokens, positions, kv, n, col)
         self.captures += 1
         return _Graph(graph, tokens, positions, col, logits)
+
+
+def recover(device: torch.device, stream: torch.cuda.Stream) -> None:
+    """What a failed capture on ``device`` leaves behind, undone (torch 2.11, seen on an H100):
+    ``torch.cuda.graph`` leaves its capture stream current when ending the capture raises, so
+    ``stream``, current before, is made current again; and the device's default generator
+    stays marked as being captured (only a capture that ends well unmarks it), after which
+    every random draw on the device outside a graph raised "Offset increment outside graph
+    capture encountered unexpectedly" (another request's sampling, a fine-tuning step) and
+    every later capture failed too: it gets a fresh state with the same seed and offset. A
+    graph captured earlier keeps the old state object; the decode step draws no random
+    numbers, so nothing it replays depends on it."""
+    torch.cuda.synchronize(device)
+    torch.cuda.set_stream(stream)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    generator = torch.cuda.default_generators[index]
+    state = generator.get_state()  # seed and offset (readable: no stream is capturing now)
+    generator.graphsafe_set_state(torch.Generator(device=torch.device("cuda", index)))
+    generator.set_state(state)

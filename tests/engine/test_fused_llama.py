@@ -152,25 +152,143 @@ def test_mixed_batch_matches_generate_with_either_kernel(
         assert sink.result is not None and sink.result.token_ids == expected, req.request_id
 
 
-def test_fixed_shape_step_matches_generate(backbones: dict[str, Backbone]) -> None:
+def _reallocating_run(backbone: Backbone, loop: DecodeLoop, monkeypatch: pytest.MonkeyPatch) -> int:
+    """``run_schedule`` (rows joining and leaving), then more rows at once than the cache has
+    slots (8), so that the slot buffers are reallocated; every row must equal HF ``generate``
+    alone. Returns how many slot buffers the steps wrote into."""
+    generations = set()
+    original = loop.batch.kv.open_column
+
+    def open_column() -> None:
+        original()
+        generations.add(loop.batch.kv.keys[0].data_ptr())
+
+    monkeypatch.setattr(loop.batch.kv, "open_column", open_column)
+    done = run_schedule(backbone, loop)
+    tasks = make_tasks(backbone)
+    more = [
+        row(request(backbone, tasks[i % 4], TEXTS[i % 4], f"more{i}", max_new_tokens=6))
+        for i in range(12)
+    ]
+    loop.admit([r for r, _ in more])
+    while loop.running:
+        loop.step()
+    for req, sink in [*done, *((r.request, sink) for r, sink in more)]:
+        expected = reference_generate(backbone, req.task, req.input_ids, req.params.max_new_tokens)
+        assert sink.result is not None and sink.result.token_ids == expected, req.request_id
+    return len(generations)
+
+
+def test_fixed_shape_step_matches_generate(
+    backbones: dict[str, Backbone], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The step a CUDA graph captures (``step_full``: over the slot cache's whole capacity,
-    the write column a device tensor), rows joining and leaving: each row = HF ``generate``
-    alone. On a CUDA device (``RANKONE_TEST_DEVICE=cuda``) captured once per row count and
-    replayed; elsewhere the same step eagerly."""
+    the write column a device tensor), rows joining and leaving, then the slot buffers
+    reallocated: each row = HF ``generate`` alone. On a CUDA device
+    (``RANKONE_TEST_DEVICE=cuda``) really captured once per row count and buffers, replayed,
+    and captured again into a new memory pool on the new buffers (the capture that failed on
+    an H200 before the fix); elsewhere the same step eagerly."""
     backbone = backbones["llama"]
     fused = choose_forward(backbone)
     assert isinstance(fused, FusedLlama)
     on_gpu = backbone.device.type == "cuda"
     graphed = GraphedStep(fused, capture=on_gpu)
+    pools = []
+    if on_gpu:
+        capture = graphed._capture
+
+        def counted(*args: object) -> _Graph:
+            graph = capture(*args)  # type: ignore[arg-type]
+            pools.append(graphed.pool)
+            return graph
+
+        monkeypatch.setattr(graphed, "_capture", counted)
     loop = DecodeLoop(backbone, prefix_cache=PrefixCache(1 << 24), forward=graphed)
-    for req, sink in run_schedule(backbone, loop):
-        expected = reference_generate(backbone, req.task, req.input_ids, req.params.max_new_tokens)
-        assert sink.result is not None and sink.result.token_ids == expected, req.request_id
+    buffers = _reallocating_run(backbone, loop, monkeypatch)
+    assert buffers >= 2
     assert graphed.off is None
     assert (graphed.captures > 0) == on_gpu and graphed.kind in ("fused+graphs", "fused+full")
+    if on_gpu:  # graphs captured on each set of buffers, each set into its own pool
+        assert len(set(pools)) >= 2 and graphed.captures == len(pools)
     # the serving engine's choice: graphs on a CUDA device only, one graphed forward per model
     chosen = choose_forward(backbone, graphs=True)
     assert (chosen is GraphedStep.of(fused)) if on_gpu else (chosen is fused)
+
+
+@pytest.mark.skipif(
+    DEVICE != "cuda",
+    reason="a real CUDA capture failing (RANKONE_TEST_DEVICE=cuda); test_graph_bookkeeping "
+    "checks the same fallback everywhere with a stand-in capture",
+)
+def test_a_failed_capture_leaves_greedy_and_sampled_rows_working(
+    backbones: dict[str, Backbone], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A capture that really fails on the GPU (the step reads a number back to the host while
+    the stream is being captured): graphs turn off, and the same rows then decode eagerly,
+    greedy ones = HF ``generate``, seeded sampled ones = the same requests on the plain fused
+    forward (a failed capture once left the CUDA generator unusable for sampling)."""
+    backbone = backbones["llama"]
+    fused = choose_forward(backbone)
+    assert isinstance(fused, FusedLlama)
+    tasks = make_tasks(backbone)
+
+    def rows() -> list:
+        greedy = [request(backbone, tasks[i], TEXTS[i], f"g{i}", max_new_tokens=6) for i in (0, 1)]
+        sampled = [
+            request(
+                backbone,
+                tasks[i],
+                TEXTS[i],
+                f"s{i}",
+                max_new_tokens=6,
+                temperature=0.9,
+                top_p=0.95,
+                seed=10 + i,
+            )
+            for i in (2, 3)
+        ]
+        return [row(r) for r in (*greedy, *sampled)]
+
+    def run(forward: object) -> list[list[int]]:
+        loop = DecodeLoop(backbone, prefix_cache=PrefixCache(1 << 24), forward=forward)
+        admitted = rows()
+        loop.admit([r for r, _ in admitted])
+        while loop.running:
+            loop.step()
+        out = []
+        for r, sink in admitted:
+            assert sink.result is not None, r.request.request_id
+            out.append(sink.result.token_ids)
+        return out
+
+    plain = run(fused)
+    step_full = fused.step_full
+
+    def syncing(*args: object) -> torch.Tensor:
+        logits = step_full(*args)  # type: ignore[arg-type]
+        if torch.cuda.is_current_stream_capturing():
+            logits.sum().item()  # a host sync: not allowed while capturing
+        return logits
+
+    monkeypatch.setattr(fused, "step_full", syncing)
+    stream = torch.cuda.current_stream(backbone.device)
+    graphed = GraphedStep(fused)
+    assert run(graphed) == plain
+    assert graphed.off is not None and graphed.captures == 0
+    for (r, _), tokens in zip(rows()[:2], plain[:2], strict=True):
+        req = r.request
+        assert tokens == reference_generate(backbone, req.task, req.input_ids, 6)
+    # what the failed capture left is undone: the stream current before is current again,
+    # the device's default generator draws (it raised before the fix), and a capture works
+    assert torch.cuda.current_stream(backbone.device) == stream
+    torch.manual_seed(5)
+    first = torch.randn(8, device=backbone.device)
+    torch.manual_seed(5)
+    assert torch.equal(torch.randn(8, device=backbone.device), first)
+    monkeypatch.undo()  # the plain step_full again
+    again = GraphedStep(fused)
+    assert run(again)[:2] == plain[:2]  # the greedy rows, now from graphs
+    assert again.off is None and again.captures > 0
 
 
 @pytest.mark.parametrize("fail_at", [None, 2])
@@ -206,34 +324,14 @@ def test_graph_bookkeeping(
     monkeypatch.setattr(GraphedStep, "_capture", capture)
     graphed = GraphedStep(fused)
     loop = DecodeLoop(backbone, prefix_cache=PrefixCache(1 << 24), forward=graphed)
-    generations = set()
-    original = loop.batch.kv.open_column
-
-    def open_column() -> None:
-        original()
-        generations.add(loop.batch.kv.keys[0].data_ptr())
-
-    monkeypatch.setattr(loop.batch.kv, "open_column", open_column)
-    done = run_schedule(backbone, loop)
-    # then more rows at once than the cache has slots (8): the slot buffers are reallocated
-    tasks = make_tasks(backbone)
-    long = [
-        row(request(backbone, tasks[i % 4], TEXTS[i % 4], f"more{i}", max_new_tokens=6))
-        for i in range(12)
-    ]
-    loop.admit([r for r, _ in long])
-    while loop.running:
-        loop.step()
-    for req, sink in [*done, *((r.request, sink) for r, sink in long)]:
-        expected = reference_generate(backbone, req.task, req.input_ids, req.params.max_new_tokens)
-        assert sink.result is not None and sink.result.token_ids == expected, req.request_id
+    generations = _reallocating_run(backbone, loop, monkeypatch)
     if fail_at is None:
         assert graphed.off is None and len(seen) >= 2
         rows_seen = [n for n, _, _ in seen]
         assert len(set(rows_seen)) >= 2  # rows joined and left: several row counts
-        assert len(generations) >= 2  # and the slot buffers were reallocated on the way
+        assert generations >= 2  # and the slot buffers were reallocated on the way
         # a row count is captured again only on new buffers ...
-        assert len(rows_seen) - len(set(rows_seen)) <= len(generations) - 1
+        assert len(rows_seen) - len(set(rows_seen)) <= generations - 1
         # ... and the first capture on new buffers goes into a fresh memory pool (torch frees
         # a pool with its last graph), the others into that one
         assert all(fresh == first for _, fresh, first in seen)
