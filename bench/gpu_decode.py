@@ -66,17 +66,22 @@ def build_smollm2_shape(path: Path, seed: int = 0) -> Path:
 
 def variants(path: str, device: str) -> dict[str, tuple[Backbone, bool, str, bool]]:
     """name -> (backbone, fused, weights, graphs): the HF forward and the fused one on the
-    float32 model, the fused one with bfloat16 copies, both on the model loaded in bfloat16,
-    and the engine's CUDA-graph steps (``RANKONE_CUDA_GRAPHS``; eager off a GPU)."""
+    float32 model, the fused one with bfloat16, 8-bit and 4-bit copies (``RANKONE_WEIGHTS``),
+    both forwards on the model loaded in bfloat16, and the engine's CUDA-graph steps
+    (``RANKONE_CUDA_GRAPHS``; eager off a GPU)."""
     f32 = load_backbone(path, device=device)
     bf16 = load_backbone(path, device=device, dtype="bfloat16")
     return {
         "hf f32": (f32, False, "float32", False),
         "fused f32": (f32, True, "float32", False),
         "fused f32 + bf16 weights": (f32, True, "bfloat16", False),
+        "fused f32 + int8 weights": (f32, True, "int8", False),
+        "fused f32 + int4 weights": (f32, True, "int4", False),
         "hf bf16 model": (bf16, False, "float32", False),
         "fused bf16 model": (bf16, True, "float32", False),
         "fused f32, graphs": (f32, True, "float32", True),
+        "fused f32 + bf16 weights, graphs": (f32, True, "bfloat16", True),
+        "fused f32 + int4 weights, graphs": (f32, True, "int4", True),
         "fused bf16 model, graphs": (bf16, True, "float32", True),
     }
 

@@ -20,8 +20,10 @@ def test_report_on_a_tiny_llama(
     )
     gpu_decode.main()
     r = json.loads((tmp_path / "gpu_decode.json").read_text())
-    names = {"hf f32", "fused f32", "fused f32 + bf16 weights", "hf bf16 model", "fused bf16 model"}
+    names = {"hf f32", "fused f32", "hf bf16 model", "fused bf16 model"}
+    names |= {f"fused f32 + {w} weights" for w in ("bf16", "int8", "int4")}
     names |= {"fused f32, graphs", "fused bf16 model, graphs"}
+    names |= {"fused f32 + bf16 weights, graphs", "fused f32 + int4 weights, graphs"}
     assert set(r["step_ms_by_rows"]) == names
     for name in names:
         assert set(r["step_ms_by_rows"][name]) == {"1", "3"}
