@@ -65,7 +65,7 @@ class ContinuousEngine(Engine):
         seed: int = 0,
         fused_forward: bool = True,
         weights: str = "float32",
-        cuda_graphs: bool = False,
+        cuda_graphs: bool = True,
         compiled_step: bool = False,
         threads: int = 0,
     ) -> None:
@@ -123,7 +123,8 @@ class ContinuousEngine(Engine):
     def forward_kind(self) -> str:
         """The forward that runs the backbone: ``fused``, ``fused-int8``, ``fused-int4``,
         ``fused-bf16``, ``fused-f32-packed`` (each with ``+compiled`` where its decode steps
-        are) or ``hf`` (``forward.Forward.kind``)."""
+        run compiled, ``+graphs`` where they replay CUDA graphs) or ``hf``
+        (``forward.Forward.kind``)."""
         return self.loop_core.forward.kind
 
     async def start(self) -> None:

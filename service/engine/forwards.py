@@ -31,7 +31,7 @@ def choose_forward(
     (``FusedLlamaPacked``, a CPU's), which only the fused forward has: a ValueError where it
     does not run. ``graphs``: on a CUDA device the fused forward's decode steps replay CUDA
     graphs (``graphed.GraphedStep``, one per forward; elsewhere no effect; the serving engine
-    passes ``RANKONE_CUDA_GRAPHS``, off by default). ``compiled``: on a CPU the fused
+    passes ``RANKONE_CUDA_GRAPHS``, on by default). ``compiled``: on a CPU the fused
     forward's decode steps run compiled by inductor (``compiled_step.CompiledStep``,
     compiled by its ``prepare``; ``RANKONE_COMPILED_STEP``, off by default; a ValueError
     without the fused forward)."""

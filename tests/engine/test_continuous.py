@@ -32,6 +32,9 @@ def test_concurrent_requests_match_generate_and_stream_equals_generate(
 
     async def main():
         engine = await started(backbone, max_batch_size=3)
+        # by default the Llama's decode steps replay CUDA graphs on a GPU (RANKONE_CUDA_GRAPHS)
+        graphed = kind == "llama" and backbone.device.type == "cuda"
+        assert engine.forward_kind.endswith("+graphs") == graphed, engine.forward_kind
         reqs = [
             request(backbone, tasks[i % 4], TEXTS[i % 4], f"r{i}", max_new_tokens=6 + 3 * i)
             for i in range(5)
