@@ -1,0 +1,160 @@
+"""One-row matrix products for the compiled decode step on a CPU with AVX-512.
+
+A decode step with one running request reads every weight once for one row of activations,
+and the compiled one-row step (``compiled_step``) ran each such product as a reduction that
+inductor writes as one loop per output row with a single vector accumulator: each addition
+waits on the one before it, so the loop runs at the adder's latency, not the memory's rate
+(~26 GB/s of bfloat16 weights on an Intel Xeon whose cores read ~50 GB/s). ``one_row.cpp``
+computes four output rows per pass over the input, each with its own accumulator, and
+bfloat16 weights by ``vdpbf16ps`` where the CPU has AVX512-BF16: the compiled one-row step
+calls it as one operator per product (``rankone_cpu::one_row``), the graph fusing what lies
+between them. Measured on that Xeon (2 threads, the step alone, in alternation with the
+reduction's step in one process): a one-row ``bfloat16`` step 13.3-17.0 ms → 8.9-13.2 ms,
+``float32`` (see docs/internals.md).
+
+Built here, once per machine (the C++ compiler inductor needs; ~15 s) into inductor's cache
+directory (``TORCHINDUCTOR_CACHE_DIR``), named by a hash of the source, the CPU's instruction
+sets used and torch's version; loaded once per process. ``load`` says why not where it cannot
+be (no AVX-512, no compiler, a failed build): the step then keeps the reductions.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger("rankone.engine")
+
+SOURCE = Path(__file__).with_name("csrc") / "one_row.cpp"
+# what the kernels use: AVX-512 (F, BW, VL, DQ) and FMA; AVX512-BF16 where the CPU has it
+_NEEDED = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma")
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's instruction-set flags (``/proc/cpuinfo``; empty where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def isa_flags(flags: frozenset[str]) -> list[str] | None:
+    """The compiler's instruction-set options for a CPU with ``flags``; None without AVX-512."""
+    if not all(f in flags for f in _NEEDED):
+        return None
+    options = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
+    return options + (["-mavx512bf16"] if "avx512_bf16" in flags else [])
+
+
+def _cache_dir() -> Path:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        return Path(cache_dir()) / "rankone"
+    except Exception:  # another torch: inductor's default place
+        return Path(tempfile.gettempdir()) / "torchinductor_rankone"
+
+
+def _build(target: Path, isa: list[str]) -> None:
+    """Compile ``SOURCE`` into the shared library ``target`` (atomically: a temporary file
+    renamed, so that processes building at once never load half a file)."""
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++ or $CXX)")
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    command = [
+        compiler,
+        str(SOURCE),
+        "-shared",
+        "-fPIC",
+        "-O3",
+        "-std=c++17",
+        "-fopenmp",
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        *isa,
+        *(f"-I{p}" for p in cpp_extension.include_paths()),
+        *(f"-L{p}" for p in cpp_extension.library_paths()),
+        "-lc10",
+        "-ltorch_cpu",
+        "-ltorch",
+    ]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
+        partial = Path(tmp.name)
+    try:
+        done = subprocess.run(
+            [*command, "-o", str(partial)], capture_output=True, text=True, timeout=600
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-800:]}")
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def library(isa: list[str], directory: Path | None = None) -> Path:
+    """Where the kernels built with ``isa`` live: named by a hash of the source, ``isa`` and
+    torch's version (a new torch or source builds anew; another CPU kind builds its own)."""
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(isa).encode(), torch.__version__.encode()]))
+    return (directory or _cache_dir()) / f"one_row_{key.hexdigest()[:20]}.so"
+
+
+@functools.cache
+def load() -> str | None:
+    """Build (where not built yet) and load the kernels, once per process: None when
+    ``rankone_cpu::one_row`` is there, else why not (the caller keeps its reductions)."""
+    if not sys.platform.startswith("linux"):
+        return "one-row kernels are built on Linux only"
+    isa = isa_flags(cpu_flags())
+    if isa is None:
+        return "one-row kernels need a CPU with AVX-512 (F, BW, VL, DQ) and FMA"
+    target = library(isa)
+    try:
+        if not target.exists():
+            _build(target, isa)
+        torch.ops.load_library(str(target))
+    except Exception as exc:  # no compiler, a failed build or load: say why, keep reductions
+        return f"one-row kernels not built: {type(exc).__name__}: {exc}"[:1000]
+    torch.library.register_fake("rankone_cpu::one_row")(_one_row_shape)
+    log.info("one-row kernels loaded (%s)", "vdpbf16ps" if "-mavx512bf16" in isa else "fma")
+    return None
+
+
+def _one_row_shape(x: Tensor, w: Tensor) -> Tensor:
+    return x.new_empty((1, w.shape[0]))
+
+
+def fits(w: Tensor) -> bool:
+    """Whether ``w`` has a one-row kernel: a contiguous float32 or bfloat16 CPU matrix whose
+    rows are whole multiples of 32 (at most 8,192 long)."""
+    return (
+        w.dim() == 2
+        and w.device.type == "cpu"
+        and w.dtype in (torch.float32, torch.bfloat16)
+        and w.is_contiguous()
+        and w.shape[1] % 32 == 0
+        and w.shape[1] <= 8192
+    )
+
+
+def product(x: Tensor, w: Tensor) -> Tensor:
+    """``x @ wᵀ`` for one float32 row ``x`` [1, d]: [1, N] float32 (bfloat16 ``w``: ``x``
+    rounded to bfloat16 first, float32 sums). Needs ``load()`` to have returned None."""
+    return torch.ops.rankone_cpu.one_row(x, w)

@@ -1,0 +1,82 @@
+"""The compiled one-row step's own products (``one_row``: ``rankone_cpu::one_row``): built
+here, they compute ``x @ wᵀ`` for float32 and bfloat16 matrices of any row count (four rows at
+a time, then the rest), refuse what they do not cover with a message, and say why not where
+they cannot be built."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.engine import one_row
+
+
+@pytest.fixture(scope="module")
+def kernels() -> None:
+    why = one_row.load()
+    if why is not None:  # a CPU without AVX-512: the compiled step keeps its reductions
+        pytest.skip(why)
+
+
+@pytest.mark.parametrize(("n", "d"), [(1, 32), (3, 64), (4, 64), (5, 96), (97, 576), (260, 1536)])
+def test_float32_products(kernels: None, n: int, d: int) -> None:
+    g = torch.Generator().manual_seed(n * d)
+    w, x = torch.randn(n, d, generator=g), torch.randn(1, d, generator=g)
+    y = one_row.product(x, w)
+    assert y.shape == (1, n) and y.dtype == torch.float32
+    exact = (x.double() @ w.double().t()).float()
+    bound = 1e-6 * float((x.abs().double() @ w.abs().double().t()).max()) * 4
+    torch.testing.assert_close(y, exact, rtol=0, atol=bound)
+    for r in range(n):  # each row alone: rows are independent of their group of four
+        torch.testing.assert_close(one_row.product(x, w[r : r + 1].contiguous()), y[:, r : r + 1])
+
+
+@pytest.mark.parametrize(("n", "d"), [(1, 32), (7, 64), (97, 576), (130, 1536)])
+def test_bfloat16_products_round_the_row_first(kernels: None, n: int, d: int) -> None:
+    """A bfloat16 copy's product: ``x`` rounded to bfloat16 (as torch casts), float32 sums (so
+    equal, to float32 rounding, to the float64 product of the rounded operands)."""
+    g = torch.Generator().manual_seed(n + d)
+    w = torch.randn(n, d, generator=g).to(torch.bfloat16)
+    x = torch.randn(1, d, generator=g)
+    y = one_row.product(x, w)
+    exact = (x.to(torch.bfloat16).double() @ w.double().t()).float()
+    bound = 1e-6 * float((x.abs().double() @ w.abs().double().t()).max()) * 4
+    torch.testing.assert_close(y, exact, rtol=0, atol=bound)
+    unrounded = (x.double() @ w.double().t()).float()  # the row's rounding is visible
+    assert not torch.allclose(y, unrounded, rtol=0, atol=bound)
+
+
+def test_what_the_kernels_refuse(kernels: None) -> None:
+    w = torch.randn(8, 64)
+    with pytest.raises(RuntimeError, match="one float32 row"):
+        one_row.product(torch.randn(2, 64), w)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        one_row.product(torch.randn(1, 64), torch.randn(64, 8).t())
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        one_row.product(torch.randn(1, 48), torch.randn(8, 48))
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        one_row.product(torch.randn(1, 64), w.double())
+    assert one_row.fits(w) and one_row.fits(w.to(torch.bfloat16))
+    assert not one_row.fits(torch.randn(8, 48))  # rows not whole multiples of 32
+    assert not one_row.fits(torch.randn(64, 8).t())
+    assert not one_row.fits(w.half())
+
+
+def test_which_cpus_build_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert one_row.isa_flags(frozenset({"sse4_2", "avx2", "fma"})) is None
+    avx512 = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"})
+    plain = one_row.isa_flags(avx512)
+    assert plain is not None and "-mavx512bf16" not in plain
+    bf16 = one_row.isa_flags(avx512 | {"avx512_bf16"})
+    assert bf16 is not None and "-mavx512bf16" in bf16
+    # one library per kind of CPU, in the directory asked for
+    assert one_row.library(plain, tmp_path) != one_row.library(bf16, tmp_path)
+    assert one_row.library(plain, tmp_path).parent == tmp_path
+    # a compiler that fails: the error says so, and nothing half-written is left
+    monkeypatch.setenv("CXX", "false")
+    target = tmp_path / "k.so"
+    with pytest.raises(RuntimeError, match="false failed"):
+        one_row._build(target, plain)
+    assert list(tmp_path.iterdir()) == []
