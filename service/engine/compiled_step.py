@@ -59,6 +59,7 @@ import torch.fx.experimental._config as fx_config
 import torch.nn.functional as F
 from torch import Tensor
 
+from service.engine import one_row
 from service.engine.forward import StepInputs, StepOf
 from service.engine.fused_llama import (
     Bf16Weight,
@@ -180,6 +181,7 @@ class CompiledStep(StepOf):
         self.misses = 0  # steps run eagerly because the graph did not fit them
         self.compile_s = 0.0
         self.layers = inner.step_layers  # what the one-row step reads (``_plain`` copies)
+        self.one_row: str | None = "not prepared"  # None: its products run one_row's kernels
         self.head = inner.step_head
         self.extern_layers: list[_Layer] = []  # what the several-row step reads
         self.extern_head: Weight = inner.step_head
@@ -198,6 +200,13 @@ class CompiledStep(StepOf):
         # step's reductions read plain copies of them
         self.layers = [_plain(layer) for layer in self.inner.step_layers]
         self.head = _plain_weight(self.inner.step_head)
+        # its float32 and bfloat16 products: rankone's own one-row kernels where they build
+        self.one_row = one_row.load()
+        if self.one_row is None:
+            self.layers = [_one_row_layer(layer) for layer in self.layers]
+            self.head = _one_row_weight(self.head)
+        else:
+            log.info("one-row steps keep inductor's reductions: %s", self.one_row)
         try:
             self.extern_layers = [self._extern(layer) for layer in self.inner.step_layers]
             self.extern_head = self._extern_weight(self.inner.step_head, self.inner.norm.shape[0])
@@ -353,6 +362,40 @@ def _input_guards(guards: Sequence[Any]) -> list[bool]:
         not (g.is_global or g.guard_type in unsupported or re.search(r"\bself\b", g.name))
         for g in guards
     ]
+
+
+@dataclasses.dataclass(frozen=True)
+class OneRowWeight:
+    """A float32 or bfloat16 matrix whose one-row product runs rankone's kernel
+    (``one_row.product``, one opaque operator in the compiled graph). ``low``: a bfloat16 copy's
+    (``Bf16Weight``): its output rounded to bfloat16, as the copy's own product rounds it."""
+
+    w: Tensor
+    low: bool
+
+    def product(self, x: Tensor, how: Products) -> Tensor:
+        y = one_row.product(x.contiguous(), self.w)
+        return y.to(torch.bfloat16).to(x.dtype) if self.low else y
+
+
+def _one_row_weight(w: Weight) -> Weight:
+    """``w`` as a ``OneRowWeight`` where a kernel fits it (float32 matrices, plain bfloat16
+    copies), else ``w``."""
+    if isinstance(w, Bf16Weight) and w.w is not None and one_row.fits(w.w):
+        return OneRowWeight(w.w, True)
+    if isinstance(w, Tensor) and w.dtype == torch.float32 and one_row.fits(w):
+        return OneRowWeight(w, False)
+    return w
+
+
+def _one_row_layer(layer: _Layer) -> _Layer:
+    return dataclasses.replace(
+        layer,
+        qkv=_one_row_weight(layer.qkv),
+        o=_one_row_weight(layer.o),
+        gate_up=_one_row_weight(layer.gate_up),
+        down=_one_row_weight(layer.down),
+    )
 
 
 def _plain_weight(w: Weight) -> Weight:

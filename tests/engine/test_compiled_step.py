@@ -19,7 +19,8 @@ import torch
 import torch._dynamo.output_graph as dynamo_output
 
 from prompts import Backbone
-from service.engine.compiled_step import CompiledStep, _stable_graph_names
+from service.engine import one_row
+from service.engine.compiled_step import CompiledStep, OneRowWeight, _stable_graph_names
 from service.engine.decode import DecodeLoop
 from service.engine.forwards import choose_forward
 from service.engine.fused_llama import FusedLlama
@@ -75,6 +76,33 @@ def test_one_row_steps_compiled_equal_generate(backbones: dict[str, Backbone]) -
     assert forward.misses == 0 and forward.several - several > 0
 
 
+def test_one_row_products_run_rankones_kernels_else_inductors_reductions(
+    backbones: dict[str, Backbone], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the one-row kernels build (a CPU with AVX-512), every float32 product of the
+    one-row step runs them (``OneRowWeight``); where they do not (here: made unavailable),
+    inductor's reductions over the plain matrices: either decodes what HF ``generate`` does."""
+    backbone = backbones["llama"]
+    built = one_row.load()
+    forward = compiled(backbone)
+    assert forward.one_row == built
+    weights = [w for layer in forward.layers for w in (layer.qkv, layer.o, layer.gate_up)]
+    weights += [layer.down for layer in forward.layers] + [forward.head]
+    if built is None:
+        assert all(isinstance(w, OneRowWeight) and not w.low for w in weights)
+    monkeypatch.setattr(one_row, "load", lambda: "no kernels here")
+    plain = CompiledStep(forward.inner)
+    plain.prepare()
+    assert plain.off is None and plain.one_row == "no kernels here"
+    assert all(isinstance(layer.qkv, torch.Tensor) for layer in plain.layers)
+    assert isinstance(plain.head, torch.Tensor)
+    tasks = make_tasks(backbone)
+    req = request(backbone, tasks[2], TEXTS[2], "plain", max_new_tokens=12)
+    expected = reference_generate(backbone, req.task, req.input_ids, 12)
+    assert decode_alone(backbone, plain, req) == expected
+    assert plain.steps == len(expected) - 1 and plain.misses == 0
+
+
 def test_one_graph_serves_every_window_and_cache_move(backbones: dict[str, Backbone]) -> None:
     """A long one-row decode moves the window and reallocates the slot cache (other rows' and
     columns' capacities, windows starting at column 0): every step compiled, none recompiled,
@@ -110,6 +138,10 @@ def test_low_precision_rows_decode_alone_what_they_decode_in_a_batch(
     assert forward.kind == forward.inner.kind + "+compiled"
     if weights == "bfloat16":  # the compiled step reads plain copies of prepacked matrices
         assert all(layer.down.w is not None for layer in forward.layers)
+        # ... through the one-row kernels where they build, rounding outputs as the copy does
+        if forward.one_row is None:
+            assert all(isinstance(layer.down, OneRowWeight) for layer in forward.layers)
+            assert all(layer.down.low for layer in forward.layers)
     mixed = DecodeLoop(backbone, prefix_cache=PrefixCache(1 << 24), forward=forward.inner)
     for req, sink in run_schedule(backbone, mixed):
         assert sink.result is not None
