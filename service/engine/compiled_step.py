@@ -5,12 +5,17 @@ CPU the eager fused step spends half of it outside its products: ~600 operator c
 each (norms, rotations, attention, residuals) and products whose one-row kernels run at half the
 memory's rate (``torch._weight_int8pack_mm`` reads 8-bit weights at ~14 GB/s on an AMD EPYC, a
 fused reduction at ~27 GB/s). ``torch.compile`` (inductor's C++ backend) turns the whole
-one-row step into a few C++ loops: every product a reduction over the weights fused with its
-dequantization, its norm and the elementwise work around it, the attention over the window
-as reductions too (``_decode_attention(reduce=True)``, written so that inductor keeps each
-product's terms inside its loop: stored, they slowed steps with the window). On SmolLM2-135M
-in ``int8`` (AMD EPYC, 2 threads) a one-row forward takes ~6 ms against ~14 ms eager
-(``bench/results/peer_llamacpp.md``).
+one-row step into a few C++ loops: the 8- and 4-bit copies' products reductions over the
+weights fused with their dequantization, the norms and the elementwise work around them, the
+attention over the window as reductions too (``_decode_attention(reduce=True)``, written so
+that inductor keeps each product's terms inside its loop: stored, they slowed steps with the
+window). On SmolLM2-135M in ``int8`` (AMD EPYC, 2 threads) a one-row forward takes ~6 ms
+against ~14 ms eager (``bench/results/peer_llamacpp.md``). Float32 matrices and bfloat16
+copies are read by rankone's own one-row kernels where the CPU has AVX-512 (``one_row``, one
+operator per product: ``OneRowWeight``): inductor's reduction keeps one accumulator per output
+row and runs at the adder's latency (~26 GB/s of bfloat16 weights on an Intel Xeon that reads
+~50), the kernels four rows per pass (bfloat16 by ``vdpbf16ps``): the one-row ``bfloat16``
+step ~1.3-1.5x faster there, ``float32`` ~1.2x; elsewhere the reductions.
 
 Steps of several rows have a second graph: a reduction reads the weights once per row, where a
 GEMM reads them once, so there every product stays the eager forward's own kernel, called from
@@ -296,7 +301,7 @@ class CompiledStep(StepOf):
     # two functions, so two code objects: Dynamo keeps each one's graph (and guards) apart
     def _one_row(self, *step: Any) -> Tensor:
         """The traced one-row step (``_traced``'s step arguments): every product a reduction
-        over the weights."""
+        over the weights, or one_row's kernel (``OneRowWeight``)."""
         return self._traced(self.layers, self.head, Products(reduce=True), *step)
 
     def _several_rows(self, *step: Any) -> Tensor:

@@ -123,8 +123,8 @@ def recover(device: torch.device, stream: torch.cuda.Stream) -> None:
     ``stream``, current before, is made current again; and the device's default generator
     stays marked as being captured (only a capture that ends well unmarks it), after which
     every random draw on the device outside a graph raised "Offset increment outside graph
-    capture encountered unexpectedly" (another request's sampling, a fine-tuning step) and
-    every later capture failed too: it gets a fresh state with the same seed and offset. A
+    capture encountered unexpectedly" (another request's sampling, a fine-tuning step): it
+    gets a fresh state with the same seed and offset (a capture after it then works: tested). A
     graph captured earlier keeps the old state object; the decode step draws no random
     numbers, so nothing it replays depends on it."""
     torch.cuda.synchronize(device)
