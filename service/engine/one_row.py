@@ -10,7 +10,7 @@ bfloat16 weights by ``vdpbf16ps`` where the CPU has AVX512-BF16: the compiled on
 calls it as one operator per product (``rankone_cpu::one_row``), the graph fusing what lies
 between them. Measured on that Xeon (2 threads, the step alone, in alternation with the
 reduction's step in one process): a one-row ``bfloat16`` step 13.3-17.0 ms → 8.9-13.2 ms,
-``float32`` (see docs/internals.md).
+``float32`` 22.0-23.4 → 17.5-18.8 ms (docs/internals.md).
 
 Built here, once per machine (the C++ compiler inductor needs; ~15 s) into inductor's cache
 directory (``TORCHINDUCTOR_CACHE_DIR``), named by a hash of the source, the CPU's instruction

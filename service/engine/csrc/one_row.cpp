@@ -22,6 +22,14 @@ namespace {
 constexpr int64_t kRows = 4;  // output rows sharing one pass over x
 constexpr int64_t kMaxWidth = 8192;  // longest row: x's bfloat16 copy lives on the stack
 
+// the next group's rows at byte offset ``at``: fetched while this group's are summed (the
+// hardware prefetcher alone left a bfloat16 pass over SmolLM2's matrices ~1.6x slower)
+inline void prefetch_next(const char* rows, int64_t row_bytes, int64_t at) {
+  for (int64_t i = kRows; i < 2 * kRows; ++i) {
+    _mm_prefetch(rows + i * row_bytes + at, _MM_HINT_T0);
+  }
+}
+
 // [1, N] outputs of rows r0 .. r1 of a float32 matrix
 void rows_f32(const float* w, const float* x, float* y, int64_t d, int64_t r0, int64_t r1) {
   int64_t r = r0;
@@ -29,6 +37,7 @@ void rows_f32(const float* w, const float* x, float* y, int64_t d, int64_t r0, i
     const float* a = w + r * d;
     __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
     for (int64_t k = 0; k < d; k += 16) {
+      prefetch_next(reinterpret_cast<const char*>(a), d * 4, k * 4);
       const __m512 xv = _mm512_loadu_ps(x + k);
       s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), xv, s0);
       s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d + k), xv, s1);
@@ -76,6 +85,7 @@ void rows_bf16(const uint16_t* w, const __m512bh* xb, float* y, int64_t d, int64
     const uint16_t* a = w + r * d;
     __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
     for (int64_t k = 0; k < d; k += 32) {
+      prefetch_next(reinterpret_cast<const char*>(a), d * 2, k * 2);
       const __m512bh xv = xb[k / 32];
       s0 = _mm512_dpbf16_ps(s0, (__m512bh)_mm512_loadu_si512(a + k), xv);
       s1 = _mm512_dpbf16_ps(s1, (__m512bh)_mm512_loadu_si512(a + d + k), xv);
@@ -104,6 +114,9 @@ void rows_bf16(const uint16_t* w, const float* xr, float* y, int64_t d, int64_t 
     const uint16_t* a = w + r * d;
     __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
     for (int64_t k = 0; k < d; k += 16) {
+      if (k % 32 == 0) {  // a cache line holds 32 bfloat16 weights
+        prefetch_next(reinterpret_cast<const char*>(a), d * 2, k * 2);
+      }
       const __m512 xv = _mm512_loadu_ps(xr + k);
       s0 = _mm512_fmadd_ps(widen(_mm256_loadu_si256((const __m256i*)(a + k))), xv, s0);
       s1 = _mm512_fmadd_ps(widen(_mm256_loadu_si256((const __m256i*)(a + d + k))), xv, s1);
