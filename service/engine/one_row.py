@@ -5,12 +5,14 @@ and the compiled one-row step (``compiled_step``) ran each such product as a red
 inductor writes as one loop per output row with a single vector accumulator: each addition
 waits on the one before it, so the loop runs at the adder's latency, not the memory's rate
 (~26 GB/s of bfloat16 weights on an Intel Xeon whose cores read ~50 GB/s). ``one_row.cpp``
-computes four output rows per pass over the input, each with its own accumulator, and
-bfloat16 weights by ``vdpbf16ps`` where the CPU has AVX512-BF16: the compiled one-row step
-calls it as one operator per product (``rankone_cpu::one_row``), the graph fusing what lies
-between them. Measured on that Xeon (2 threads, the step alone, in alternation with the
-reduction's step in one process): a one-row ``bfloat16`` step 13.3-17.0 ms → 8.9-13.2 ms,
-``float32`` 22.0-23.4 → 17.5-18.8 ms (docs/internals.md).
+computes four output rows per pass over the input, each with its own accumulator, fetching the
+next four rows' lines meanwhile, and bfloat16 weights by ``vdpbf16ps`` where the CPU has
+AVX512-BF16: the compiled one-row step calls it as one operator per product
+(``rankone_cpu::one_row``), the graph fusing what lies between them. Measured on that Xeon
+(SmolLM2, 2 threads, the step alone): against the reductions, in alternation in one process,
+a one-row ``bfloat16`` step 13.3-17.0 ms → 8.9-13.2 ms and ``float32`` 22.0-23.4 → 17.5-18.8
+ms without the prefetching; the prefetching then took them (alternating processes) from
+10.7-11.1 to 7.0-7.4 ms and from 17.6-17.9 to 15.6-16.5 ms (docs/internals.md).
 
 Built here, once per machine (the C++ compiler inductor needs; ~15 s) into inductor's cache
 directory (``TORCHINDUCTOR_CACHE_DIR``), named by a hash of the source, the CPU's instruction
@@ -130,9 +132,9 @@ def load() -> str | None:
         if not target.exists():
             _build(target, isa)
         torch.ops.load_library(str(target))
+        torch.library.register_fake("rankone_cpu::one_row")(_one_row_shape)
     except Exception as exc:  # no compiler, a failed build or load: say why, keep reductions
         return f"one-row kernels not built: {type(exc).__name__}: {exc}"[:1000]
-    torch.library.register_fake("rankone_cpu::one_row")(_one_row_shape)
     log.info("one-row kernels loaded (%s)", "vdpbf16ps" if "-mavx512bf16" in isa else "fma")
     return None
 
