@@ -208,7 +208,7 @@ class CompiledStep(StepOf):
         # its float32 and bfloat16 products: rankone's own one-row kernels where they build
         self.one_row = one_row.load()
         if self.one_row is None:
-            self.layers = [_one_row_layer(layer) for layer in self.layers]
+            self.layers = [_each_matrix(layer, _one_row_weight) for layer in self.layers]
             self.head = _one_row_weight(self.head)
         else:
             log.info("one-row steps keep inductor's reductions: %s", self.one_row)
@@ -393,30 +393,21 @@ def _one_row_weight(w: Weight) -> Weight:
     return w
 
 
-def _one_row_layer(layer: _Layer) -> _Layer:
-    return dataclasses.replace(
-        layer,
-        qkv=_one_row_weight(layer.qkv),
-        o=_one_row_weight(layer.o),
-        gate_up=_one_row_weight(layer.gate_up),
-        down=_one_row_weight(layer.down),
-    )
-
-
 def _plain_weight(w: Weight) -> Weight:
     return w.plain() if isinstance(w, Bf16Weight) else w
+
+
+def _each_matrix(layer: _Layer, fn: Callable[[Weight], Weight]) -> _Layer:
+    """``layer`` with ``fn`` of each of its four matrices, its other fields shared."""
+    return dataclasses.replace(
+        layer, qkv=fn(layer.qkv), o=fn(layer.o), gate_up=fn(layer.gate_up), down=fn(layer.down)
+    )
 
 
 def _plain(layer: _Layer) -> _Layer:
     """``layer`` with plain copies of oneDNN's prepacked bfloat16 matrices (``Bf16Weight.plain``:
     about the bfloat16 weights again in memory), its other weights shared."""
-    return dataclasses.replace(
-        layer,
-        qkv=_plain_weight(layer.qkv),
-        o=_plain_weight(layer.o),
-        gate_up=_plain_weight(layer.gate_up),
-        down=_plain_weight(layer.down),
-    )
+    return _each_matrix(layer, _plain_weight)
 
 
 def _weights(step: CompiledStep) -> list[Tensor]:

@@ -5,6 +5,8 @@ they cannot be built."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,3 +82,31 @@ def test_which_cpus_build_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(RuntimeError, match="false failed"):
         one_row._build(target, plain)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_kernels_without_avx512_bf16(kernels: None, tmp_path: Path) -> None:
+    """The build for AVX-512 CPUs without AVX512-BF16 (bfloat16 weights widened to float32),
+    compiled here and run in a process of its own (one library per process registers the
+    operator): its products are the float64 products of the rounded row and the weights."""
+    isa = one_row.isa_flags(frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"}))
+    assert isa is not None and "-mavx512bf16" not in isa
+    target = one_row.library(isa, tmp_path)
+    one_row._build(target, isa)
+    check = f"""
+import torch
+torch.ops.load_library({str(target)!r})
+g = torch.Generator().manual_seed(0)
+for n, d in ((1, 32), (7, 64), (97, 576)):
+    x = torch.randn(1, d, generator=g)
+    for w in (torch.randn(n, d, generator=g), torch.randn(n, d, generator=g).bfloat16()):
+        y = torch.ops.rankone_cpu.one_row(x, w)
+        row = x if w.dtype == torch.float32 else x.bfloat16()
+        exact = (row.double() @ w.double().t()).float()
+        bound = 4e-6 * float((x.abs().double() @ w.abs().double().t()).max())
+        torch.testing.assert_close(y, exact, rtol=0, atol=bound)
+print("ok")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

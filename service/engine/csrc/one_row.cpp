@@ -3,10 +3,11 @@
 //
 // rankone_cpu::one_row(x [1, d] float32, w [N, d] float32 or bfloat16) -> [1, N] float32:
 // y[r] = sum_k w[r, k] * x[k]. Four output rows per inner loop, each with its own accumulator
-// (a single accumulator makes the loop wait on its own additions), rows split over torch's
-// threads. bfloat16 weights take x rounded to bfloat16 (round to nearest even, as torch's
-// cast) and accumulate in float32: with AVX512-BF16 by vdpbf16ps (pairs of products per lane),
-// else by widening the weights to float32.
+// (a single accumulator makes the loop wait on its own additions), the next four rows' cache
+// lines prefetched meanwhile, rows split over torch's threads. bfloat16 weights take x rounded
+// to bfloat16 (round to nearest even, as torch's cast) and accumulate in float32: with
+// AVX512-BF16 by vdpbf16ps (pairs of products per lane), else by widening the weights to
+// float32.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -30,30 +31,33 @@ inline void prefetch_next(const char* rows, int64_t row_bytes, int64_t at) {
   }
 }
 
-// [1, N] outputs of rows r0 .. r1 of a float32 matrix
-void rows_f32(const float* w, const float* x, float* y, int64_t d, int64_t r0, int64_t r1) {
+// y[r] for the rows r0 .. r1 of a matrix of T with rows of d, Step columns at a time:
+// add(sum, row, k) adds the row's terms k .. k + Step - 1 to sum (one vector accumulator per
+// row; kRows rows at once, the next kRows rows' lines prefetched meanwhile)
+template <typename T, int64_t Step, typename Add>
+void sum_rows(const T* w, int64_t d, int64_t r0, int64_t r1, float* y, Add add) {
+  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
   int64_t r = r0;
   for (; r + kRows <= r1; r += kRows) {
-    const float* a = w + r * d;
-    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-    for (int64_t k = 0; k < d; k += 16) {
-      prefetch_next(reinterpret_cast<const char*>(a), d * 4, k * 4);
-      const __m512 xv = _mm512_loadu_ps(x + k);
-      s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), xv, s0);
-      s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d + k), xv, s1);
-      s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + 2 * d + k), xv, s2);
-      s3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + 3 * d + k), xv, s3);
+    const T* a = w + r * d;
+    __m512 s[kRows];
+    for (auto& v : s) {
+      v = _mm512_setzero_ps();
     }
-    y[r] = _mm512_reduce_add_ps(s0);
-    y[r + 1] = _mm512_reduce_add_ps(s1);
-    y[r + 2] = _mm512_reduce_add_ps(s2);
-    y[r + 3] = _mm512_reduce_add_ps(s3);
+    for (int64_t k = 0; k < d; k += Step) {
+      prefetch_next(reinterpret_cast<const char*>(a), row_bytes, k * sizeof(T));
+      for (int64_t i = 0; i < kRows; ++i) {
+        s[i] = add(s[i], a + i * d, k);
+      }
+    }
+    for (int64_t i = 0; i < kRows; ++i) {
+      y[r + i] = _mm512_reduce_add_ps(s[i]);
+    }
   }
   for (; r < r1; ++r) {
-    const float* a = w + r * d;
     __m512 s = _mm512_setzero_ps();
-    for (int64_t k = 0; k < d; k += 16) {
-      s = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(x + k), s);
+    for (int64_t k = 0; k < d; k += Step) {
+      s = add(s, w + r * d, k);
     }
     y[r] = _mm512_reduce_add_ps(s);
   }
@@ -77,69 +81,6 @@ void rows_f32(const float* w, const float* x, float* y, int64_t d, int64_t r0, i
   return v;
 }
 
-#ifdef __AVX512BF16__
-// xb: x as bfloat16 pairs, d / 32 vectors
-void rows_bf16(const uint16_t* w, const __m512bh* xb, float* y, int64_t d, int64_t r0, int64_t r1) {
-  int64_t r = r0;
-  for (; r + kRows <= r1; r += kRows) {
-    const uint16_t* a = w + r * d;
-    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-    for (int64_t k = 0; k < d; k += 32) {
-      prefetch_next(reinterpret_cast<const char*>(a), d * 2, k * 2);
-      const __m512bh xv = xb[k / 32];
-      s0 = _mm512_dpbf16_ps(s0, (__m512bh)_mm512_loadu_si512(a + k), xv);
-      s1 = _mm512_dpbf16_ps(s1, (__m512bh)_mm512_loadu_si512(a + d + k), xv);
-      s2 = _mm512_dpbf16_ps(s2, (__m512bh)_mm512_loadu_si512(a + 2 * d + k), xv);
-      s3 = _mm512_dpbf16_ps(s3, (__m512bh)_mm512_loadu_si512(a + 3 * d + k), xv);
-    }
-    y[r] = _mm512_reduce_add_ps(s0);
-    y[r + 1] = _mm512_reduce_add_ps(s1);
-    y[r + 2] = _mm512_reduce_add_ps(s2);
-    y[r + 3] = _mm512_reduce_add_ps(s3);
-  }
-  for (; r < r1; ++r) {
-    const uint16_t* a = w + r * d;
-    __m512 s = _mm512_setzero_ps();
-    for (int64_t k = 0; k < d; k += 32) {
-      s = _mm512_dpbf16_ps(s, (__m512bh)_mm512_loadu_si512(a + k), xb[k / 32]);
-    }
-    y[r] = _mm512_reduce_add_ps(s);
-  }
-}
-#else
-// xr: x rounded to bfloat16, as float32
-void rows_bf16(const uint16_t* w, const float* xr, float* y, int64_t d, int64_t r0, int64_t r1) {
-  int64_t r = r0;
-  for (; r + kRows <= r1; r += kRows) {
-    const uint16_t* a = w + r * d;
-    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-    for (int64_t k = 0; k < d; k += 16) {
-      if (k % 32 == 0) {  // a cache line holds 32 bfloat16 weights
-        prefetch_next(reinterpret_cast<const char*>(a), d * 2, k * 2);
-      }
-      const __m512 xv = _mm512_loadu_ps(xr + k);
-      s0 = _mm512_fmadd_ps(widen(_mm256_loadu_si256((const __m256i*)(a + k))), xv, s0);
-      s1 = _mm512_fmadd_ps(widen(_mm256_loadu_si256((const __m256i*)(a + d + k))), xv, s1);
-      s2 = _mm512_fmadd_ps(widen(_mm256_loadu_si256((const __m256i*)(a + 2 * d + k))), xv, s2);
-      s3 = _mm512_fmadd_ps(widen(_mm256_loadu_si256((const __m256i*)(a + 3 * d + k))), xv, s3);
-    }
-    y[r] = _mm512_reduce_add_ps(s0);
-    y[r + 1] = _mm512_reduce_add_ps(s1);
-    y[r + 2] = _mm512_reduce_add_ps(s2);
-    y[r + 3] = _mm512_reduce_add_ps(s3);
-  }
-  for (; r < r1; ++r) {
-    const uint16_t* a = w + r * d;
-    __m512 s = _mm512_setzero_ps();
-    for (int64_t k = 0; k < d; k += 16) {
-      s = _mm512_fmadd_ps(widen(_mm256_loadu_si256((const __m256i*)(a + k))),
-                          _mm512_loadu_ps(xr + k), s);
-    }
-    y[r] = _mm512_reduce_add_ps(s);
-  }
-}
-#endif
-
 at::Tensor one_row(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "one_row: CPU tensors only");
   TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.scalar_type() == at::kFloat,
@@ -159,8 +100,11 @@ at::Tensor one_row(const at::Tensor& x, const at::Tensor& w) {
   const int64_t grain = 16;  // groups of rows per task: 64 rows
   if (w.scalar_type() == at::kFloat) {
     const float* wp = w.data_ptr<float>();
+    const auto add = [xp](__m512 s, const float* a, int64_t k) {
+      return _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(xp + k), s);
+    };
     at::parallel_for(0, groups, grain, [&](int64_t b, int64_t e) {
-      rows_f32(wp, xp, yp, d, b * kRows, std::min(e * kRows, n));
+      sum_rows<float, 16>(wp, d, b * kRows, std::min(e * kRows, n), yp, add);
     });
     return y;
   }
@@ -170,16 +114,25 @@ at::Tensor one_row(const at::Tensor& x, const at::Tensor& w) {
   for (int64_t k = 0; k < d; k += 32) {
     xb[k / 32] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(xp + k + 16), _mm512_loadu_ps(xp + k));
   }
+  const __m512bh* xv = xb;
+  const auto add = [xv](__m512 s, const uint16_t* a, int64_t k) {
+    return _mm512_dpbf16_ps(s, (__m512bh)_mm512_loadu_si512(a + k), xv[k / 32]);
+  };
   at::parallel_for(0, groups, grain, [&](int64_t b, int64_t e) {
-    rows_bf16(wp, xb, yp, d, b * kRows, std::min(e * kRows, n));
+    sum_rows<uint16_t, 32>(wp, d, b * kRows, std::min(e * kRows, n), yp, add);
   });
 #else
   alignas(64) float xr[kMaxWidth];
   for (int64_t k = 0; k < d; ++k) {
     xr[k] = round_bf16(xp[k]);
   }
+  const float* xv = xr;
+  const auto add = [xv](__m512 s, const uint16_t* a, int64_t k) {
+    const __m512 wv = widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + k)));
+    return _mm512_fmadd_ps(wv, _mm512_loadu_ps(xv + k), s);
+  };
   at::parallel_for(0, groups, grain, [&](int64_t b, int64_t e) {
-    rows_bf16(wp, xr, yp, d, b * kRows, std::min(e * kRows, n));
+    sum_rows<uint16_t, 16>(wp, d, b * kRows, std::min(e * kRows, n), yp, add);
   });
 #endif
   return y;
