@@ -44,6 +44,7 @@ from service.engine.base import GenerationRequest, SamplingParams
 from service.engine.decode import DecodeLoop
 from service.engine.forward import Forward
 from service.engine.forwards import WEIGHTS, choose_forward
+from service.engine.one_row import cpu_flags
 from service.engine.prefix_cache import PrefixCache
 from service.engine.rows import Row
 from trainer.metrics import exact_match
@@ -206,13 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cpu_matrix_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
     """The CPU's matrix-math flags that decide the low-precision kernels (Linux; else [])."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return []
-    flags = next(
-        (x.split(":", 1)[1].split() for x in text.splitlines() if x.startswith("flags")), []
-    )
+    flags = cpu_flags(cpuinfo)
     wanted = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f", "avx2")
     return [f for f in wanted if f in flags]
 

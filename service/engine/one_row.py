@@ -40,12 +40,14 @@ log = logging.getLogger("rankone.engine")
 SOURCE = Path(__file__).with_name("csrc") / "one_row.cpp"
 # what the kernels use: AVX-512 (F, BW, VL, DQ) and FMA; AVX512-BF16 where the CPU has it
 _NEEDED = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma")
+MAX_WIDTH = 8192  # the longest row the kernels take (one_row.cpp's kMaxWidth)
 
 
-def cpu_flags() -> frozenset[str]:
-    """The CPU's instruction-set flags (``/proc/cpuinfo``; empty where it cannot be read)."""
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The CPU's instruction-set flags (``cpuinfo``'s flags line; empty where it cannot be
+    read)."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = cpuinfo.read_text()
     except OSError:
         return frozenset()
     for line in text.splitlines():
@@ -145,14 +147,14 @@ def _one_row_shape(x: Tensor, w: Tensor) -> Tensor:
 
 def fits(w: Tensor) -> bool:
     """Whether ``w`` has a one-row kernel: a contiguous float32 or bfloat16 CPU matrix whose
-    rows are whole multiples of 32 (at most 8,192 long)."""
+    rows are whole multiples of 32 (at most ``MAX_WIDTH`` long)."""
     return (
         w.dim() == 2
         and w.device.type == "cpu"
         and w.dtype in (torch.float32, torch.bfloat16)
         and w.is_contiguous()
         and w.shape[1] % 32 == 0
-        and w.shape[1] <= 8192
+        and w.shape[1] <= MAX_WIDTH
     )
 
 
