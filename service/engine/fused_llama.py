@@ -152,17 +152,22 @@ class Int4Weight:
         error = float((made.levels(q) - w).abs().max()) / max(float(w.abs().max()), 1e-30)
         return dataclasses.replace(made, error=error)
 
+    def quanta(self) -> Tensor:
+        """The copy's levels q (0 .. 15) as uint8 [N, d]: the CPU packing read back by
+        multiplying the identity."""
+        n, d = self.shape
+        if self.packed.shape == (n, d):
+            return self.packed
+        unit = torch.ones_like(self.scales_zeros)
+        unit[..., 1] = 8.0  # (q - 8) · 1 + 8 = q
+        eye = torch.eye(d, dtype=torch.bfloat16, device=self.packed.device)
+        q = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.GROUP, unit)
+        return q.t().to(torch.uint8)
+
     def levels(self, q: Tensor | None = None) -> Tensor:
         """The copy's weights as float32 [N, d] (its dequantization; ``q``: its levels [N, d]
         where the caller has them, else read back from the packing)."""
-        n, d = self.shape
-        if q is None and self.packed.shape == (n, d):
-            q = self.packed
-        if q is None:  # the CPU packing: read back by multiplying the identity
-            unit = torch.ones_like(self.scales_zeros)
-            unit[..., 1] = 8.0  # (q - 8) · 1 + 8 = q
-            eye = torch.eye(d, dtype=torch.bfloat16, device=self.packed.device)
-            q = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.GROUP, unit).t()
+        q = self.quanta() if q is None else q
         sz = self.scales_zeros.float()
         s = sz[..., 0].t().repeat_interleave(self.GROUP, 1)
         z = sz[..., 1].t().repeat_interleave(self.GROUP, 1)

@@ -20,7 +20,12 @@ import torch._dynamo.output_graph as dynamo_output
 
 from prompts import Backbone
 from service.engine import one_row
-from service.engine.compiled_step import CompiledStep, OneRowWeight, _stable_graph_names
+from service.engine.compiled_step import (
+    CompiledStep,
+    OneRowInt4Weight,
+    OneRowWeight,
+    _stable_graph_names,
+)
 from service.engine.decode import DecodeLoop
 from service.engine.forwards import choose_forward
 from service.engine.fused_llama import FusedLlama
@@ -129,10 +134,10 @@ def test_one_graph_serves_every_window_and_cache_move(backbones: dict[str, Backb
 def test_low_precision_rows_decode_alone_what_they_decode_in_a_batch(
     backbones: dict[str, Backbone], weights: str
 ) -> None:
-    """Alone every step is compiled (int8, bfloat16: a reduction; int4: torch's kernel), in an
-    eager batch not: the same numbers up to the order of each sum (both round activations and
-    outputs to bfloat16); a compiled step of several rows (the copies' own kernels) gives the
-    eager step's logits to rounding."""
+    """Alone every step is compiled (int8: a reduction; bfloat16, int4: rankone's one-row
+    kernels where they build), in an eager batch not: the same numbers up to the order of each
+    sum (both round activations and outputs to bfloat16); a compiled step of several rows (the
+    copies' own kernels) gives the eager step's logits to rounding."""
     backbone = backbones["llama"]
     forward = compiled(backbone, weights)
     assert forward.kind == forward.inner.kind + "+compiled"
@@ -142,6 +147,10 @@ def test_low_precision_rows_decode_alone_what_they_decode_in_a_batch(
         if forward.one_row is None:
             assert all(isinstance(layer.down, OneRowWeight) for layer in forward.layers)
             assert all(layer.down.low for layer in forward.layers)
+    if weights == "int4" and forward.one_row is None and one_row.has_q4():
+        for layer in forward.layers:  # the tiny model's matrices: whole tiles of 64 rows
+            assert all(isinstance(m, OneRowInt4Weight) for m in (layer.qkv, layer.o))
+            assert all(isinstance(m, OneRowInt4Weight) for m in (layer.gate_up, layer.down))
     mixed = DecodeLoop(backbone, prefix_cache=PrefixCache(1 << 24), forward=forward.inner)
     for req, sink in run_schedule(backbone, mixed):
         assert sink.result is not None

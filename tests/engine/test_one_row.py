@@ -1,7 +1,7 @@
-"""The compiled one-row step's own products (``one_row``: ``rankone_cpu::one_row``): built
-here, they compute ``x @ wᵀ`` for float32 and bfloat16 matrices of any row count (four rows at
-a time, then the rest), refuse what they do not cover with a message, and say why not where
-they cannot be built."""
+"""The compiled one-row step's own products (``one_row``: ``rankone_cpu::one_row`` and
+``one_row_q4``): built here, they compute ``x @ wᵀ`` for float32 and bfloat16 matrices of any
+row count (four rows at a time, then the rest) and for 4-bit copies in tiles of 64 rows, refuse
+what they do not cover with a message, and say why not where they cannot be built."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from service.engine import one_row
+from service.engine.fused_llama import Int4Weight
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +67,65 @@ def test_what_the_kernels_refuse(kernels: None) -> None:
     assert not one_row.fits(w.half())
 
 
+@pytest.fixture(scope="module")
+def q4_kernel(kernels: None) -> None:
+    if not one_row.has_q4():  # AVX-512 without AVX512-BF16: torch's int4 kernel instead
+        pytest.skip("the 4-bit one-row kernel needs AVX512-BF16")
+
+
+@pytest.mark.parametrize(("n", "d"), [(64, 32), (128, 96), (960, 576), (576, 1536)])
+def test_4_bit_products_round_the_row_first(q4_kernel: None, n: int, d: int) -> None:
+    """A 4-bit copy's product from the kernel's tiles: ``x`` rounded to bfloat16, float32 sums
+    of the copy's own weights (its levels times their scales plus their offsets), so within
+    float32 rounding of the float64 product; torch's int4 kernel (bfloat16 out) within its own
+    output's rounding of it."""
+    g = torch.Generator().manual_seed(n + d)
+    copy = Int4Weight.of(torch.randn(n, d, generator=g))
+    tiles, scales = one_row.q4_tiles(copy.quanta(), copy.scales_zeros)
+    assert tiles.shape == (n // 64, d * 32) and tiles.dtype == torch.uint8
+    assert scales.shape == (n // 64, d // 32, 64, 2) and scales.dtype == torch.bfloat16
+    levels = copy.levels()
+    x = torch.randn(1, d, generator=g)
+    y = one_row.product_q4(x, tiles, scales)
+    assert y.shape == (1, n) and y.dtype == torch.float32
+    exact = (x.to(torch.bfloat16).double() @ levels.double().t()).float()
+    # the kernel sums (16 + q) x and takes 24 s sum(x) back out: float32 rounding of terms up
+    # to ~3x the weights' own
+    bound = 1e-5 * float((x.abs().double() @ levels.abs().double().t()).max())
+    torch.testing.assert_close(y, exact, rtol=0, atol=bound)
+    unrounded = (x.double() @ levels.double().t()).float()  # the row's rounding is visible
+    assert not torch.allclose(y, unrounded, rtol=0, atol=bound)
+    theirs = torch.ops.aten._weight_int4pack_mm_for_cpu(
+        x.to(torch.bfloat16), copy.packed, 32, copy.scales_zeros
+    )
+    scale = float(exact.abs().max())
+    torch.testing.assert_close(y, theirs.float(), rtol=0, atol=4 * 2**-8 * scale)
+    # each tile's rows alone: a tile is its 64 rows' levels and scales
+    for t in range(n // 64):
+        alone = one_row.product_q4(x, tiles[t : t + 1], scales[t : t + 1])
+        assert torch.equal(alone, y[:, 64 * t : 64 * (t + 1)])
+
+
+def test_what_the_4_bit_kernel_refuses(q4_kernel: None) -> None:
+    copy = Int4Weight.of(torch.randn(128, 64))
+    tiles, scales = one_row.q4_tiles(copy.quanta(), copy.scales_zeros)
+    x = torch.randn(1, 64)
+    with pytest.raises(RuntimeError, match="one float32 row"):
+        one_row.product_q4(torch.randn(2, 64), tiles, scales)
+    with pytest.raises(RuntimeError, match="scales must be"):
+        one_row.product_q4(torch.randn(1, 96), tiles, scales)  # d is the scales' groups
+    with pytest.raises(RuntimeError, match="scales must be"):
+        one_row.product_q4(x, tiles, scales.float())
+    with pytest.raises(RuntimeError, match="tiles must be"):
+        one_row.product_q4(x, tiles[:1], scales)
+    with pytest.raises(RuntimeError, match="tiles must be"):
+        one_row.product_q4(x, tiles.to(torch.int32), scales)
+    assert one_row.fits_q4((960, 576)) and one_row.fits_q4((64, 32))
+    assert not one_row.fits_q4((48, 576))  # rows: whole tiles of 64
+    assert not one_row.fits_q4((64, 48))  # columns: whole groups of 32
+    assert not one_row.fits_q4((64, one_row.MAX_WIDTH + 32))
+
+
 def test_which_cpus_build_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert one_row.isa_flags(frozenset({"sse4_2", "avx2", "fma"})) is None
     avx512 = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"})
@@ -87,7 +147,8 @@ def test_which_cpus_build_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 def test_the_kernels_without_avx512_bf16(kernels: None, tmp_path: Path) -> None:
     """The build for AVX-512 CPUs without AVX512-BF16 (bfloat16 weights widened to float32),
     compiled here and run in a process of its own (one library per process registers the
-    operator): its products are the float64 products of the rounded row and the weights."""
+    operator): its products are the float64 products of the rounded row and the weights; its
+    4-bit operator refuses to run (``has_q4`` is false there)."""
     isa = one_row.isa_flags(frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"}))
     assert isa is not None and "-mavx512bf16" not in isa
     target = one_row.library(isa, tmp_path)
@@ -104,6 +165,13 @@ for n, d in ((1, 32), (7, 64), (97, 576)):
         exact = (row.double() @ w.double().t()).float()
         bound = 4e-6 * float((x.abs().double() @ w.abs().double().t()).max())
         torch.testing.assert_close(y, exact, rtol=0, atol=bound)
+tiles, scales = torch.zeros(1, 32 * 32, dtype=torch.uint8), torch.zeros(1, 1, 64, 2).bfloat16()
+try:
+    torch.ops.rankone_cpu.one_row_q4(torch.randn(1, 32), tiles, scales)
+except RuntimeError as e:
+    assert "built without AVX512-BF16" in str(e), e
+else:
+    raise AssertionError("the 4-bit kernel ran without AVX512-BF16")
 print("ok")
 """
     done = subprocess.run(
