@@ -177,6 +177,7 @@ def product(x: Tensor, w: Tensor) -> Tensor:
     return torch.ops.rankone_cpu.one_row(x, w)
 
 
+@functools.cache
 def has_q4() -> bool:
     """Whether the loaded kernels include the 4-bit one (``one_row_q4``: AVX512-BF16)."""
     isa = isa_flags(cpu_flags())
