@@ -1,4 +1,4 @@
-"""One-row matrix products for the compiled decode step on a CPU with AVX-512.
+"""One-row (and few-row) matrix products for the compiled decode steps on a CPU with AVX-512.
 
 A decode step with one running request reads every weight once for one row of activations,
 and the compiled one-row step (``compiled_step``) ran each such product as a reduction that
@@ -13,6 +13,14 @@ AVX512-BF16: the compiled one-row step calls it as one operator per product
 a one-row ``bfloat16`` step 13.3-17.0 ms → 8.9-13.2 ms and ``float32`` 22.0-23.4 → 17.5-18.8
 ms without the prefetching; the prefetching then took them (alternating processes) from
 10.7-11.1 to 7.0-7.4 ms and from 17.6-17.9 to 15.6-16.5 ms (docs/internals.md).
+
+The same kernel takes up to ``MAX_ROWS`` (8) rows of activations, reading the weights once for
+all of them (four weight rows by up to four activation rows per pass, two by eight), each row's
+sums in the same order as alone: the compiled several-row step runs its float32 and bfloat16
+products of up to 8 rows with it (``compiled_step.FEW_ROWS``). Over SmolLM2's decoder matrices
+(Intel Xeon, alternating in one process) it took 11-15 ms for 2 and 4 bfloat16 rows where
+oneDNN's prepacked GEMM took 27-32, 15-20 ms for 8 against 18-28; float32 19-26 ms for 2-8 rows
+against torch's GEMM's 23-56.
 
 4-bit copies (``Int4Weight``, llama.cpp's Q4_1 form) have a kernel of their own where the CPU
 has AVX512-BF16 (``rankone_cpu::one_row_q4``): the copy's levels in tiles of 64 rows
@@ -48,6 +56,7 @@ SOURCE = Path(__file__).with_name("csrc") / "one_row.cpp"
 # what the kernels use: AVX-512 (F, BW, VL, DQ) and FMA; AVX512-BF16 where the CPU has it
 _NEEDED = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma")
 MAX_WIDTH = 8192  # the longest row the kernels take (one_row.cpp's kMaxWidth)
+MAX_ROWS = 8  # the most rows of activations one call of ``product`` takes (kMaxInputs)
 Q4_TILE, Q4_GROUP = 64, 32  # the 4-bit kernel's rows per tile and columns per scale
 
 
@@ -151,7 +160,7 @@ def load() -> str | None:
 
 
 def _one_row_shape(x: Tensor, w: Tensor) -> Tensor:
-    return x.new_empty((1, w.shape[0]))
+    return x.new_empty((x.shape[0], w.shape[0]))
 
 
 def _one_row_q4_shape(x: Tensor, tiles: Tensor, scales: Tensor) -> Tensor:
@@ -172,8 +181,10 @@ def fits(w: Tensor) -> bool:
 
 
 def product(x: Tensor, w: Tensor) -> Tensor:
-    """``x @ wᵀ`` for one float32 row ``x`` [1, d]: [1, N] float32 (bfloat16 ``w``: ``x``
-    rounded to bfloat16 first, float32 sums). Needs ``load()`` to have returned None."""
+    """``x @ wᵀ`` for 1 to ``MAX_ROWS`` float32 rows ``x`` [m, d]: [m, N] float32 (bfloat16
+    ``w``: ``x`` rounded to bfloat16 first, float32 sums), the weights read once; each row's
+    numbers the same bits whatever rows are beside it. Needs ``load()`` to have returned
+    None."""
     return torch.ops.rankone_cpu.one_row(x, w)
 
 

@@ -1,7 +1,8 @@
-"""The compiled one-row step's own products (``one_row``: ``rankone_cpu::one_row`` and
+"""The compiled steps' own products (``one_row``: ``rankone_cpu::one_row`` and
 ``one_row_q4``): built here, they compute ``x @ wᵀ`` for float32 and bfloat16 matrices of any
-row count (four rows at a time, then the rest) and for 4-bit copies in tiles of 64 rows, refuse
-what they do not cover with a message, and say why not where they cannot be built."""
+row count (four rows at a time, then the rest) and 1 to 8 rows of activations, and for 4-bit
+copies in tiles of 64 rows, refuse what they do not cover with a message, and say why not where
+they cannot be built."""
 
 from __future__ import annotations
 
@@ -53,8 +54,10 @@ def test_bfloat16_products_round_the_row_first(kernels: None, n: int, d: int) ->
 
 def test_what_the_kernels_refuse(kernels: None) -> None:
     w = torch.randn(8, 64)
-    with pytest.raises(RuntimeError, match="one float32 row"):
-        one_row.product(torch.randn(2, 64), w)
+    with pytest.raises(RuntimeError, match="1 to 8 float32 rows"):
+        one_row.product(torch.randn(9, 64), w)
+    with pytest.raises(RuntimeError, match="1 to 8 float32 rows"):
+        one_row.product(torch.randn(0, 64), w)
     with pytest.raises(RuntimeError, match="contiguous"):
         one_row.product(torch.randn(1, 64), torch.randn(64, 8).t())
     with pytest.raises(RuntimeError, match="multiple of 32"):
@@ -65,6 +68,27 @@ def test_what_the_kernels_refuse(kernels: None) -> None:
     assert not one_row.fits(torch.randn(8, 48))  # rows not whole multiples of 32
     assert not one_row.fits(torch.randn(64, 8).t())
     assert not one_row.fits(w.half())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n", "d"), [(5, 64), (97, 576), (130, 1536)])
+def test_several_rows_read_the_weights_once_each_row_as_alone(
+    kernels: None, dtype: torch.dtype, n: int, d: int
+) -> None:
+    """1 to 8 rows of activations in one call (in chunks of 8, 4, 2, 1 sharing each pass over
+    the weights): every row's products are the bits it gets alone, within float32 rounding of
+    the float64 product of the (rounded) row and the weights."""
+    g = torch.Generator().manual_seed(n + d)
+    w = torch.randn(n, d, generator=g).to(dtype)
+    x = torch.randn(one_row.MAX_ROWS, d, generator=g)
+    alone = torch.cat([one_row.product(x[j : j + 1], w) for j in range(len(x))])
+    row = x if dtype == torch.float32 else x.to(torch.bfloat16)
+    exact = (row.double() @ w.double().t()).float()
+    bound = 4e-6 * float((x.abs().double() @ w.abs().double().t()).max())
+    torch.testing.assert_close(alone, exact, rtol=0, atol=bound)
+    for m in range(1, one_row.MAX_ROWS + 1):
+        y = one_row.product(x[:m], w)
+        assert y.shape == (m, n) and torch.equal(y, alone[:m]), m
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,11 @@
 // One-row matrix products for the compiled decode step on a CPU with AVX-512
 // (service/engine/one_row.py builds and loads this file; see its docstring for why).
 //
-// rankone_cpu::one_row(x [1, d] float32, w [N, d] float32 or bfloat16) -> [1, N] float32:
-// y[r] = sum_k w[r, k] * x[k]. Four output rows per inner loop, each with its own accumulator
-// (a single accumulator makes the loop wait on its own additions), the next four rows' cache
-// lines prefetched meanwhile, rows split over torch's threads. bfloat16 weights take x rounded
+// rankone_cpu::one_row(x [m, d] float32, w [N, d] float32 or bfloat16) -> [m, N] float32, m
+// from 1 to 8: y[j, r] = sum_k w[r, k] * x[j, k]. Four weight rows per inner loop (two for 5-8
+// rows of x), each pair of rows with its own accumulator (a single accumulator makes the loop
+// wait on its own additions), the next rows' cache lines prefetched meanwhile, rows split over
+// torch's threads; the weights read once for up to 8 rows of x. bfloat16 weights take x rounded
 // to bfloat16 (round to nearest even, as torch's cast) and accumulate in float32: with
 // AVX512-BF16 by vdpbf16ps (pairs of products per lane), else by widening the weights to
 // float32.
@@ -17,50 +18,94 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
-constexpr int64_t kRows = 4;  // output rows sharing one pass over x
-constexpr int64_t kMaxWidth = 8192;  // longest row: x's bfloat16 copy lives on the stack
+constexpr int64_t kMaxWidth = 8192;  // longest row (the 4-bit kernel's x lives on the stack)
+constexpr int64_t kMaxInputs = 8;  // rows of x one call takes
 
-// the next group's rows at byte offset ``at``: fetched while this group's are summed (the
-// hardware prefetcher alone left a bfloat16 pass over SmolLM2's matrices ~1.6x slower)
+// weight rows summed in one pass against M rows of x: their R x M accumulators stay in
+// registers (at most 16 of the 32)
+template <int64_t M>
+constexpr int64_t kRowsFor = M <= 4 ? 4 : 2;
+
+// the next R rows at byte offset ``at``: fetched while this group's are summed (the hardware
+// prefetcher alone left a bfloat16 pass over SmolLM2's matrices ~1.6x slower)
+template <int64_t R>
 inline void prefetch_next(const char* rows, int64_t row_bytes, int64_t at) {
-  for (int64_t i = kRows; i < 2 * kRows; ++i) {
+  for (int64_t i = R; i < 2 * R; ++i) {
     _mm_prefetch(rows + i * row_bytes + at, _MM_HINT_T0);
   }
 }
 
-// y[r] for the rows r0 .. r1 of a matrix of T with rows of d, Step columns at a time:
-// add(sum, row, k) adds the row's terms k .. k + Step - 1 to sum (one vector accumulator per
-// row; kRows rows at once, the next kRows rows' lines prefetched meanwhile)
-template <typename T, int64_t Step, typename Add>
-void sum_rows(const T* w, int64_t d, int64_t r0, int64_t r1, float* y, Add add) {
+// y[j, r] for the rows r0 .. r1 of a matrix of T with rows of d (n rows in all) and the rows
+// j0 .. j0 + M - 1 of x, Step columns at a time: add(sum, row, k, j) adds the terms k .. k +
+// Step - 1 of the row times x's row j to sum. One vector accumulator per pair of rows, summed
+// from zero in the same order whatever M and the rows beside (so a row's products are the same
+// bits alone and in a batch); kRowsFor<M> weight rows at once, the next ones' lines prefetched.
+template <typename T, int64_t Step, int64_t M, typename Add>
+void sum_rows(const T* w, int64_t d, int64_t n, int64_t r0, int64_t r1, int64_t j0, float* y,
+              Add add) {
+  constexpr int64_t R = kRowsFor<M>;
   const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
   int64_t r = r0;
-  for (; r + kRows <= r1; r += kRows) {
+  for (; r + R <= r1; r += R) {
     const T* a = w + r * d;
-    __m512 s[kRows];
-    for (auto& v : s) {
-      v = _mm512_setzero_ps();
-    }
-    for (int64_t k = 0; k < d; k += Step) {
-      prefetch_next(reinterpret_cast<const char*>(a), row_bytes, k * sizeof(T));
-      for (int64_t i = 0; i < kRows; ++i) {
-        s[i] = add(s[i], a + i * d, k);
+    __m512 s[R][M];
+    for (auto& row : s) {
+      for (auto& v : row) {
+        v = _mm512_setzero_ps();
       }
     }
-    for (int64_t i = 0; i < kRows; ++i) {
-      y[r + i] = _mm512_reduce_add_ps(s[i]);
+    for (int64_t k = 0; k < d; k += Step) {
+      prefetch_next<R>(reinterpret_cast<const char*>(a), row_bytes, k * sizeof(T));
+      for (int64_t i = 0; i < R; ++i) {
+        for (int64_t j = 0; j < M; ++j) {
+          s[i][j] = add(s[i][j], a + i * d, k, j0 + j);
+        }
+      }
+    }
+    for (int64_t i = 0; i < R; ++i) {
+      for (int64_t j = 0; j < M; ++j) {
+        y[(j0 + j) * n + r + i] = _mm512_reduce_add_ps(s[i][j]);
+      }
     }
   }
   for (; r < r1; ++r) {
-    __m512 s = _mm512_setzero_ps();
-    for (int64_t k = 0; k < d; k += Step) {
-      s = add(s, w + r * d, k);
+    for (int64_t j = 0; j < M; ++j) {
+      __m512 s = _mm512_setzero_ps();
+      for (int64_t k = 0; k < d; k += Step) {
+        s = add(s, w + r * d, k, j0 + j);
+      }
+      y[(j0 + j) * n + r] = _mm512_reduce_add_ps(s);
     }
-    y[r] = _mm512_reduce_add_ps(s);
   }
+}
+
+// y [m, n] = x [m, d] times the n rows of w, rows split over torch's threads: x's rows in
+// chunks of 8, 4, 2, 1 (each task's weight rows read again for each chunk, from its cache)
+template <typename T, int64_t Step, typename Add>
+void products(const T* w, int64_t d, int64_t n, int64_t m, float* y, Add add) {
+  const int64_t groups = (n + 3) / 4;  // tasks take whole groups of 4 rows (of 2 and of 4)
+  at::parallel_for(0, groups, 16, [&](int64_t gb, int64_t ge) {
+    const int64_t b = gb * 4, e = std::min(ge * 4, n);
+    int64_t j = 0;
+    for (; j + 8 <= m; j += 8) {
+      sum_rows<T, Step, 8>(w, d, n, b, e, j, y, add);
+    }
+    if (j + 4 <= m) {
+      sum_rows<T, Step, 4>(w, d, n, b, e, j, y, add);
+      j += 4;
+    }
+    if (j + 2 <= m) {
+      sum_rows<T, Step, 2>(w, d, n, b, e, j, y, add);
+      j += 2;
+    }
+    if (j < m) {
+      sum_rows<T, Step, 1>(w, d, n, b, e, j, y, add);
+    }
+  });
 }
 
 // bfloat16 bits (16 of them, as loaded) widened to float32 lanes
@@ -83,57 +128,52 @@ void sum_rows(const T* w, int64_t d, int64_t r0, int64_t r1, float* y, Add add) 
 
 at::Tensor one_row(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "one_row: CPU tensors only");
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.scalar_type() == at::kFloat,
-              "one_row: x must be one float32 row [1, d]");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kMaxInputs &&
+                  x.scalar_type() == at::kFloat,
+              "one_row: x must be 1 to ", kMaxInputs, " float32 rows [m, d]");
   TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1) && w.is_contiguous(),
               "one_row: w must be a contiguous [N, d] matrix");
   TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16,
               "one_row: w must be float32 or bfloat16");
-  const int64_t n = w.size(0), d = w.size(1);
+  const int64_t n = w.size(0), d = w.size(1), m = x.size(0);
   TORCH_CHECK(d % 32 == 0 && d <= kMaxWidth, "one_row: d must be a multiple of 32, at most ",
               kMaxWidth);
   const at::Tensor xc = x.contiguous();
-  at::Tensor y = at::empty({1, n}, x.options());
+  at::Tensor y = at::empty({m, n}, x.options());
   const float* xp = xc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const int64_t groups = (n + kRows - 1) / kRows;
-  const int64_t grain = 16;  // groups of rows per task: 64 rows
   if (w.scalar_type() == at::kFloat) {
-    const float* wp = w.data_ptr<float>();
-    const auto add = [xp](__m512 s, const float* a, int64_t k) {
-      return _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(xp + k), s);
+    const auto add = [xp, d](__m512 s, const float* a, int64_t k, int64_t j) {
+      return _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(xp + j * d + k), s);
     };
-    at::parallel_for(0, groups, grain, [&](int64_t b, int64_t e) {
-      sum_rows<float, 16>(wp, d, b * kRows, std::min(e * kRows, n), yp, add);
-    });
+    products<float, 16>(w.data_ptr<float>(), d, n, m, yp, add);
     return y;
   }
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
 #ifdef __AVX512BF16__
-  alignas(64) __m512bh xb[kMaxWidth / 32];
-  for (int64_t k = 0; k < d; k += 32) {
-    xb[k / 32] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(xp + k + 16), _mm512_loadu_ps(xp + k));
+  std::vector<__m512bh> xb(m * d / 32);  // x rounded to bfloat16, 32 columns a vector
+  for (int64_t j = 0; j < m; ++j) {
+    for (int64_t k = 0; k < d; k += 32) {
+      const float* at = xp + j * d + k;
+      xb[(j * d + k) / 32] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(at + 16), _mm512_loadu_ps(at));
+    }
   }
-  const __m512bh* xv = xb;
-  const auto add = [xv](__m512 s, const uint16_t* a, int64_t k) {
-    return _mm512_dpbf16_ps(s, (__m512bh)_mm512_loadu_si512(a + k), xv[k / 32]);
+  const __m512bh* xv = xb.data();
+  const auto add = [xv, d](__m512 s, const uint16_t* a, int64_t k, int64_t j) {
+    return _mm512_dpbf16_ps(s, (__m512bh)_mm512_loadu_si512(a + k), xv[(j * d + k) / 32]);
   };
-  at::parallel_for(0, groups, grain, [&](int64_t b, int64_t e) {
-    sum_rows<uint16_t, 32>(wp, d, b * kRows, std::min(e * kRows, n), yp, add);
-  });
+  products<uint16_t, 32>(wp, d, n, m, yp, add);
 #else
-  alignas(64) float xr[kMaxWidth];
-  for (int64_t k = 0; k < d; ++k) {
+  std::vector<float> xr(m * d);
+  for (int64_t k = 0; k < m * d; ++k) {
     xr[k] = round_bf16(xp[k]);
   }
-  const float* xv = xr;
-  const auto add = [xv](__m512 s, const uint16_t* a, int64_t k) {
+  const float* xv = xr.data();
+  const auto add = [xv, d](__m512 s, const uint16_t* a, int64_t k, int64_t j) {
     const __m512 wv = widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + k)));
-    return _mm512_fmadd_ps(wv, _mm512_loadu_ps(xv + k), s);
+    return _mm512_fmadd_ps(wv, _mm512_loadu_ps(xv + j * d + k), s);
   };
-  at::parallel_for(0, groups, grain, [&](int64_t b, int64_t e) {
-    sum_rows<uint16_t, 16>(wp, d, b * kRows, std::min(e * kRows, n), yp, add);
-  });
+  products<uint16_t, 16>(wp, d, n, m, yp, add);
 #endif
   return y;
 }
