@@ -28,7 +28,7 @@ from service.engine.compiled_step import (
 )
 from service.engine.decode import DecodeLoop
 from service.engine.forwards import choose_forward
-from service.engine.fused_llama import FusedLlama
+from service.engine.fused_llama import FusedLlama, Products
 from service.engine.prefix_cache import PrefixCache
 from service.settings import Settings
 from tests.engine.conftest import (
@@ -106,6 +106,41 @@ def test_one_row_products_run_rankones_kernels_else_inductors_reductions(
     expected = reference_generate(backbone, req.task, req.input_ids, 12)
     assert decode_alone(backbone, plain, req) == expected
     assert plain.steps == len(expected) - 1 and plain.misses == 0
+
+
+@pytest.mark.parametrize("weights", ["float32", "bfloat16"])
+def test_products_of_a_few_rows_run_the_kernels_each_row_as_alone(
+    backbones: dict[str, Backbone], weights: str
+) -> None:
+    """Where the kernels build, a several-row step's float32 and bfloat16 products of up to
+    ``FEW_ROWS`` rows run them (the weights read once for all the rows): each row the bits of
+    the one-row step's product of it; more rows run the eager forward's own product."""
+    from service.engine.compiled_step import FEW_ROWS
+    from service.engine.fused_llama import _product, _product_t
+
+    forward = compiled(backbones["llama"], weights)
+    if forward.one_row is not None:
+        pytest.skip(forward.one_row)
+    g = torch.Generator().manual_seed(0)
+    for one, several in zip(forward.layers[:1], forward.extern_layers[:1], strict=True):
+        for name in ("qkv", "o", "gate_up", "down"):
+            kernel, extern = getattr(one, name), getattr(several, name)
+            assert isinstance(kernel, OneRowWeight) and extern.few is kernel
+            d = kernel.w.shape[1]
+            for n in (2, 5, FEW_ROWS, FEW_ROWS + 1):
+                x = torch.randn(n, d, generator=g).to(extern.dtype or torch.float32)
+                with torch.inference_mode():
+                    got = torch.ops.rankone.product(x, extern.key)
+                    got = got.t() if extern.weight_major else got
+                    if n <= FEW_ROWS:
+                        rows = [kernel.product(x[j : j + 1].float(), Products()) for j in range(n)]
+                        want = torch.cat(rows).to(x.dtype)
+                    else:
+                        how = extern.how(n)
+                        fn = _product_t if extern.weight_major else _product
+                        want = fn(extern.weight, None, x, how)
+                        want = want.t() if extern.weight_major else want
+                assert torch.equal(got, want), (name, n)
 
 
 def test_one_graph_serves_every_window_and_cache_move(backbones: dict[str, Backbone]) -> None:
