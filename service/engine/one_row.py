@@ -81,6 +81,12 @@ def isa_flags(flags: frozenset[str]) -> list[str] | None:
     return options + (["-mavx512bf16"] if "avx512_bf16" in flags else [])
 
 
+@functools.cache
+def _isa() -> list[str] | None:
+    """This CPU's instruction-set options for the kernels (``isa_flags``), read once."""
+    return isa_flags(cpu_flags())
+
+
 def _cache_dir() -> Path:
     try:
         from torch._inductor.runtime.cache_dir_utils import cache_dir
@@ -143,7 +149,7 @@ def load() -> str | None:
     ``rankone_cpu::one_row`` is there, else why not (the caller keeps its reductions)."""
     if not sys.platform.startswith("linux"):
         return "one-row kernels are built on Linux only"
-    isa = isa_flags(cpu_flags())
+    isa = _isa()
     if isa is None:
         return "one-row kernels need a CPU with AVX-512 (F, BW, VL, DQ) and FMA"
     target = library(isa)
@@ -191,7 +197,7 @@ def product(x: Tensor, w: Tensor) -> Tensor:
 @functools.cache
 def has_q4() -> bool:
     """Whether the loaded kernels include the 4-bit one (``one_row_q4``: AVX512-BF16)."""
-    isa = isa_flags(cpu_flags())
+    isa = _isa()
     return load() is None and isa is not None and "-mavx512bf16" in isa
 
 
