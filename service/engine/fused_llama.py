@@ -14,6 +14,12 @@ weights, not by FLOPs. Two things make that read cheaper than Hugging Face's for
   the contiguous activations ``h`` [rows, d], instead of ``F.linear``'s ``h @ Wᵀ``: on this
   CPU's BLAS the same weights are read 1.2–2.5× faster at 2–32 rows (``python -m bench.step_rows``
   records the step by rows with either forward).
+- **rankone's kernels for a few rows.** On a CPU with AVX-512 the products of 1 to 8 rows
+  (float32 matrices, bfloat16 copies) run ``one_row``'s kernels (``Products.kernel``): the
+  weights read once for all the rows, where the BLAS's GEMMs of 2-8 rows took up to twice as
+  long on an Intel Xeon; each row's sums in the same order whatever rows are beside it. An eager
+  SmolLM2 step of 4-8 float32 rows 1.5-1.8x faster there, of one bfloat16 row 1.3x
+  (``docs/internals.md``).
 
 Everything else is the HF Llama forward (RMSNorm in float32, the model's own rotary-embedding
 module, SDPA with the same GQA handling), reading and writing the engine's caches directly:
@@ -42,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from service.engine import one_row
 from service.engine.forward import Forward, StepInputs, fastest
 from service.engine.kv_cache import SlotKV
 from service.engine.kv_layout import KV
@@ -194,10 +201,13 @@ class Bf16Weight:
     ran a pass over SmolLM2's decoder matrices 1.2-2x faster than the plain bfloat16 GEMM on an
     AMD EPYC without AMX and within 3 % of it on an Intel Xeon with AMX
     (bench/results/decode_kernels.md), with the same numbers as ``torch.mm``, whatever the rows
-    beside (checked when made); elsewhere the plain matrix (``w``). Activations are rounded to
+    beside (checked when made); elsewhere the plain matrix (``w``). Where rankone's kernels run
+    (``kernels_run``) the copy keeps the plain matrix beside the prepacked one (about the
+    bfloat16 weights again in memory): products of up to ``one_row.MAX_ROWS`` rows read it with
+    the kernel (``Products.kernel``), more rows the prepacked GEMM. Activations are rounded to
     bfloat16 for the product only; everything between the products stays float32."""
 
-    w: Tensor | None  # [N, d] bfloat16, where not prepacked
+    w: Tensor | None  # [N, d] bfloat16, where not prepacked or where the kernels read it
     prepacked: Tensor | None = None  # oneDNN's layout of it (an opaque mkldnn tensor)
 
     @classmethod
@@ -209,7 +219,7 @@ class Bf16Weight:
         x = torch.linspace(-1, 1, 3 * wb.shape[1], dtype=torch.bfloat16).reshape(3, -1)
         if not torch.equal(made.product(x, Products()), torch.mm(x, wb.t()).float()):
             return cls(wb)  # not the GEMM's numbers on this machine: the plain matrix
-        return made
+        return dataclasses.replace(made, w=wb) if kernels_run(wb.device) else made
 
     def plain(self) -> Bf16Weight:
         """This copy as the plain bfloat16 matrix (a compiled step's reductions read it:
@@ -220,8 +230,13 @@ class Bf16Weight:
         return Bf16Weight(self.prepacked.to_dense().contiguous())
 
     def product(self, x: Tensor, how: Products) -> Tensor:
-        """``x @ wᵀ``: [n, d] -> [n, N] in ``x``'s dtype (the prepacked product, else
-        weight-major: a transposed view; ``how.reduce``: a reduction over the plain matrix)."""
+        """``x @ wᵀ``: [n, d] -> [n, N] in ``x``'s dtype (rankone's kernel where ``how.kernel``
+        and it fits, else the prepacked product, else weight-major: a transposed view;
+        ``how.reduce``: a reduction over the plain matrix). Each rounds its output to
+        bfloat16, as the GEMM gives it."""
+        if self.w is not None and _by_kernel(self.w, how):
+            y = one_row.product(x.float(), self.w)  # (x rounded to bfloat16 by the kernel)
+            return y.to(torch.bfloat16).to(x.dtype)
         xb = x.to(torch.bfloat16)
         if how.reduce and self.w is not None:  # the GEMM's numbers (bfloat16 out), fused
             return (self.w.float() * xb.float()).sum(-1).to(torch.bfloat16)[None].to(x.dtype)
@@ -290,8 +305,9 @@ class PackedWeight:
         return torch.ops.mkl._mkl_linear(x, self.packed, self.w, None, int(x.shape[0]))
 
     def product(self, x: Tensor, how: Products) -> Tensor:
-        """``x @ wᵀ``: [n, N], packed where ``how`` says so, else as a float32 matrix."""
-        if how.packed and x.shape[0] > 1:
+        """``x @ wᵀ``: [n, N], packed where ``how`` says so (unless rankone's kernel runs the
+        float32 matrix: ``how.kernel``), else as a float32 matrix."""
+        if how.packed and x.shape[0] > 1 and not _by_kernel(self.w, how):
             return self.packed_product(x)
         return _product_t(self.w, None, x, how).t()
 
@@ -388,6 +404,30 @@ class Products:
     linear: bool = False  # several rows, float weights: F.linear (else weight-major)
     packed: bool = False  # several rows, a PackedWeight: its packed copy
     reduce: bool = False  # one row as a reduction over the weights (a compiled step's only)
+    # 1 to one_row.MAX_ROWS rows where rankone's kernels run (``kernels_run``): a float32
+    # matrix's or a bfloat16 copy's plain matrix's products by them (``_by_kernel``), before
+    # any of the above
+    kernel: bool = False
+
+
+def _by_kernel(w: Tensor, how: Products) -> bool:
+    """Whether the product of the plain matrix ``w`` runs rankone's kernel
+    (``one_row.product``): where ``how.kernel`` says so and the kernel takes ``w``."""
+    return how.kernel and one_row.fits(w)
+
+
+@functools.cache
+def kernels_run(device: torch.device) -> bool:
+    """Whether products of 1 to ``one_row.MAX_ROWS`` rows on ``device`` run rankone's own
+    kernels (``one_row``: a CPU with AVX-512, the kernels built and loaded once per process).
+    They read the weights once for all the rows, each row's sums in the same order whatever
+    rows are beside it (``docs/internals.md``); elsewhere the BLAS's products."""
+    if device.type != "cpu":
+        return False
+    why = one_row.load()
+    if why is not None:
+        log.info("products of a few rows stay the BLAS's: %s", why)
+    return why is None
 
 
 def _product_t(weight: Weight, bias: Tensor | None, x: Tensor, how: Products) -> Tensor:
@@ -399,6 +439,9 @@ def _product_t(weight: Weight, bias: Tensor | None, x: Tensor, how: Products) ->
     if not isinstance(weight, Tensor):  # a copy with its own product
         y = weight.product(x, how)  # [n, N]
         return (y if bias is None else y + bias.t()).t()
+    if weight.dtype == torch.float32 and _by_kernel(weight, how):
+        out = one_row.product(x, weight).t()
+        return out if bias is None else out + bias
     if how.reduce:
         out = (weight * x).sum(-1)[:, None]
         return out if bias is None else out + bias
@@ -674,6 +717,7 @@ class FusedLlama(Forward):
         self.head = model.lm_head.weight.detach()  # [V, d] (tied or not)
         # per products' dtype: one row as a GEMV? (measured now, not in a request)
         self.one_row_gemv = {self.head.dtype: one_row_by_gemv(self.head.device, self.head.dtype)}
+        self.kernels = kernels_run(self.head.device)  # products of a few rows by rankone's
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(config.num_key_value_heads)
         self.head_dim = int(
@@ -795,13 +839,17 @@ class FusedLlama(Forward):
         return _product(head, None, norm, how).contiguous()
 
     def products(self, rows: int, weight: Weight) -> Products:
-        """How a call's products over ``rows`` rows of weights like ``weight`` run: one row
-        as a GEMV or not (``one_row_by_gemv``), several as ``F.linear`` or weight-major
-        (``linear_rows``), as measured when this forward was built."""
+        """How a call's products over ``rows`` rows of weights like ``weight`` run: up to
+        ``one_row.MAX_ROWS`` rows by rankone's kernels where they run (``kernels_run``) and
+        take the weight; else one row as a GEMV or not (``one_row_by_gemv``), several as
+        ``F.linear`` or weight-major (``linear_rows``), as measured when this forward was
+        built."""
+        kernel = self.kernels and rows <= one_row.MAX_ROWS
         if rows == 1:
-            return Products(gemv=self.one_row_gemv.get(_compute_dtype(weight), False))
+            gemv = self.one_row_gemv.get(_compute_dtype(weight), False)
+            return Products(gemv=gemv, kernel=kernel)
         packed = min(_row_bucket(rows), PACKED_BUCKETS[-1]) in self.packed_rows
-        return Products(linear=self.by_linear(rows), packed=packed)
+        return Products(linear=self.by_linear(rows), packed=packed, kernel=kernel)
 
     def by_linear(self, rows: int) -> bool:
         """Whether a product over ``rows`` rows runs as ``F.linear`` (see ``linear_rows``)."""

@@ -50,8 +50,10 @@ def test_int8_products_stay_within_rounding_and_rows_are_independent() -> None:
     b = Bf16Weight.of(w)
     if b.prepacked is None:  # no oneDNN bfloat16 here: the plain matrix
         assert b.w is not None and b.w.dtype == torch.bfloat16 and b.w.is_contiguous()
-    else:  # oneDNN's layout of the same matrix, and no second copy beside it
-        assert b.w is None and torch.equal(b.prepacked.to_dense(), w.bfloat16())
+    else:  # oneDNN's layout of the same matrix; the plain one beside it only for the kernels
+        assert torch.equal(b.prepacked.to_dense(), w.bfloat16())
+        assert (b.w is not None) == fused_llama.kernels_run(w.device)
+        assert b.w is None or torch.equal(b.w, w.bfloat16())
     x = torch.randn(8, 64, generator=g)
     exact = x @ w.t()
     for copy in (q, b):

@@ -10,6 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from prompts import Backbone, load_backbone
+from service.engine import one_row
 from service.engine.decode import DecodeLoop
 from service.engine.forwards import choose_forward
 from service.engine.fused_llama import (
@@ -19,6 +20,7 @@ from service.engine.fused_llama import (
     Products,
     _fuse,
     _product,
+    kernels_run,
 )
 from service.engine.graphed import GraphedStep, _Graph
 from service.engine.hf_forward import HFForward
@@ -46,16 +48,21 @@ def _tiny_llama(**overrides: object) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-@pytest.fixture(params=["weight-major", "linear"])
+@pytest.fixture(params=["weight-major", "linear", "kernels"])
 def orientation(
     request: pytest.FixtureRequest, backbones: dict[str, Backbone], monkeypatch: pytest.MonkeyPatch
 ) -> str:
     """The float32 products of several rows computed weight-major, or by ``F.linear``, and of
     one row as a two-column GEMM or as a GEMV (which ones run is measured per CPU: each must
-    compute the HF forward's numbers)."""
+    compute the HF forward's numbers); or, of up to 8 rows, by rankone's kernels (where they
+    run: a CPU with AVX-512), the others weight-major."""
     fused = FusedLlama.build(backbones["llama"].model)
     assert fused is not None
+    kernels = request.param == "kernels"
+    if kernels and not kernels_run(fused.head.device):
+        pytest.skip(f"rankone's kernels do not run here: {one_row.load()}")
     linear = request.param == "linear"
+    monkeypatch.setattr(fused, "kernels", kernels)
     monkeypatch.setattr(fused, "linear_rows", frozenset(LINEAR_BUCKETS) if linear else frozenset())
     monkeypatch.setattr(fused, "one_row_gemv", {torch.float32: linear})
     return str(request.param)
@@ -67,10 +74,35 @@ def test_both_orientations_compute_the_same_product() -> None:
     for n in (1, 2, 5, 32, 40):
         x = torch.randn(n, 32, generator=g)
         expected = torch.nn.functional.linear(x, w, bias[:, 0])
-        for how in (Products(), Products(linear=True), Products(gemv=True)):
+        kernels = kernels_run(torch.device("cpu")) and n <= one_row.MAX_ROWS  # (where they run)
+        kernel = [Products(kernel=True)] if kernels else []
+        for how in (Products(), Products(linear=True), Products(gemv=True), *kernel):
             got = _product(w, bias, x, how)
             assert got.shape == (n, 48)
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_products_of_up_to_8_rows_run_rankones_kernels_where_they_run() -> None:
+    """Where the kernels run (``kernels_run``: a CPU with AVX-512), a forward's products of 1 to
+    ``one_row.MAX_ROWS`` rows are theirs (each row's numbers the same bits whatever rows are
+    beside it), a matrix the kernels do not take (rows not a multiple of 32 long) the BLAS's."""
+    fused = FusedLlama.build(_tiny_llama())
+    assert fused is not None
+    assert fused.kernels == kernels_run(torch.device("cpu")) == (one_row.load() is None)
+    for rows in (1, 2, 8, 9, 32):
+        kernel = fused.kernels and rows <= one_row.MAX_ROWS
+        assert fused.products(rows, fused.head).kernel == kernel
+    if not fused.kernels:
+        pytest.skip(f"rankone's kernels do not run here: {one_row.load()}")
+    g = torch.Generator().manual_seed(1)
+    taken, refused = torch.randn(48, 32, generator=g), torch.randn(32, 48, generator=g)
+    x = torch.randn(8, 32, generator=g)
+    got = _product(taken, None, x, Products(kernel=True))
+    assert torch.equal(got, one_row.product(x, taken))  # the kernel's product ...
+    alone = [_product(taken, None, x[i : i + 1], Products(kernel=True)) for i in range(8)]
+    assert torch.equal(torch.cat(alone), got)  # ... each row's bits as alone
+    x48 = torch.randn(3, 48, generator=g)
+    assert torch.equal(_product(refused, None, x48, Products(kernel=True)), x48 @ refused.t())
 
 
 def _compare_steps(loop: DecodeLoop, steps: int) -> None:
