@@ -11,9 +11,9 @@ attention over the window as reductions too (``_decode_attention(reduce=True)``,
 that inductor keeps each product's terms inside its loop: stored, they slowed steps with the
 window). On SmolLM2-135M in ``int8`` (AMD EPYC, 2 threads) a one-row forward takes ~6 ms
 against ~14 ms eager (``bench/results/peer_llamacpp.md``). Float32 matrices and bfloat16
-copies are read by rankone's own one-row kernels where the CPU has AVX-512 (``one_row``, one
-operator per product: ``OneRowWeight``): inductor's reduction keeps one accumulator per output
-row and runs at the adder's latency (~26 GB/s of bfloat16 weights on an Intel Xeon that reads
+copies are read by rankone's own kernels where the CPU has AVX-512 (``one_row``, one operator
+per product: ``Products.kernel``, as the eager forward runs them): inductor's reduction keeps one
+accumulator per output row and runs at the adder's latency (~26 GB/s of bfloat16 weights on an Intel Xeon that reads
 ~50), the kernels four rows per pass (bfloat16 by ``vdpbf16ps``): the one-row ``bfloat16``
 step ~1.3-1.5x faster there, ``float32`` ~1.2x; elsewhere the reductions. 4-bit copies, whose
 one-row products were torch's int4 kernel, run rankone's 4-bit kernel where the CPU has
@@ -26,9 +26,9 @@ bfloat16 or float32 copies, the int8 and int4 kernels, the float32 GEMM measured
 that row count), and the graph fuses what lies between them (norms, rotations, the attention,
 residuals, the copies' bfloat16 roundings). The rows' count is a symbol: one graph for 2 rows
 and for 32. Its attention stays the eager step's two batched products (the BLAS's). Up to
-``FEW_ROWS`` (8) rows, the float32 matrices' and bfloat16 copies' products run rankone's kernels
-instead where they build (``one_row``: the weights read once for all the rows, each row's
-numbers its one-row product's): SmolLM2's several-row steps on an Intel Xeon 1.05-1.7x faster
+``one_row.MAX_ROWS`` (8) rows, the float32 matrices' and bfloat16 copies' eager products are
+rankone's kernels where they build (``one_row``: the weights read once for all the rows, each
+row's numbers its one-row product's): SmolLM2's several-row steps on an Intel Xeon 1.05-1.7x faster
 (``bfloat16``) and 1.2-1.6x (float32) at 2-8 rows than with the eager GEMMs.
 
 What is compiled is ``FusedLlama._step_layers`` itself: the same code, so the same numbers up
@@ -100,9 +100,6 @@ _ONE_ROW_REALIZE = 3
 # 64, ends at 129, in 256 columns); one row, or _SCRATCH_SEVERAL rows: no size 0, 1 or
 # another's (see module doc)
 _SCRATCH_SLOTS, _SCRATCH_COLUMNS, _SCRATCH_SEVERAL = 9, 65, 5
-# the most rows whose float32 and bfloat16 products in a several-row step run rankone's kernels
-# (``one_row``: the weights read once for all the rows) instead of the eager forward's GEMMs
-FEW_ROWS = one_row.MAX_ROWS
 
 
 class ExternWeight:
@@ -110,8 +107,8 @@ class ExternWeight:
     (``rankone::product``) that calls the eager forward's own product for the call's row count
     (``products``): the same kernel and numbers as an eager step (oneDNN's prepacked bfloat16
     or float32 copies, the int8 and int4 kernels, the float32 GEMM measured fastest at that
-    many rows), the graph fusing everything between the products; or, for up to ``FEW_ROWS``
-    rows of a matrix rankone's kernels take (``few``), those kernels. The operator finds the
+    many rows; rankone's kernels for up to ``one_row.MAX_ROWS`` rows where they run), the graph
+    fusing everything between the products. The operator finds the
     weight by ``key`` (a string in the graph: a constant, where an int would become a symbol;
     not a tensor: no guards over the weights)."""
 
@@ -124,12 +121,9 @@ class ExternWeight:
         out: int,
         products: Callable[[int, Weight], Products],
         dtype: torch.dtype | None = None,
-        few: OneRowWeight | None = None,
     ):
         self.weight, self.out, self.products = weight, out, products
         self.dtype = dtype  # what the product's kernel takes and gives (None: the rows')
-        # the same matrix for rankone's kernels, which run its products of up to FEW_ROWS rows
-        self.few = few
         # a float matrix's product comes weight-major ([N, n], ``_product_t``: the MLP's
         # activation then runs over contiguous halves, as eagerly), a copy's as [n, N]
         self.weight_major = isinstance(weight, Tensor)
@@ -144,19 +138,15 @@ class ExternWeight:
         width: int,
         products: Callable[[int, Weight], Products],
         like: Tensor,
-        few: Weight | None = None,
     ) -> ExternWeight:
         """``weight`` (taking rows of ``width``) as an extern product; its output width found
-        by one product of zeros of ``like``'s dtype. ``few``: the one-row step's form of the
-        same matrix; where it is rankone's kernel's (``OneRowWeight``), products of up to
-        ``FEW_ROWS`` rows run that kernel, which reads the weights once for all of them."""
+        by one product of zeros of ``like``'s dtype."""
         x = torch.zeros(2, width, dtype=like.dtype, device=like.device)
         out = int(_product(weight, None, x, products(2, weight)).shape[1])
         # copies whose kernels take bfloat16 rows: the graph rounds the rows (and widens the
         # product) in its own loops, as the copy's product does eagerly
         low = isinstance(weight, Int8Weight | Int4Weight | Bf16Weight) and like.is_floating_point()
-        kernel = few if isinstance(few, OneRowWeight) else None
-        return cls(weight, out, products, torch.bfloat16 if low else None, kernel)
+        return cls(weight, out, products, torch.bfloat16 if low else None)
 
     def how(self, rows: int) -> Products:
         """How the eager forward runs this weight's product over ``rows`` rows (fixed when it
@@ -177,9 +167,6 @@ def _extern_product(x: Tensor, key: str) -> Tensor:
     """``x @ wᵀ`` for ExternWeight ``key``, its eager product at ``n`` rows: [n, N], or
     [N, n] where the weight is a float matrix (``weight_major``)."""
     w = ExternWeight.by_key[key]
-    if w.few is not None and x.shape[0] <= FEW_ROWS:
-        y = w.few.product(x.float(), Products()).to(x.dtype)
-        return y.t().contiguous() if w.weight_major else y
     how = w.how(int(x.shape[0]))
     if w.weight_major:
         return _product_t(w.weight, None, x, how).contiguous()
@@ -210,7 +197,8 @@ class CompiledStep(StepOf):
         self.misses = 0  # steps run eagerly because the graph did not fit them
         self.compile_s = 0.0
         self.layers = inner.step_layers  # what the one-row step reads (``_plain`` copies)
-        self.one_row: str | None = "not prepared"  # None: its products run one_row's kernels
+        # None: its float32 and bfloat16 products run rankone's kernels (else: why not)
+        self.one_row: str | None = "not prepared"
         self.head = inner.step_head
         self.extern_layers: list[_Layer] = []  # what the several-row step reads
         self.extern_head: Weight = inner.step_head
@@ -226,21 +214,22 @@ class CompiledStep(StepOf):
             return
         start = time.perf_counter()
         # oneDNN's prepacked bfloat16 copies do not lower (inductor asserts): the one-row
-        # step's reductions read plain copies of them
+        # step's reductions read plain copies of them (the copies hold them where the kernels
+        # run: ``Bf16Weight.of``)
         self.layers = [_plain(layer) for layer in self.inner.step_layers]
         self.head = _plain_weight(self.inner.step_head)
-        # its float32 and bfloat16 products: rankone's own one-row kernels where they build
-        self.one_row = one_row.load()
+        # float32 and bfloat16 products: rankone's own kernels where the forward runs them;
+        # 4-bit copies: the 4-bit kernel's layout where the CPU has AVX512-BF16
+        self.one_row = None if self.inner.kernels else one_row.load() or "off in this forward"
         if self.one_row is None:
             self.layers = [_each_matrix(layer, _one_row_weight) for layer in self.layers]
             self.head = _one_row_weight(self.head)
         else:
             log.info("one-row steps keep inductor's reductions: %s", self.one_row)
         try:
-            pairs = zip(self.inner.step_layers, self.layers, strict=True)
-            self.extern_layers = [self._extern(layer, one) for layer, one in pairs]
+            self.extern_layers = [self._extern(layer) for layer in self.inner.step_layers]
             d = self.inner.norm.shape[0]
-            self.extern_head = self._extern_weight(self.inner.step_head, d, self.head)
+            self.extern_head = self._extern_weight(self.inner.step_head, d)
             for t in _weights(self):
                 torch._dynamo.mark_static(t)
             for several, fn in ((False, self._one_row), (True, self._several_rows)):
@@ -268,21 +257,20 @@ class CompiledStep(StepOf):
         self.compile_s = time.perf_counter() - start
         log.info("decode steps compiled in %.1f s", self.compile_s)
 
-    def _extern_weight(self, weight: Weight, width: int, few: Weight | None = None) -> ExternWeight:
-        return ExternWeight.of(weight, width, self.inner.products, self.inner.head, few)
+    def _extern_weight(self, weight: Weight, width: int) -> ExternWeight:
+        return ExternWeight.of(weight, width, self.inner.products, self.inner.head)
 
-    def _extern(self, layer: _Layer, one: _Layer) -> _Layer:
-        """``layer`` with its products as extern products (``ExternWeight``); ``one``: the
-        one-row step's form of it (its matrices for rankone's kernels, where they run)."""
+    def _extern(self, layer: _Layer) -> _Layer:
+        """``layer`` with its products as extern products (``ExternWeight``)."""
         inner = self.inner
         d, nq = int(inner.norm.shape[0]), inner.heads * inner.head_dim
-        gate_up = self._extern_weight(layer.gate_up, d, one.gate_up)
+        gate_up = self._extern_weight(layer.gate_up, d)
         return dataclasses.replace(
             layer,
-            qkv=self._extern_weight(layer.qkv, d, one.qkv),
-            o=self._extern_weight(layer.o, nq, one.o),
+            qkv=self._extern_weight(layer.qkv, d),
+            o=self._extern_weight(layer.o, nq),
             gate_up=gate_up,
-            down=self._extern_weight(layer.down, gate_up.out // 2, one.down),
+            down=self._extern_weight(layer.down, gate_up.out // 2),
         )
 
     def _eager(self, why: str) -> None:
@@ -327,9 +315,11 @@ class CompiledStep(StepOf):
 
     # two functions, so two code objects: Dynamo keeps each one's graph (and guards) apart
     def _one_row(self, *step: Any) -> Tensor:
-        """The traced one-row step (``_traced``'s step arguments): every product a reduction
-        over the weights, or one_row's kernel (``OneRowWeight``)."""
-        return self._traced(self.layers, self.head, Products(reduce=True), *step)
+        """The traced one-row step (``_traced``'s step arguments): every product rankone's
+        kernel where it runs and takes the matrix (``Products.kernel``), else a reduction over
+        the weights."""
+        how = Products(reduce=True, kernel=self.one_row is None)
+        return self._traced(self.layers, self.head, how, *step)
 
     def _several_rows(self, *step: Any) -> Tensor:
         """The traced step of several rows (their count a symbol): every product extern."""
@@ -397,20 +387,6 @@ def _input_guards(guards: Sequence[Any]) -> list[bool]:
 
 
 @dataclasses.dataclass(frozen=True)
-class OneRowWeight:
-    """A float32 or bfloat16 matrix whose one-row product runs rankone's kernel
-    (``one_row.product``, one opaque operator in the compiled graph). ``low``: a bfloat16 copy's
-    (``Bf16Weight``): its output rounded to bfloat16, as the copy's own product rounds it."""
-
-    w: Tensor
-    low: bool
-
-    def product(self, x: Tensor, how: Products) -> Tensor:
-        y = one_row.product(x, self.w)  # (the kernel makes x contiguous)
-        return y.to(torch.bfloat16).to(x.dtype) if self.low else y
-
-
-@dataclasses.dataclass(frozen=True)
 class OneRowInt4Weight:
     """A 4-bit copy (``Int4Weight``) whose one-row product runs rankone's 4-bit kernel
     (``one_row.product_q4``) from the copy's levels and scales in the kernel's own layout
@@ -429,13 +405,9 @@ class OneRowInt4Weight:
 
 
 def _one_row_weight(w: Weight) -> Weight:
-    """``w`` as a ``OneRowWeight`` where a kernel fits it (float32 matrices, plain bfloat16
-    copies) or a ``OneRowInt4Weight`` (4-bit copies, where the CPU has AVX512-BF16), else
-    ``w``."""
-    if isinstance(w, Bf16Weight) and w.w is not None and one_row.fits(w.w):
-        return OneRowWeight(w.w, True)
-    if isinstance(w, Tensor) and w.dtype == torch.float32 and one_row.fits(w):
-        return OneRowWeight(w, False)
+    """``w`` as a ``OneRowInt4Weight`` where it is a 4-bit copy the 4-bit kernel takes (a CPU
+    with AVX512-BF16), else ``w`` (float32 matrices and bfloat16 copies run rankone's kernels
+    through their own products: ``Products.kernel``)."""
     if isinstance(w, Int4Weight) and w.packed.device.type == "cpu" and one_row.fits_q4(w.shape):
         return OneRowInt4Weight.of(w) if one_row.has_q4() else w
     return w

@@ -16,8 +16,9 @@ ms without the prefetching; the prefetching then took them (alternating processe
 
 The same kernel takes up to ``MAX_ROWS`` (8) rows of activations, reading the weights once for
 all of them (four weight rows by up to four activation rows per pass, two by eight), each row's
-sums in the same order as alone: the compiled several-row step runs its float32 and bfloat16
-products of up to 8 rows with it (``compiled_step.FEW_ROWS``). Over SmolLM2's decoder matrices
+sums in the same order as alone: the fused forward runs every float32 and bfloat16 product of up
+to 8 rows with it, eager or compiled (``fused_llama.Products.kernel``). Over SmolLM2's decoder
+matrices
 (Intel Xeon, alternating in one process) it took 11-15 ms for 2 and 4 bfloat16 rows where
 oneDNN's prepacked GEMM took 27-32, 15-20 ms for 8 against 18-28; float32 19-26 ms for 2-8 rows
 against torch's GEMM's 23-56.
@@ -32,7 +33,8 @@ compiled one-row step 36 µs a product against 45 (``torch.profiler``, 30 steps 
 Built here, once per machine (the C++ compiler inductor needs; ~15 s) into inductor's cache
 directory (``TORCHINDUCTOR_CACHE_DIR``), named by a hash of the source, the CPU's instruction
 sets used and torch's version; loaded once per process. ``load`` says why not where it cannot
-be (no AVX-512, no compiler, a failed build): the step then keeps the reductions.
+be (no AVX-512, no compiler, a failed build): the forward then keeps the BLAS's products and
+the compiled one-row step inductor's reductions.
 """
 
 from __future__ import annotations

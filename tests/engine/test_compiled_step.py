@@ -20,15 +20,10 @@ import torch._dynamo.output_graph as dynamo_output
 
 from prompts import Backbone
 from service.engine import one_row
-from service.engine.compiled_step import (
-    CompiledStep,
-    OneRowInt4Weight,
-    OneRowWeight,
-    _stable_graph_names,
-)
+from service.engine.compiled_step import CompiledStep, OneRowInt4Weight, _stable_graph_names
 from service.engine.decode import DecodeLoop
 from service.engine.forwards import choose_forward
-from service.engine.fused_llama import FusedLlama, Products
+from service.engine.fused_llama import FusedLlama
 from service.engine.prefix_cache import PrefixCache
 from service.settings import Settings
 from tests.engine.conftest import (
@@ -84,28 +79,32 @@ def test_one_row_steps_compiled_equal_generate(backbones: dict[str, Backbone]) -
 def test_one_row_products_run_rankones_kernels_else_inductors_reductions(
     backbones: dict[str, Backbone], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Where the one-row kernels build (a CPU with AVX-512), every float32 product of the
-    one-row step runs them (``OneRowWeight``); where they do not (here: made unavailable),
-    inductor's reductions over the plain matrices: either decodes what HF ``generate`` does."""
+    """Where the kernels build (a CPU with AVX-512), every float32 product of the compiled
+    one-row step runs them (``Products.kernel``: 4 a layer and the lm_head's); where the forward
+    does not run them (here: turned off), inductor's reductions over the plain matrices: either
+    decodes what HF ``generate`` does."""
     backbone = backbones["llama"]
     built = one_row.load()
     forward = compiled(backbone)
-    assert forward.one_row == built
-    weights = [w for layer in forward.layers for w in (layer.qkv, layer.o, layer.gate_up)]
-    weights += [layer.down for layer in forward.layers] + [forward.head]
-    if built is None:
-        assert all(isinstance(w, OneRowWeight) and not w.low for w in weights)
-    monkeypatch.setattr(one_row, "load", lambda: "no kernels here")
-    plain = CompiledStep(forward.inner)
-    plain.prepare()
-    assert plain.off is None and plain.one_row == "no kernels here"
-    assert all(isinstance(layer.qkv, torch.Tensor) for layer in plain.layers)
-    assert isinstance(plain.head, torch.Tensor)
+    assert forward.one_row == built and forward.inner.kernels == (built is None)
     tasks = make_tasks(backbone)
     req = request(backbone, tasks[2], TEXTS[2], "plain", max_new_tokens=12)
     expected = reference_generate(backbone, req.task, req.input_ids, 12)
-    assert decode_alone(backbone, plain, req) == expected
-    assert plain.steps == len(expected) - 1 and plain.misses == 0
+    runs = [("kernels", forward)]
+    monkeypatch.setattr(forward.inner, "kernels", False)
+    plain = CompiledStep(forward.inner)
+    plain.prepare()
+    assert plain.off is None and plain.one_row is not None
+    runs.append(("reductions", plain))
+    for name, step in runs:
+        before = step.steps
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            assert decode_alone(backbone, step, req) == expected, name
+        calls = sum(e.count for e in prof.key_averages() if e.key == "rankone_cpu::one_row")
+        steps = step.steps - before
+        assert steps == len(expected) - 1 and step.misses == 0, name
+        products = 4 * len(forward.layers) + 1
+        assert calls == (products * steps if name == "kernels" and built is None else 0), name
 
 
 @pytest.mark.parametrize("weights", ["float32", "bfloat16"])
@@ -113,34 +112,35 @@ def test_products_of_a_few_rows_run_the_kernels_each_row_as_alone(
     backbones: dict[str, Backbone], weights: str
 ) -> None:
     """Where the kernels build, a several-row step's float32 and bfloat16 products of up to
-    ``FEW_ROWS`` rows run them (the weights read once for all the rows): each row the bits of
-    the one-row step's product of it; more rows run the eager forward's own product."""
-    from service.engine.compiled_step import FEW_ROWS
+    ``one_row.MAX_ROWS`` rows run them (the weights read once for all the rows): each row the
+    bits of its product alone; more rows run the eager forward's GEMMs."""
     from service.engine.fused_llama import _product, _product_t
 
     forward = compiled(backbones["llama"], weights)
     if forward.one_row is not None:
         pytest.skip(forward.one_row)
     g = torch.Generator().manual_seed(0)
-    for one, several in zip(forward.layers[:1], forward.extern_layers[:1], strict=True):
-        for name in ("qkv", "o", "gate_up", "down"):
-            kernel, extern = getattr(one, name), getattr(several, name)
-            assert isinstance(kernel, OneRowWeight) and extern.few is kernel
-            d = kernel.w.shape[1]
-            for n in (2, 5, FEW_ROWS, FEW_ROWS + 1):
-                x = torch.randn(n, d, generator=g).to(extern.dtype or torch.float32)
-                with torch.inference_mode():
-                    got = torch.ops.rankone.product(x, extern.key)
-                    got = got.t() if extern.weight_major else got
-                    if n <= FEW_ROWS:
-                        rows = [kernel.product(x[j : j + 1].float(), Products()) for j in range(n)]
-                        want = torch.cat(rows).to(x.dtype)
-                    else:
-                        how = extern.how(n)
-                        fn = _product_t if extern.weight_major else _product
-                        want = fn(extern.weight, None, x, how)
-                        want = want.t() if extern.weight_major else want
-                assert torch.equal(got, want), (name, n)
+    for name in ("qkv", "o", "gate_up", "down"):
+        extern = getattr(forward.extern_layers[0], name)
+        fn = _product_t if extern.weight_major else _product
+        plain = extern.weight if weights == "float32" else extern.weight.w
+        d = plain.shape[1]
+        for n in (2, 5, one_row.MAX_ROWS, one_row.MAX_ROWS + 1):
+            x = torch.randn(n, d, generator=g).to(extern.dtype or torch.float32)
+            with torch.inference_mode():
+                got = torch.ops.rankone.product(x, extern.key)
+                got = got.t() if extern.weight_major else got
+                alone = [torch.ops.rankone.product(x[j : j + 1], extern.key) for j in range(n)]
+                alone = [a.t() if extern.weight_major else a for a in alone]
+                kernel = n <= one_row.MAX_ROWS
+                assert extern.how(n).kernel == kernel
+                if kernel:  # rankone's kernel, each row's bits as alone
+                    want = one_row.product(x.float(), plain).to(x.dtype)
+                    assert torch.equal(torch.cat(alone), got), (name, n)
+                else:  # the eager GEMM (oneDNN's prepacked bfloat16, torch's float32)
+                    want = fn(extern.weight, None, x, extern.how(n))
+                    want = want.t() if extern.weight_major else want
+            assert torch.equal(got, want), (name, n)
 
 
 def test_one_graph_serves_every_window_and_cache_move(backbones: dict[str, Backbone]) -> None:
@@ -178,10 +178,6 @@ def test_low_precision_rows_decode_alone_what_they_decode_in_a_batch(
     assert forward.kind == forward.inner.kind + "+compiled"
     if weights == "bfloat16":  # the compiled step reads plain copies of prepacked matrices
         assert all(layer.down.w is not None for layer in forward.layers)
-        # ... through the one-row kernels where they build, rounding outputs as the copy does
-        if forward.one_row is None:
-            assert all(isinstance(layer.down, OneRowWeight) for layer in forward.layers)
-            assert all(layer.down.low for layer in forward.layers)
     if weights == "int4" and forward.one_row is None and one_row.has_q4():
         for layer in forward.layers:  # the tiny model's matrices: whole tiles of 64 rows
             assert all(isinstance(m, OneRowInt4Weight) for m in (layer.qkv, layer.o))
