@@ -17,7 +17,7 @@ accumulator per output row and runs at the adder's latency (~26 GB/s of bfloat16
 ~50), the kernels four rows per pass (bfloat16 by ``vdpbf16ps``): the one-row ``bfloat16``
 step ~1.3-1.5x faster there, ``float32`` ~1.2x; elsewhere the reductions. 4-bit copies, whose
 one-row products were torch's int4 kernel, run rankone's 4-bit kernel where the CPU has
-AVX512-BF16 (``OneRowInt4Weight``: ~20 % less time in the step's products).
+AVX512-BF16 (``Int4Weight.tiles``: ~20 % less time in the step's products).
 
 Steps of several rows have a second graph: a reduction reads the weights once per row, where a
 GEMM reads them once, so there every product stays the eager forward's own kernel, called from
@@ -218,13 +218,10 @@ class CompiledStep(StepOf):
         # run: ``Bf16Weight.of``)
         self.layers = [_plain(layer) for layer in self.inner.step_layers]
         self.head = _plain_weight(self.inner.step_head)
-        # float32 and bfloat16 products: rankone's own kernels where the forward runs them;
-        # 4-bit copies: the 4-bit kernel's layout where the CPU has AVX512-BF16
+        # its products: rankone's own kernels where the forward runs them (float32, bfloat16;
+        # 4-bit copies where the CPU has AVX512-BF16)
         self.one_row = None if self.inner.kernels else one_row.load() or "off in this forward"
-        if self.one_row is None:
-            self.layers = [_each_matrix(layer, _one_row_weight) for layer in self.layers]
-            self.head = _one_row_weight(self.head)
-        else:
+        if self.one_row is not None:
             log.info("one-row steps keep inductor's reductions: %s", self.one_row)
         try:
             self.extern_layers = [self._extern(layer) for layer in self.inner.step_layers]
@@ -386,33 +383,6 @@ def _input_guards(guards: Sequence[Any]) -> list[bool]:
     ]
 
 
-@dataclasses.dataclass(frozen=True)
-class OneRowInt4Weight:
-    """A 4-bit copy (``Int4Weight``) whose one-row product runs rankone's 4-bit kernel
-    (``one_row.product_q4``) from the copy's levels and scales in the kernel's own layout
-    (``one_row.q4_tiles``: a second copy of the 4-bit weights; the several-row step keeps
-    torch's packing). Its output rounded to bfloat16, as torch's int4 kernel gives it."""
-
-    tiles: Tensor
-    scales: Tensor
-
-    @classmethod
-    def of(cls, w: Int4Weight) -> OneRowInt4Weight:
-        return cls(*one_row.q4_tiles(w.quanta(), w.scales_zeros))
-
-    def product(self, x: Tensor, how: Products) -> Tensor:
-        return one_row.product_q4(x, self.tiles, self.scales).to(torch.bfloat16).to(x.dtype)
-
-
-def _one_row_weight(w: Weight) -> Weight:
-    """``w`` as a ``OneRowInt4Weight`` where it is a 4-bit copy the 4-bit kernel takes (a CPU
-    with AVX512-BF16), else ``w`` (float32 matrices and bfloat16 copies run rankone's kernels
-    through their own products: ``Products.kernel``)."""
-    if isinstance(w, Int4Weight) and w.packed.device.type == "cpu" and one_row.fits_q4(w.shape):
-        return OneRowInt4Weight.of(w) if one_row.has_q4() else w
-    return w
-
-
 def _plain_weight(w: Weight) -> Weight:
     return w.plain() if isinstance(w, Bf16Weight) else w
 
@@ -441,6 +411,9 @@ def _weights(step: CompiledStep) -> list[Tensor]:
     def walk(value: object) -> None:
         if isinstance(value, Tensor):
             found.append(value)
+        elif isinstance(value, tuple):  # (a 4-bit copy's tiles and their scales)
+            for item in value:
+                walk(item)
         elif dataclasses.is_dataclass(value) and not isinstance(value, type):
             for field in dataclasses.fields(value):
                 walk(getattr(value, field.name))

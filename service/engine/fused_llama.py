@@ -124,12 +124,16 @@ class Int4Weight:
     measures either. Products read an eighth of float32's bytes, with bfloat16 activations and
     float32 accumulation (``torch._weight_int4pack_mm_for_cpu``, whose float32 path is ~25×
     slower; each output row depends on its own input row only). Off a CPU (CUDA): the same
-    numbers dequantized into one GEMM."""
+    numbers dequantized into one GEMM. Where rankone's 4-bit kernel runs (``kernels_run`` and
+    ``one_row.has_q4``: AVX512-BF16), one-row products run it (``Products.kernel``) from a
+    second copy of the levels in its own layout (``one_row.q4_tiles``, ``tiles``: ~70 MB for
+    SmolLM2): 36 µs a product where torch's kernel took 45 (``docs/internals.md``)."""
 
     packed: Tensor  # CPU: torch's int4 packing [N, d / 2] uint8; else the levels [N, d] uint8
     scales_zeros: Tensor  # [d / GROUP, N, 2] bfloat16: (s, z) per block
     shape: tuple[int, int]  # [N, d]
     error: float  # the copy's largest difference from the matrix, relative to its largest |w|
+    tiles: tuple[Tensor, Tensor] | None = None  # the 4-bit kernel's layout (``one_row.q4_tiles``)
 
     GROUP = 32
 
@@ -157,7 +161,9 @@ class Int4Weight:
             packed = q
         made = cls(packed, scales_zeros, (n, d), 0.0)
         error = float((made.levels(q) - w).abs().max()) / max(float(w.abs().max()), 1e-30)
-        return dataclasses.replace(made, error=error)
+        kernel = kernels_run(w.device) and one_row.has_q4() and one_row.fits_q4((n, d))
+        tiles = one_row.q4_tiles(q, scales_zeros) if kernel else None
+        return dataclasses.replace(made, error=error, tiles=tiles)
 
     def quanta(self) -> Tensor:
         """The copy's levels q (0 .. 15) as uint8 [N, d]: the CPU packing read back by
@@ -181,7 +187,12 @@ class Int4Weight:
         return (q.float() - 8) * s + z
 
     def product(self, x: Tensor, how: Products) -> Tensor:
-        """``x @ wᵀ`` from the 4-bit copy: [n, d] -> [n, N] in ``x``'s dtype."""
+        """``x @ wᵀ`` from the 4-bit copy: [n, d] -> [n, N] in ``x``'s dtype (one row with
+        ``how.kernel``: rankone's 4-bit kernel where the copy has its layout). Either rounds
+        the row and the output to bfloat16."""
+        if how.kernel and self.tiles is not None and x.shape[0] == 1:
+            y = one_row.product_q4(x.float(), *self.tiles)  # (x rounded to bfloat16 by it)
+            return y.to(torch.bfloat16).to(x.dtype)
         xb = x.to(torch.bfloat16).contiguous()
         if x.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(

@@ -20,10 +20,10 @@ import torch._dynamo.output_graph as dynamo_output
 
 from prompts import Backbone
 from service.engine import one_row
-from service.engine.compiled_step import CompiledStep, OneRowInt4Weight, _stable_graph_names
+from service.engine.compiled_step import CompiledStep, _stable_graph_names
 from service.engine.decode import DecodeLoop
 from service.engine.forwards import choose_forward
-from service.engine.fused_llama import FusedLlama
+from service.engine.fused_llama import FusedLlama, Int4Weight
 from service.engine.prefix_cache import PrefixCache
 from service.settings import Settings
 from tests.engine.conftest import (
@@ -178,14 +178,21 @@ def test_low_precision_rows_decode_alone_what_they_decode_in_a_batch(
     assert forward.kind == forward.inner.kind + "+compiled"
     if weights == "bfloat16":  # the compiled step reads plain copies of prepacked matrices
         assert all(layer.down.w is not None for layer in forward.layers)
-    if weights == "int4" and forward.one_row is None and one_row.has_q4():
-        for layer in forward.layers:  # the tiny model's matrices: whole tiles of 64 rows
-            assert all(isinstance(m, OneRowInt4Weight) for m in (layer.qkv, layer.o))
-            assert all(isinstance(m, OneRowInt4Weight) for m in (layer.gate_up, layer.down))
+    q4 = weights == "int4" and forward.one_row is None and one_row.has_q4()
+    if q4:  # the tiny model's matrices: whole tiles of 64 rows, in the 4-bit kernel's layout
+        matrices = [m for layer in forward.layers for m in (layer.qkv, layer.o, layer.down)]
+        assert all(isinstance(m, Int4Weight) and m.tiles is not None for m in matrices)
     mixed = DecodeLoop(backbone, prefix_cache=PrefixCache(1 << 24), forward=forward.inner)
-    for req, sink in run_schedule(backbone, mixed):
+    for i, (req, sink) in enumerate(run_schedule(backbone, mixed)):
         assert sink.result is not None
-        assert decode_alone(backbone, forward, req) == sink.result.token_ids, req.request_id
+        steps = forward.steps
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            assert decode_alone(backbone, forward, req) == sink.result.token_ids, req.request_id
+        # the compiled one-row steps: every 4-bit product by the kernel (counted after the
+        # graph's first run in this process, which ran one step's products more)
+        if q4 and i == 1:
+            calls = sum(e.count for e in prof.key_averages() if e.key == "rankone_cpu::one_row_q4")
+            assert calls == 4 * len(forward.layers) * (forward.steps - steps) > 0
     assert forward.steps > 0 and forward.misses == 0
     # one step's logits against the eager step's, of one row and of three: rounding apart
     tasks = make_tasks(backbone)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from prompts import Backbone
+from service.engine import one_row
 from service.engine.forwards import choose_forward
 from service.engine.fused_llama import (
     FusedLlamaInt4,
@@ -22,6 +23,7 @@ from service.engine.fused_llama import (
     Int8Weight,
     Products,
     _product,
+    kernels_run,
 )
 
 BF16_STEP = 2.0**-8  # bfloat16's relative rounding step
@@ -87,6 +89,31 @@ def test_int4_products_are_products_of_the_levels_with_bfloat16_rows() -> None:
             torch.testing.assert_close(got, want, rtol=0, atol=4 * BF16_STEP * scale)
         alone = torch.cat([_product(copy, None, x[i : i + 1], Products()) for i in range(n)])
         assert torch.equal(alone, _product(copy, None, x, Products()))  # rows independent
+
+
+def test_one_row_products_run_rankones_4_bit_kernel_where_it_runs() -> None:
+    """Where rankone's 4-bit kernel runs (AVX512-BF16), a copy of whole tiles of 64 rows keeps
+    its levels in the kernel's layout too, and its one-row products (``Products.kernel``) are
+    the kernel's: within rounding of torch's int4 kernel; products of several rows, and copies
+    without tiles, stay torch's."""
+    g = torch.Generator().manual_seed(4)
+    w, _ = q4_1(128, 64, g)
+    copy = Int4Weight.of(w)
+    runs = kernels_run(torch.device("cpu")) and one_row.has_q4()
+    assert (copy.tiles is not None) == runs
+    assert Int4Weight.of(q4_1(96, 64, g)[0]).tiles is None  # 96 rows: not whole tiles
+    if copy.tiles is None:
+        pytest.skip("rankone's 4-bit kernel does not run here (no AVX512-BF16)")
+    x = torch.randn(1, 64, generator=g)
+    got = _product(copy, None, x, Products(kernel=True))
+    assert torch.equal(got, one_row.product_q4(x, *copy.tiles).bfloat16().float())
+    torchs = _product(copy, None, x, Products())
+    scale = float(torchs.abs().max())
+    torch.testing.assert_close(got, torchs, rtol=0, atol=4 * BF16_STEP * scale)
+    x3 = torch.randn(3, 64, generator=g)
+    assert torch.equal(
+        _product(copy, None, x3, Products(kernel=True)), _product(copy, None, x3, Products())
+    )
 
 
 def test_shapes_without_a_copy_stay_float32() -> None:
