@@ -80,4 +80,5 @@ async def info(state: StateDep, caller: ClientCaller) -> dict[str, Any]:
         "store": getattr(state.store, "kind", "unknown"),
         "engine": s.engine,
         "forward": getattr(getattr(state, "engine", None), "forward_kind", "hf"),
+        "kernels": getattr(getattr(state, "engine", None), "forward_kernels", "torch"),
     }

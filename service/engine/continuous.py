@@ -127,6 +127,12 @@ class ContinuousEngine(Engine):
         (``forward.Forward.kind``)."""
         return self.loop_core.forward.kind
 
+    @property
+    def forward_kernels(self) -> str:
+        """Whose kernels run the forward's products of a few rows: ``rankone`` or ``torch``
+        (``forward.Forward.products_by``)."""
+        return self.loop_core.forward.products_by()
+
     async def start(self) -> None:
         if self._thread is not None:
             return

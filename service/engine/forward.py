@@ -86,6 +86,12 @@ class Forward(abc.ABC):
         """One decode step: next-token logits [n, V]; each layer's new keys/values are
         written at ``inputs.kv``'s open column."""
 
+    def products_by(self) -> str:
+        """Whose kernels run the products of a few rows (``/v1/info``'s ``kernels``):
+        ``rankone`` (its own CPU kernels, ``one_row``) or ``torch`` (torch's BLAS and
+        oneDNN, or the GPU's)."""
+        return "torch"
+
     def prepare(self) -> None:  # noqa: B027 (optional: most forwards have nothing to do)
         """Whatever the forward does once before serving (the engine's model thread calls it
         first: compiling, timing its choices); nothing by default."""
@@ -123,6 +129,9 @@ class StepOf(Forward):
 
     def embed(self, ids: Tensor) -> Tensor:
         return self.inner.embed(ids)
+
+    def products_by(self) -> str:
+        return self.inner.products_by()
 
     def prefill(
         self, embeds: Tensor, positions: Tensor, mask: Tensor, past: list[KV] | None = None

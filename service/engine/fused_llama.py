@@ -790,6 +790,9 @@ class FusedLlama(Forward):
     def embed(self, ids: Tensor) -> Tensor:
         return self.embed_tokens(ids)
 
+    def products_by(self) -> str:
+        return "rankone" if self.kernels else "torch"
+
     def step(self, inputs: StepInputs) -> Tensor:
         """A decode step: next-token logits [n, V] for ``inputs.tokens`` [n] at their
         positions [n]; each layer's new keys/values go to the slot cache's open column."""

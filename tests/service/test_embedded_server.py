@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from prompts import Backbone
 from service.app import create_app
+from service.engine import one_row
 from service.settings import Settings
 from tests.service.conftest import (
     ADMIN,
@@ -112,6 +113,7 @@ def test_seed_dir_and_continuous_engine(
         with TestClient(create_app(settings)) as c:
             info = c.get("/v1/info").json()
             assert info["engine"] == engine and info["forward"] == "hf"  # T5: not fused
+            assert info["kernels"] == "torch"
             r = c.post(
                 "/v1/tasks/seeded/generate",
                 json={"inputs": ["hello there", "a"], "parameters": {"max_new_tokens": 6}},
@@ -193,7 +195,10 @@ def test_fused_forward_setting_picks_the_forward(
         log_level="WARNING",
     )
     with TestClient(create_app(settings)) as c:
-        assert c.get("/v1/info").json()["forward"] == kind
+        info = c.get("/v1/info").json()
+        assert info["forward"] == kind
+        # rankone's own kernels where the fused forward runs on a CPU they build for
+        assert info["kernels"] == ("rankone" if fused and one_row.load() is None else "torch")
         c.post("/v1/shared-prompts", json=shared_body(shared_prompt(c.app.state.backbone)))
         r = c.post("/v1/tasks", json=task_body(c.app.state.backbone, "t", seed=3))
         assert r.status_code == 201, r.text
