@@ -7,6 +7,7 @@ Run by ``docker/compose-test.sh`` once the images ``rankone-{service,trainer}:<t
 compose files, the CPU and offline overrides, a fresh ``.env`` with an admin key and a small
 demo budget), starts it, and checks, through the proxy's port on 127.0.0.1:
 
+  the images read GGUF files; the service image ships rankone's CPU kernels ·
   up (init builds the demo, /readyz 200, every container healthy) · the demo seeded Redis ·
   register a task · generate (native, OpenAI) · --scale service=2 and a PUT reaches both
   replicas · the task-affinity proxy sends each task to one replica · `restart redis` ·
@@ -302,6 +303,27 @@ class Driver:
             self.s.docker("run", "--rm", "--entrypoint", "python3", image, "-c", check)
         self.ok("the service and trainer images have what loading a GGUF file needs")
 
+    def image_ships_kernels(self) -> None:
+        """The service image (no compiler) ships rankone's CPU kernels built for both kinds of
+        AVX-512 CPU (``one_row.prebuild``), and loads them where this CPU has AVX-512 (the
+        stack's T5 demo runs the HF forward: checked in the image)."""
+        check = (
+            "from service.engine import one_row; "
+            "print(len(list(one_row.PREBUILT.glob('one_row_*.so'))), one_row._isa() is not None); "
+            "print(one_row.load() or 'loaded')"
+        )
+        image = f"rankone-service:{self.s.tag}-cpu"
+        shipped, _, loaded = (
+            self.s.docker("run", "--rm", "--entrypoint", "python3", image, "-c", check)
+            .strip()
+            .partition("\n")
+        )
+        count, avx512 = shipped.split()
+        expect(count == "2", f"the service image should ship 2 kernel libraries: {shipped}")
+        if avx512 == "True":
+            expect(loaded == "loaded", f"the image's kernels should load on this CPU: {loaded}")
+        self.ok(f"the service image ships rankone's CPU kernels (here: {loaded[:120]})")
+
     def up(self) -> None:
         # A clean slate: a run killed half way (CI timeout) may have left the project behind.
         self.s.compose("down", "-v", "--remove-orphans", timeout=300)
@@ -521,7 +543,7 @@ def main() -> int:
     stack.write()
     driver = Driver(stack)
     steps = [
-        driver.images_read_gguf, driver.up, driver.demo_seeded, driver.register, driver.generate_native,
+        driver.images_read_gguf, driver.image_ships_kernels, driver.up, driver.demo_seeded, driver.register, driver.generate_native,
         driver.generate_openai, driver.scale_and_put, driver.affinity_routing,
         driver.restart_redis,
         driver.kill_replica, driver.down_up, driver.down_volumes,

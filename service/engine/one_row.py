@@ -32,7 +32,10 @@ compiled one-row step 36 µs a product against 45 (``torch.profiler``, 30 steps 
 
 Built here, once per machine (the C++ compiler inductor needs; ~15 s) into inductor's cache
 directory (``TORCHINDUCTOR_CACHE_DIR``), named by a hash of the source, the CPU's instruction
-sets used and torch's version; loaded once per process. ``load`` says why not where it cannot
+sets used and torch's version; loaded once per process. An image without a compiler ships them
+built: ``python -m service.engine.one_row --prebuild`` builds both kinds (AVX-512, and with
+AVX512-BF16) into ``PREBUILT``, inside the package, where ``load`` looks first (the Docker
+image's builder stage runs it). ``load`` says why not where it cannot
 be (no AVX-512, no compiler, a failed build): the forward then keeps the BLAS's products and
 the compiled one-row step inductor's reductions.
 """
@@ -55,6 +58,8 @@ from torch import Tensor
 log = logging.getLogger("rankone.engine")
 
 SOURCE = Path(__file__).with_name("csrc") / "one_row.cpp"
+# kernels built ahead of time, shipped in the package (``prebuild``): looked for before the cache
+PREBUILT = SOURCE.with_name("prebuilt")
 # what the kernels use: AVX-512 (F, BW, VL, DQ) and FMA; AVX512-BF16 where the CPU has it
 _NEEDED = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma")
 MAX_WIDTH = 8192  # the longest row the kernels take (one_row.cpp's kMaxWidth)
@@ -154,7 +159,9 @@ def load() -> str | None:
     isa = _isa()
     if isa is None:
         return "one-row kernels need a CPU with AVX-512 (F, BW, VL, DQ) and FMA"
-    target = library(isa)
+    target = library(isa, PREBUILT)
+    if not target.exists():
+        target = library(isa)
     try:
         if not target.exists():
             _build(target, isa)
@@ -228,3 +235,27 @@ def product_q4(x: Tensor, tiles: Tensor, scales: Tensor) -> Tensor:
     """``x @ wᵀ`` for one float32 row ``x`` [1, d] and a 4-bit copy in ``q4_tiles``' layout:
     [1, N] float32 (``x`` rounded to bfloat16 first, float32 sums). Needs ``has_q4()``."""
     return torch.ops.rankone_cpu.one_row_q4(x, tiles, scales)
+
+
+def prebuild(directory: Path = PREBUILT) -> list[Path]:
+    """Build the kernels for both kinds of AVX-512 CPU (with and without AVX512-BF16) into
+    ``directory``, for a machine or image that has no compiler at run time: ``load`` finds them
+    there (by the same names: this torch and this source). Whatever CPU builds them."""
+    built = []
+    for extra in ((), ("avx512_bf16",)):
+        isa = isa_flags(frozenset(_NEEDED) | set(extra))
+        assert isa is not None
+        target = library(isa, directory)
+        if not target.exists():
+            _build(target, isa)
+        built.append(target)
+    return built
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="rankone's CPU kernels, built ahead of time")
+    ap.add_argument("--prebuild", type=Path, nargs="?", const=PREBUILT, required=True)
+    for path in prebuild(ap.parse_args().prebuild):
+        print(path)

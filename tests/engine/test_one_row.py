@@ -1,4 +1,4 @@
-"""The compiled steps' own products (``one_row``: ``rankone_cpu::one_row`` and
+"""rankone's own CPU products (``one_row``: ``rankone_cpu::one_row`` and
 ``one_row_q4``): built here, they compute ``x @ wᵀ`` for float32 and bfloat16 matrices of any
 row count (four rows at a time, then the rest) and 1 to 8 rows of activations, and for 4-bit
 copies in tiles of 64 rows, refuse what they do not cover with a message, and say why not where
@@ -6,6 +6,8 @@ they cannot be built."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -168,15 +170,51 @@ def test_which_cpus_build_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_kernels_without_avx512_bf16(kernels: None, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def shipped(kernels: None, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """``prebuild``'s folder: this CPU's kind copied from the cache (built already), the other
+    kind (with or without AVX512-BF16) compiled by ``prebuild``."""
+    folder = tmp_path_factory.mktemp("prebuilt")
+    here = one_row.library(one_row._isa() or [])
+    shutil.copy(here, folder / here.name)
+    built = one_row.prebuild(folder)
+    assert len(set(built)) == 2 and all(p.parent == folder and p.exists() for p in built)
+    assert folder / here.name in built
+    return built
+
+
+def _run(code: str, **env: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip()
+
+
+def test_prebuilt_kernels_load_where_no_compiler_is(shipped: list[Path], tmp_path: Path) -> None:
+    """A process whose cache holds no kernels and which has no compiler loads them from the
+    prebuilt folder (``PREBUILT``: the Docker image's case), and without them says why."""
+    load = "from pathlib import Path; from service.engine import one_row; "
+    load += "one_row.PREBUILT = Path({!r}); print(one_row.load() or 'loaded')"
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"), "CXX": "/bin/false"}
+    assert _run(load.format(str(shipped[0].parent)), **env) == "loaded"
+    refused = _run(load.format(str(tmp_path / "none")), **env)
+    assert refused.startswith("one-row kernels not built: RuntimeError: /bin/false failed")
+
+
+def test_the_kernels_without_avx512_bf16(shipped: list[Path]) -> None:
     """The build for AVX-512 CPUs without AVX512-BF16 (bfloat16 weights widened to float32),
-    compiled here and run in a process of its own (one library per process registers the
-    operator): its products are the float64 products of the rounded row and the weights; its
-    4-bit operator refuses to run (``has_q4`` is false there)."""
+    run in a process of its own (one library per process registers the operator): its products
+    are the float64 products of the rounded row and the weights; its 4-bit operator refuses to
+    run (``has_q4`` is false there)."""
     isa = one_row.isa_flags(frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"}))
     assert isa is not None and "-mavx512bf16" not in isa
-    target = one_row.library(isa, tmp_path)
-    one_row._build(target, isa)
+    target = one_row.library(isa, shipped[0].parent)
+    assert target in shipped
     check = f"""
 import torch
 torch.ops.load_library({str(target)!r})
@@ -198,7 +236,4 @@ else:
     raise AssertionError("the 4-bit kernel ran without AVX512-BF16")
 print("ok")
 """
-    done = subprocess.run(
-        [sys.executable, "-c", check], capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    assert _run(check) == "ok"
