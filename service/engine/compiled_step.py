@@ -12,10 +12,11 @@ that inductor keeps each product's terms inside its loop: stored, they slowed st
 window). On SmolLM2-135M in ``int8`` (AMD EPYC, 2 threads) a one-row forward takes ~6 ms
 against ~14 ms eager (``bench/results/peer_llamacpp.md``). Float32 matrices and bfloat16
 copies are read by rankone's own kernels where the CPU has AVX-512 (``one_row``, one operator
-per product: ``Products.kernel``, as the eager forward runs them): inductor's reduction keeps one
-accumulator per output row and runs at the adder's latency (~26 GB/s of bfloat16 weights on an Intel Xeon that reads
-~50), the kernels four rows per pass (bfloat16 by ``vdpbf16ps``): the one-row ``bfloat16``
-step ~1.3-1.5x faster there, ``float32`` ~1.2x; elsewhere the reductions. 4-bit copies, whose
+per product: ``Products.kernel``, as the eager forward runs them): inductor's reduction keeps
+one accumulator per output row and runs at the adder's latency (~26 GB/s of bfloat16 weights
+on an Intel Xeon that reads ~50), the kernels four rows per pass (bfloat16 by ``vdpbf16ps``):
+the one-row ``bfloat16`` step ~1.3-1.5x faster there, ``float32`` ~1.2x; elsewhere the
+reductions. 4-bit copies, whose
 one-row products were torch's int4 kernel, run rankone's 4-bit kernel where the CPU has
 AVX512-BF16 (``Int4Weight.tiles``: ~20 % less time in the step's products).
 
@@ -28,8 +29,8 @@ residuals, the copies' bfloat16 roundings). The rows' count is a symbol: one gra
 and for 32. Its attention stays the eager step's two batched products (the BLAS's). Up to
 ``one_row.MAX_ROWS`` (8) rows, the float32 matrices' and bfloat16 copies' eager products are
 rankone's kernels where they build (``one_row``: the weights read once for all the rows, each
-row's numbers its one-row product's): SmolLM2's several-row steps on an Intel Xeon 1.05-1.7x faster
-(``bfloat16``) and 1.2-1.6x (float32) at 2-8 rows than with the eager GEMMs.
+row's numbers its one-row product's): SmolLM2's several-row steps on an Intel Xeon 1.05-1.7x
+faster (``bfloat16``) and 1.2-1.6x (float32) at 2-8 rows than with the eager GEMMs.
 
 What is compiled is ``FusedLlama._step_layers`` itself: the same code, so the same numbers up
 to the order of each sum (each low-precision product rounds as its eager kernel does: bfloat16
