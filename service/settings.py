@@ -106,6 +106,13 @@ class Settings(BaseSettings):
         "start on a machine, ~40 s after, inductor's cache in TORCHINDUCTOR_CACHE_DIR); off by "
         "default",
     )
+    cpu_kernels: bool = Field(
+        True,
+        description="on a CPU with AVX-512, the fused forward's products of 1-8 rows run "
+        "rankone's own kernels (built once per machine with g++; shipped built in the CPU "
+        "image); false: torch's BLAS and oneDNN products (the kernels' copies of bfloat16 "
+        "and 4-bit weights are still made)",
+    )
     max_batch_tokens: int = Field(8192, ge=1, description="input tokens per admitted batch")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="wait to fill a batch (ms)")
     max_input_tokens: int = Field(512, ge=1, description="longest accepted input, in tokens")

@@ -67,6 +67,7 @@ class ContinuousEngine(Engine):
         weights: str = "float32",
         cuda_graphs: bool = True,
         compiled_step: bool = False,
+        cpu_kernels: bool = True,
         threads: int = 0,
     ) -> None:
         """``threads``: torch threads of the model thread (0: leave torch's setting)."""
@@ -97,6 +98,7 @@ class ContinuousEngine(Engine):
                 weights=weights,
                 graphs=cuda_graphs,
                 compiled=compiled_step,
+                kernels=cpu_kernels,
             ),
         )
         self.drain = DrainRate()

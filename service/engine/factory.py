@@ -40,6 +40,7 @@ def build_engine(name: str, backbone: Backbone, settings: Any, metrics: EngineMe
             weights=settings.weights,
             cuda_graphs=settings.cuda_graphs,
             compiled_step=settings.compiled_step,
+            cpu_kernels=settings.cpu_kernels,
             threads=threads,
             metrics=metrics,
         )

@@ -23,6 +23,7 @@ def choose_forward(
     weights: str = "float32",
     graphs: bool = False,
     compiled: bool = False,
+    kernels: bool = True,
 ) -> Forward:
     """``fused``: run the fused Llama forward where it covers the backbone. ``weights``
     ``int8`` / ``int4`` / ``bfloat16``: its decode steps' products from 8-bit / 4-bit /
@@ -34,7 +35,8 @@ def choose_forward(
     passes ``RANKONE_CUDA_GRAPHS``, on by default). ``compiled``: on a CPU the fused
     forward's decode steps run compiled by inductor (``compiled_step.CompiledStep``,
     compiled by its ``prepare``; ``RANKONE_COMPILED_STEP``, off by default; a ValueError
-    without the fused forward)."""
+    without the fused forward). ``kernels``: false turns rankone's own CPU kernels off in the
+    fused forward (``FusedLlama.without_kernels``; ``RANKONE_CPU_KERNELS``, on by default)."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     found = FusedLlama.build(backbone.model) if fused else None
@@ -49,6 +51,8 @@ def choose_forward(
         if why_not is not None:
             raise ValueError(f"RANKONE_WEIGHTS={weights}: {why_not}; use RANKONE_WEIGHTS=float32")
         found = found.decode_copies(weights)
+    if not kernels and found is not None:
+        found = found.without_kernels()
     if compiled and found is None:
         why = "RANKONE_FUSED_FORWARD is false" if not fused else "this backbone is not covered"
         raise ValueError(

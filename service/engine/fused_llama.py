@@ -36,6 +36,7 @@ then runs the HF forward (``forwards.choose_forward``).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import logging
@@ -58,6 +59,8 @@ log = logging.getLogger("rankone.engine")
 _ARCHITECTURES = frozenset({"llama"})
 # One decoder per model: building fuses the model's weights, which must happen once.
 _BUILT: weakref.WeakKeyDictionary[nn.Module, FusedLlama] = weakref.WeakKeyDictionary()
+# each forward's twin with rankone's kernels off (``FusedLlama.without_kernels``)
+_WITHOUT_KERNELS: weakref.WeakKeyDictionary[FusedLlama, FusedLlama] = weakref.WeakKeyDictionary()
 # attend(layer, keys, values) -> the layer's keys/values to attend over (this call's included)
 Attend = Callable[[int, Tensor, Tensor], KV]
 
@@ -786,6 +789,17 @@ class FusedLlama(Forward):
             "float32-packed": FusedLlamaPacked,
         }
         return kinds[weights].of(self)
+
+    def without_kernels(self) -> FusedLlama:
+        """This forward with rankone's kernels off (``RANKONE_CPU_KERNELS=false``): its
+        products of a few rows the BLAS's; the same weights and measured choices, built once."""
+        if not self.kernels:
+            return self
+        if self not in _WITHOUT_KERNELS:
+            made = copy.copy(self)
+            made.kernels = False
+            _WITHOUT_KERNELS[self] = made
+        return _WITHOUT_KERNELS[self]
 
     def embed(self, ids: Tensor) -> Tensor:
         return self.embed_tokens(ids)

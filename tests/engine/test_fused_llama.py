@@ -105,6 +105,29 @@ def test_products_of_up_to_8_rows_run_rankones_kernels_where_they_run() -> None:
     assert torch.equal(_product(refused, None, x48, Products(kernel=True)), x48 @ refused.t())
 
 
+@pytest.mark.parametrize("weights", ["float32", "bfloat16"])
+def test_kernels_turned_off_leave_the_blas_products(
+    backbones: dict[str, Backbone], weights: str
+) -> None:
+    """``RANKONE_CPU_KERNELS=false`` (``choose_forward(kernels=False)``): the same forward's
+    twin, built once, sharing its weights, whose products never run rankone's kernels and whose
+    rows still decode what HF ``generate`` does (float32)."""
+    backbone = backbones["llama"]
+    on = choose_forward(backbone, weights=weights)
+    off = choose_forward(backbone, weights=weights, kernels=False)
+    assert isinstance(on, FusedLlama) and isinstance(off, FusedLlama)
+    assert off is choose_forward(backbone, weights=weights, kernels=False)  # built once
+    assert off.kind == on.kind and off.step_layers is on.step_layers and off.head is on.head
+    assert not off.kernels and off.products_by() == "torch"
+    assert on.products_by() == ("rankone" if kernels_run(torch.device(DEVICE)) else "torch")
+    assert not any(off.products(n, off.head).kernel for n in (1, 2, 8))
+    if weights == "float32":
+        loop = DecodeLoop(backbone, prefix_cache=PrefixCache(1 << 24), forward=off)
+        for req, sink in run_schedule(backbone, loop):
+            want = reference_generate(backbone, req.task, req.input_ids, req.params.max_new_tokens)
+            assert sink.result is not None and sink.result.token_ids == want, req.request_id
+
+
 def _compare_steps(loop: DecodeLoop, steps: int) -> None:
     """Step ``loop`` with the fused kernel; before each step, check it against the HF forward."""
     batch = loop.batch

@@ -206,3 +206,8 @@ def test_fused_forward_setting_picks_the_forward(
             "/v1/tasks/t/generate", json={"inputs": ["hello"], "parameters": {"max_new_tokens": 4}}
         )
         assert r.status_code == 200 and len(r.json()["texts"]) == 1, r.text
+    if fused:  # ... unless RANKONE_CPU_KERNELS turns them off
+        off = settings.model_copy(update={"cpu_kernels": False, "data_dir": str(tmp_path / "off")})
+        with TestClient(create_app(off)) as c:
+            info = c.get("/v1/info").json()
+            assert info["forward"] == kind and info["kernels"] == "torch"
