@@ -55,6 +55,14 @@ def decode_alone(backbone: Backbone, forward: Any, req: Any) -> list[int]:
     return sink.result.token_ids
 
 
+def decode_counting(backbone: Backbone, forward: Any, req: Any, op: str) -> tuple[list[int], int]:
+    """``req`` decoded alone by ``forward``, and how many times the operator ``op`` ran in it
+    (``torch.profiler``'s count)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        tokens = decode_alone(backbone, forward, req)
+    return tokens, sum(e.count for e in prof.key_averages() if e.key == op)
+
+
 def test_one_row_steps_compiled_equal_generate(backbones: dict[str, Backbone]) -> None:
     backbone = backbones["llama"]
     forward = compiled(backbone)
@@ -98,9 +106,8 @@ def test_one_row_products_run_rankones_kernels_else_inductors_reductions(
     runs.append(("reductions", plain))
     for name, step in runs:
         before = step.steps
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            assert decode_alone(backbone, step, req) == expected, name
-        calls = sum(e.count for e in prof.key_averages() if e.key == "rankone_cpu::one_row")
+        tokens, calls = decode_counting(backbone, step, req, "rankone_cpu::one_row")
+        assert tokens == expected, name
         steps = step.steps - before
         assert steps == len(expected) - 1 and step.misses == 0, name
         products = 4 * len(forward.layers) + 1
@@ -186,12 +193,11 @@ def test_low_precision_rows_decode_alone_what_they_decode_in_a_batch(
     for i, (req, sink) in enumerate(run_schedule(backbone, mixed)):
         assert sink.result is not None
         steps = forward.steps
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            assert decode_alone(backbone, forward, req) == sink.result.token_ids, req.request_id
+        tokens, calls = decode_counting(backbone, forward, req, "rankone_cpu::one_row_q4")
+        assert tokens == sink.result.token_ids, req.request_id
         # the compiled one-row steps: every 4-bit product by the kernel (counted after the
         # graph's first run in this process, which ran one step's products more)
         if q4 and i == 1:
-            calls = sum(e.count for e in prof.key_averages() if e.key == "rankone_cpu::one_row_q4")
             assert calls == 4 * len(forward.layers) * (forward.steps - steps) > 0
     assert forward.steps > 0 and forward.misses == 0
     # one step's logits against the eager step's, of one row and of three: rounding apart
